@@ -1,0 +1,1 @@
+//! A local APNs: validates requests as Apple documents them and answers as Apple does.

@@ -1,0 +1,70 @@
+//! The seam between the outbox and APNs: a claimed row as a [`Notification`], what became
+//! of it as a [`Delivery`], and the [`Transport`] that turns one into the other.
+//!
+//! The dispatcher only knows this trait. The APNs transports (`apns`) implement it; tests
+//! may implement it too. A `Delivery` says what the *row* should become, so every transport
+//! maps its protocol's answers onto the same few cases and the dispatcher stays
+//! protocol-agnostic.
+
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use uuid::Uuid;
+
+/// One outbox row, as claimed, ready to be sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    pub id: i64,
+    pub app: String,
+    /// Lower-case hex, as the device reported it (not necessarily 64 digits).
+    pub device_token: String,
+    /// The complete APNs payload, a JSON object.
+    pub payload: serde_json::Value,
+    pub push_type: String,
+    pub priority: Option<i16>,
+    pub collapse_id: Option<String>,
+    /// Overrides the app's topic when set.
+    pub topic: Option<String>,
+    pub expires_at: Option<SystemTime>,
+    /// Requests made for this row before this one.
+    pub attempts: i32,
+}
+
+/// What should become of a row after one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// APNs accepted it.
+    Sent { apns_id: Option<Uuid> },
+    /// Permanently refused (bad token, payload too large, bad row, ...): `failed`.
+    Rejected { reason: String },
+    /// The token is no longer valid (410 / binary status 8): `failed`, and the token is
+    /// recorded in `unregistered_tokens` so later rows for it are not sent.
+    Unregistered { reason: String, at: SystemTime },
+    /// A transient failure (429, 5xx, timeout, connection lost): `pending` again after a
+    /// backoff, counting the attempt; `failed` once `max_attempts` is reached.
+    Retry { reason: String },
+    /// The app cannot send at all right now (credentials refused, endpoint unreachable
+    /// for a configuration reason): `pending` again after `after`, the attempt *not*
+    /// counted, so a fixed configuration delivers every row.
+    Deferred { reason: String, after: Duration },
+}
+
+impl Delivery {
+    pub fn rejected(reason: impl Into<String>) -> Delivery {
+        Delivery::Rejected {
+            reason: reason.into(),
+        }
+    }
+    pub fn retry(reason: impl Into<String>) -> Delivery {
+        Delivery::Retry {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Sends notifications. One call is one attempt for one row; the dispatcher runs many
+/// calls at once, so implementations multiplex them (HTTP/2 streams, pipelined frames).
+pub trait Transport: Send + Sync + 'static {
+    /// Never fails: every problem becomes a [`Delivery`] saying what to do with the row.
+    fn send<'a>(&'a self, notification: &'a Notification) -> BoxFuture<'a, Delivery>;
+}
