@@ -1,13 +1,28 @@
 //! pgpushd turns rows inserted into a PostgreSQL outbox table into Apple push
-//! notifications. See `README.md` for running it and `DESIGN` notes in each module.
+//! notifications. `README.md` says how to run it; `DESIGN.md` (shared) gives the picture.
 //!
 //! The pipeline, one module per concept:
 //! - [`config`]: the TOML file, validated;
+//! - [`db`]: connecting to PostgreSQL (TLS per `sslmode`);
+//! - [`outbox`]: the SQL: migrations, claim, write-back;
+//! - [`listener`]: the LISTEN connection that wakes the dispatcher;
+//! - [`dispatcher`]: wake -> claim -> send -> record;
+//! - [`outcome`]: what an APNs answer means for a row;
 //! - [`transport`]: the seam between the outbox and APNs (`Notification`, `Delivery`);
 //! - [`apns`]: the HTTP/2 provider API client (and its push-type rules);
-//! - [`emulator`]: a local APNs for tests, the demo and benchmarks.
+//! - [`emulator`]: a local APNs for tests, the demo and benchmarks;
+//! - [`daemon`]: wiring it all together;
+//! - [`devdb`]: a throwaway PostgreSQL cluster.
 
 pub mod apns;
+pub mod backoff;
 pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod devdb;
+pub mod dispatcher;
 pub mod emulator;
+pub mod listener;
+pub mod outbox;
+pub mod outcome;
 pub mod transport;

@@ -1,0 +1,296 @@
+//! The dispatcher: wake -> claim -> send -> record, with several batches in flight.
+//!
+//! One loop owns every decision (when to claim, how many batches run); each batch is a
+//! task with its own database connection and transaction (see `outbox`). A batch reports
+//! as soon as its claim returns, so when a claim comes back full the next one starts
+//! while the first is still being sent: a backlog drains with every slot busy, and an idle
+//! daemon claims once per wake-up.
+//!
+//! Wake-ups are coalesced: a notification, the poll timer, or the moment the next
+//! scheduled/retried row falls due. On cancellation the loop stops claiming and waits for
+//! the batches in flight to send and record; the caller bounds that wait.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn, Instrument};
+
+use crate::backoff::backoff;
+use crate::config::{RetryConfig, Secret};
+use crate::db;
+use crate::outbox::{Claimed, OutboxConn};
+use crate::outcome::{RowUpdate, Status};
+use crate::transport::Transport;
+
+/// Waits after database errors: from a quarter second up to this.
+const MAX_DB_RETRY_WAIT: Duration = Duration::from_secs(30);
+
+/// What a reload may change (see `daemon`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+    pub max_batches_in_flight: usize,
+    pub retry: RetryConfig,
+}
+
+pub struct Dispatcher {
+    pub url: Secret<String>,
+    pub connect_timeout: Duration,
+    pub settings: watch::Receiver<Settings>,
+    pub transport: Arc<dyn Transport>,
+    /// Notified by the listener (and anyone else who knows rows are waiting).
+    pub wake: Arc<Notify>,
+    /// Totals, for status lines, metrics and tests.
+    pub progress: watch::Sender<Progress>,
+}
+
+/// Running totals since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Claims completed (a first one means the catch-up after start is done).
+    pub claims: u64,
+    pub sent: u64,
+    pub failed: u64,
+    pub expired: u64,
+    /// Rows sent back to `pending` (transient errors or a deferred app).
+    pub retried: u64,
+}
+
+/// What a batch task hands back to the loop.
+struct BatchEnd {
+    /// The connection, unless it failed.
+    conn: Option<OutboxConn>,
+    result: anyhow::Result<BatchReport>,
+}
+
+#[derive(Default)]
+struct BatchReport {
+    claimed: usize,
+    /// How long until the next future row falls due; only looked up after a short claim.
+    next_due: Option<Duration>,
+    counts: Progress,
+}
+
+/// What a batch task knows; shared by all of them.
+struct BatchContext {
+    url: Secret<String>,
+    connect_timeout: Duration,
+    transport: Arc<dyn Transport>,
+}
+
+impl Dispatcher {
+    /// Runs until `cancel`, then lets the batches in flight finish.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let ctx = Arc::new(BatchContext {
+            url: self.url.clone(),
+            connect_timeout: self.connect_timeout,
+            transport: self.transport.clone(),
+        });
+        let mut settings = self.settings.borrow_and_update().clone();
+        let mut idle: Vec<OutboxConn> = Vec::new();
+        let mut batches = JoinSet::new();
+        let (claimed_tx, mut claimed_rx) = mpsc::unbounded_channel::<bool>();
+        // A wake-up asked for a claim / the last claim came back full.
+        let mut look = true;
+        let mut backlog = false;
+        let mut next_poll = Instant::now() + settings.poll_interval;
+        let mut next_due: Option<Instant> = None;
+        let mut db_failures = 0u32;
+        let mut db_retry_at: Option<Instant> = None;
+
+        loop {
+            let db_ready = db_retry_at.is_none_or(|t| Instant::now() >= t);
+            while db_ready && (look || backlog) && batches.len() < settings.max_batches_in_flight {
+                look = false;
+                let batch = run_batch(
+                    idle.pop(),
+                    ctx.clone(),
+                    settings.clone(),
+                    claimed_tx.clone(),
+                );
+                batches.spawn(batch.instrument(tracing::debug_span!("batch")));
+            }
+            let mut wake_at = next_due.map_or(next_poll, |d| d.min(next_poll));
+            if let Some(t) = db_retry_at.filter(|_| !db_ready) {
+                wake_at = t;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.wake.notified() => look = true,
+                _ = tokio::time::sleep_until(wake_at) => {
+                    let now = Instant::now();
+                    if now >= next_poll {
+                        next_poll = now + settings.poll_interval;
+                    }
+                    if next_due.is_some_and(|d| now >= d) {
+                        next_due = None;
+                    }
+                    look = true;
+                }
+                Some(full) = claimed_rx.recv() => backlog = full,
+                Some(end) = batches.join_next() => {
+                    let end = end.expect("batch tasks do not panic");
+                    if let Some(conn) = end.conn {
+                        idle.push(conn);
+                    }
+                    match end.result {
+                        Ok(report) => {
+                            db_failures = 0;
+                            db_retry_at = None;
+                            if let Some(d) = report.next_due {
+                                let due = Instant::now() + d;
+                                next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                            }
+                            self.record(report);
+                        }
+                        Err(e) => {
+                            db_failures += 1;
+                            let wait = backoff(db_failures, Duration::from_millis(250), MAX_DB_RETRY_WAIT);
+                            warn!(error = format!("{e:#}"), retry_in = ?wait, "batch failed; its rows stay pending");
+                            db_retry_at = Some(Instant::now() + wait);
+                            // Whatever was claimed is released; look again after the wait.
+                            look = true;
+                            backlog = false;
+                        }
+                    }
+                }
+                Ok(()) = self.settings.changed() => {
+                    settings = self.settings.borrow_and_update().clone();
+                    next_poll = Instant::now() + settings.poll_interval;
+                    look = true;
+                }
+            }
+        }
+        debug!(in_flight = batches.len(), "dispatcher draining");
+        while let Some(end) = batches.join_next().await {
+            if let Ok(BatchEnd {
+                result: Ok(report), ..
+            }) = end
+            {
+                self.record(report);
+            }
+        }
+    }
+
+    fn record(&self, report: BatchReport) {
+        self.progress.send_modify(|p| {
+            p.claims += 1;
+            p.sent += report.counts.sent;
+            p.failed += report.counts.failed;
+            p.expired += report.counts.expired;
+            p.retried += report.counts.retried;
+        });
+    }
+}
+
+/// One batch: claim, send every row at once, record the outcomes, commit.
+async fn run_batch(
+    conn: Option<OutboxConn>,
+    ctx: Arc<BatchContext>,
+    settings: Settings,
+    claimed_tx: mpsc::UnboundedSender<bool>,
+) -> BatchEnd {
+    let mut conn = match conn.filter(|c| !c.is_closed()) {
+        Some(c) => c,
+        None => match connect(&ctx).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = claimed_tx.send(false);
+                return BatchEnd {
+                    conn: None,
+                    result: Err(e),
+                };
+            }
+        },
+    };
+    let result = batch(&mut conn, &ctx, &settings, &claimed_tx).await;
+    if result.is_err() {
+        let _ = claimed_tx.send(false);
+    }
+    BatchEnd {
+        conn: result.is_ok().then_some(conn),
+        result,
+    }
+}
+
+async fn connect(ctx: &BatchContext) -> anyhow::Result<OutboxConn> {
+    let client = db::connect(&ctx.url, ctx.connect_timeout, "batch").await?;
+    OutboxConn::new(client)
+        .await
+        .map_err(|e| anyhow::anyhow!("preparing the outbox queries: {}", db::describe(&e)))
+}
+
+async fn batch(
+    conn: &mut OutboxConn,
+    ctx: &BatchContext,
+    settings: &Settings,
+    claimed_tx: &mpsc::UnboundedSender<bool>,
+) -> anyhow::Result<BatchReport> {
+    let sql = |what: &'static str| {
+        move |e: tokio_postgres::Error| anyhow::anyhow!("{what}: {}", db::describe(&e))
+    };
+    let txn = conn.begin().await.map_err(sql("beginning a batch"))?;
+    let claimed = txn
+        .claim(settings.batch_size)
+        .await
+        .map_err(sql("claiming rows"))?;
+    let full = claimed.len() == settings.batch_size;
+    let _ = claimed_tx.send(full);
+
+    let updates = futures::future::join_all(
+        claimed
+            .iter()
+            .map(|c| settle(c, ctx.transport.as_ref(), &settings.retry)),
+    )
+    .await;
+    txn.commit(&updates, &claimed)
+        .await
+        .map_err(sql("recording outcomes"))?;
+
+    let mut report = BatchReport {
+        claimed: claimed.len(),
+        ..BatchReport::default()
+    };
+    for u in &updates {
+        match u.status {
+            Status::Sent => report.counts.sent += 1,
+            Status::Failed => report.counts.failed += 1,
+            Status::Expired => report.counts.expired += 1,
+            Status::Pending => report.counts.retried += 1,
+        }
+    }
+    if !full {
+        report.next_due = conn
+            .next_due()
+            .await
+            .map_err(sql("finding the next due row"))?;
+    }
+    if report.claimed > 0 {
+        debug!(
+            claimed = report.claimed,
+            sent = report.counts.sent,
+            failed = report.counts.failed,
+            retried = report.counts.retried,
+            expired = report.counts.expired,
+            "batch recorded"
+        );
+    }
+    Ok(report)
+}
+
+/// One row's fate: not sent at all (expired, unregistered token), or one attempt.
+async fn settle(c: &Claimed, transport: &dyn Transport, retry: &RetryConfig) -> RowUpdate {
+    let n = &c.notification;
+    if c.expired {
+        return RowUpdate::expired(n);
+    }
+    if c.unregistered {
+        return RowUpdate::previously_unregistered(n);
+    }
+    RowUpdate::after(n, transport.send(n).await, retry)
+}

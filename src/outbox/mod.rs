@@ -1,0 +1,224 @@
+//! The outbox table's SQL: claiming due rows, writing their outcomes back, and finding
+//! when the next row falls due. Migrations live in [`migrate`].
+//!
+//! A claim is a `SELECT ... FOR UPDATE SKIP LOCKED` in the partial index's order, inside a
+//! transaction that stays open while the batch is sent; the outcomes are written with one
+//! UPDATE and the transaction commits. One write per row, and a daemon that dies mid-batch
+//! leaves nothing behind: its locks go with its connection and the rows are due again.
+
+pub mod migrate;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_postgres::{Client, GenericClient, Statement};
+use uuid::Uuid;
+
+use crate::outcome::RowUpdate;
+use crate::transport::Notification;
+
+/// The NOTIFY channel the insert trigger signals.
+pub const CHANNEL: &str = "pgpushd_outbox";
+
+const CLAIM: &str = "
+SELECT o.id, o.app, o.device_token, o.payload, o.push_type, o.priority, o.collapse_id,
+       o.topic, o.expires_at, o.attempts, o.expires_at <= now() AS expired,
+       EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens u
+               WHERE u.app = o.app AND u.device_token = lower(o.device_token)) AS unregistered
+  FROM pgpushd.outbox o
+ WHERE o.status = 'pending' AND o.send_after <= now()
+ ORDER BY o.send_after, o.id
+ LIMIT $1
+   FOR UPDATE OF o SKIP LOCKED";
+
+const RECORD: &str = "
+UPDATE pgpushd.outbox AS o
+   SET status     = v.status,
+       attempts   = o.attempts + v.attempted::int,
+       last_error = v.last_error,
+       apns_id    = coalesce(v.apns_id, o.apns_id),
+       sent_at    = CASE WHEN v.status = 'sent' THEN clock_timestamp() ELSE o.sent_at END,
+       send_after = CASE WHEN v.retry_ms IS NULL THEN o.send_after
+                         ELSE clock_timestamp() + v.retry_ms * interval '1 millisecond' END
+  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::bool[])
+       AS v(id, status, last_error, apns_id, retry_ms, attempted)
+ WHERE o.id = v.id";
+
+const UNREGISTER: &str = "
+INSERT INTO pgpushd.unregistered_tokens (app, device_token, unregistered_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+    ON CONFLICT (app, device_token) DO UPDATE
+   SET unregistered_at = greatest(pgpushd.unregistered_tokens.unregistered_at,
+                                  excluded.unregistered_at)";
+
+// Rows already due are either being sent or held by another daemon: only a future
+// send_after is worth waking up for. The database's clock measures the wait, so a skewed
+// host clock cannot make the daemon wake early and spin. `now()` (not clock_timestamp())
+// keeps it an index range scan.
+const NEXT_DUE: &str = "
+SELECT extract(epoch FROM min(send_after) - now())::float8
+  FROM pgpushd.outbox
+ WHERE status = 'pending' AND send_after > now()";
+
+/// A claimed row.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub notification: Notification,
+    /// Past `expires_at` (by the database's clock): not sent, status `expired`.
+    pub expired: bool,
+    /// The token is in `unregistered_tokens`: fail the row without sending it.
+    pub unregistered: bool,
+}
+
+/// A database connection with the outbox's statements prepared on it.
+pub struct OutboxConn {
+    client: Client,
+    claim: Statement,
+    record: Statement,
+    unregister: Statement,
+    next_due: Statement,
+}
+
+impl OutboxConn {
+    pub async fn new(client: Client) -> Result<OutboxConn, tokio_postgres::Error> {
+        Ok(OutboxConn {
+            claim: client.prepare(CLAIM).await?,
+            record: client.prepare(RECORD).await?,
+            unregister: client.prepare(UNREGISTER).await?,
+            next_due: client.prepare(NEXT_DUE).await?,
+            client,
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Opens the transaction a batch lives in.
+    pub async fn begin(&mut self) -> Result<Batch<'_>, tokio_postgres::Error> {
+        let OutboxConn {
+            client,
+            claim,
+            record,
+            unregister,
+            ..
+        } = self;
+        Ok(Batch {
+            txn: client.transaction().await?,
+            claim,
+            record,
+            unregister,
+        })
+    }
+
+    /// How long until the next scheduled or retried row falls due; `None` when no row
+    /// waits for a future time.
+    pub async fn next_due(&self) -> Result<Option<Duration>, tokio_postgres::Error> {
+        let secs: Option<f64> = self.client.query_one(&self.next_due, &[]).await?.get(0);
+        Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+}
+
+/// One open claim transaction. Dropping it without [`Batch::commit`] releases its rows
+/// untouched.
+pub struct Batch<'c> {
+    txn: tokio_postgres::Transaction<'c>,
+    claim: &'c Statement,
+    record: &'c Statement,
+    unregister: &'c Statement,
+}
+
+impl Batch<'_> {
+    /// Locks up to `limit` due rows, oldest `send_after` first, skipping rows other
+    /// batches or daemons hold.
+    pub async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.txn.query(self.claim, &[&limit]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| Claimed {
+                notification: Notification {
+                    id: r.get(0),
+                    app: r.get(1),
+                    device_token: r.get(2),
+                    payload: r.get(3),
+                    push_type: r.get(4),
+                    priority: r.get(5),
+                    collapse_id: r.get(6),
+                    topic: r.get(7),
+                    expires_at: r.get(8),
+                    attempts: r.get(9),
+                },
+                expired: r.get::<_, Option<bool>>(10).unwrap_or(false),
+                unregistered: r.get(11),
+            })
+            .collect())
+    }
+
+    /// Writes every outcome with one UPDATE (plus one INSERT for newly unregistered
+    /// tokens), then commits.
+    pub async fn commit(
+        self,
+        updates: &[RowUpdate],
+        claimed: &[Claimed],
+    ) -> Result<(), tokio_postgres::Error> {
+        if !updates.is_empty() {
+            write_updates(&self.txn, self.record, updates).await?;
+            write_unregistered(&self.txn, self.unregister, updates, claimed).await?;
+        }
+        self.txn.commit().await
+    }
+}
+
+async fn write_updates(
+    txn: &impl GenericClient,
+    record: &Statement,
+    updates: &[RowUpdate],
+) -> Result<(), tokio_postgres::Error> {
+    let ids: Vec<i64> = updates.iter().map(|u| u.id).collect();
+    let statuses: Vec<&str> = updates.iter().map(|u| u.status.as_str()).collect();
+    let errors: Vec<Option<&str>> = updates.iter().map(|u| u.last_error.as_deref()).collect();
+    let apns_ids: Vec<Option<Uuid>> = updates.iter().map(|u| u.apns_id).collect();
+    let retry_ms: Vec<Option<i64>> = updates.iter().map(|u| u.retry_in.map(millis)).collect();
+    let attempted: Vec<bool> = updates.iter().map(|u| u.attempted).collect();
+    txn.execute(
+        record,
+        &[&ids, &statuses, &errors, &apns_ids, &retry_ms, &attempted],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_unregistered(
+    txn: &impl GenericClient,
+    unregister: &Statement,
+    updates: &[RowUpdate],
+    claimed: &[Claimed],
+) -> Result<(), tokio_postgres::Error> {
+    let mut seen = HashSet::new();
+    let (mut apps, mut tokens, mut ats) = (Vec::new(), Vec::new(), Vec::new());
+    for u in updates {
+        let Some(at) = u.unregistered_at else {
+            continue;
+        };
+        let Some(c) = claimed.iter().find(|c| c.notification.id == u.id) else {
+            continue;
+        };
+        let n = &c.notification;
+        let token = n.device_token.to_ascii_lowercase();
+        // One INSERT may not touch the same key twice (ON CONFLICT would refuse).
+        if seen.insert((n.app.clone(), token.clone())) {
+            apps.push(n.app.clone());
+            tokens.push(token);
+            ats.push(at);
+        }
+    }
+    if !apps.is_empty() {
+        txn.execute(unregister, &[&apps, &tokens, &ats]).await?;
+    }
+    Ok(())
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,216 @@
+//! What becomes of a row: from a [`Delivery`] (or a reason not to send at all) to the
+//! [`RowUpdate`] the outbox writes. Pure, so every rule of DESIGN.md's Outcomes table is
+//! unit-tested here without a database or a network.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use uuid::Uuid;
+
+use crate::backoff::backoff;
+use crate::config::RetryConfig;
+use crate::transport::{Delivery, Notification};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    Sent,
+    Failed,
+    Expired,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Sent => "sent",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The write-back for one claimed row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowUpdate {
+    pub id: i64,
+    pub status: Status,
+    pub last_error: Option<String>,
+    pub apns_id: Option<Uuid>,
+    /// For rows going back to `pending`: when to try again, from now.
+    pub retry_in: Option<Duration>,
+    /// Whether a request was made; it counts against `max_attempts`.
+    pub attempted: bool,
+    /// Set when APNs reported the token unregistered: record it, with this time.
+    pub unregistered_at: Option<SystemTime>,
+}
+
+impl RowUpdate {
+    fn new(id: i64, status: Status) -> RowUpdate {
+        RowUpdate {
+            id,
+            status,
+            last_error: None,
+            apns_id: None,
+            retry_in: None,
+            attempted: false,
+            unregistered_at: None,
+        }
+    }
+
+    /// A row not sent because it expired while waiting.
+    pub fn expired(n: &Notification) -> RowUpdate {
+        RowUpdate {
+            last_error: Some("expired before it could be sent (expires_at has passed)".into()),
+            ..RowUpdate::new(n.id, Status::Expired)
+        }
+    }
+
+    /// A row not sent because its token was reported unregistered earlier.
+    pub fn previously_unregistered(n: &Notification) -> RowUpdate {
+        RowUpdate {
+            last_error: Some(
+                "Unregistered: APNs reported this device token unregistered earlier \
+                 (delete it from pgpushd.unregistered_tokens to send to it again)"
+                    .into(),
+            ),
+            ..RowUpdate::new(n.id, Status::Failed)
+        }
+    }
+
+    /// What one attempt's answer means for the row.
+    pub fn after(n: &Notification, delivery: Delivery, retry: &RetryConfig) -> RowUpdate {
+        let attempted = |status| RowUpdate {
+            attempted: true,
+            ..RowUpdate::new(n.id, status)
+        };
+        match delivery {
+            Delivery::Sent { apns_id } => RowUpdate {
+                apns_id,
+                ..attempted(Status::Sent)
+            },
+            Delivery::Rejected { reason } => RowUpdate {
+                last_error: Some(reason),
+                ..attempted(Status::Failed)
+            },
+            Delivery::Unregistered { reason, at } => RowUpdate {
+                last_error: Some(reason),
+                unregistered_at: Some(at),
+                ..attempted(Status::Failed)
+            },
+            Delivery::Retry { reason } => {
+                let attempts = u32::try_from(n.attempts).unwrap_or(0).saturating_add(1);
+                if attempts >= retry.max_attempts {
+                    RowUpdate {
+                        last_error: Some(format!("gave up after {attempts} attempts: {reason}")),
+                        ..attempted(Status::Failed)
+                    }
+                } else {
+                    RowUpdate {
+                        last_error: Some(reason),
+                        retry_in: Some(backoff(attempts, retry.backoff_base, retry.backoff_max)),
+                        ..attempted(Status::Pending)
+                    }
+                }
+            }
+            // No request reached Apple as a real attempt: the row keeps its attempts.
+            Delivery::Deferred { reason, after } => RowUpdate {
+                last_error: Some(reason),
+                retry_in: Some(after),
+                ..RowUpdate::new(n.id, Status::Pending)
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(attempts: i32) -> Notification {
+        Notification {
+            id: 7,
+            app: "default".into(),
+            device_token: "ab".repeat(32),
+            payload: serde_json::json!({"aps": {"alert": "hi"}}),
+            push_type: "alert".into(),
+            priority: None,
+            collapse_id: None,
+            topic: None,
+            expires_at: None,
+            attempts,
+        }
+    }
+
+    fn policy() -> RetryConfig {
+        RetryConfig {
+            max_attempts: 3,
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn sent_keeps_the_apns_id() {
+        let id = Uuid::new_v4();
+        let u = RowUpdate::after(&row(0), Delivery::Sent { apns_id: Some(id) }, &policy());
+        assert_eq!(u.status, Status::Sent);
+        assert_eq!(u.apns_id, Some(id));
+        assert!(u.attempted);
+    }
+
+    #[test]
+    fn transient_failures_back_off_until_max_attempts() {
+        let u = RowUpdate::after(
+            &row(0),
+            Delivery::retry("503 ServiceUnavailable"),
+            &policy(),
+        );
+        assert_eq!(u.status, Status::Pending);
+        let wait = u.retry_in.unwrap();
+        assert!(wait >= Duration::from_secs(1) && wait <= Duration::from_secs(2));
+        let u = RowUpdate::after(&row(1), Delivery::retry("x"), &policy());
+        assert!(u.retry_in.unwrap() >= Duration::from_secs(2));
+        let u = RowUpdate::after(&row(2), Delivery::retry("429 TooManyRequests"), &policy());
+        assert_eq!(u.status, Status::Failed);
+        assert_eq!(
+            u.last_error.as_deref(),
+            Some("gave up after 3 attempts: 429 TooManyRequests")
+        );
+    }
+
+    #[test]
+    fn deferred_rows_do_not_count_an_attempt() {
+        let d = Delivery::Deferred {
+            reason: "InvalidProviderToken".into(),
+            after: Duration::from_secs(30),
+        };
+        let u = RowUpdate::after(&row(2), d, &policy());
+        assert_eq!(u.status, Status::Pending);
+        assert!(!u.attempted);
+        assert_eq!(u.retry_in, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn unregistered_and_rejected_fail() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let u = RowUpdate::after(
+            &row(0),
+            Delivery::Unregistered {
+                reason: "Unregistered".into(),
+                at,
+            },
+            &policy(),
+        );
+        assert_eq!((u.status, u.unregistered_at), (Status::Failed, Some(at)));
+        let u = RowUpdate::after(&row(0), Delivery::rejected("BadDeviceToken"), &policy());
+        assert_eq!(u.status, Status::Failed);
+        assert_eq!(u.last_error.as_deref(), Some("BadDeviceToken"));
+    }
+}

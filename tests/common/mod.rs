@@ -1,0 +1,255 @@
+//! Shared test support: a real PostgreSQL per test, a scripted transport, and waiting on
+//! conditions with deadlines (never sleeping as synchronisation).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use pgpushd::config::{Config, Secret};
+use pgpushd::devdb::DevDb;
+use pgpushd::transport::{Delivery, Notification, Transport};
+use tokio_postgres::Client;
+
+/// Points the tests at an existing server instead of a throwaway cluster per test.
+pub const TEST_DATABASE_URL_ENV: &str = "PGPUSHD_TEST_DATABASE_URL";
+
+/// A database of its own for one test: on a throwaway cluster, or on the server
+/// `PGPUSHD_TEST_DATABASE_URL` names.
+pub struct TestDb {
+    pub url: String,
+    /// The cluster, when the test owns one (so it may stop and restart it).
+    pub cluster: Option<DevDb>,
+}
+
+static NEXT_DB: AtomicU64 = AtomicU64::new(0);
+
+impl TestDb {
+    /// A fresh, migrated database.
+    pub async fn new() -> TestDb {
+        let db = TestDb::unmigrated().await;
+        db.migrate().await;
+        db
+    }
+
+    /// A fresh, empty database.
+    pub async fn unmigrated() -> TestDb {
+        match std::env::var(TEST_DATABASE_URL_ENV) {
+            Ok(base) if !base.is_empty() => {
+                let name = format!(
+                    "pgpushd_test_{}_{}",
+                    std::process::id(),
+                    NEXT_DB.fetch_add(1, Ordering::Relaxed)
+                );
+                let admin = plain_client(&base).await;
+                admin
+                    .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+                    .await
+                    .unwrap();
+                TestDb {
+                    url: with_dbname(&base, &name),
+                    cluster: None,
+                }
+            }
+            _ => TestDb::own_cluster(),
+        }
+    }
+
+    /// A database on a cluster of the test's own (for tests that stop PostgreSQL).
+    pub async fn with_own_cluster() -> TestDb {
+        let db = TestDb::own_cluster();
+        db.migrate().await;
+        db
+    }
+
+    fn own_cluster() -> TestDb {
+        let cluster = DevDb::start().expect("a throwaway PostgreSQL cluster");
+        let url = cluster.create_database("pgpushd").unwrap();
+        TestDb {
+            url,
+            cluster: Some(cluster),
+        }
+    }
+
+    async fn migrate(&self) {
+        let mut client = self.client().await;
+        pgpushd::outbox::migrate::migrate(&mut client)
+            .await
+            .unwrap();
+    }
+
+    pub async fn client(&self) -> Client {
+        plain_client(&self.url).await
+    }
+
+    pub fn cluster(&mut self) -> &mut DevDb {
+        self.cluster
+            .as_mut()
+            .expect("this test needs its own cluster")
+    }
+}
+
+fn with_dbname(url: &str, name: &str) -> String {
+    // postgres://user@host:port/db?params -> .../name?params
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let prefix = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
+pub async fn plain_client(url: &str) -> Client {
+    pgpushd::db::connect(
+        &Secret::new(url.to_owned()),
+        Duration::from_secs(10),
+        "test",
+    )
+    .await
+    .unwrap()
+}
+
+/// A config for `db` with short timings, apps configured by the caller if needed.
+pub fn config(db_url: &str, extra: &str) -> Config {
+    let text = format!(
+        r#"
+[database]
+url = "{db_url}"
+poll_interval = "1h"
+batch_size = 100
+max_batches_in_flight = 4
+keepalive_interval = "1s"
+connect_timeout = "2s"
+
+[retry]
+max_attempts = 3
+backoff_base = "50ms"
+backoff_max = "200ms"
+{extra}
+"#
+    );
+    Config::from_file_str(Path::new("test.toml"), &text, None).unwrap()
+}
+
+/// What a [`ScriptedTransport`] answers for a token.
+#[derive(Clone)]
+pub enum Script {
+    Answer(Delivery),
+    /// Never answers (a batch stuck mid-flight).
+    Hang,
+}
+
+/// A transport that records every send and answers `Sent` unless scripted otherwise.
+#[derive(Default)]
+pub struct ScriptedTransport {
+    pub scripts: Mutex<HashMap<String, Script>>,
+    /// Row ids, in the order their requests started.
+    pub sent: Mutex<Vec<i64>>,
+    pub delay: Mutex<Duration>,
+}
+
+impl ScriptedTransport {
+    pub fn new() -> Arc<ScriptedTransport> {
+        Arc::new(ScriptedTransport::default())
+    }
+    pub fn script(&self, token: &str, s: Script) {
+        self.scripts.lock().unwrap().insert(token.to_owned(), s);
+    }
+    pub fn sent_ids(&self) -> Vec<i64> {
+        self.sent.lock().unwrap().clone()
+    }
+    pub fn count(&self) -> usize {
+        self.sent.lock().unwrap().len()
+    }
+}
+
+impl Transport for ScriptedTransport {
+    fn send<'a>(&'a self, n: &'a Notification) -> BoxFuture<'a, Delivery> {
+        Box::pin(async move {
+            let script = self.scripts.lock().unwrap().get(&n.device_token).cloned();
+            self.sent.lock().unwrap().push(n.id);
+            let delay = *self.delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            match script {
+                Some(Script::Answer(d)) => d,
+                Some(Script::Hang) => futures::future::pending().await,
+                None => Delivery::Sent {
+                    apns_id: Some(uuid::Uuid::new_v4()),
+                },
+            }
+        })
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > give_up {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Row counts by status.
+pub async fn counts(client: &Client) -> HashMap<String, i64> {
+    client
+        .query(
+            "SELECT status, count(*) FROM pgpushd.outbox GROUP BY status",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+pub async fn count(client: &Client, status: &str) -> i64 {
+    counts(client).await.get(status).copied().unwrap_or(0)
+}
+
+/// Waits until `n` rows have `status`.
+pub async fn wait_for_status(client: &Client, status: &str, n: i64, deadline: Duration) {
+    wait_for(&format!("{n} rows {status}"), deadline, || async {
+        (count(client, status).await >= n).then_some(())
+    })
+    .await
+}
+
+/// A 64-digit hex token, distinct per `i`.
+pub fn token(i: u64) -> String {
+    format!("{i:064x}")
+}
+
+/// Inserts `n` rows (one statement) for tokens `token(first..first+n)`.
+pub async fn insert_rows(client: &Client, first: u64, n: u64) {
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload)
+             SELECT lpad(to_hex(g), 64, '0'), '{\"aps\":{\"alert\":\"hello\"}}'
+               FROM generate_series($1::bigint, $2::bigint) g",
+            &[&(first as i64), &((first + n - 1) as i64)],
+        )
+        .await
+        .unwrap();
+}

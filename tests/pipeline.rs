@@ -1,0 +1,445 @@
+//! The outbox pipeline end to end against a real PostgreSQL, with a scripted transport:
+//! wake-ups, claiming, outcomes, and surviving failures of the database connection.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use pgpushd::config::Config;
+use pgpushd::daemon::Daemon;
+use pgpushd::transport::{Delivery, Transport};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    cancel: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
+    let daemon = Daemon::new(config, transport);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(daemon.run(cancel.clone(), Duration::from_secs(10)));
+    Running { cancel, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+    fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
+#[tokio::test]
+async fn a_notification_wakes_the_daemon_at_once() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    let daemon = start(config(&db.url, ""), transport.clone());
+    wait_for_listener(&client).await;
+    // The first row may be found by the catch-up claim after LISTEN; the second can only
+    // be found through its notification (the poll interval is an hour).
+    insert_rows(&client, 1, 1).await;
+    wait_for_status(&client, "sent", 1, Duration::from_secs(5)).await;
+    insert_rows(&client, 2, 1).await;
+    wait_for_status(&client, "sent", 2, Duration::from_secs(1)).await;
+    let row = client
+        .query_one(
+            "SELECT apns_id IS NOT NULL, sent_at IS NOT NULL, attempts, last_error
+               FROM pgpushd.outbox WHERE id = 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, i32>(2), 1);
+    assert_eq!(row.get::<_, Option<String>>(3), None);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn rows_arrive_by_polling_without_the_trigger() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("DROP TRIGGER outbox_notify ON pgpushd.outbox")
+        .await
+        .unwrap();
+    let transport = ScriptedTransport::new();
+    let mut cfg = config(&db.url, "");
+    cfg.database.poll_interval = Duration::from_millis(200);
+    let daemon = start(cfg, transport.clone());
+    wait_for_listener(&client).await;
+    insert_rows(&client, 1, 5).await;
+    wait_for_status(&client, "sent", 5, Duration::from_secs(5)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn rows_inserted_while_the_listener_was_killed_are_delivered() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    let daemon = start(config(&db.url, ""), transport.clone());
+    wait_for_listener(&client).await;
+
+    // Kill the listener's backend and insert at once, before it can reconnect; with a
+    // one-hour poll interval only the catch-up after reconnecting can find these rows.
+    let killed: bool = client
+        .query_one(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = 'pgpushd-listener'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    insert_rows(&client, 1, 20).await;
+    wait_for_status(&client, "sent", 20, Duration::from_secs(10)).await;
+    // And it listens again afterwards.
+    wait_for_listener(&client).await;
+    insert_rows(&client, 21, 1).await;
+    wait_for_status(&client, "sent", 21, Duration::from_secs(2)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn the_daemon_survives_a_postgresql_restart() {
+    let mut db = TestDb::with_own_cluster().await;
+    let transport = ScriptedTransport::new();
+    let daemon = start(config(&db.url, ""), transport.clone());
+    {
+        let client = db.client().await;
+        wait_for_listener(&client).await;
+        insert_rows(&client, 1, 50).await;
+        wait_for_status(&client, "sent", 50, Duration::from_secs(5)).await;
+    }
+
+    db.cluster().stop();
+    // Long enough for the listener's keepalive and a batch to notice and back off.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        daemon.is_running(),
+        "the daemon exited without its database"
+    );
+    db.cluster().start_server().unwrap();
+
+    let client = db.client().await;
+    insert_rows(&client, 51, 50).await;
+    wait_for_status(&client, "sent", 100, Duration::from_secs(40)).await;
+    assert!(daemon.is_running());
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn two_daemons_share_the_work_and_send_each_row_once() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    insert_rows(&client, 1, 10_000).await;
+    let transport = ScriptedTransport::new();
+    let a = start(config(&db.url, ""), transport.clone());
+    let b = start(config(&db.url, ""), transport.clone());
+    wait_for_status(&client, "sent", 10_000, Duration::from_secs(60)).await;
+    a.stop().await;
+    b.stop().await;
+
+    let mut ids = transport.sent_ids();
+    assert_eq!(ids.len(), 10_000, "some rows were sent twice");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 10_000);
+}
+
+#[tokio::test]
+async fn rows_of_a_dead_daemon_are_delivered_by_the_next() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    insert_rows(&client, 1, 1_000).await;
+
+    // The first daemon lives on a runtime of its own; shutting that runtime down mid-batch
+    // drops its connections as a killed process would (the real binary is SIGKILLed in
+    // tests/binary.rs).
+    let stuck = ScriptedTransport::new();
+    *stuck.delay.lock().unwrap() = Duration::from_secs(3600);
+    let cfg = config(&db.url, "");
+    let first = std::thread::spawn({
+        let stuck = stuck.clone();
+        move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let _ = rt.block_on(async {
+                let d = Daemon::new(cfg, stuck);
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    d.run(CancellationToken::new(), Duration::ZERO),
+                )
+                .await
+            });
+            rt.shutdown_background();
+        }
+    });
+    first.join().unwrap();
+    assert!(stuck.count() > 0, "the first daemon never got mid-batch");
+    assert_eq!(count(&client, "sent").await, 0);
+
+    let transport = ScriptedTransport::new();
+    let second = start(config(&db.url, ""), transport.clone());
+    wait_for_status(&client, "sent", 1_000, Duration::from_secs(30)).await;
+    second.stop().await;
+    let row = client
+        .query_one(
+            "SELECT max(attempts), min(attempts) FROM pgpushd.outbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 1));
+}
+
+#[tokio::test]
+async fn transient_failures_back_off_then_give_up_at_max_attempts() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    transport.script(
+        &token(2),
+        Script::Answer(Delivery::retry("503 ServiceUnavailable")),
+    );
+    let daemon = start(config(&db.url, ""), transport.clone());
+    insert_rows(&client, 1, 3).await;
+
+    wait_for_status(&client, "failed", 1, Duration::from_secs(10)).await;
+    wait_for_status(&client, "sent", 2, Duration::from_secs(5)).await;
+    let row = client
+        .query_one(
+            "SELECT attempts, last_error FROM pgpushd.outbox WHERE status = 'failed'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 3);
+    assert_eq!(
+        row.get::<_, String>(1),
+        "gave up after 3 attempts: 503 ServiceUnavailable"
+    );
+    let tries = transport.sent_ids().iter().filter(|&&id| id == 2).count();
+    assert_eq!(tries, 3);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_deferred_app_keeps_its_rows_pending_without_burning_attempts() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    transport.script(
+        &token(1),
+        Script::Answer(Delivery::Deferred {
+            reason: "403 InvalidProviderToken".into(),
+            after: Duration::from_millis(100),
+        }),
+    );
+    let daemon = start(config(&db.url, ""), transport.clone());
+    insert_rows(&client, 1, 1).await;
+    wait_for(
+        "several deferred tries",
+        Duration::from_secs(10),
+        || async { (transport.count() >= 3).then_some(()) },
+    )
+    .await;
+    let row = client
+        .query_one(
+            "SELECT status, attempts, last_error FROM pgpushd.outbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert_eq!(row.get::<_, i32>(1), 0);
+    assert_eq!(row.get::<_, String>(2), "403 InvalidProviderToken");
+
+    // The credentials are fixed: the row goes out.
+    transport.scripts.lock().unwrap().clear();
+    wait_for_status(&client, "sent", 1, Duration::from_secs(5)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn scheduled_rows_wait_and_expired_rows_are_not_sent() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    let daemon = start(config(&db.url, ""), transport.clone());
+    wait_for_listener(&client).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO pgpushd.outbox (device_token, payload, send_after)
+                 VALUES ('{}', '{{}}', now() + interval '1500 milliseconds');
+             INSERT INTO pgpushd.outbox (device_token, payload, expires_at)
+                 VALUES ('{}', '{{}}', now() - interval '1 second');",
+            token(1),
+            token(2)
+        ))
+        .await
+        .unwrap();
+    wait_for_status(&client, "expired", 1, Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&client, "sent").await,
+        0,
+        "a scheduled row went out early"
+    );
+    // The scheduled row goes out when due, by the daemon's own timer (no notification,
+    // a one-hour poll).
+    wait_for_status(&client, "sent", 1, Duration::from_secs(5)).await;
+    let early: bool = client
+        .query_one(
+            "SELECT sent_at < send_after FROM pgpushd.outbox WHERE status = 'sent'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!early);
+    assert_eq!(transport.count(), 1);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn unregistered_tokens_are_recorded_and_later_rows_for_them_fail_unsent() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+    transport.script(
+        &token(1),
+        Script::Answer(Delivery::Unregistered {
+            reason: "410 Unregistered".into(),
+            at,
+        }),
+    );
+    let daemon = start(config(&db.url, ""), transport.clone());
+    insert_rows(&client, 1, 1).await;
+    wait_for_status(&client, "failed", 1, Duration::from_secs(5)).await;
+    let recorded: SystemTime = client
+        .query_one(
+            "SELECT unregistered_at FROM pgpushd.unregistered_tokens WHERE app = 'default' AND device_token = $1",
+            &[&token(1)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, at);
+
+    // Upper-case hex is the same token.
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload) VALUES (upper($1), '{}')",
+            &[&token(1)],
+        )
+        .await
+        .unwrap();
+    wait_for_status(&client, "failed", 2, Duration::from_secs(5)).await;
+    assert_eq!(
+        transport.count(),
+        1,
+        "a row for an unregistered token was sent"
+    );
+    let reason: String = client
+        .query_one("SELECT last_error FROM pgpushd.outbox WHERE id = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.starts_with("Unregistered"), "{reason}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn check_constraints_refuse_bad_rows_inside_the_producers_transaction() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let cases = [
+        (
+            "device_token",
+            "'abc'",
+            "outbox_device_token_must_be_even_length_hex",
+        ),
+        (
+            "device_token",
+            "'zz'",
+            "outbox_device_token_must_be_even_length_hex",
+        ),
+        ("push_type", "'shout'", "outbox_push_type_must_be_known"),
+        ("priority", "7", "outbox_priority_must_be_1_5_or_10"),
+        (
+            "collapse_id",
+            "repeat('x', 65)",
+            "outbox_collapse_id_must_be_at_most_64_bytes",
+        ),
+        ("payload", "'[1,2]'", "outbox_payload_must_be_a_json_object"),
+    ];
+    for (column, value, constraint) in cases {
+        let mut columns = vec![
+            ("device_token", "'aabb'".to_string()),
+            ("payload", "'{}'".into()),
+        ];
+        columns.retain(|(c, _)| *c != column);
+        columns.push((column, value.into()));
+        let sql = format!(
+            "INSERT INTO pgpushd.outbox ({}) VALUES ({})",
+            columns.iter().map(|c| c.0).collect::<Vec<_>>().join(", "),
+            columns
+                .iter()
+                .map(|c| c.1.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let err = client.batch_execute(&sql).await.unwrap_err();
+        let db_err = err.as_db_error().expect("a database error");
+        assert_eq!(db_err.constraint(), Some(constraint), "{sql}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_twice_is_a_no_op_and_concurrent_runs_are_serialised() {
+    let db = TestDb::unmigrated().await;
+    let (mut a, mut b) = (db.client().await, db.client().await);
+    assert_eq!(
+        pgpushd::outbox::migrate::schema_version(&a).await.unwrap(),
+        0
+    );
+    let (ra, rb) = tokio::join!(
+        pgpushd::outbox::migrate::migrate(&mut a),
+        pgpushd::outbox::migrate::migrate(&mut b)
+    );
+    let mut applied = [ra.unwrap(), rb.unwrap()];
+    applied.sort();
+    assert_eq!(applied, [vec![], vec![1]]);
+    assert_eq!(
+        pgpushd::outbox::migrate::migrate(&mut a).await.unwrap(),
+        Vec::<i32>::new()
+    );
+    pgpushd::outbox::migrate::ensure_current(&a).await.unwrap();
+}
+
+/// Waits until the daemon's listener is connected and has run LISTEN.
+async fn wait_for_listener(client: &tokio_postgres::Client) {
+    wait_for("the listener", Duration::from_secs(10), || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'pgpushd-listener'
+                    AND (query LIKE 'LISTEN%' OR query = 'SELECT 1')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await
+}
