@@ -51,7 +51,7 @@ impl Daemon {
     /// Runs until `cancel`, then gives the batches in flight up to `drain_timeout` to
     /// finish. Fails only when the database's schema is not the one this build needs.
     pub async fn run(
-        self,
+        &self,
         cancel: CancellationToken,
         drain_timeout: Duration,
     ) -> anyhow::Result<()> {

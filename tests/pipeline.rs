@@ -21,7 +21,10 @@ struct Running {
 fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
     let daemon = Daemon::new(config, transport);
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(daemon.run(cancel.clone(), Duration::from_secs(10)));
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel, Duration::from_secs(10)).await }
+    });
     Running { cancel, task }
 }
 
