@@ -8,6 +8,7 @@
 //! - [`emulator`]: a local APNs for tests, the demo and benchmarks.
 
 pub mod apns;
+pub mod backoff;
 pub mod config;
 pub mod emulator;
 pub mod transport;
