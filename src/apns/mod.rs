@@ -1,9 +1,12 @@
 //! APNs: requests, answers, credentials and connections of the HTTP/2 provider API.
 
+pub mod identity;
 pub mod jwt;
 pub mod push_type;
 pub mod request;
 pub mod response;
+#[cfg(test)]
+mod testutil;
 
 /// The first 8 hex digits of a device token: enough to find it, too little to use it.
 pub fn short_token(token: &str) -> &str {
