@@ -195,7 +195,7 @@ impl Reason {
     }
 
     /// `Reason: description (HTTP status)`, or `Reason (HTTP status)` for unknown ones.
-    fn explain(&self, status: u16) -> String {
+    pub fn explain(&self, status: u16) -> String {
         match self.description() {
             "" => format!("{self} (HTTP {status})"),
             d => format!("{self}: {d} (HTTP {status})"),

@@ -75,7 +75,6 @@ impl Ca {
     }
 
     /// A server certificate for `sans` (IP addresses or DNS names).
-    #[allow(dead_code)]
     pub fn server(&self, key: &PKey<Private>, sans: &[&str]) -> X509 {
         let mut b = builder("pgpushd test server", key, 2);
         b.set_issuer_name(self.cert.subject_name()).unwrap();
