@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::apns::connection::{tls_connector, ConnectOptions};
@@ -84,6 +84,10 @@ impl App {
                 }
                 info!(app = %config.name, subject = %id.subject, not_after = %id.not_after,
                       "loaded the APNs client certificate");
+                if id.days_left < 30 {
+                    warn!(app = %config.name, subject = %id.subject, not_after = %id.not_after,
+                          days_left = id.days_left, "the APNs client certificate expires soon");
+                }
                 (None, Some(id.identity))
             }
         };

@@ -59,6 +59,8 @@ pub struct ClientIdentity {
     /// When the certificate stops working (Apple's expire after a year).
     pub not_after: String,
     pub expired: bool,
+    /// Whole days until it expires (negative once it has).
+    pub days_left: i32,
 }
 
 impl std::fmt::Debug for ClientIdentity {
@@ -119,6 +121,7 @@ pub fn from_bytes(
     let not_after = leaf.not_after().to_string();
     let now = openssl::asn1::Asn1Time::days_from_now(0).map_err(invalid)?;
     let expired = leaf.not_after() < now;
+    let days_left = now.diff(leaf.not_after()).map_err(invalid)?.days;
     let mut chain_pem = Vec::new();
     for cert in &chain {
         chain_pem.extend(cert.to_pem().map_err(invalid)?);
@@ -135,6 +138,7 @@ pub fn from_bytes(
         subject,
         not_after,
         expired,
+        days_left,
     })
 }
 
@@ -402,6 +406,7 @@ mod tests {
         let id = load(auth).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(id.subject, "CN=Apple Push Services: com.example.app");
         assert!(!id.expired);
+        assert!((0..=2).contains(&id.days_left), "{}", id.days_left);
         id
     }
 

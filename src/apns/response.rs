@@ -262,7 +262,7 @@ pub fn verdict(answer: &Answer, now: SystemTime) -> Verdict {
     let body = ErrorBody::parse(&answer.body);
     let reason = match body.reason.as_deref() {
         Some(r) => Reason::parse(r),
-        None => Reason::Other(format!("HTTP {status} without a reason")),
+        None => Reason::Other("no reason given".to_owned()),
     };
     let explained = reason.explain(status);
     match (status, &reason) {
@@ -435,12 +435,12 @@ mod tests {
         }
         assert_eq!(
             verdict(&answer(503, ""), UNIX_EPOCH),
-            Verdict::Row(Delivery::retry("HTTP 503 without a reason (HTTP 503)"))
+            Verdict::Row(Delivery::retry("no reason given (HTTP 503)"))
         );
         assert_eq!(
             verdict(&answer(302, ""), UNIX_EPOCH),
             Verdict::Row(Delivery::retry(
-                "unexpected HTTP status 302 (HTTP 302 without a reason)"
+                "unexpected HTTP status 302 (no reason given)"
             ))
         );
     }
@@ -468,7 +468,7 @@ mod tests {
         );
         assert_eq!(
             verdict(&answer(403, "not json"), UNIX_EPOCH),
-            Verdict::Credentials(Reason::Other("HTTP 403 without a reason".into()))
+            Verdict::Credentials(Reason::Other("no reason given".into()))
         );
         assert!(!Reason::ExpiredProviderToken.is_credential_problem());
     }
