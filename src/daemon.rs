@@ -121,7 +121,7 @@ impl Daemon {
                 Err(e) => {
                     failures += 1;
                     let wait = backoff(
-                        failures,
+                        failures - 1,
                         Duration::from_millis(500),
                         Duration::from_secs(30),
                     );

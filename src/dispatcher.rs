@@ -150,7 +150,7 @@ impl Dispatcher {
                         }
                         Err(e) => {
                             db_failures += 1;
-                            let wait = backoff(db_failures, Duration::from_millis(250), MAX_DB_RETRY_WAIT);
+                            let wait = backoff(db_failures - 1, Duration::from_millis(250), MAX_DB_RETRY_WAIT);
                             warn!(error = format!("{e:#}"), retry_in = ?wait, "batch failed; its rows stay pending");
                             db_retry_at = Some(Instant::now() + wait);
                             // Whatever was claimed is released; look again after the wait.

@@ -46,7 +46,7 @@ impl Listener {
             };
             self.listening.send_replace(false);
             failures += 1;
-            let wait = backoff(failures, Duration::from_millis(250), MAX_RECONNECT_WAIT);
+            let wait = backoff(failures - 1, Duration::from_millis(250), MAX_RECONNECT_WAIT);
             warn!(error = %outcome, retry_in = ?wait, "listener lost its database connection");
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -114,7 +114,11 @@ impl RowUpdate {
                 } else {
                     RowUpdate {
                         last_error: Some(reason),
-                        retry_in: Some(backoff(attempts, retry.backoff_base, retry.backoff_max)),
+                        retry_in: Some(backoff(
+                            attempts - 1,
+                            retry.backoff_base,
+                            retry.backoff_max,
+                        )),
                         ..attempted(Status::Pending)
                     }
                 }

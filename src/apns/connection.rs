@@ -1,0 +1,764 @@
+//! One long-lived HTTP/2 connection to APNs.
+//!
+//! TCP, then TLS with ALPN `h2` (system roots plus the app's CA file, verification always
+//! on), then h2. The h2 `Connection` future runs in its own task; a second task PINGs when
+//! the connection is idle and drops it when a PING goes unanswered (a half-open TCP
+//! connection would otherwise swallow requests until each one timed out).
+//!
+//! Many requests share the connection, one stream each; h2 holds back streams beyond the
+//! server's `SETTINGS_MAX_CONCURRENT_STREAMS`, so a slow request delays another only when
+//! the server's limit says so. [`Connection::send`] tells a request the server never
+//! processed (safe to send again elsewhere) from a real answer.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::client::SendRequest;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::apns::response::Answer;
+
+/// Bodies are small JSON objects; anything larger is cut here.
+const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// How to reach the server and how patient to be.
+#[derive(Clone)]
+pub struct ConnectOptions {
+    pub host: String,
+    pub port: u16,
+    pub tls: native_tls::TlsConnector,
+    /// Upper bound on TCP connect, TLS and HTTP/2 handshakes together.
+    pub connect_timeout: Duration,
+    /// Upper bound on one request, from handing it to h2 to the end of the answer.
+    pub request_timeout: Duration,
+    /// PING after this long without an answer on the connection.
+    pub ping_interval: Duration,
+    /// A PING unanswered for this long means the connection is dead.
+    pub ping_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The TLS settings for an app: ALPN `h2`, TLS 1.2 or later, the system's roots plus
+/// `ca_file`'s certificates, and the client identity under certificate auth.
+pub fn tls_connector(
+    ca_file: Option<&Path>,
+    identity: Option<native_tls::Identity>,
+) -> Result<native_tls::TlsConnector, String> {
+    let mut builder = native_tls::TlsConnector::builder();
+    builder
+        .request_alpns(&["h2"])
+        .min_protocol_version(Some(native_tls::Protocol::Tlsv12));
+    if let Some(path) = ca_file {
+        for cert in read_ca_file(path)? {
+            builder.add_root_certificate(cert);
+        }
+    }
+    if let Some(identity) = identity {
+        builder.identity(identity);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot set up TLS: {e}"))
+}
+
+/// Every certificate in a PEM file, errors naming the file.
+pub fn read_ca_file(path: &Path) -> Result<Vec<native_tls::Certificate>, String> {
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("{}: cannot read the CA file: {e}", path.display()))?;
+    let certs = openssl::x509::X509::stack_from_pem(&pem).map_err(|e| {
+        format!(
+            "{}: not a PEM certificate file: {}",
+            path.display(),
+            crate::apns::openssl_reason(&e)
+        )
+    })?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in the CA file", path.display()));
+    }
+    certs
+        .iter()
+        .map(|c| {
+            c.to_der()
+                .ok()
+                .and_then(|der| native_tls::Certificate::from_der(&der).ok())
+                .ok_or_else(|| format!("{}: a certificate cannot be used", path.display()))
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {addr}: {source}")]
+    Tcp {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr} timed out after {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("TLS handshake with {addr} failed: {message}")]
+    Tls { addr: String, message: String },
+    #[error("{addr} does not speak HTTP/2 (ALPN: {chosen})")]
+    NoH2 { addr: String, chosen: String },
+    #[error("HTTP/2 handshake with {addr} failed: {source}")]
+    H2 { addr: String, source: h2::Error },
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConnError {
+    /// The server did not process it: GOAWAY above its last stream, REFUSED_STREAM, or the
+    /// connection was unusable or lost before an answer. Sending it again elsewhere is
+    /// right (after a lost connection it may have been delivered: at least once).
+    #[error("{0}")]
+    NotProcessed(String),
+    /// No answer within the request timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The stream failed otherwise (reset by the server, protocol error).
+    #[error("{0}")]
+    Stream(String),
+}
+
+/// State shared by the connection handle and its tasks.
+struct Shared {
+    in_flight: AtomicUsize,
+    /// Answers received so far: the PING task pings only when this stands still.
+    answers: AtomicU64,
+    /// PINGs answered so far.
+    pongs: AtomicU64,
+    /// Cancelled once no new request should go out on this connection.
+    retired: CancellationToken,
+    /// Cancelled to drop the connection (dead PING, shutdown), and when it has ended.
+    kill: CancellationToken,
+}
+
+pub struct Connection {
+    id: u64,
+    peer: String,
+    send: SendRequest<Bytes>,
+    request_timeout: Duration,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .field("usable", &self.usable())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Connection {
+    /// Connects, and runs the connection until `shutdown`, death, or the last handle goes.
+    pub async fn connect(
+        opts: &ConnectOptions,
+        shutdown: &CancellationToken,
+    ) -> Result<Connection, ConnectError> {
+        let addr = format!("{}:{}", opts.host, opts.port);
+        tokio::time::timeout(
+            opts.connect_timeout,
+            Connection::handshake(opts, &addr, shutdown),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ConnectError::Timeout {
+                addr,
+                after: opts.connect_timeout,
+            })
+        })
+    }
+
+    async fn handshake(
+        opts: &ConnectOptions,
+        addr: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Connection, ConnectError> {
+        let tcp = TcpStream::connect((opts.host.as_str(), opts.port))
+            .await
+            .map_err(|source| ConnectError::Tcp {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_native_tls::TlsConnector::from(opts.tls.clone())
+            .connect(&opts.host, tcp)
+            .await
+            .map_err(|e| ConnectError::Tls {
+                addr: addr.to_owned(),
+                message: e.to_string(),
+            })?;
+        match tls.get_ref().negotiated_alpn() {
+            Ok(Some(p)) if p == b"h2" => {}
+            other => {
+                return Err(ConnectError::NoH2 {
+                    addr: addr.to_owned(),
+                    chosen: match other {
+                        Ok(Some(p)) => String::from_utf8_lossy(&p).into_owned(),
+                        _ => "none".to_owned(),
+                    },
+                })
+            }
+        }
+        let (send, mut conn) = h2::client::Builder::new()
+            // Until the server's SETTINGS say otherwise: APNs under token auth allows one
+            // stream until the first success, and refuses streams beyond it.
+            .initial_max_send_streams(1)
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(1 << 24)
+            .max_concurrent_reset_streams(1024)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| ConnectError::H2 {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let ping_pong = conn.ping_pong().expect("taken once, here");
+
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(Shared {
+            in_flight: AtomicUsize::new(0),
+            answers: AtomicU64::new(0),
+            pongs: AtomicU64::new(0),
+            retired: CancellationToken::new(),
+            kill: shutdown.child_token(),
+        });
+        let peer = addr.to_owned();
+        info!(conn = id, peer = %peer, "connected to APNs");
+
+        let s = shared.clone();
+        let p = peer.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = &mut conn => match result {
+                    Ok(()) => info!(conn = id, peer = %p, "APNs connection closed"),
+                    Err(e) => warn!(conn = id, peer = %p, error = %e, "APNs connection failed"),
+                },
+                _ = s.kill.cancelled() => debug!(conn = id, peer = %p, "dropping the APNs connection"),
+            }
+            // Dropping `conn` fails every stream still open on it: their senders resend.
+            drop(conn);
+            s.retired.cancel();
+            s.kill.cancel();
+        });
+        tokio::spawn(keep_alive(
+            ping_pong,
+            shared.clone(),
+            opts.ping_interval,
+            opts.ping_timeout,
+            id,
+            peer.clone(),
+        ));
+
+        Ok(Connection {
+            id,
+            peer,
+            send,
+            request_timeout: opts.request_timeout,
+            shared,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether new requests may go out on this connection.
+    pub fn usable(&self) -> bool {
+        !self.shared.retired.is_cancelled()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// PINGs the server answered: proof of life while idle.
+    pub fn pongs(&self) -> u64 {
+        self.shared.pongs.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the connection takes no new requests (it may still be finishing
+    /// some): time to open its successor.
+    pub async fn retired(&self) {
+        self.shared.retired.cancelled().await
+    }
+
+    /// Drops the connection now; requests still on it fail as not processed.
+    pub fn close(&self) {
+        self.shared.retired.cancel();
+        self.shared.kill.cancel();
+    }
+
+    fn retire(&self, why: &str) {
+        if !self.shared.retired.is_cancelled() {
+            info!(conn = self.id, peer = %self.peer, reason = why, "APNs connection retired");
+            self.shared.retired.cancel();
+        }
+    }
+
+    /// Sends one request and reads the whole answer.
+    pub async fn send(&self, request: http::Request<()>, body: Bytes) -> Result<Answer, ConnError> {
+        if !self.usable() {
+            return Err(ConnError::NotProcessed(
+                "the connection was closing".to_owned(),
+            ));
+        }
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.shared);
+        match tokio::time::timeout(self.request_timeout, self.exchange(request, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnError::Timeout(self.request_timeout)),
+        }
+    }
+
+    async fn exchange(&self, request: http::Request<()>, body: Bytes) -> Result<Answer, ConnError> {
+        let mut send = self
+            .send
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| self.classify(e))?;
+        let (response, mut stream) = send
+            .send_request(request, body.is_empty())
+            .map_err(|e| self.classify(e))?;
+        if !body.is_empty() {
+            stream.send_data(body, true).map_err(|e| self.classify(e))?;
+        }
+        let response = response.await.map_err(|e| self.classify(e))?;
+        self.shared.answers.fetch_add(1, Ordering::Relaxed);
+
+        let (parts, mut recv) = response.into_parts();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = recv.data().await {
+            // The status is the answer; a body cut short only loses its reason.
+            let Ok(chunk) = chunk else { break };
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            let room = MAX_RESPONSE_BODY.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        Ok(Answer {
+            status: parts.status.as_u16(),
+            apns_id: parts
+                .headers
+                .get(crate::apns::request::APNS_ID)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: body.freeze(),
+        })
+    }
+
+    fn classify(&self, e: h2::Error) -> ConnError {
+        if e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            return ConnError::NotProcessed(
+                "the server refused the stream (REFUSED_STREAM)".into(),
+            );
+        }
+        if e.is_go_away() {
+            self.retire("GOAWAY");
+            return ConnError::NotProcessed(format!("GOAWAY before the answer: {e}"));
+        }
+        if e.is_io() || self.shared.kill.is_cancelled() {
+            self.retire("connection lost");
+            return ConnError::NotProcessed(format!("connection lost before the answer: {e}"));
+        }
+        ConnError::Stream(e.to_string())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// PINGs whenever an interval passes without an answer; drops the connection when a
+/// PING stays unanswered for `timeout`.
+async fn keep_alive(
+    mut ping_pong: h2::PingPong,
+    shared: Arc<Shared>,
+    interval: Duration,
+    timeout: Duration,
+    id: u64,
+    peer: String,
+) {
+    let mut seen = shared.answers.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            _ = shared.kill.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let now = shared.answers.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now; // answers are arriving: the connection is alive
+            continue;
+        }
+        let ping = ping_pong.ping(h2::Ping::opaque());
+        tokio::select! {
+            _ = shared.kill.cancelled() => return,
+            result = tokio::time::timeout(timeout, ping) => match result {
+                Ok(Ok(_pong)) => {
+                    shared.pongs.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    debug!(conn = id, peer = %peer, error = %e, "PING failed");
+                    shared.kill.cancel();
+                    return;
+                }
+                Err(_) => {
+                    warn!(conn = id, peer = %peer, ?timeout, "no answer to PING; dropping the connection");
+                    shared.kill.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apns::testserver::{eventually, Action, RawFrame, TestServer};
+
+    fn request(server: &TestServer, path: &str) -> http::Request<()> {
+        let mut r = http::Request::new(());
+        *r.method_mut() = http::Method::POST;
+        *r.uri_mut() = format!("https://localhost:{}{path}", server.addr.port())
+            .parse()
+            .unwrap();
+        r
+    }
+
+    fn options(server: &TestServer) -> ConnectOptions {
+        server.connect_options()
+    }
+
+    #[tokio::test]
+    async fn answers_come_back_with_status_id_and_body() {
+        let server = TestServer::start(|seen| {
+            if seen.path.ends_with("/bad") {
+                Action::respond(400, r#"{"reason":"BadDeviceToken"}"#)
+            } else {
+                Action::ok()
+            }
+        })
+        .await;
+        let conn = Connection::connect(&options(&server), &CancellationToken::new())
+            .await
+            .unwrap();
+        let a = conn
+            .send(request(&server, "/3/device/aa"), Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200);
+        assert!(a.apns_id.is_some());
+        let a = conn
+            .send(request(&server, "/3/device/bad"), Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 400);
+        assert_eq!(&a.body[..], br#"{"reason":"BadDeviceToken"}"#);
+        let seen = server.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(&seen[0].body[..], b"{}");
+        assert!(conn.usable());
+        assert_eq!(conn.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn many_requests_share_one_connection() {
+        let server = TestServer::start(|seen| {
+            // One slow request must not hold up the others.
+            if seen.index == 0 {
+                Action::Hang
+            } else {
+                Action::ok()
+            }
+        })
+        .await;
+        let mut opts = options(&server);
+        opts.request_timeout = Duration::from_millis(1500);
+        let conn = Arc::new(
+            Connection::connect(&opts, &CancellationToken::new())
+                .await
+                .unwrap(),
+        );
+        let slow = {
+            let conn = conn.clone();
+            let r = request(&server, "/3/device/00");
+            tokio::spawn(async move { conn.send(r, Bytes::new()).await })
+        };
+        server.wait_for(|s| !s.is_empty()).await;
+        let started = tokio::time::Instant::now();
+        let all = futures::future::join_all(
+            (0..500).map(|_| conn.send(request(&server, "/3/device/aa"), Bytes::new())),
+        )
+        .await;
+        assert!(all.iter().all(|a| a.as_ref().unwrap().status == 200));
+        assert!(started.elapsed() < opts.request_timeout);
+        assert_eq!(server.connections(), 1);
+        assert_eq!(
+            slow.await.unwrap(),
+            Err(ConnError::Timeout(opts.request_timeout))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_servers_stream_limit_is_respected() {
+        let server = TestServer::builder()
+            .max_concurrent_streams(3)
+            .start(|_| Action::ok())
+            .await;
+        let conn = Connection::connect(&options(&server), &CancellationToken::new())
+            .await
+            .unwrap();
+        let all = futures::future::join_all(
+            (0..50).map(|_| conn.send(request(&server, "/3/device/aa"), Bytes::new())),
+        )
+        .await;
+        assert!(all.iter().all(|a| a.as_ref().unwrap().status == 200));
+        assert!(
+            server.max_concurrent_seen() <= 3,
+            "{}",
+            server.max_concurrent_seen()
+        );
+    }
+
+    #[tokio::test]
+    async fn goaway_fails_unanswered_requests_as_not_processed() {
+        let server = TestServer::start(|seen| match seen.index {
+            0..=3 => Action::Hang,
+            _ => Action::GoAway,
+        })
+        .await;
+        let conn = Arc::new(
+            Connection::connect(&options(&server), &CancellationToken::new())
+                .await
+                .unwrap(),
+        );
+        let results = futures::future::join_all(
+            (0..5).map(|_| conn.send(request(&server, "/3/device/aa"), Bytes::new())),
+        )
+        .await;
+        for r in results {
+            assert!(matches!(r, Err(ConnError::NotProcessed(_))), "{r:?}");
+        }
+        assert!(!conn.usable());
+        let after = conn
+            .send(request(&server, "/3/device/aa"), Bytes::new())
+            .await;
+        assert!(
+            matches!(after, Err(ConnError::NotProcessed(_))),
+            "{after:?}"
+        );
+    }
+
+    /// Streams above GOAWAY's last-stream-id were never processed; the one below was and
+    /// gets no such pass.
+    #[tokio::test]
+    async fn goaway_below_a_stream_fails_it_as_not_processed() {
+        let server = TestServer::builder()
+            .raw(|_, count| match count {
+                3 => vec![RawFrame::GoAway {
+                    last_stream_id: 1,
+                    code: 0,
+                }],
+                _ => vec![],
+            })
+            .start(|_| Action::Hang)
+            .await;
+        let mut opts = options(&server);
+        opts.request_timeout = Duration::from_millis(500);
+        let conn = Connection::connect(&opts, &CancellationToken::new())
+            .await
+            .unwrap();
+        let first = conn.send(request(&server, "/3/device/aa"), Bytes::new());
+        let others = async {
+            server.wait_for(|s| s.len() == 1).await;
+            tokio::join!(
+                conn.send(request(&server, "/3/device/bb"), Bytes::new()),
+                conn.send(request(&server, "/3/device/cc"), Bytes::new()),
+            )
+        };
+        let (first, (b, c)) = tokio::join!(first, others);
+        for r in [b, c] {
+            match r {
+                Err(ConnError::NotProcessed(why)) => assert!(why.starts_with("GOAWAY"), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(first, Err(ConnError::Timeout(opts.request_timeout)));
+        assert!(!conn.usable());
+    }
+
+    #[tokio::test]
+    async fn refused_streams_are_not_processed() {
+        let server = TestServer::builder()
+            .raw(|stream_id, _| {
+                vec![RawFrame::RstStream {
+                    stream_id,
+                    code: 7, // REFUSED_STREAM
+                }]
+            })
+            .start(|_| Action::Hang)
+            .await;
+        let conn = Connection::connect(&options(&server), &CancellationToken::new())
+            .await
+            .unwrap();
+        let r = conn
+            .send(request(&server, "/3/device/aa"), Bytes::new())
+            .await;
+        assert_eq!(
+            r,
+            Err(ConnError::NotProcessed(
+                "the server refused the stream (REFUSED_STREAM)".into()
+            ))
+        );
+        assert!(
+            conn.usable(),
+            "a refused stream leaves the connection usable"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_fails_requests_as_not_processed() {
+        let server = TestServer::start(|seen| match seen.index {
+            0 => Action::Hang,
+            _ => Action::Drop,
+        })
+        .await;
+        let conn = Connection::connect(&options(&server), &CancellationToken::new())
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            conn.send(request(&server, "/3/device/aa"), Bytes::new()),
+            conn.send(request(&server, "/3/device/bb"), Bytes::new()),
+        );
+        assert!(matches!(a, Err(ConnError::NotProcessed(_))), "{a:?}");
+        assert!(matches!(b, Err(ConnError::NotProcessed(_))), "{b:?}");
+        tokio::time::timeout(Duration::from_secs(5), conn.retired())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_ping_kills_the_connection() {
+        let server = TestServer::start(|_| Action::Freeze).await;
+        let mut opts = options(&server);
+        opts.ping_interval = Duration::from_millis(100);
+        opts.ping_timeout = Duration::from_millis(200);
+        opts.request_timeout = Duration::from_secs(30);
+        let conn = Connection::connect(&opts, &CancellationToken::new())
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let r = conn
+            .send(request(&server, "/3/device/aa"), Bytes::new())
+            .await;
+        assert!(matches!(r, Err(ConnError::NotProcessed(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(!conn.usable());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_answering_pings_stays() {
+        let server = TestServer::start(|_| Action::ok()).await;
+        let mut opts = options(&server);
+        opts.ping_interval = Duration::from_millis(20);
+        opts.ping_timeout = Duration::from_millis(500);
+        let conn = Connection::connect(&opts, &CancellationToken::new())
+            .await
+            .unwrap();
+        eventually(|| conn.pongs() >= 5).await;
+        assert!(conn.usable());
+        let r = conn
+            .send(request(&server, "/3/device/aa"), Bytes::new())
+            .await;
+        assert_eq!(r.unwrap().status, 200);
+    }
+
+    #[tokio::test]
+    async fn tls_is_verified_against_the_ca_file() {
+        let server = TestServer::start(|_| Action::ok()).await;
+        let mut opts = options(&server);
+        opts.tls = tls_connector(None, None).unwrap(); // system roots only
+        let e = Connection::connect(&opts, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
+
+        let mut opts = options(&server);
+        opts.host = "127.0.0.1".into(); // the certificate is for "localhost" only
+        let e = Connection::connect(&opts, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn connect_errors_are_clear() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let server = TestServer::start(|_| Action::ok()).await;
+        let mut opts = options(&server);
+        opts.port = port;
+        let e = Connection::connect(&opts, &CancellationToken::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("cannot connect to localhost:{port}: ")),
+            "{e}"
+        );
+
+        let Err(e) = read_ca_file(Path::new("/nonexistent/ca.pem")) else {
+            panic!("a missing CA file must fail")
+        };
+        assert!(
+            e.starts_with("/nonexistent/ca.pem: cannot read the CA file"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_drops_the_connection() {
+        let server = TestServer::start(|_| Action::Hang).await;
+        let shutdown = CancellationToken::new();
+        let conn = Connection::connect(&options(&server), &shutdown)
+            .await
+            .unwrap();
+        let send = conn.send(request(&server, "/3/device/aa"), Bytes::new());
+        let stop = async {
+            server.wait_for(|s| !s.is_empty()).await;
+            shutdown.cancel();
+        };
+        let (r, ()) = tokio::join!(send, stop);
+        assert!(matches!(r, Err(ConnError::NotProcessed(_))), "{r:?}");
+    }
+}

@@ -1,0 +1,491 @@
+//! An app's connections: `connections` long-lived HTTP/2 connections, each kept up by its
+//! own supervisor task, requests spread over them by fewest requests in flight.
+//!
+//! A connection that dies or is told to go away is replaced at once if it had lived a
+//! while, else after a capped, jittered backoff, so a flapping server is not hammered
+//! and a healthy connection lives for hours. A request the server never processed is
+//! sent again on another connection, a bounded number of times.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::apns::connection::{ConnError, ConnectOptions, Connection};
+use crate::apns::response::Answer;
+use crate::backoff::backoff;
+
+/// A connection that lived this long ended normally; its successor opens at once.
+const STABLE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub connect: ConnectOptions,
+    pub connections: usize,
+    /// Backoff between failed connection attempts.
+    pub reconnect_base: Duration,
+    pub reconnect_max: Duration,
+    /// How often a request the server never processed is sent again.
+    pub max_resends: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PoolError {
+    /// No connection can be had now; the next attempt is `retry_after` away.
+    #[error("{reason}")]
+    Unavailable {
+        reason: String,
+        retry_after: Duration,
+    },
+    /// Sent `attempts` times, never processed.
+    #[error("no answer after {attempts} tries; last: {last}")]
+    Unanswered { attempts: u32, last: String },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Stream(String),
+}
+
+#[derive(Clone)]
+enum Slot {
+    /// The supervisors start with the first request.
+    Idle,
+    Connecting,
+    Up(Arc<Connection>),
+    Down {
+        error: String,
+        until: Instant,
+    },
+}
+
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    app: String,
+    opts: PoolOptions,
+    slots: Vec<Mutex<Slot>>,
+    changed: Notify,
+    started: Once,
+    shutdown: CancellationToken,
+    /// Where the search for the least busy connection starts, so ties rotate.
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(app: &str, opts: PoolOptions) -> Pool {
+        let slots = (0..opts.connections.max(1))
+            .map(|_| Mutex::new(Slot::Idle))
+            .collect();
+        Pool {
+            inner: Arc::new(Inner {
+                app: app.to_owned(),
+                opts,
+                slots,
+                changed: Notify::new(),
+                started: Once::new(),
+                shutdown: CancellationToken::new(),
+                next: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Sends one request, again on another connection if the server never processed it.
+    /// `make` builds the request afresh for each try.
+    pub async fn send(
+        &self,
+        make: impl Fn() -> http::Request<()>,
+        body: Bytes,
+    ) -> Result<Answer, PoolError> {
+        let mut last = String::new();
+        let attempts = self.inner.opts.max_resends + 1;
+        for attempt in 0..attempts {
+            let conn = self.acquire().await?;
+            match conn.send(make(), body.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(ConnError::NotProcessed(why)) => {
+                    debug!(app = %self.inner.app, conn = conn.id(), attempt, reason = %why,
+                           "request not processed; sending it again");
+                    last = why;
+                }
+                Err(ConnError::Timeout(after)) => return Err(PoolError::Timeout(after)),
+                Err(ConnError::Stream(why)) => return Err(PoolError::Stream(why)),
+            }
+        }
+        Err(PoolError::Unanswered { attempts, last })
+    }
+
+    /// `Err` with the last connection error when no connection is up and none can be had.
+    pub fn health(&self) -> Result<(), String> {
+        let mut error = None;
+        for slot in &self.inner.slots {
+            match &*slot.lock().unwrap() {
+                Slot::Down { error: e, .. } => error = Some(e.clone()),
+                _ => return Ok(()),
+            }
+        }
+        error.map_or(Ok(()), Err)
+    }
+
+    /// The connection for the next request: the usable one with the fewest requests in
+    /// flight; waits for one that is being opened, up to the request timeout.
+    async fn acquire(&self) -> Result<Arc<Connection>, PoolError> {
+        let inner = &self.inner;
+        self.start();
+        let deadline = Instant::now() + inner.opts.connect.request_timeout;
+        loop {
+            let changed = inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if inner.shutdown.is_cancelled() {
+                return Err(PoolError::Unavailable {
+                    reason: "shutting down".into(),
+                    retry_after: Duration::ZERO,
+                });
+            }
+            let n = inner.slots.len();
+            let first = inner.next.fetch_add(1, Ordering::Relaxed);
+            let mut best: Option<Arc<Connection>> = None;
+            let mut opening = false;
+            let mut down: Option<(String, Instant)> = None;
+            for i in 0..n {
+                match &*inner.slots[(first + i) % n].lock().unwrap() {
+                    Slot::Up(c) if c.usable() => {
+                        if best
+                            .as_ref()
+                            .map_or(true, |b| c.in_flight() < b.in_flight())
+                        {
+                            best = Some(c.clone());
+                        }
+                    }
+                    Slot::Down { error, until } => {
+                        if down.as_ref().map_or(true, |(_, u)| until < u) {
+                            down = Some((error.clone(), *until));
+                        }
+                    }
+                    _ => opening = true,
+                }
+            }
+            if let Some(conn) = best {
+                return Ok(conn);
+            }
+            let now = Instant::now();
+            if !opening {
+                if let Some((error, until)) = down {
+                    if until > deadline || now >= deadline {
+                        return Err(PoolError::Unavailable {
+                            reason: error,
+                            retry_after: until.saturating_duration_since(now),
+                        });
+                    }
+                }
+            }
+            if now >= deadline {
+                return Err(PoolError::Unavailable {
+                    reason: "no APNs connection came up in time".into(),
+                    retry_after: Duration::ZERO,
+                });
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    fn start(&self) {
+        self.inner.started.call_once(|| {
+            for i in 0..self.inner.slots.len() {
+                tokio::spawn(supervise(self.inner.clone(), i));
+            }
+        });
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.inner.shutdown.cancel();
+    }
+}
+
+impl Inner {
+    fn set(&self, i: usize, slot: Slot) {
+        *self.slots[i].lock().unwrap() = slot;
+        self.changed.notify_waiters();
+    }
+}
+
+/// Keeps slot `i` connected until shutdown.
+async fn supervise(inner: Arc<Inner>, i: usize) {
+    let opts = &inner.opts;
+    let mut failures = 0u32;
+    loop {
+        inner.set(i, Slot::Connecting);
+        let connected = tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            c = Connection::connect(&opts.connect, &inner.shutdown) => c,
+        };
+        let error = match connected {
+            Ok(conn) => {
+                let conn = Arc::new(conn);
+                inner.set(i, Slot::Up(conn.clone()));
+                let up = Instant::now();
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => return,
+                    _ = conn.retired() => {}
+                }
+                if up.elapsed() >= STABLE {
+                    failures = 0;
+                    info!(app = %inner.app, slot = i, "replacing the APNs connection");
+                    continue;
+                }
+                format!(
+                    "the APNs connection closed {:?} after it opened",
+                    up.elapsed()
+                )
+            }
+            Err(e) => e.to_string(),
+        };
+        let wait = backoff(failures, opts.reconnect_base, opts.reconnect_max);
+        failures = failures.saturating_add(1);
+        warn!(app = %inner.app, slot = i, error = %error, retry_in = ?wait, "APNs connection trouble");
+        inner.set(
+            i,
+            Slot::Down {
+                error,
+                until: Instant::now() + wait,
+            },
+        );
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apns::testserver::{eventually, Action, TestServer};
+
+    fn options(server: &TestServer, connections: usize) -> PoolOptions {
+        PoolOptions {
+            connect: server.connect_options(),
+            connections,
+            reconnect_base: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(200),
+            max_resends: 3,
+        }
+    }
+
+    fn request(server: &TestServer, token: &str) -> impl Fn() -> http::Request<()> {
+        let uri: http::Uri = format!("https://localhost:{}/3/device/{token}", server.addr.port())
+            .parse()
+            .unwrap();
+        move || {
+            let mut r = http::Request::new(());
+            *r.method_mut() = http::Method::POST;
+            *r.uri_mut() = uri.clone();
+            r
+        }
+    }
+
+    async fn send_many(
+        pool: &Pool,
+        server: &TestServer,
+        n: usize,
+    ) -> Vec<Result<Answer, PoolError>> {
+        futures::future::join_all((0..n).map(|i| {
+            pool.send(
+                request(server, &format!("{i:04x}")),
+                Bytes::from_static(b"{}"),
+            )
+        }))
+        .await
+    }
+
+    #[tokio::test]
+    async fn connections_open_lazily_and_share_the_load() {
+        let server = TestServer::start(|seen| {
+            if seen.index < 2 {
+                Action::Hang
+            } else {
+                Action::ok()
+            }
+        })
+        .await;
+        let mut opts = options(&server, 2);
+        opts.connect.request_timeout = Duration::from_millis(1000);
+        let pool = Pool::new("default", opts);
+        assert_eq!(server.connections(), 0);
+        // The first request starts every connection; it waits for the first one up.
+        let first = pool.send(request(&server, "aa"), Bytes::new()).await;
+        assert_eq!(first, Err(PoolError::Timeout(Duration::from_millis(1000))));
+        let all_up = || {
+            pool.inner
+                .slots
+                .iter()
+                .all(|s| matches!(&*s.lock().unwrap(), Slot::Up(_)))
+        };
+        eventually(all_up).await;
+        let results = send_many(&pool, &server, 200).await;
+        let ok = results
+            .iter()
+            .filter(|r| matches!(r, Ok(a) if a.status == 200))
+            .count();
+        assert_eq!(ok, 199);
+        assert_eq!(server.connections(), 2);
+        let seen = server.seen();
+        let on_second = seen.iter().filter(|s| s.conn == 1).count();
+        assert!(
+            on_second > 40 && on_second < 160,
+            "{on_second} of 201 on one connection"
+        );
+        assert_eq!(pool.health(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn goaway_mid_flight_loses_nothing() {
+        let server = TestServer::start(|seen| match (seen.conn, seen.index) {
+            (0, 0..=8) => Action::Hang,
+            (0, _) => Action::GoAway,
+            _ => Action::ok(),
+        })
+        .await;
+        let pool = Pool::new("default", options(&server, 1));
+        let results = send_many(&pool, &server, 30).await;
+        for r in &results {
+            assert_eq!(r.as_ref().map(|a| a.status), Ok(200));
+        }
+        assert!(server.connections() >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_mid_flight_loses_nothing() {
+        let server = TestServer::start(|seen| match (seen.conn, seen.index) {
+            (0, 0..=4) => Action::Hang,
+            (0, _) => Action::Drop,
+            _ => Action::ok(),
+        })
+        .await;
+        let pool = Pool::new("default", options(&server, 2));
+        let results = send_many(&pool, &server, 20).await;
+        for r in &results {
+            assert_eq!(r.as_ref().map(|a| a.status), Ok(200));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_stops_answering_pings_is_replaced() {
+        let server = TestServer::start(|seen| match seen.conn {
+            0 => Action::Freeze,
+            _ => Action::ok(),
+        })
+        .await;
+        let mut opts = options(&server, 1);
+        opts.connect.ping_interval = Duration::from_millis(50);
+        opts.connect.ping_timeout = Duration::from_millis(200);
+        opts.connect.request_timeout = Duration::from_secs(15);
+        let pool = Pool::new("default", opts);
+        let started = Instant::now();
+        let answer = pool
+            .send(request(&server, "aa"), Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(server.connections(), 2);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn resends_are_bounded() {
+        let server = TestServer::start(|_| Action::Drop).await;
+        let pool = Pool::new("default", options(&server, 1));
+        match pool.send(request(&server, "aa"), Bytes::new()).await {
+            Err(PoolError::Unanswered { attempts: 4, last }) => {
+                assert!(last.contains("connection lost"), "{last}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(server.seen().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_makes_the_pool_unavailable() {
+        let server = TestServer::start(|_| Action::ok()).await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut opts = options(&server, 2);
+        opts.connect.port = listener.local_addr().unwrap().port();
+        drop(listener);
+        opts.reconnect_base = Duration::from_secs(60);
+        opts.reconnect_max = Duration::from_secs(60);
+        let pool = Pool::new("default", opts);
+        match pool.send(request(&server, "aa"), Bytes::new()).await {
+            Err(PoolError::Unavailable {
+                reason,
+                retry_after,
+            }) => {
+                assert!(
+                    reason.starts_with("cannot connect to localhost:"),
+                    "{reason}"
+                );
+                assert!(retry_after > Duration::from_secs(20), "{retry_after:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(pool.health().unwrap_err().starts_with("cannot connect"));
+    }
+
+    #[tokio::test]
+    async fn a_short_outage_is_ridden_out() {
+        let server = TestServer::start(|_| Action::ok()).await;
+        // A port where nothing listens yet; the server comes up there in a moment.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let mut opts = options(&server, 1);
+        opts.connect.port = port;
+        let pool = Pool::new("default", opts);
+        let (result, ()) = tokio::join!(pool.send(request(&server, "aa"), Bytes::new()), async {
+            eventually(|| pool.health().is_err()).await;
+            // Forward the port to the real server.
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let target = server.addr;
+            tokio::spawn(async move {
+                while let Ok((mut a, _)) = listener.accept().await {
+                    let mut b = tokio::net::TcpStream::connect(target).await.unwrap();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    });
+                }
+            });
+        });
+        assert_eq!(result.unwrap().status, 200);
+        assert_eq!(pool.health(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_pool_closes_its_connections() {
+        let server = TestServer::start(|_| Action::ok()).await;
+        let pool = Pool::new("default", options(&server, 1));
+        pool.send(request(&server, "aa"), Bytes::new())
+            .await
+            .unwrap();
+        let conn = match &*pool.inner.slots[0].lock().unwrap() {
+            Slot::Up(c) => c.clone(),
+            _ => panic!("the slot is up"),
+        };
+        drop(pool);
+        tokio::time::timeout(Duration::from_secs(5), conn.retired())
+            .await
+            .unwrap();
+    }
+}

@@ -1,0 +1,492 @@
+//! An APNs answer -> what to do: a [`Delivery`] for the row, or something the *app* must
+//! deal with first (credentials refused, provider token expired).
+//!
+//! The mapping is DESIGN.md's "Outcomes" table. Apple's reasons are an enum with an
+//! [`Reason::Other`] arm, so a reason Apple adds later is kept verbatim in `last_error`.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::transport::Delivery;
+
+/// The `reason` strings of the provider API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reason {
+    // 400
+    #[error("BadCollapseId")]
+    BadCollapseId,
+    #[error("BadDeviceToken")]
+    BadDeviceToken,
+    #[error("BadExpirationDate")]
+    BadExpirationDate,
+    #[error("BadMessageId")]
+    BadMessageId,
+    #[error("BadPriority")]
+    BadPriority,
+    #[error("BadTopic")]
+    BadTopic,
+    #[error("DeviceTokenNotForTopic")]
+    DeviceTokenNotForTopic,
+    #[error("DuplicateHeaders")]
+    DuplicateHeaders,
+    #[error("IdleTimeout")]
+    IdleTimeout,
+    #[error("InvalidPushType")]
+    InvalidPushType,
+    #[error("MissingDeviceToken")]
+    MissingDeviceToken,
+    #[error("MissingTopic")]
+    MissingTopic,
+    #[error("PayloadEmpty")]
+    PayloadEmpty,
+    #[error("TopicDisallowed")]
+    TopicDisallowed,
+    // 403
+    #[error("BadCertificate")]
+    BadCertificate,
+    #[error("BadCertificateEnvironment")]
+    BadCertificateEnvironment,
+    #[error("ExpiredProviderToken")]
+    ExpiredProviderToken,
+    #[error("Forbidden")]
+    Forbidden,
+    #[error("InvalidProviderToken")]
+    InvalidProviderToken,
+    #[error("MissingProviderToken")]
+    MissingProviderToken,
+    #[error("UnrelatedKeyIdInToken")]
+    UnrelatedKeyIdInToken,
+    #[error("BadEnvironmentKeyInToken")]
+    BadEnvironmentKeyInToken,
+    // 404, 405
+    #[error("BadPath")]
+    BadPath,
+    #[error("MethodNotAllowed")]
+    MethodNotAllowed,
+    // 410
+    #[error("ExpiredToken")]
+    ExpiredToken,
+    #[error("Unregistered")]
+    Unregistered,
+    // 413
+    #[error("PayloadTooLarge")]
+    PayloadTooLarge,
+    // 429
+    #[error("TooManyProviderTokenUpdates")]
+    TooManyProviderTokenUpdates,
+    #[error("TooManyRequests")]
+    TooManyRequests,
+    // 500, 503
+    #[error("InternalServerError")]
+    InternalServerError,
+    #[error("ServiceUnavailable")]
+    ServiceUnavailable,
+    #[error("Shutdown")]
+    Shutdown,
+    /// A reason this code does not know (yet), or a description when there was none.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Reason {
+    pub const KNOWN: [Reason; 32] = [
+        Reason::BadCollapseId,
+        Reason::BadDeviceToken,
+        Reason::BadExpirationDate,
+        Reason::BadMessageId,
+        Reason::BadPriority,
+        Reason::BadTopic,
+        Reason::DeviceTokenNotForTopic,
+        Reason::DuplicateHeaders,
+        Reason::IdleTimeout,
+        Reason::InvalidPushType,
+        Reason::MissingDeviceToken,
+        Reason::MissingTopic,
+        Reason::PayloadEmpty,
+        Reason::TopicDisallowed,
+        Reason::BadCertificate,
+        Reason::BadCertificateEnvironment,
+        Reason::ExpiredProviderToken,
+        Reason::Forbidden,
+        Reason::InvalidProviderToken,
+        Reason::MissingProviderToken,
+        Reason::UnrelatedKeyIdInToken,
+        Reason::BadEnvironmentKeyInToken,
+        Reason::BadPath,
+        Reason::MethodNotAllowed,
+        Reason::ExpiredToken,
+        Reason::Unregistered,
+        Reason::PayloadTooLarge,
+        Reason::TooManyProviderTokenUpdates,
+        Reason::TooManyRequests,
+        Reason::InternalServerError,
+        Reason::ServiceUnavailable,
+        Reason::Shutdown,
+    ];
+
+    pub fn parse(s: &str) -> Reason {
+        Reason::KNOWN
+            .into_iter()
+            .find(|r| r.to_string() == s)
+            .unwrap_or_else(|| Reason::Other(s.to_owned()))
+    }
+
+    /// The reasons that say the app's credentials (certificate or provider token) are
+    /// refused: every row of the app would get the same answer, so no row is to blame.
+    pub fn is_credential_problem(&self) -> bool {
+        matches!(
+            self,
+            Reason::BadCertificate
+                | Reason::BadCertificateEnvironment
+                | Reason::Forbidden
+                | Reason::InvalidProviderToken
+                | Reason::MissingProviderToken
+                | Reason::UnrelatedKeyIdInToken
+                | Reason::BadEnvironmentKeyInToken
+        )
+    }
+
+    /// Apple's explanation, for `last_error` and logs.
+    pub fn description(&self) -> &str {
+        match self {
+            Reason::BadCollapseId => "the collapse identifier exceeds the maximum allowed size",
+            Reason::BadDeviceToken => "the device token is invalid (or for the other environment)",
+            Reason::BadExpirationDate => "the apns-expiration value is invalid",
+            Reason::BadMessageId => "the apns-id value is invalid",
+            Reason::BadPriority => "the apns-priority value is invalid",
+            Reason::BadTopic => "the apns-topic value is invalid",
+            Reason::DeviceTokenNotForTopic => "the device token does not match the topic",
+            Reason::DuplicateHeaders => "one or more headers are repeated",
+            Reason::IdleTimeout => "idle timeout",
+            Reason::InvalidPushType => "the apns-push-type value is invalid",
+            Reason::MissingDeviceToken => "the device token is not in the request path",
+            Reason::MissingTopic => "the apns-topic header is required and missing",
+            Reason::PayloadEmpty => "the payload is empty",
+            Reason::TopicDisallowed => "pushing to this topic is not allowed",
+            Reason::BadCertificate => "the certificate is invalid",
+            Reason::BadCertificateEnvironment => "the certificate is for the wrong environment",
+            Reason::ExpiredProviderToken => "the provider token is stale",
+            Reason::Forbidden => "the specified action is not allowed",
+            Reason::InvalidProviderToken => {
+                "the provider token is not valid, or its signature cannot be verified"
+            }
+            Reason::MissingProviderToken => "no provider certificate or provider token",
+            Reason::UnrelatedKeyIdInToken => {
+                "the key id in the provider token is unrelated to this connection"
+            }
+            Reason::BadEnvironmentKeyInToken => {
+                "the key in the provider token is for the wrong environment"
+            }
+            Reason::BadPath => "the request path is invalid",
+            Reason::MethodNotAllowed => "the request method is not POST",
+            Reason::ExpiredToken => "the device token has expired",
+            Reason::Unregistered => "the device token is inactive for the topic",
+            Reason::PayloadTooLarge => "the payload is too large",
+            Reason::TooManyProviderTokenUpdates => "the provider token is being updated too often",
+            Reason::TooManyRequests => "too many requests to the same device token",
+            Reason::InternalServerError => "internal server error",
+            Reason::ServiceUnavailable => "the service is unavailable",
+            Reason::Shutdown => "APNs is shutting down",
+            Reason::Other(_) => "",
+        }
+    }
+
+    /// `Reason: description (HTTP status)`, or `Reason (HTTP status)` for unknown ones.
+    pub fn explain(&self, status: u16) -> String {
+        match self.description() {
+            "" => format!("{self} (HTTP {status})"),
+            d => format!("{self}: {d} (HTTP {status})"),
+        }
+    }
+}
+
+/// What one answer means.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Settled for this attempt: what the row becomes.
+    Row(Delivery),
+    /// APNs refuses the app's credentials: the app backs off, its rows wait.
+    Credentials(Reason),
+    /// The provider token is stale: mint a new one and send the request again.
+    RefreshToken,
+}
+
+/// An APNs answer, as the connection read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: u16,
+    /// The `apns-id` response header.
+    pub apns_id: Option<String>,
+    pub body: bytes::Bytes,
+}
+
+impl Answer {
+    /// The `reason` from the body, if any.
+    pub fn reason(&self) -> Option<Reason> {
+        ErrorBody::parse(&self.body)
+            .reason
+            .map(|r| Reason::parse(&r))
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorBody {
+    reason: Option<String>,
+    /// Milliseconds since the epoch (410 only): when the token became invalid.
+    timestamp: Option<u64>,
+}
+
+impl ErrorBody {
+    fn parse(body: &[u8]) -> ErrorBody {
+        if body.is_empty() {
+            return ErrorBody::default();
+        }
+        serde_json::from_slice(body).unwrap_or_default()
+    }
+}
+
+/// Maps an answer onto a [`Verdict`]; `now` stands in for a 410 without a timestamp.
+pub fn verdict(answer: &Answer, now: SystemTime) -> Verdict {
+    let status = answer.status;
+    if status == 200 {
+        return Verdict::Row(Delivery::Sent {
+            apns_id: answer
+                .apns_id
+                .as_deref()
+                .and_then(|id| Uuid::parse_str(id).ok()),
+        });
+    }
+    let body = ErrorBody::parse(&answer.body);
+    let reason = match body.reason.as_deref() {
+        Some(r) => Reason::parse(r),
+        None => Reason::Other("no reason given".to_owned()),
+    };
+    let explained = reason.explain(status);
+    match (status, &reason) {
+        (410, _) => Verdict::Row(Delivery::Unregistered {
+            reason: explained,
+            at: body
+                .timestamp
+                .map_or(now, |ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        }),
+        (403, Reason::ExpiredProviderToken) => Verdict::RefreshToken,
+        // Every 403 is about credentials; an unknown one must not burn rows either.
+        (403, _) => Verdict::Credentials(reason),
+        (429, _) => Verdict::Row(Delivery::retry(explained)),
+        // The connection idled out under the request: nothing is wrong with the row.
+        (400, Reason::IdleTimeout) => Verdict::Row(Delivery::retry(explained)),
+        (400..=499, _) => Verdict::Row(Delivery::rejected(explained)),
+        (500..=599, _) => Verdict::Row(Delivery::retry(explained)),
+        _ => Verdict::Row(Delivery::retry(format!(
+            "unexpected HTTP status {status} ({reason})"
+        ))),
+    }
+}
+
+impl fmt::Display for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HTTP {}", self.status)?;
+        if let Some(r) = self.reason() {
+            write!(f, " {r}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "7C3E0E21-0C32-4E5C-8D63-5C4E2B9E1B11";
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status,
+            apns_id: Some(ID.into()),
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    fn with_reason(status: u16, reason: &Reason) -> Verdict {
+        verdict(
+            &answer(status, &format!(r#"{{"reason":"{reason}"}}"#)),
+            UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for r in Reason::KNOWN {
+            assert_eq!(Reason::parse(&r.to_string()), r);
+            assert!(!r.description().is_empty(), "{r}");
+        }
+        assert_eq!(
+            Reason::parse("SomethingNew"),
+            Reason::Other("SomethingNew".into())
+        );
+    }
+
+    #[test]
+    fn success_carries_the_apns_id() {
+        let v = verdict(&answer(200, ""), UNIX_EPOCH);
+        assert_eq!(
+            v,
+            Verdict::Row(Delivery::Sent {
+                apns_id: Some(Uuid::parse_str(ID).unwrap())
+            })
+        );
+        let mut a = answer(200, "");
+        a.apns_id = None;
+        assert_eq!(
+            verdict(&a, UNIX_EPOCH),
+            Verdict::Row(Delivery::Sent { apns_id: None })
+        );
+    }
+
+    #[test]
+    fn gone_tokens_are_unregistered_with_apples_time() {
+        let v = verdict(
+            &answer(
+                410,
+                r#"{"reason":"Unregistered","timestamp":1700000000123}"#,
+            ),
+            UNIX_EPOCH,
+        );
+        assert_eq!(
+            v,
+            Verdict::Row(Delivery::Unregistered {
+                reason: "Unregistered: the device token is inactive for the topic (HTTP 410)"
+                    .into(),
+                at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            })
+        );
+        let now = UNIX_EPOCH + Duration::from_secs(42);
+        match verdict(&answer(410, r#"{"reason":"ExpiredToken"}"#), now) {
+            Verdict::Row(Delivery::Unregistered { reason, at }) => {
+                assert!(reason.starts_with("ExpiredToken: "), "{reason}");
+                assert_eq!(at, now);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_requests_reject_the_row() {
+        let rejected = [
+            (400, Reason::BadCollapseId),
+            (400, Reason::BadDeviceToken),
+            (400, Reason::BadExpirationDate),
+            (400, Reason::BadMessageId),
+            (400, Reason::BadPriority),
+            (400, Reason::BadTopic),
+            (400, Reason::DeviceTokenNotForTopic),
+            (400, Reason::DuplicateHeaders),
+            (400, Reason::InvalidPushType),
+            (400, Reason::MissingDeviceToken),
+            (400, Reason::MissingTopic),
+            (400, Reason::PayloadEmpty),
+            (400, Reason::TopicDisallowed),
+            (404, Reason::BadPath),
+            (405, Reason::MethodNotAllowed),
+            (413, Reason::PayloadTooLarge),
+            (400, Reason::Other("BrandNew".into())),
+        ];
+        for (status, reason) in rejected {
+            match with_reason(status, &reason) {
+                Verdict::Row(Delivery::Rejected { reason: text }) => {
+                    assert!(text.starts_with(&format!("{reason}")), "{text}");
+                    assert!(text.ends_with(&format!("(HTTP {status})")), "{text}");
+                }
+                other => panic!("{reason}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            with_reason(400, &Reason::BadDeviceToken),
+            Verdict::Row(Delivery::rejected(
+                "BadDeviceToken: the device token is invalid (or for the other environment) (HTTP 400)"
+            ))
+        );
+        assert_eq!(
+            with_reason(400, &Reason::Other("BrandNew".into())),
+            Verdict::Row(Delivery::rejected("BrandNew (HTTP 400)"))
+        );
+    }
+
+    #[test]
+    fn transient_answers_retry() {
+        for (status, reason) in [
+            (429, Reason::TooManyRequests),
+            (429, Reason::TooManyProviderTokenUpdates),
+            (500, Reason::InternalServerError),
+            (503, Reason::ServiceUnavailable),
+            (503, Reason::Shutdown),
+            (400, Reason::IdleTimeout),
+            (502, Reason::Other("BadGateway".into())),
+        ] {
+            match with_reason(status, &reason) {
+                Verdict::Row(Delivery::Retry { reason: text }) => {
+                    assert!(text.starts_with(&reason.to_string()), "{text}")
+                }
+                other => panic!("{reason}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            verdict(&answer(503, ""), UNIX_EPOCH),
+            Verdict::Row(Delivery::retry("no reason given (HTTP 503)"))
+        );
+        assert_eq!(
+            verdict(&answer(302, ""), UNIX_EPOCH),
+            Verdict::Row(Delivery::retry(
+                "unexpected HTTP status 302 (no reason given)"
+            ))
+        );
+    }
+
+    #[test]
+    fn refused_credentials_are_the_apps_problem() {
+        for reason in [
+            Reason::InvalidProviderToken,
+            Reason::MissingProviderToken,
+            Reason::BadCertificate,
+            Reason::BadCertificateEnvironment,
+            Reason::Forbidden,
+            Reason::UnrelatedKeyIdInToken,
+            Reason::BadEnvironmentKeyInToken,
+        ] {
+            assert!(reason.is_credential_problem(), "{reason}");
+            assert_eq!(
+                with_reason(403, &reason),
+                Verdict::Credentials(reason.clone())
+            );
+        }
+        assert_eq!(
+            with_reason(403, &Reason::Other("NewAuthThing".into())),
+            Verdict::Credentials(Reason::Other("NewAuthThing".into()))
+        );
+        assert_eq!(
+            verdict(&answer(403, "not json"), UNIX_EPOCH),
+            Verdict::Credentials(Reason::Other("no reason given".into()))
+        );
+        assert!(!Reason::ExpiredProviderToken.is_credential_problem());
+    }
+
+    #[test]
+    fn a_stale_provider_token_is_refreshed() {
+        assert_eq!(
+            with_reason(403, &Reason::ExpiredProviderToken),
+            Verdict::RefreshToken
+        );
+    }
+
+    #[test]
+    fn answers_display_their_reason() {
+        assert_eq!(
+            answer(400, r#"{"reason":"BadTopic"}"#).to_string(),
+            "HTTP 400 BadTopic"
+        );
+        assert_eq!(answer(200, "").to_string(), "HTTP 200");
+    }
+}
