@@ -168,23 +168,23 @@ impl<'a> Streams<'a> {
                 biased;
                 _ = cancel.cancelled(), if drain_until.is_none() => {
                     if stalled {
-                        return;
+                        break;
                     }
                     self.go_away(&mut h2);
                     drain_until = Some(Instant::now() + DRAIN_TIMEOUT);
                 }
                 _ = tokio::time::sleep_until(deadline), if drain_until.is_some() => {
                     debug!("streams still open after the drain timeout");
-                    return;
+                    break;
                 }
                 changed = control.changed() => {
                     if changed.is_err() {
-                        return;
+                        break;
                     }
                     let now = *control.borrow_and_update();
                     if now.drops != seen.drops {
                         debug!("dropping the connection");
-                        return;
+                        break;
                     }
                     if now.goaways != seen.goaways {
                         self.go_away(&mut h2);

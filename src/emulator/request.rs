@@ -27,6 +27,9 @@ pub(crate) async fn handle(
     mut respond: SendResponse<Bytes>,
     checked: Result<Checked, Rejection>,
 ) -> Option<u16> {
+    // Read when the stream starts: a latency change applies to requests arriving later.
+    let latency = shared.faults.latency();
+    let _in_flight = shared.counters.request_started();
     // Enough to tell a payload too large for any push type.
     let limit = match &checked {
         Ok(c) => c.push_type.max_payload(),
@@ -46,7 +49,6 @@ pub(crate) async fn handle(
             }
         },
     };
-    let latency = shared.faults.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

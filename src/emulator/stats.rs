@@ -21,6 +21,8 @@ pub struct Stats {
     pub streams_refused: u64,
     /// Streams the client reset, or whose connection died, before they were answered.
     pub streams_abandoned: u64,
+    /// Requests being handled now (reading the payload or waiting out the latency).
+    pub requests_in_flight: u64,
 }
 
 impl Stats {
@@ -40,6 +42,7 @@ pub(crate) struct Counters {
     pub goaways_sent: AtomicU64,
     pub streams_refused: AtomicU64,
     pub streams_abandoned: AtomicU64,
+    requests_in_flight: AtomicU64,
 }
 
 impl Default for Counters {
@@ -52,6 +55,7 @@ impl Default for Counters {
             goaways_sent: AtomicU64::new(0),
             streams_refused: AtomicU64::new(0),
             streams_abandoned: AtomicU64::new(0),
+            requests_in_flight: AtomicU64::new(0),
         }
     }
 }
@@ -73,6 +77,12 @@ impl Counters {
         OpenConnection(self)
     }
 
+    /// Counts a request as in flight until the guard is dropped.
+    pub fn request_started(&self) -> InFlight<'_> {
+        self.requests_in_flight.fetch_add(1, Relaxed);
+        InFlight(self)
+    }
+
     pub fn snapshot(&self) -> Stats {
         let by_status: BTreeMap<u16, u64> = self
             .by_status
@@ -92,6 +102,7 @@ impl Counters {
             goaways_sent: self.goaways_sent.load(Relaxed),
             streams_refused: self.streams_refused.load(Relaxed),
             streams_abandoned: self.streams_abandoned.load(Relaxed),
+            requests_in_flight: self.requests_in_flight.load(Relaxed),
         }
     }
 }
@@ -101,6 +112,14 @@ pub(crate) struct OpenConnection<'a>(&'a Counters);
 impl Drop for OpenConnection<'_> {
     fn drop(&mut self) {
         self.0.connections_open.fetch_sub(1, Relaxed);
+    }
+}
+
+pub(crate) struct InFlight<'a>(&'a Counters);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.requests_in_flight.fetch_sub(1, Relaxed);
     }
 }
 
