@@ -163,7 +163,13 @@ impl<'a> Streams<'a> {
         let mut drain_until: Option<Instant> = None;
         loop {
             let stalled = seen.stalled;
-            let deadline = drain_until.unwrap_or_else(|| Instant::now() + DRAIN_TIMEOUT);
+            // Built every turn, so no clock read or timer unless draining.
+            let drained = async {
+                match drain_until {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = cancel.cancelled(), if drain_until.is_none() => {
@@ -173,7 +179,7 @@ impl<'a> Streams<'a> {
                     self.go_away(&mut h2);
                     drain_until = Some(Instant::now() + DRAIN_TIMEOUT);
                 }
-                _ = tokio::time::sleep_until(deadline), if drain_until.is_some() => {
+                _ = drained => {
                     debug!("streams still open after the drain timeout");
                     break;
                 }

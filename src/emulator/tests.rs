@@ -147,8 +147,17 @@ async fn connect_with(
     identity: Option<native_tls::Identity>,
     server_name: &str,
 ) -> anyhow::Result<Client> {
-    let tcp = TcpStream::connect(emulator.addr()).await?;
-    let tls = tls_connector(emulator.ca_pem(), identity, true)
+    connect_to(emulator.addr(), emulator.ca_pem(), identity, server_name).await
+}
+
+async fn connect_to(
+    addr: std::net::SocketAddr,
+    ca_pem: &[u8],
+    identity: Option<native_tls::Identity>,
+    server_name: &str,
+) -> anyhow::Result<Client> {
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tls_connector(ca_pem, identity, true)
         .connect(server_name, tcp)
         .await?;
     anyhow::ensure!(tls.get_ref().negotiated_alpn()?.as_deref() == Some(b"h2".as_slice()));
@@ -877,4 +886,82 @@ async fn certificates_cover_localhost_and_tls_dir_holds_the_ca() {
     };
     assert!(no_alpn.await.is_err());
     emulator.shutdown().await;
+}
+
+/// Requests per second one emulator core answers; run in release:
+/// `cargo test --release --lib emulator::tests::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a test"]
+fn throughput() {
+    const CONNECTIONS: usize = 4;
+    const IN_FLIGHT: usize = 1000;
+    const REQUESTS: usize = 400_000;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let emulator = Emulator::start(EmulatorConfig {
+                    keep_records: 0,
+                    ..open_config()
+                })
+                .await
+                .unwrap();
+                ready_tx
+                    .send((emulator.addr(), emulator.ca_pem().to_vec()))
+                    .unwrap();
+                stop.cancelled().await;
+                let stats = emulator.stats();
+                emulator.shutdown().await;
+                stats
+            })
+        })
+    };
+    let (addr, ca_pem) = ready_rx.recv().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let elapsed = runtime.block_on(async move {
+        let mut clients = Vec::new();
+        for _ in 0..CONNECTIONS {
+            clients.push(connect_to(addr, &ca_pem, None, "127.0.0.1").await.unwrap());
+        }
+        let started = Instant::now();
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .map(|mut client| {
+                tokio::spawn(async move {
+                    let mut answers = futures::stream::FuturesUnordered::new();
+                    let mut sent = 0;
+                    let per_connection = REQUESTS / CONNECTIONS;
+                    while sent < per_connection || !answers.is_empty() {
+                        while sent < per_connection && answers.len() < IN_FLIGHT {
+                            answers.push(client.start(req(&token(sent as u8))).await.unwrap());
+                            sent += 1;
+                        }
+                        let reply = futures::StreamExt::next(&mut answers).await.unwrap();
+                        assert_eq!(reply.unwrap().status, 200);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        started.elapsed()
+    });
+    stop.cancel();
+    let stats = server.join().unwrap();
+    assert_eq!(stats.count(200), REQUESTS as u64);
+    println!(
+        "{REQUESTS} requests over {CONNECTIONS} connections in {elapsed:?}: {:.0} requests/s",
+        REQUESTS as f64 / elapsed.as_secs_f64()
+    );
 }
