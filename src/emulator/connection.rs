@@ -229,7 +229,6 @@ impl<'a> Streams<'a> {
         mut respond: SendResponse<Bytes>,
     ) -> Option<impl std::future::Future<Output = Option<u16>> + 'a> {
         let shared = self.shared;
-        self.accepted += 1;
         if self.in_flight >= self.limit {
             // Only possible while the limit is below h2's own (token auth, before a
             // success): a client that ignores SETTINGS_MAX_CONCURRENT_STREAMS.
@@ -241,6 +240,7 @@ impl<'a> Streams<'a> {
             Counters::bump(&shared.counters.streams_refused);
             return None;
         }
+        self.accepted += 1;
         if shared.goaway_every == Some(self.accepted) {
             self.go_away(h2);
         }

@@ -534,6 +534,51 @@ async fn token_auth_starts_at_one_stream_and_raises_the_limit_after_a_success() 
 }
 
 #[tokio::test]
+async fn streams_beyond_the_initial_limit_are_refused_not_failed() {
+    let TokenSetup { p8, emulator } = token_emulator(100).await;
+    let jwt = jwt::sign(&p8, "KEYID12345", "TEAMID1234", now_secs());
+    let mut client = connect(&emulator).await.unwrap();
+    // Keeps the first stream open while the others arrive.
+    emulator.set_latency(Duration::from_millis(200));
+    // Sent without yielding to the connection task (this runtime has one thread), so
+    // before the client has read the server's SETTINGS and while it assumes no limit:
+    // the server refuses what exceeds its limit of 1, unprocessed.
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        answers.push(client.start(req(&token(i)).bearer(&jwt)).await.unwrap());
+    }
+    let mut refused = 0;
+    for answer in answers {
+        match answer.await {
+            Ok(reply) => assert_eq!(reply.status, 200),
+            Err(error) => {
+                let reason = error
+                    .downcast_ref::<h2::Error>()
+                    .and_then(h2::Error::reason);
+                assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{error:#}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 4);
+    let stats = emulator.stats();
+    assert_eq!(
+        (stats.streams_refused, stats.count(200)),
+        (refused, 5 - refused)
+    );
+    assert_eq!(
+        client
+            .post(req(&token(9)).bearer(&jwt))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert!(!client.driver.is_finished());
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn client_certificates_from_the_configured_ca_only() {
     let ca = CertificateAuthority::generate("provider CA").unwrap();
     let emulator = Emulator::start(EmulatorConfig {
