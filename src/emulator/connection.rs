@@ -104,6 +104,7 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
         limit: limit as usize,
         raise,
         going_away: false,
+        refused_any: false,
     };
     state.run(h2, control, at_start, cancel).await;
     debug!("connection closed");
@@ -148,6 +149,8 @@ struct Streams<'a> {
     /// Until the first success under token auth.
     raise: Option<RaiseHandle>,
     going_away: bool,
+    /// Refusals are logged once per connection.
+    refused_any: bool,
 }
 
 impl<'a> Streams<'a> {
@@ -230,12 +233,16 @@ impl<'a> Streams<'a> {
     ) -> Option<impl std::future::Future<Output = Option<u16>> + 'a> {
         let shared = self.shared;
         if self.in_flight >= self.limit {
-            // Only possible while the limit is below h2's own (token auth, before a
-            // success): a client that ignores SETTINGS_MAX_CONCURRENT_STREAMS.
-            warn!(
-                limit = self.limit,
-                "client exceeded the stream limit: stream refused"
-            );
+            // Only possible while the limit is below h2's own (token auth, before the
+            // first success), from a client that ignores the limit or sent before reading
+            // it. The stream was not processed: the client may resend it.
+            if !self.refused_any {
+                self.refused_any = true;
+                warn!(
+                    limit = self.limit,
+                    "client opened more streams than allowed: refused (REFUSED_STREAM)"
+                );
+            }
             respond.send_reset(h2::Reason::REFUSED_STREAM);
             Counters::bump(&shared.counters.streams_refused);
             return None;
