@@ -3,7 +3,7 @@
 //!
 //! Verifying ECDSA costs tens of microseconds, far too much for every request at 30k
 //! requests/s, and clients reuse one token for thousands of requests: each connection
-//! keeps the few tokens it has seen with their verdicts ([`ConnectionTokens`]), and only
+//! keeps the few tokens it has seen with their verdicts (`ConnectionTokens`), and only
 //! the age and refresh rules are re-evaluated per request.
 //!
 //! The refresh rule ("no more than once every 20 minutes") is tracked per connection, as
