@@ -1,0 +1,197 @@
+//! Answers that do not depend on the request's validity: scripted answers per device
+//! token, the configured unregistered and bad tokens, random server errors, and latency.
+//! All adjustable at run time from any thread; reading them costs a few atomic loads.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::answer::Answer;
+use super::reason;
+
+pub(crate) struct Faults {
+    /// `f64` bits: the fraction of valid requests answered with a random server error.
+    error_rate: AtomicU64,
+    latency_nanos: AtomicU64,
+    scripted: RwLock<HashMap<String, Answer>>,
+    /// Spares the lock when nothing is scripted (the common, fast case).
+    any_scripted: AtomicBool,
+    unregistered: HashSet<String>,
+    bad_tokens: HashSet<String>,
+    /// When the configured unregistered tokens "became" invalid: the emulator's start.
+    unregistered_since_ms: u64,
+}
+
+impl Faults {
+    pub fn new(
+        error_rate: f64,
+        latency: Duration,
+        unregistered: &[String],
+        bad_tokens: &[String],
+        now_ms: u64,
+    ) -> Faults {
+        let faults = Faults {
+            error_rate: AtomicU64::new(0),
+            latency_nanos: AtomicU64::new(0),
+            scripted: RwLock::new(HashMap::new()),
+            any_scripted: AtomicBool::new(false),
+            unregistered: unregistered
+                .iter()
+                .map(|t| t.to_ascii_lowercase())
+                .collect(),
+            bad_tokens: bad_tokens.iter().map(|t| t.to_ascii_lowercase()).collect(),
+            unregistered_since_ms: now_ms,
+        };
+        faults.set_error_rate(error_rate);
+        faults.set_latency(latency);
+        faults
+    }
+
+    /// Clamped to `0.0..=1.0`.
+    pub fn set_error_rate(&self, rate: f64) {
+        let rate = if rate.is_nan() {
+            0.0
+        } else {
+            rate.clamp(0.0, 1.0)
+        };
+        self.error_rate.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    pub fn latency(&self) -> Duration {
+        Duration::from_nanos(self.latency_nanos.load(Ordering::Relaxed))
+    }
+
+    /// From now on answer requests for `token` (once they pass validation) with `answer`.
+    pub fn script(&self, token: &str, answer: Answer) {
+        let mut scripted = self.scripted.write().unwrap_or_else(|e| e.into_inner());
+        scripted.insert(token.to_ascii_lowercase(), answer);
+        self.any_scripted.store(true, Ordering::Release);
+    }
+
+    pub fn clear_scripts(&self) {
+        let mut scripted = self.scripted.write().unwrap_or_else(|e| e.into_inner());
+        scripted.clear();
+        self.any_scripted.store(false, Ordering::Release);
+    }
+
+    /// The answer for a valid request to `token`, if something other than 200:
+    /// a scripted answer first, then a random server error, then the token lists.
+    pub fn answer_for(&self, token: &str) -> Option<Answer> {
+        if self.any_scripted.load(Ordering::Acquire) {
+            let scripted = self.scripted.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(answer) = scripted.get(&*lowercase(token)) {
+                return Some(answer.clone());
+            }
+        }
+        let rate = f64::from_bits(self.error_rate.load(Ordering::Relaxed));
+        if rate > 0.0 {
+            let mut rng = rand::thread_rng();
+            if rng.gen_bool(rate) {
+                return Some(match rng.gen_range(0..3) {
+                    0 => Answer::error(429, reason::TOO_MANY_REQUESTS),
+                    1 => Answer::error(500, reason::INTERNAL_SERVER_ERROR),
+                    _ => Answer::error(503, reason::SERVICE_UNAVAILABLE),
+                });
+            }
+        }
+        if !self.unregistered.is_empty() || !self.bad_tokens.is_empty() {
+            let token = lowercase(token);
+            if self.unregistered.contains(&*token) {
+                return Some(Answer::custom(
+                    410,
+                    reason::UNREGISTERED,
+                    self.unregistered_since_ms,
+                ));
+            }
+            if self.bad_tokens.contains(&*token) {
+                return Some(Answer::error(400, reason::BAD_DEVICE_TOKEN));
+            }
+        }
+        None
+    }
+}
+
+fn lowercase(token: &str) -> std::borrow::Cow<'_, str> {
+    if token.bytes().any(|b| b.is_ascii_uppercase()) {
+        token.to_ascii_lowercase().into()
+    } else {
+        token.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn faults() -> Faults {
+        Faults::new(
+            0.0,
+            Duration::ZERO,
+            &["AA".repeat(32)],
+            &["bb".repeat(32)],
+            1234,
+        )
+    }
+
+    #[test]
+    fn token_lists_ignore_case() {
+        let f = faults();
+        let gone = f.answer_for(&"aa".repeat(32)).unwrap();
+        assert_eq!((gone.status, gone.timestamp_ms), (410, Some(1234)));
+        assert_eq!(gone.reason.as_deref(), Some("Unregistered"));
+        let bad = f.answer_for(&"BB".repeat(32)).unwrap();
+        assert_eq!(bad, Answer::error(400, "BadDeviceToken"));
+        assert_eq!(f.answer_for(&"cc".repeat(32)), None);
+    }
+
+    #[test]
+    fn scripts_come_first_and_can_be_cleared() {
+        let f = faults();
+        f.set_error_rate(1.0);
+        f.script(&"aa".repeat(32), Answer::custom(400, "IdleTimeout", 0));
+        assert_eq!(
+            f.answer_for(&"AA".repeat(32)),
+            Some(Answer::custom(400, "IdleTimeout", 0))
+        );
+        f.clear_scripts();
+        f.set_error_rate(0.0);
+        assert_eq!(f.answer_for(&"aa".repeat(32)).unwrap().status, 410);
+    }
+
+    #[test]
+    fn error_rate_extremes() {
+        let f = faults();
+        let token = "cc".repeat(32);
+        assert!((0..1000).all(|_| f.answer_for(&token).is_none()));
+        f.set_error_rate(1.0);
+        let mut seen = HashSet::new();
+        for _ in 0..1000 {
+            let answer = f.answer_for(&token).unwrap();
+            assert_eq!(
+                reason::status_of(answer.reason.as_deref().unwrap()),
+                Some(answer.status)
+            );
+            seen.insert(answer.status);
+        }
+        assert_eq!(seen, HashSet::from([429, 500, 503]));
+        f.set_error_rate(f64::NAN);
+        assert!(f.answer_for(&token).is_none());
+        f.set_error_rate(7.0);
+        assert!(f.answer_for(&token).is_some());
+    }
+
+    #[test]
+    fn latency_round_trips() {
+        let f = faults();
+        f.set_latency(Duration::from_millis(250));
+        assert_eq!(f.latency(), Duration::from_millis(250));
+    }
+}
