@@ -12,13 +12,15 @@
 //! - [`apns`]: the HTTP/2 provider API client (and its push-type rules);
 //! - [`emulator`]: a local APNs for tests, the demo and benchmarks;
 //! - [`daemon`]: wiring it all together;
-//! - [`devdb`]: a throwaway PostgreSQL cluster.
+//! - [`devdb`]: a throwaway PostgreSQL cluster;
+//! - [`demo`]: `pgpushd demo`, everything above on one machine.
 
 pub mod apns;
 pub mod backoff;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod demo;
 pub mod devdb;
 pub mod dispatcher;
 pub mod emulator;

@@ -1,1 +1,298 @@
-fn main() {}
+//! The `pgpushd` command: parses the command line, loads the config, sets up logging and
+//! signals, then hands over to the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use pgpushd::config::Config;
+use pgpushd::daemon::Daemon;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Exit codes (sysexits.h where one fits).
+mod exit {
+    /// The config file is missing or invalid (EX_CONFIG); nothing was started.
+    pub const CONFIG: u8 = 78;
+    /// Anything else that stopped the command.
+    pub const FAILURE: u8 = 1;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "pgpushd",
+    version,
+    about = "Delivers rows of a PostgreSQL outbox table as Apple push notifications"
+)]
+struct Cli {
+    /// Log format: `text` for terminals and journald, `json` for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run(ConfigArg),
+    /// Create or upgrade the database schema (idempotent).
+    Migrate(ConfigArg),
+    /// Load the config and every key and certificate it names; report each problem.
+    CheckConfig(ConfigArg),
+    /// Send one push without the database and print APNs's answer.
+    Send(SendArgs),
+    /// Run a local APNs emulator.
+    Emulator(pgpushd::emulator::cli::EmulatorArgs),
+    /// Deliver N rows through a throwaway PostgreSQL and the emulator.
+    Demo {
+        /// How many notifications.
+        #[arg(long, default_value_t = 1000)]
+        rows: u64,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The TOML config file.
+    #[arg(
+        long,
+        short,
+        env = "PGPUSHD_CONFIG",
+        default_value = "/etc/pgpushd/pgpushd.toml"
+    )]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The `[apps.NAME]` section to send with.
+    #[arg(long, default_value = "default")]
+    app: String,
+    /// The device token, hex.
+    #[arg(long)]
+    token: String,
+    /// The alert text (builds `{"aps":{"alert":TEXT}}`).
+    #[arg(long, conflicts_with = "payload", required_unless_present = "payload")]
+    alert: Option<String>,
+    /// The complete payload, JSON.
+    #[arg(long)]
+    payload: Option<String>,
+    #[arg(long, default_value = "alert")]
+    push_type: String,
+    #[arg(long)]
+    priority: Option<i16>,
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    collapse_id: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let code = runtime.block_on(dispatch(cli.command));
+    // Do not wait for tasks still draining past their deadline.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Run(a) => match load(&a.config) {
+            Ok(config) => run(a.config, config).await,
+            Err(code) => return code,
+        },
+        Command::Migrate(a) => match load(&a.config) {
+            Ok(config) => migrate(&config).await,
+            Err(code) => return code,
+        },
+        Command::CheckConfig(a) => return check_config(&a.config),
+        Command::Send(a) => match load(&a.config.config) {
+            Ok(config) => send(&config, a).await,
+            Err(code) => return code,
+        },
+        Command::Emulator(args) => pgpushd::emulator::cli::run(args, shutdown_signal()).await,
+        Command::Demo { rows } => match pgpushd::demo::run(rows).await {
+            Ok(s) if s.sent == s.rows as i64 => Ok(()),
+            Ok(s) => Err(anyhow::anyhow!(
+                "only {} of {} notifications were delivered",
+                s.sent,
+                s.rows
+            )),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("pgpushd: {e:#}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+/// Loads the config, or reports it and returns the exit code for a config error.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("pgpushd: {e}");
+        ExitCode::from(exit::CONFIG)
+    })
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let problems = pgpushd::apns::check(&config);
+    if problems.is_empty() {
+        println!("{}: OK ({} app(s))", path.display(), config.apps.len());
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("pgpushd: {p}");
+        }
+        ExitCode::from(exit::CONFIG)
+    }
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let db = &config.database;
+    let mut client = pgpushd::db::connect(&db.url, db.connect_timeout, "migrate").await?;
+    let applied = pgpushd::outbox::migrate::migrate(&mut client).await?;
+    if applied.is_empty() {
+        println!(
+            "the schema is up to date (version {})",
+            pgpushd::outbox::migrate::latest_version()
+        );
+    } else {
+        println!("applied migration(s) {applied:?}");
+    }
+    Ok(())
+}
+
+async fn send(config: &Config, a: SendArgs) -> anyhow::Result<()> {
+    let app = config
+        .apps
+        .get(&a.app)
+        .ok_or_else(|| anyhow::anyhow!("no [apps.{}] section in the config", a.app))?;
+    let payload = match (a.alert, a.payload) {
+        (Some(text), _) => serde_json::json!({"aps": {"alert": text}}),
+        (None, Some(json)) => serde_json::from_str(&json)
+            .map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let n = pgpushd::transport::Notification {
+        id: 0,
+        app: a.app,
+        device_token: a.token,
+        payload,
+        push_type: a.push_type,
+        priority: a.priority,
+        collapse_id: a.collapse_id,
+        topic: a.topic,
+        expires_at: None,
+        attempts: 0,
+    };
+    let answer = pgpushd::apns::send_one(app, &n).await?;
+    println!("{answer}");
+    Ok(())
+}
+
+async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let transport = Arc::new(pgpushd::apns::Apns::new(&config.apps)?);
+    let drain_timeout = Duration::from_secs(20);
+    let daemon = Arc::new(Daemon::new(config, transport));
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(handle_signals(path, daemon.clone(), cancel.clone()));
+    let result = daemon.run(cancel, drain_timeout).await;
+    signals.abort();
+    result
+}
+
+/// SIGTERM/SIGINT: drain and stop (a second one exits at once); SIGHUP: reload.
+async fn handle_signals(path: PathBuf, daemon: Arc<Daemon>, cancel: CancellationToken) {
+    let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return;
+        }
+    };
+    while let Some(signal) = signals.next().await {
+        let name = signal_hook::low_level::signal_name(signal).unwrap_or("signal");
+        match signal {
+            SIGHUP => match Config::load(&path) {
+                Ok(config) => {
+                    daemon.reload(&config);
+                    info!(signal = name, config = %path.display(), "config reloaded");
+                }
+                Err(e) => {
+                    error!(signal = name, error = %e, "config not reloaded; keeping the running one")
+                }
+            },
+            _ if cancel.is_cancelled() => {
+                warn!(
+                    signal = name,
+                    "second stop signal: exiting at once; claimed rows are released untouched"
+                );
+                std::process::exit(0);
+            }
+            _ => {
+                info!(signal = name, "stopping");
+                cancel.cancel();
+            }
+        }
+    }
+}
+
+/// A future that completes on SIGTERM or SIGINT, for commands without a drain.
+async fn shutdown_signal() {
+    match signal_hook_tokio::Signals::new([SIGTERM, SIGINT]) {
+        Ok(mut s) => {
+            s.next().await;
+        }
+        Err(_) => futures::future::pending().await,
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Under systemd the journal adds its own timestamps.
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text if under_journald => builder.without_time().with_ansi(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

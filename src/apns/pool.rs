@@ -157,15 +157,12 @@ impl Pool {
             for i in 0..n {
                 match &*inner.slots[(first + i) % n].lock().unwrap() {
                     Slot::Up(c) if c.usable() => {
-                        if best
-                            .as_ref()
-                            .map_or(true, |b| c.in_flight() < b.in_flight())
-                        {
+                        if best.as_ref().is_none_or(|b| c.in_flight() < b.in_flight()) {
                             best = Some(c.clone());
                         }
                     }
                     Slot::Down { error, until } => {
-                        if down.as_ref().map_or(true, |(_, u)| until < u) {
+                        if down.as_ref().is_none_or(|(_, u)| until < u) {
                             down = Some((error.clone(), *until));
                         }
                     }

@@ -17,6 +17,7 @@
 //! The library prints nothing; it logs with `tracing`.
 
 mod answer;
+pub mod cli;
 mod connection;
 mod faults;
 pub mod jwt;

@@ -253,3 +253,74 @@ pub async fn insert_rows(client: &Client, first: u64, n: u64) {
         .await
         .unwrap();
 }
+
+/// An emulator with token auth and the `[apps.default]` config that reaches it.
+pub struct ApnsSetup {
+    pub emulator: pgpushd::emulator::Emulator,
+    pub dir: tempfile::TempDir,
+    /// TOML for `[apps.default]` (token auth, topic `com.example.app`).
+    pub app_toml: String,
+}
+
+pub const TOPIC: &str = "com.example.app";
+pub const KEY_ID: &str = "ABC123DEFG";
+pub const TEAM_ID: &str = "DEF123GHIJ";
+
+/// A P-256 key in Apple's `.p8` form.
+pub fn p8_key() -> Vec<u8> {
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::nid::Nid;
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = openssl::pkey::PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    key.private_key_to_pem_pkcs8().unwrap()
+}
+
+impl ApnsSetup {
+    pub async fn new(tweak: impl FnOnce(&mut pgpushd::emulator::EmulatorConfig)) -> ApnsSetup {
+        let dir = tempfile::tempdir().unwrap();
+        let key = p8_key();
+        let key_file = dir.path().join("AuthKey.p8");
+        std::fs::write(&key_file, &key).unwrap();
+        let mut cfg = pgpushd::emulator::EmulatorConfig {
+            auth: pgpushd::emulator::EmulatorAuth::Token {
+                public_key_pem: key,
+                key_id: KEY_ID.into(),
+                team_id: TEAM_ID.into(),
+            },
+            topic: Some(TOPIC.into()),
+            ..Default::default()
+        };
+        tweak(&mut cfg);
+        let emulator = pgpushd::emulator::Emulator::start(cfg).await.unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, emulator.ca_pem()).unwrap();
+        let app_toml = format!(
+            r#"
+[apps.default]
+topic = "{TOPIC}"
+endpoint = "{endpoint}"
+ca_file = "{ca}"
+connections = 2
+request_timeout = "5s"
+
+[apps.default.token]
+key_file = "{key}"
+key_id = "{KEY_ID}"
+team_id = "{TEAM_ID}"
+"#,
+            endpoint = emulator.endpoint(),
+            ca = ca_file.display(),
+            key = key_file.display(),
+        );
+        ApnsSetup {
+            emulator,
+            dir,
+            app_toml,
+        }
+    }
+
+    /// The daemon's transport for `config`.
+    pub fn transport(config: &Config) -> Arc<dyn Transport> {
+        Arc::new(pgpushd::apns::Apns::new(&config.apps).unwrap())
+    }
+}

@@ -1,0 +1,200 @@
+//! The real `pgpushd` binary, spawned: exit codes, `migrate`, `check-config`, `send`,
+//! `demo`, and a daemon killed with SIGKILL mid-batch.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn pgpushd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpushd"));
+    cmd.env_remove("PGPUSHD_DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn output(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("pgpushd.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_bad_config_exits_78_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[database]\nurl = \"postgres://x@127.0.0.1:1/db\"\nbatch_size = -3\n",
+    );
+    let (code, _, stderr) = output(pgpushd().arg("run").arg("--config").arg(&path));
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: database.batch_size", path.display())),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) =
+        output(pgpushd().args(["migrate", "--config", "/nonexistent/pgpushd.toml"]));
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("/nonexistent/pgpushd.toml: cannot read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_config_names_the_credential_file_and_its_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("notakey.p8"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let path = write_config(
+        dir.path(),
+        r#"
+[database]
+url = "postgres://x@127.0.0.1:1/db"
+[apps.default]
+topic = "com.example.app"
+[apps.default.token]
+key_file = "missing.p8"
+key_id = "ABC123DEFG"
+team_id = "DEF123GHIJ"
+[apps.other]
+topic = "com.example.other"
+[apps.other.token]
+key_file = "notakey.p8"
+key_id = "ABC123DEFG"
+team_id = "DEF123GHIJ"
+"#,
+    );
+    let (code, stdout, stderr) = output(pgpushd().arg("check-config").arg("--config").arg(&path));
+    assert_eq!(code, 78, "{stdout}{stderr}");
+    assert!(stderr.contains("missing.p8"), "{stderr}");
+    assert!(stderr.contains("notakey.p8"), "{stderr}");
+    assert!(!stderr.contains("AAAA"), "key material printed: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_twice_then_send_one_push() {
+    let db = TestDb::unmigrated().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let path = write_config(
+        apns.dir.path(),
+        &format!("[database]\nurl = \"{}\"\n{}", db.url, apns.app_toml),
+    );
+    let (code, stdout, stderr) = output(pgpushd().arg("migrate").arg("--config").arg(&path));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("applied migration(s) [1]"), "{stdout}");
+    let (code, stdout, _) = output(pgpushd().arg("migrate").arg("--config").arg(&path));
+    assert_eq!(code, 0);
+    assert!(stdout.contains("up to date"), "{stdout}");
+
+    let (code, stdout, stderr) = output(pgpushd().arg("send").arg("--config").arg(&path).args([
+        "--token",
+        &token(7),
+        "--alert",
+        "hello",
+    ]));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("200"), "{stdout}");
+    let records = apns.emulator.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].device_token, token(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_batch_loses_nothing() {
+    const ROWS: u64 = 3000;
+    const BATCH: u64 = 100;
+    const IN_FLIGHT: u64 = 4;
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|c| c.latency = Duration::from_millis(200)).await;
+    let path = write_config(
+        apns.dir.path(),
+        &format!(
+            "[database]\nurl = \"{}\"\nbatch_size = {BATCH}\nmax_batches_in_flight = {IN_FLIGHT}\n{}",
+            db.url, apns.app_toml
+        ),
+    );
+    let client = db.client().await;
+    insert_rows(&client, 1, ROWS).await;
+
+    let mut first = spawn_daemon(&path);
+    wait_for(
+        "the first daemon to deliver some rows",
+        Duration::from_secs(20),
+        || async { (count(&client, "sent").await >= 500).then_some(()) },
+    )
+    .await;
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let sent_by_first = count(&client, "sent").await;
+    assert!(
+        sent_by_first < ROWS as i64,
+        "the first daemon finished before it was killed"
+    );
+
+    let mut second = spawn_daemon(&path);
+    wait_for_status(&client, "sent", ROWS as i64, Duration::from_secs(60)).await;
+    stop(&mut second);
+
+    let mut per_token: HashMap<String, u32> = HashMap::new();
+    for r in apns.emulator.records().iter().filter(|r| r.status == 200) {
+        *per_token.entry(r.device_token.clone()).or_default() += 1;
+    }
+    assert_eq!(per_token.len(), ROWS as usize, "a row was never delivered");
+    let duplicates = per_token.values().filter(|&&n| n > 1).count() as u64;
+    assert!(
+        duplicates <= BATCH * IN_FLIGHT,
+        "{duplicates} rows sent twice; at most the batches in flight ({}) may be",
+        BATCH * IN_FLIGHT
+    );
+}
+
+#[test]
+fn the_demo_delivers_every_row() {
+    let (code, stdout, stderr) = output(pgpushd().args(["demo", "--rows", "300"]));
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("delivered 300 of 300"), "{stdout}");
+}
+
+fn spawn_daemon(config: &Path) -> Child {
+    pgpushd()
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn stop(child: &mut Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

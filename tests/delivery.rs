@@ -1,0 +1,285 @@
+//! Rows through the real APNs transport to the emulator and back: every answer APNs can
+//! give ends in the row state DESIGN.md names, bad rows fail before any request, and
+//! connection trouble mid-flight loses nothing.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use pgpushd::config::Config;
+use pgpushd::daemon::Daemon;
+use pgpushd::transport::Transport;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    cancel: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
+    let daemon = Daemon::new(config, transport);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel, Duration::from_secs(10)).await }
+    });
+    Running { cancel, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn setup(
+    tweak: impl FnOnce(&mut pgpushd::emulator::EmulatorConfig),
+) -> (TestDb, ApnsSetup, Running, tokio_postgres::Client) {
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(tweak).await;
+    let cfg = config(&db.url, &apns.app_toml);
+    let transport = ApnsSetup::transport(&cfg);
+    let daemon = start(cfg, transport);
+    let client = db.client().await;
+    (db, apns, daemon, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_reach_the_emulator_and_carry_its_apns_id() {
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    insert_rows(&client, 1, 300).await;
+    wait_for_status(&client, "sent", 300, Duration::from_secs(20)).await;
+    daemon.stop().await;
+
+    let by_token: HashMap<String, String> = apns
+        .emulator
+        .records()
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| (r.device_token.clone(), r.apns_id.clone()))
+        .collect();
+    assert_eq!(by_token.len(), 300);
+    for row in client
+        .query(
+            "SELECT device_token, apns_id::text FROM pgpushd.outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let token: String = row.get(0);
+        let apns_id: String = row.get(1);
+        assert_eq!(by_token[&token].to_lowercase(), apns_id, "{token}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_apns_answer_ends_in_the_row_state_design_md_gives() {
+    // (status, reason, row status, last_error must contain, token recorded unregistered)
+    let cases: &[(u16, &str, &str, &str, bool)] = &[
+        (400, "BadDeviceToken", "failed", "BadDeviceToken", false),
+        (
+            400,
+            "DeviceTokenNotForTopic",
+            "failed",
+            "DeviceTokenNotForTopic",
+            false,
+        ),
+        (400, "BadCollapseId", "failed", "BadCollapseId", false),
+        (400, "TopicDisallowed", "failed", "TopicDisallowed", false),
+        (413, "PayloadTooLarge", "failed", "PayloadTooLarge", false),
+        (410, "Unregistered", "failed", "Unregistered", true),
+        (410, "ExpiredToken", "failed", "ExpiredToken", true),
+        (
+            429,
+            "TooManyRequests",
+            "failed",
+            "gave up after 3 attempts",
+            false,
+        ),
+        (
+            500,
+            "InternalServerError",
+            "failed",
+            "gave up after 3 attempts",
+            false,
+        ),
+        (
+            503,
+            "ServiceUnavailable",
+            "failed",
+            "gave up after 3 attempts",
+            false,
+        ),
+        (503, "Shutdown", "failed", "gave up after 3 attempts", false),
+        (
+            400,
+            "SomethingAppleAddsLater",
+            "failed",
+            "SomethingAppleAddsLater",
+            false,
+        ),
+    ];
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    for (i, (status, reason, ..)) in cases.iter().enumerate() {
+        apns.emulator.script(&token(i as u64 + 1), *status, reason);
+    }
+    let n = cases.len() as u64;
+    insert_rows(&client, 1, n + 5).await; // five good rows after them
+    wait_for("every row settled", Duration::from_secs(20), || async {
+        (count(&client, "pending").await == 0).then_some(())
+    })
+    .await;
+    daemon.stop().await;
+
+    assert_eq!(count(&client, "sent").await, 5);
+    for (i, (status, reason, row_status, error, unregistered)) in cases.iter().enumerate() {
+        let t = token(i as u64 + 1);
+        let row = client
+            .query_one(
+                "SELECT status, coalesce(last_error, ''), attempts,
+                        EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens u WHERE u.device_token = o.device_token)
+                   FROM pgpushd.outbox o WHERE device_token = $1",
+                &[&t],
+            )
+            .await
+            .unwrap();
+        let case = format!("{status} {reason}");
+        assert_eq!(row.get::<_, String>(0), *row_status, "{case}");
+        let last_error: String = row.get(1);
+        assert!(last_error.contains(error), "{case}: {last_error}");
+        assert_eq!(row.get::<_, bool>(3), *unregistered, "{case}");
+        let expected_attempts = if error.starts_with("gave up") { 3 } else { 1 };
+        assert_eq!(row.get::<_, i32>(2), expected_attempts, "{case}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_keep_rows_pending_and_burn_no_attempts() {
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    apns.emulator.script(&token(1), 403, "InvalidProviderToken");
+    insert_rows(&client, 1, 1).await;
+    wait_for("the app to be refused", Duration::from_secs(10), || async {
+        let row = client
+            .query_one("SELECT last_error FROM pgpushd.outbox", &[])
+            .await
+            .unwrap();
+        row.get::<_, Option<String>>(0)
+            .filter(|e| e.contains("InvalidProviderToken"))
+    })
+    .await;
+    let row = client
+        .query_one("SELECT status, attempts FROM pgpushd.outbox", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert_eq!(row.get::<_, i32>(1), 0);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_fail_before_any_request_and_block_nothing() {
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    // Rows the CHECK constraints would refuse can still exist (inserted before them, or
+    // with them relaxed): the daemon must cope.
+    client
+        .batch_execute(
+            "ALTER TABLE pgpushd.outbox
+               DROP CONSTRAINT outbox_device_token_must_be_even_length_hex,
+               DROP CONSTRAINT outbox_push_type_must_be_known,
+               DROP CONSTRAINT outbox_priority_must_be_1_5_or_10,
+               DROP CONSTRAINT outbox_collapse_id_must_be_at_most_64_bytes,
+               DROP CONSTRAINT outbox_payload_must_be_a_json_object",
+        )
+        .await
+        .unwrap();
+    let big = "x".repeat(5000);
+    let bad: Vec<(&str, String, &str)> = vec![
+        ("odd-length token", format!("('{}', '{{}}', 'alert', 'default', NULL, NULL, NULL)", "abc"), "BadDeviceToken"),
+        ("non-hex token", format!("('{}', '{{}}', 'alert', 'default', NULL, NULL, NULL)", "zz".repeat(32)), "BadDeviceToken"),
+        ("payload too large", format!("('{}', '{{\"aps\":{{\"alert\":\"{big}\"}}}}', 'alert', 'default', NULL, NULL, NULL)", token(901)), "PayloadTooLarge"),
+        ("unknown app", format!("('{}', '{{}}', 'alert', 'nosuch', NULL, NULL, NULL)", token(902)), "unknown app"),
+        ("unknown push type", format!("('{}', '{{}}', 'shout', 'default', NULL, NULL, NULL)", token(903)), "push type"),
+        ("voip to a plain topic", format!("('{}', '{{}}', 'voip', 'default', NULL, 'com.example.app', NULL)", token(904)), "topic"),
+        ("background at priority 10", format!("('{}', '{{}}', 'background', 'default', 10, NULL, NULL)", token(905)), "priority"),
+        ("collapse id over 64 bytes", format!("('{}', '{{}}', 'alert', 'default', NULL, NULL, '{}')", token(906), "c".repeat(65)), "collapse"),
+        ("payload not an object", format!("('{}', '[1,2]', 'alert', 'default', NULL, NULL, NULL)", token(907)), "object"),
+    ];
+    let mut values = Vec::new();
+    for (i, (_, v, _)) in bad.iter().enumerate() {
+        values.push(v.clone());
+        values.push(format!(
+            "('{}', '{{}}', 'alert', 'default', NULL, NULL, NULL)",
+            token(i as u64 + 1)
+        ));
+    }
+    client
+        .batch_execute(&format!(
+            "INSERT INTO pgpushd.outbox (device_token, payload, push_type, app, priority, topic, collapse_id) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .unwrap();
+    wait_for("every row settled", Duration::from_secs(20), || async {
+        (count(&client, "pending").await == 0).then_some(())
+    })
+    .await;
+    daemon.stop().await;
+
+    assert_eq!(
+        count(&client, "sent").await,
+        bad.len() as i64,
+        "good rows were blocked"
+    );
+    let rows = client
+        .query(
+            "SELECT status, coalesce(last_error, ''), attempts FROM pgpushd.outbox WHERE id % 2 = 1 ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    for ((what, _, expected), row) in bad.iter().zip(rows) {
+        assert_eq!(row.get::<_, String>(0), "failed", "{what}");
+        let e: String = row.get(1);
+        assert!(
+            e.to_lowercase().contains(&expected.to_lowercase()),
+            "{what}: {e}"
+        );
+    }
+    assert_eq!(
+        apns.emulator.records().len(),
+        bad.len(),
+        "the emulator saw requests for bad rows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_mid_flight_loses_nothing() {
+    let (_db, _apns, daemon, client) = setup(|c| c.goaway_every = Some(50)).await;
+    insert_rows(&client, 1, 1000).await;
+    wait_for_status(&client, "sent", 1000, Duration::from_secs(30)).await;
+    assert_eq!(count(&client, "failed").await, 0);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_mid_flight_lose_nothing() {
+    let (_db, apns, daemon, client) = setup(|c| c.latency = Duration::from_millis(20)).await;
+    insert_rows(&client, 1, 2000).await;
+    for _ in 0..3 {
+        wait_for("requests in flight", Duration::from_secs(10), || async {
+            (apns.emulator.stats().connections_open > 0).then_some(())
+        })
+        .await;
+        apns.emulator.drop_connections();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_status(&client, "sent", 2000, Duration::from_secs(60)).await;
+    assert_eq!(count(&client, "failed").await, 0);
+    daemon.stop().await;
+}
