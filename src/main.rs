@@ -122,10 +122,21 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> ExitCode {
     let result = match command {
-        Command::Run(a) => match load(&a.config) {
-            Ok(config) => run(a.config, config).await,
-            Err(code) => return code,
-        },
+        Command::Run(a) => {
+            let config = match load(&a.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            // Credentials are configuration too: a bad key exits 78 before any socket opens.
+            let transport = match pgpushd::apns::Apns::new(&config.apps) {
+                Ok(t) => Arc::new(t),
+                Err(e) => {
+                    eprintln!("pgpushd: {e}");
+                    return ExitCode::from(exit::CONFIG);
+                }
+            };
+            run(a.config, config, transport).await
+        }
         Command::Migrate(a) => match load(&a.config) {
             Ok(config) => migrate(&config).await,
             Err(code) => return code,
@@ -224,8 +235,11 @@ async fn send(config: &Config, a: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
-    let transport = Arc::new(pgpushd::apns::Apns::new(&config.apps)?);
+async fn run(
+    path: PathBuf,
+    config: Config,
+    transport: Arc<pgpushd::apns::Apns>,
+) -> anyhow::Result<()> {
     let drain_timeout = Duration::from_secs(20);
     let daemon = Arc::new(Daemon::new(config, transport));
     let cancel = CancellationToken::new();

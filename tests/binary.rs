@@ -61,37 +61,93 @@ fn a_bad_config_exits_78_naming_file_and_key() {
 }
 
 #[test]
-fn check_config_names_the_credential_file_and_its_problem() {
+fn bad_credentials_are_reported_by_file_and_problem_without_key_material() {
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::nid::Nid;
+    use openssl::pkey::PKey;
+    use openssl::symm::Cipher;
+
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("notakey.p8"),
-        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    let p384 = PKey::from_ec_key(
+        EcKey::generate(&EcGroup::from_curve_name(Nid::SECP384R1).unwrap()).unwrap(),
     )
     .unwrap();
-    let path = write_config(
-        dir.path(),
-        r#"
-[database]
-url = "postgres://x@127.0.0.1:1/db"
-[apps.default]
-topic = "com.example.app"
-[apps.default.token]
-key_file = "missing.p8"
-key_id = "ABC123DEFG"
-team_id = "DEF123GHIJ"
-[apps.other]
-topic = "com.example.other"
-[apps.other.token]
-key_file = "notakey.p8"
-key_id = "ABC123DEFG"
-team_id = "DEF123GHIJ"
-"#,
-    );
+    let p384_pem = p384.private_key_to_pem_pkcs8().unwrap();
+    std::fs::write(dir.path().join("p384.p8"), &p384_pem).unwrap();
+    // A certificate whose key is encrypted with another passphrase than the one given.
+    let ca = pgpushd::emulator::tls::CertificateAuthority::generate("test CA").unwrap();
+    let issued = ca.issue_client("push").unwrap();
+    let key = PKey::private_key_from_pem(&issued.key_pem).unwrap();
+    let encrypted = key
+        .private_key_to_pem_pkcs8_passphrase(Cipher::aes_256_cbc(), b"Xq7rightZk")
+        .unwrap();
+    std::fs::write(
+        dir.path().join("ck.pem"),
+        [issued.cert_pem.as_slice(), encrypted.as_slice()].concat(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("wrong.pass"), "Yp3wrongWm\n").unwrap();
+    std::fs::write(dir.path().join("broken.p12"), b"\x30\x82\x01\x00garbage").unwrap();
+    let app =
+        |name: &str, auth: &str| format!("[apps.{name}]\ntopic = \"com.example.{name}\"\n{auth}\n");
+    let token = |file: &str| {
+        format!("[apps.X.token]\nkey_file = \"{file}\"\nkey_id = \"ABC123DEFG\"\nteam_id = \"DEF123GHIJ\"")
+    };
+    let text = [
+        "[database]\nurl = \"postgres://x@127.0.0.1:1/db\"\n".to_string(),
+        app("missing", &token("missing.p8").replace("X", "missing")),
+        app("p384", &token("p384.p8").replace("X", "p384")),
+        app(
+            "pem",
+            "[apps.pem.certificate]\nfile = \"ck.pem\"\npassphrase_file = \"wrong.pass\"",
+        ),
+        app("p12", "[apps.p12.certificate]\nfile = \"broken.p12\""),
+    ]
+    .concat();
+    let path = write_config(dir.path(), &text);
+
     let (code, stdout, stderr) = output(pgpushd().arg("check-config").arg("--config").arg(&path));
     assert_eq!(code, 78, "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    for (file, problem) in [
+        ("missing.p8", "No such file"),
+        ("p384.p8", "P-256"),
+        ("ck.pem", "passphrase"),
+        ("broken.p12", ""),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(file) && l.contains(problem)),
+            "no line names {file} and {problem:?}:\n{stderr}"
+        );
+    }
+    let p384_body: String = String::from_utf8_lossy(&p384_pem)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .into();
+    let enc_body: String = String::from_utf8_lossy(&encrypted)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .into();
+    for secret in [
+        p384_body.as_str(),
+        enc_body.as_str(),
+        "Yp3wrongWm",
+        "Xq7rightZk",
+    ] {
+        assert!(
+            !stderr.contains(secret),
+            "key material or passphrase printed: {stderr}"
+        );
+    }
+
+    // `run` refuses to start the same way, before touching the database.
+    let (code, _, stderr) = output(pgpushd().arg("run").arg("--config").arg(&path));
+    assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("missing.p8"), "{stderr}");
-    assert!(stderr.contains("notakey.p8"), "{stderr}");
-    assert!(!stderr.contains("AAAA"), "key material printed: {stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -283,3 +283,155 @@ async fn dropped_connections_mid_flight_lose_nothing() {
     assert_eq!(count(&client, "failed").await, 0);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_uses_the_stream_limit_apns_raises_after_the_first_success() {
+    // Token auth: the emulator starts each connection at MAX_CONCURRENT_STREAMS = 1 and
+    // raises it after the first 200, as APNs does. One connection, slow answers: only a
+    // client that follows the raise gets many requests in flight.
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|c| c.latency = Duration::from_millis(300)).await;
+    let app = apns.app_toml.replace("connections = 2", "connections = 1");
+    let cfg = config(&db.url, &app);
+    let transport = ApnsSetup::transport(&cfg);
+    let daemon = start(cfg, transport);
+    let client = db.client().await;
+    insert_rows(&client, 1, 400).await;
+    wait_for(
+        "many streams in flight on one connection",
+        Duration::from_secs(20),
+        || async { (apns.emulator.stats().requests_in_flight >= 50).then_some(()) },
+    )
+    .await;
+    wait_for_status(&client, "sent", 400, Duration::from_secs(20)).await;
+    daemon.stop().await;
+    let stats = apns.emulator.stats();
+    assert_eq!(stats.connections_accepted, 1, "{stats:?}");
+    assert_eq!(
+        stats.streams_refused, 0,
+        "the client overran the limit: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_is_noticed_by_ping_and_replaced() {
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let cfg = config(
+        &db.url,
+        &apns.app_toml.replace("connections = 2", "connections = 1"),
+    );
+    let options = pgpushd::apns::Options {
+        ping_interval: Duration::from_millis(200),
+        ping_timeout: Duration::from_millis(300),
+        reconnect_base: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let transport: Arc<dyn Transport> =
+        Arc::new(pgpushd::apns::Apns::with_options(&cfg.apps, options).unwrap());
+    let daemon = start(cfg, transport);
+    let client = db.client().await;
+    insert_rows(&client, 1, 1).await;
+    wait_for_status(&client, "sent", 1, Duration::from_secs(5)).await;
+
+    // The server goes silent: no answers, no PING replies. The client must notice by
+    // itself (no request is waiting) and connect anew.
+    apns.emulator.stall(true);
+    wait_for(
+        "a replacement connection",
+        Duration::from_secs(10),
+        || async { (apns.emulator.stats().connections_accepted >= 2).then_some(()) },
+    )
+    .await;
+    apns.emulator.stall(false);
+    wait_for(
+        "the silent connection closed",
+        Duration::from_secs(10),
+        || async { (apns.emulator.stats().connections_open == 1).then_some(()) },
+    )
+    .await;
+    insert_rows(&client, 2, 10).await;
+    wait_for_status(&client, "sent", 11, Duration::from_secs(10)).await;
+    assert_eq!(count(&client, "failed").await, 0);
+    daemon.stop().await;
+}
+
+/// Certificate auth end to end: a client certificate from the emulator's client CA, as
+/// a .p12 and as a PEM whose key is encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_auth_with_a_p12_and_with_an_encrypted_pem_key() {
+    use openssl::pkcs12::Pkcs12;
+    use openssl::pkey::PKey;
+    use openssl::symm::Cipher;
+    use openssl::x509::X509;
+    use pgpushd::emulator::tls::CertificateAuthority;
+    use pgpushd::emulator::{Emulator, EmulatorAuth, EmulatorConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = CertificateAuthority::generate("pgpushd test client CA").unwrap();
+    let issued = client_ca
+        .issue_client("Apple Push Services: com.example.app")
+        .unwrap();
+    let cert = X509::from_pem(&issued.cert_pem).unwrap();
+    let key = PKey::private_key_from_pem(&issued.key_pem).unwrap();
+    std::fs::write(dir.path().join("pass"), "s3cret\n").unwrap();
+    let p12 = Pkcs12::builder()
+        .name("push")
+        .pkey(&key)
+        .cert(&cert)
+        .build2("s3cret")
+        .unwrap();
+    std::fs::write(dir.path().join("push.p12"), p12.to_der().unwrap()).unwrap();
+    let encrypted_key = key
+        .private_key_to_pem_pkcs8_passphrase(Cipher::aes_256_cbc(), b"s3cret")
+        .unwrap();
+    std::fs::write(
+        dir.path().join("ck.pem"),
+        [issued.cert_pem.as_slice(), encrypted_key.as_slice()].concat(),
+    )
+    .unwrap();
+
+    let emulator = Emulator::start(EmulatorConfig {
+        auth: EmulatorAuth::ClientCertificate {
+            ca_pem: client_ca.cert_pem(),
+        },
+        topic: Some(TOPIC.into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    std::fs::write(dir.path().join("ca.pem"), emulator.ca_pem()).unwrap();
+    let app = |name: &str, file: &str| {
+        format!(
+            r#"
+[apps.{name}]
+topic = "{TOPIC}"
+endpoint = "{endpoint}"
+ca_file = "{dir}/ca.pem"
+[apps.{name}.certificate]
+file = "{dir}/{file}"
+passphrase_file = "{dir}/pass"
+"#,
+            endpoint = emulator.endpoint(),
+            dir = dir.path().display(),
+        )
+    };
+    let db = TestDb::new().await;
+    let cfg = config(
+        &db.url,
+        &format!("{}{}", app("p12", "push.p12"), app("pem", "ck.pem")),
+    );
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO pgpushd.outbox (app, device_token, payload)
+             SELECT CASE WHEN g % 2 = 0 THEN 'p12' ELSE 'pem' END, lpad(to_hex(g), 64, '0'), '{}'
+               FROM generate_series(1, 20) g",
+        )
+        .await
+        .unwrap();
+    wait_for_status(&client, "sent", 20, Duration::from_secs(10)).await;
+    daemon.stop().await;
+    assert_eq!(emulator.stats().count(200), 20);
+}
