@@ -62,6 +62,21 @@ pub struct Config {
     /// Keyed by the name rows carry in their `app` column.
     pub apps: BTreeMap<String, AppConfig>,
     pub metrics: MetricsConfig,
+    pub daemon: DaemonConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// How long a stop waits for the batches in flight; keep it below systemd's
+    /// `TimeoutStopSec`. Rows still unanswered then are released untouched.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `pgpushd=debug,info`, ...); `RUST_LOG` overrides it.
+    pub level: String,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +191,40 @@ struct ConfigFile {
     apps: BTreeMap<String, AppFile>,
     #[serde(default)]
     metrics: MetricsFile,
+    #[serde(default)]
+    daemon: DaemonFile,
+    #[serde(default)]
+    log: LogFile,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonFile {
+    #[serde(default = "defaults::shutdown_timeout", with = "duration")]
+    shutdown_timeout: Duration,
+}
+
+impl Default for DaemonFile {
+    fn default() -> Self {
+        DaemonFile {
+            shutdown_timeout: defaults::shutdown_timeout(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogFile {
+    #[serde(default = "defaults::log_level")]
+    level: String,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        LogFile {
+            level: defaults::log_level(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -291,6 +340,12 @@ mod defaults {
     pub fn request_timeout() -> Duration {
         Duration::from_secs(10)
     }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(20)
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
 }
 
 /// serde glue for humantime durations ("5s", "30m", "1h 30m").
@@ -396,7 +451,25 @@ impl Validator<'_> {
             retry: self.retry(f.retry)?,
             apps,
             metrics: self.metrics(f.metrics)?,
+            daemon: DaemonConfig {
+                shutdown_timeout: self
+                    .nonzero("daemon.shutdown_timeout", f.daemon.shutdown_timeout)?,
+            },
+            log: self.log(f.log)?,
         })
+    }
+
+    fn log(&self, l: LogFile) -> Result<LogConfig, ConfigError> {
+        tracing_subscriber::EnvFilter::try_new(&l.level).map_err(|e| {
+            self.invalid(
+                "log.level",
+                format!(
+                    "{:?} is not a log filter (like \"info\" or \"pgpushd=debug,warn\"): {e}",
+                    l.level
+                ),
+            )
+        })?;
+        Ok(LogConfig { level: l.level })
     }
 
     fn database(
@@ -594,6 +667,12 @@ url = "postgres://pgpushd:hunter2@localhost/app"
         assert_eq!(c.retry.max_attempts, 8);
         assert_eq!(c.retry.backoff_max, Duration::from_secs(1800));
         assert!(c.apps.is_empty());
+        assert_eq!(c.daemon.shutdown_timeout, Duration::from_secs(20));
+        assert_eq!(c.log.level, "info");
+        let e = parse(&format!("{MINIMAL}[log]\nlevel = \"loud=???\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.level"), "{e}");
     }
 
     #[test]

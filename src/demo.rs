@@ -86,7 +86,7 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
     let cancel = CancellationToken::new();
     let daemon_task = tokio::spawn({
         let cancel = cancel.clone();
-        async move { daemon.run(cancel, Duration::from_secs(10)).await }
+        async move { daemon.run(cancel).await }
     });
     writeln!(
         out,

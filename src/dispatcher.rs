@@ -8,10 +8,15 @@
 //!
 //! Wake-ups are coalesced: a notification, the poll timer, or the moment the next
 //! scheduled/retried row falls due. On cancellation the loop stops claiming and waits for
-//! the batches in flight to send and record; the caller bounds that wait.
+//! the batches in flight to send and record. When `hard_stop` fires (the drain deadline),
+//! each batch stops waiting: it records the rows already answered and releases the rest
+//! untouched.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
@@ -22,12 +27,46 @@ use tracing::{debug, warn, Instrument};
 use crate::backoff::backoff;
 use crate::config::{RetryConfig, Secret};
 use crate::db;
+use crate::metrics::{AppLabels, Metrics};
 use crate::outbox::{Claimed, OutboxConn};
 use crate::outcome::{RowUpdate, Status};
 use crate::transport::Transport;
 
 /// Waits after database errors: from a quarter second up to this.
 const MAX_DB_RETRY_WAIT: Duration = Duration::from_secs(30);
+
+/// The loop turns at least this often, so its [`Heartbeat`] proves it is alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// When the dispatcher loop last turned, for the systemd watchdog: a wedged loop stops
+/// beating and gets the process restarted.
+#[derive(Debug)]
+pub struct Heartbeat {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heartbeat {
+    fn beat(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the loop last turned.
+    pub fn age(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
 
 /// What a reload may change (see `daemon`).
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +86,12 @@ pub struct Dispatcher {
     pub wake: Arc<Notify>,
     /// Totals, for status lines, metrics and tests.
     pub progress: watch::Sender<Progress>,
+    pub metrics: Arc<Metrics>,
+    pub heartbeat: Arc<Heartbeat>,
+    /// `Err(reason)` while batches fail on database errors.
+    pub database: watch::Sender<Result<(), String>>,
+    /// The drain deadline: batches record what was answered and release the rest.
+    pub hard_stop: CancellationToken,
 }
 
 /// Running totals since start.
@@ -59,6 +104,8 @@ pub struct Progress {
     pub expired: u64,
     /// Rows sent back to `pending` (transient errors or a deferred app).
     pub retried: u64,
+    /// Claimed rows released untouched at the drain deadline, unanswered.
+    pub released: u64,
 }
 
 /// What a batch task hands back to the loop.
@@ -71,6 +118,8 @@ struct BatchEnd {
 #[derive(Default)]
 struct BatchReport {
     claimed: usize,
+    /// Rows whose sends were abandoned at the drain deadline (released untouched).
+    abandoned: usize,
     /// How long until the next future row falls due; only looked up after a short claim.
     next_due: Option<Duration>,
     counts: Progress,
@@ -81,6 +130,8 @@ struct BatchContext {
     url: Secret<String>,
     connect_timeout: Duration,
     transport: Arc<dyn Transport>,
+    metrics: Arc<Metrics>,
+    hard_stop: CancellationToken,
 }
 
 impl Dispatcher {
@@ -90,6 +141,8 @@ impl Dispatcher {
             url: self.url.clone(),
             connect_timeout: self.connect_timeout,
             transport: self.transport.clone(),
+            metrics: self.metrics.clone(),
+            hard_stop: self.hard_stop.clone(),
         });
         let mut settings = self.settings.borrow_and_update().clone();
         let mut idle: Vec<OutboxConn> = Vec::new();
@@ -104,6 +157,7 @@ impl Dispatcher {
         let mut db_retry_at: Option<Instant> = None;
 
         loop {
+            self.heartbeat.beat();
             let db_ready = db_retry_at.is_none_or(|t| Instant::now() >= t);
             while db_ready && (look || backlog) && batches.len() < settings.max_batches_in_flight {
                 look = false;
@@ -119,6 +173,7 @@ impl Dispatcher {
             if let Some(t) = db_retry_at.filter(|_| !db_ready) {
                 wake_at = t;
             }
+            let beat_at = Instant::now() + HEARTBEAT_EVERY;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.wake.notified() => look = true,
@@ -132,6 +187,7 @@ impl Dispatcher {
                     }
                     look = true;
                 }
+                _ = tokio::time::sleep_until(beat_at), if beat_at < wake_at => {}
                 Some(full) = claimed_rx.recv() => backlog = full,
                 Some(end) = batches.join_next() => {
                     let end = end.expect("batch tasks do not panic");
@@ -142,6 +198,11 @@ impl Dispatcher {
                         Ok(report) => {
                             db_failures = 0;
                             db_retry_at = None;
+                            self.database.send_if_modified(|h| {
+                                let changed = h.is_err();
+                                *h = Ok(());
+                                changed
+                            });
                             if let Some(d) = report.next_due {
                                 let due = Instant::now() + d;
                                 next_due = Some(next_due.map_or(due, |n| n.min(due)));
@@ -152,6 +213,8 @@ impl Dispatcher {
                             db_failures += 1;
                             let wait = backoff(db_failures - 1, Duration::from_millis(250), MAX_DB_RETRY_WAIT);
                             warn!(error = format!("{e:#}"), retry_in = ?wait, "batch failed; its rows stay pending");
+                            self.metrics.batch_failures.inc();
+                            let _ = self.database.send_replace(Err(format!("{e:#}")));
                             db_retry_at = Some(Instant::now() + wait);
                             // Whatever was claimed is released; look again after the wait.
                             look = true;
@@ -178,12 +241,14 @@ impl Dispatcher {
     }
 
     fn record(&self, report: BatchReport) {
+        self.metrics.batches.inc();
         self.progress.send_modify(|p| {
             p.claims += 1;
             p.sent += report.counts.sent;
             p.failed += report.counts.failed;
             p.expired += report.counts.expired;
             p.retried += report.counts.retried;
+            p.released += report.abandoned as u64;
         });
     }
 }
@@ -242,18 +307,42 @@ async fn batch(
     let full = claimed.len() == settings.batch_size;
     let _ = claimed_tx.send(full);
 
-    let updates = futures::future::join_all(
-        claimed
-            .iter()
-            .map(|c| settle(c, ctx.transport.as_ref(), &settings.retry)),
-    )
-    .await;
+    let mut sends: FuturesUnordered<_> = claimed
+        .iter()
+        .map(|c| async move { (c, settle(c, ctx, &settings.retry).await) })
+        .collect();
+    let mut settled = Vec::with_capacity(claimed.len());
+    loop {
+        tokio::select! {
+            next = sends.next() => match next {
+                Some(s) => settled.push(s),
+                None => break,
+            },
+            _ = ctx.hard_stop.cancelled() => {
+                warn!(answered = settled.len(), unanswered = sends.len(),
+                      "drain deadline: recording the answered rows, releasing the rest untouched");
+                break;
+            }
+        }
+    }
+    let abandoned = sends.len();
+    drop(sends);
+    let updates: Vec<RowUpdate> = settled.iter().map(|(_, u)| u.clone()).collect();
     txn.commit(&updates, &claimed)
         .await
         .map_err(sql("recording outcomes"))?;
+    for (c, u) in &settled {
+        ctx.metrics.row(
+            &c.notification.app,
+            u.status,
+            u.attempted,
+            u.last_error.as_deref(),
+        );
+    }
 
     let mut report = BatchReport {
         claimed: claimed.len(),
+        abandoned,
         ..BatchReport::default()
     };
     for u in &updates {
@@ -264,7 +353,7 @@ async fn batch(
             Status::Pending => report.counts.retried += 1,
         }
     }
-    if !full {
+    if !full && abandoned == 0 {
         report.next_due = conn
             .next_due()
             .await
@@ -284,7 +373,7 @@ async fn batch(
 }
 
 /// One row's fate: not sent at all (expired, unregistered token), or one attempt.
-async fn settle(c: &Claimed, transport: &dyn Transport, retry: &RetryConfig) -> RowUpdate {
+async fn settle(c: &Claimed, ctx: &BatchContext, retry: &RetryConfig) -> RowUpdate {
     let n = &c.notification;
     if c.expired {
         return RowUpdate::expired(n);
@@ -292,5 +381,28 @@ async fn settle(c: &Claimed, transport: &dyn Transport, retry: &RetryConfig) -> 
     if c.unregistered {
         return RowUpdate::previously_unregistered(n);
     }
-    RowUpdate::after(n, transport.send(n).await, retry)
+    let _in_flight = InFlight::new(&ctx.metrics);
+    let started = Instant::now();
+    let delivery = ctx.transport.send(n).await;
+    ctx.metrics
+        .apns_latency
+        .get_or_create(&AppLabels { app: n.app.clone() })
+        .observe(started.elapsed().as_secs_f64());
+    RowUpdate::after(n, delivery, retry)
+}
+
+/// Counts a request in flight for as long as it lives (also when abandoned).
+struct InFlight<'m>(&'m Metrics);
+
+impl<'m> InFlight<'m> {
+    fn new(metrics: &'m Metrics) -> Self {
+        metrics.apns_in_flight.inc();
+        InFlight(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.apns_in_flight.dec();
+    }
 }

@@ -25,6 +25,8 @@ pub mod devdb;
 pub mod dispatcher;
 pub mod emulator;
 pub mod listener;
+pub mod metrics;
 pub mod outbox;
 pub mod outcome;
+pub mod systemd;
 pub mod transport;

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::backoff::backoff;
 use crate::config::Secret;
 use crate::db;
+use crate::metrics::Metrics;
 use crate::outbox::CHANNEL;
 
 /// Reconnect waits: from a quarter second up to this.
@@ -33,6 +34,7 @@ pub struct Listener {
     pub wake: Arc<Notify>,
     /// `true` while LISTEN is in place; the daemon reports readiness and health from it.
     pub listening: watch::Sender<bool>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Listener {
@@ -44,7 +46,9 @@ impl Listener {
                 _ = cancel.cancelled() => return,
                 outcome = self.listen_once(&mut failures) => outcome,
             };
-            self.listening.send_replace(false);
+            if self.listening.send_replace(false) {
+                self.metrics.listener_reconnects.inc();
+            }
             failures += 1;
             let wait = backoff(failures - 1, Duration::from_millis(250), MAX_RECONNECT_WAIT);
             warn!(error = %outcome, retry_in = ?wait, "listener lost its database connection");

@@ -102,11 +102,16 @@ struct SendArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Demo { .. } => "warn",
-        _ => "info",
+    // The daemon's level comes from its config (`[log] level`); errors in the file are
+    // reported when the command loads it properly, below.
+    let level = match &cli.command {
+        Command::Demo { .. } => "warn".to_owned(),
+        Command::Run(a) => {
+            Config::load(&a.config).map_or_else(|_| "info".to_owned(), |c| c.log.level)
+        }
+        _ => "info".to_owned(),
     };
-    init_logging(cli.log_format, default_level);
+    init_logging(cli.log_format, &level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -240,17 +245,26 @@ async fn run(
     config: Config,
     transport: Arc<pgpushd::apns::Apns>,
 ) -> anyhow::Result<()> {
-    let drain_timeout = Duration::from_secs(20);
-    let daemon = Arc::new(Daemon::new(config, transport));
+    let daemon = Arc::new(Daemon::new(config, transport.clone()));
     let cancel = CancellationToken::new();
-    let signals = tokio::spawn(handle_signals(path, daemon.clone(), cancel.clone()));
-    let result = daemon.run(cancel, drain_timeout).await;
+    let signals = tokio::spawn(handle_signals(
+        path,
+        daemon.clone(),
+        transport,
+        cancel.clone(),
+    ));
+    let result = daemon.run(cancel).await;
     signals.abort();
     result
 }
 
 /// SIGTERM/SIGINT: drain and stop (a second one exits at once); SIGHUP: reload.
-async fn handle_signals(path: PathBuf, daemon: Arc<Daemon>, cancel: CancellationToken) {
+async fn handle_signals(
+    path: PathBuf,
+    daemon: Arc<Daemon>,
+    apns: Arc<pgpushd::apns::Apns>,
+    cancel: CancellationToken,
+) {
     let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
@@ -261,15 +275,7 @@ async fn handle_signals(path: PathBuf, daemon: Arc<Daemon>, cancel: Cancellation
     while let Some(signal) = signals.next().await {
         let name = signal_hook::low_level::signal_name(signal).unwrap_or("signal");
         match signal {
-            SIGHUP => match Config::load(&path) {
-                Ok(config) => {
-                    daemon.reload(&config);
-                    info!(signal = name, config = %path.display(), "config reloaded");
-                }
-                Err(e) => {
-                    error!(signal = name, error = %e, "config not reloaded; keeping the running one")
-                }
-            },
+            SIGHUP => reload(&path, &daemon, &apns, name),
             _ if cancel.is_cancelled() => {
                 warn!(
                     signal = name,
@@ -282,6 +288,24 @@ async fn handle_signals(path: PathBuf, daemon: Arc<Daemon>, cancel: Cancellation
                 cancel.cancel();
             }
         }
+    }
+}
+
+/// Re-reads the config; applies it only when all of it (credentials included) is valid.
+fn reload(path: &Path, daemon: &Daemon, apns: &pgpushd::apns::Apns, signal: &str) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(signal, error = %e, "config not reloaded; keeping the running one");
+            return;
+        }
+    };
+    match apns.reload(&config.apps) {
+        Ok(changed) => {
+            daemon.reload(&config);
+            info!(signal, config = %path.display(), apps_changed = ?changed, "config reloaded");
+        }
+        Err(e) => error!(signal, error = %e, "config not reloaded; keeping the running one"),
     }
 }
 

@@ -67,4 +67,15 @@ impl Delivery {
 pub trait Transport: Send + Sync + 'static {
     /// Never fails: every problem becomes a [`Delivery`] saying what to do with the row.
     fn send<'a>(&'a self, notification: &'a Notification) -> BoxFuture<'a, Delivery>;
+
+    /// Per app: `Err(reason)` while it cannot deliver (credentials refused, no
+    /// connection); for `/healthz`.
+    fn health(&self) -> Vec<(String, Result<(), String>)> {
+        Vec::new()
+    }
+
+    /// Per app: connections open now; for metrics.
+    fn open_connections(&self) -> Vec<(String, usize)> {
+        Vec::new()
+    }
 }

@@ -25,7 +25,7 @@ fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
     let cancel = CancellationToken::new();
     let task = tokio::spawn({
         let cancel = cancel.clone();
-        async move { daemon.run(cancel, Duration::from_secs(10)).await }
+        async move { daemon.run(cancel).await }
     });
     Running { cancel, task }
 }

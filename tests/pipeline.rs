@@ -23,7 +23,7 @@ fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
     let cancel = CancellationToken::new();
     let task = tokio::spawn({
         let cancel = cancel.clone();
-        async move { daemon.run(cancel, Duration::from_secs(10)).await }
+        async move { daemon.run(cancel).await }
     });
     Running { cancel, task }
 }
@@ -177,11 +177,7 @@ async fn rows_of_a_dead_daemon_are_delivered_by_the_next() {
             let rt = tokio::runtime::Runtime::new().unwrap();
             let _ = rt.block_on(async {
                 let d = Daemon::new(cfg, stuck);
-                tokio::time::timeout(
-                    Duration::from_secs(2),
-                    d.run(CancellationToken::new(), Duration::ZERO),
-                )
-                .await
+                tokio::time::timeout(Duration::from_secs(2), d.run(CancellationToken::new())).await
             });
             rt.shutdown_background();
         }

@@ -125,6 +125,10 @@ impl App {
         })
     }
 
+    pub(crate) fn open_connections(&self) -> usize {
+        self.pool.open_connections()
+    }
+
     pub(crate) fn health(&self) -> Result<(), String> {
         if let Some(reason) = &self.refused.lock().unwrap().reason {
             return Err(format!("APNs refuses the credentials: {reason}"));

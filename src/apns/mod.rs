@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -94,7 +95,40 @@ impl Default for Options {
 
 /// The HTTP/2 transport for every app of the config.
 pub struct Apns {
-    apps: BTreeMap<String, App>,
+    /// Behind a lock so SIGHUP can swap apps; requests clone the `Arc` and let go.
+    apps: RwLock<BTreeMap<String, Arc<Loaded>>>,
+    options: Options,
+}
+
+/// An app and what it was built from, to tell on reload whether anything changed.
+struct Loaded {
+    app: App,
+    fingerprint: Fingerprint,
+}
+
+/// The app's config and the bytes of every file it reads: a rotated key or certificate
+/// under the same path counts as a change.
+#[derive(PartialEq)]
+struct Fingerprint {
+    config: String,
+    files: Vec<Option<Vec<u8>>>,
+}
+
+impl Fingerprint {
+    fn of(config: &AppConfig) -> Fingerprint {
+        let mut paths: Vec<&std::path::Path> = config.ca_file.iter().map(|p| p.as_path()).collect();
+        match &config.auth {
+            crate::config::Auth::Token(t) => paths.push(&t.key_file),
+            crate::config::Auth::Certificate(c) => {
+                paths.push(&c.file);
+                paths.extend(c.passphrase_file.as_deref());
+            }
+        }
+        Fingerprint {
+            config: format!("{config:?}"),
+            files: paths.iter().map(|p| std::fs::read(p).ok()).collect(),
+        }
+    }
 }
 
 impl Apns {
@@ -109,23 +143,53 @@ impl Apns {
     ) -> Result<Apns, ApnsError> {
         let apps = apps
             .iter()
-            .map(|(name, config)| Ok((name.clone(), App::new(config, &options)?)))
+            .map(|(name, config)| Ok((name.clone(), Arc::new(load(config, &options)?))))
             .collect::<Result<_, ApnsError>>()?;
-        Ok(Apns { apps })
+        Ok(Apns {
+            apps: RwLock::new(apps),
+            options,
+        })
+    }
+
+    /// Applies a reloaded config: apps whose config and files are unchanged keep their
+    /// connections; changed and new apps are built afresh (requests in flight on the old
+    /// ones finish there); removed apps go. Nothing changes unless every app loads.
+    /// Returns the names of the apps rebuilt, added or removed.
+    pub fn reload(&self, apps: &BTreeMap<String, AppConfig>) -> Result<Vec<String>, ApnsError> {
+        let current = self.apps.read().unwrap().clone();
+        let mut next = BTreeMap::new();
+        let mut changed = Vec::new();
+        for (name, config) in apps {
+            let fingerprint = Fingerprint::of(config);
+            let app = match current.get(name) {
+                Some(old) if old.fingerprint == fingerprint => old.clone(),
+                _ => {
+                    changed.push(name.clone());
+                    Arc::new(load(config, &self.options)?)
+                }
+            };
+            next.insert(name.clone(), app);
+        }
+        changed.extend(current.keys().filter(|n| !apps.contains_key(*n)).cloned());
+        *self.apps.write().unwrap() = next;
+        Ok(changed)
     }
 
     /// Per app: `Err` while APNs refuses its credentials or no connection can be had.
     pub fn health(&self) -> Vec<(String, Result<(), String>)> {
         self.apps
+            .read()
+            .unwrap()
             .iter()
-            .map(|(name, app)| (name.clone(), app.health()))
+            .map(|(name, loaded)| (name.clone(), loaded.app.health()))
             .collect()
     }
 
     /// One attempt for one row.
     pub async fn deliver(&self, n: &Notification) -> Delivery {
-        match self.apps.get(&n.app) {
-            Some(app) => app.deliver(n).await,
+        let loaded = self.apps.read().unwrap().get(&n.app).cloned();
+        match loaded {
+            Some(loaded) => loaded.app.deliver(n).await,
             None => Delivery::rejected(format!(
                 "unknown app {:?}: no [apps.{}] section in the config",
                 n.app, n.app
@@ -138,6 +202,19 @@ impl Transport for Apns {
     fn send<'a>(&'a self, notification: &'a Notification) -> BoxFuture<'a, Delivery> {
         Box::pin(self.deliver(notification))
     }
+
+    fn health(&self) -> Vec<(String, Result<(), String>)> {
+        Apns::health(self)
+    }
+
+    fn open_connections(&self) -> Vec<(String, usize)> {
+        self.apps
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(name, loaded)| (name.clone(), loaded.app.open_connections()))
+            .collect()
+    }
 }
 
 /// Loads every key and certificate of every app, as `pgpushd check-config` does; one line
@@ -149,6 +226,16 @@ pub fn check(config: &Config) -> Vec<String> {
         .values()
         .filter_map(|app| App::new(app, &options).err().map(|e| e.to_string()))
         .collect()
+}
+
+fn load(config: &AppConfig, options: &Options) -> Result<Loaded, ApnsError> {
+    // Fingerprint first: a file replaced between the two reads is then seen as changed
+    // at the next reload rather than missed.
+    let fingerprint = Fingerprint::of(config);
+    Ok(Loaded {
+        app: App::new(config, options)?,
+        fingerprint,
+    })
 }
 
 /// APNs's answer to one push sent by [`send_one`].
@@ -601,25 +688,16 @@ mod tests {
         good.name = "good".into();
         good.ca_file = None;
 
-        let config = Config {
-            database: crate::config::Config::from_file_str(
-                std::path::Path::new("x.toml"),
-                "[database]\nurl = \"postgres://x@y/z\"\n",
-                None,
-            )
-            .unwrap()
-            .database,
-            retry: crate::config::RetryConfig {
-                max_attempts: 1,
-                backoff_base: Duration::from_secs(1),
-                backoff_max: Duration::from_secs(1),
-            },
-            apps: [base, binary, cert, ca, good.clone()]
-                .into_iter()
-                .map(|a| (a.name.clone(), a))
-                .collect(),
-            metrics: Default::default(),
-        };
+        let mut config = crate::config::Config::from_file_str(
+            std::path::Path::new("x.toml"),
+            "[database]\nurl = \"postgres://x@y/z\"\n",
+            None,
+        )
+        .unwrap();
+        config.apps = [base, binary, cert, ca, good.clone()]
+            .into_iter()
+            .map(|a| (a.name.clone(), a))
+            .collect();
         let problems = check(&config);
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(

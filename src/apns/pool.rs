@@ -121,6 +121,15 @@ impl Pool {
         Err(PoolError::Unanswered { attempts, last })
     }
 
+    /// Connections up and usable now.
+    pub fn open_connections(&self) -> usize {
+        self.inner
+            .slots
+            .iter()
+            .filter(|slot| matches!(&*slot.lock().unwrap(), Slot::Up(c) if c.usable()))
+            .count()
+    }
+
     /// `Err` with the last connection error when no connection is up and none can be had.
     pub fn health(&self) -> Result<(), String> {
         let mut error = None;
