@@ -234,15 +234,17 @@ fn the_demo_delivers_every_row() {
     assert!(stdout.contains("delivered 300 of 300"), "{stdout}");
 }
 
-fn spawn_daemon(config: &Path) -> Child {
-    pgpushd()
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+fn spawn_daemon(config: &Path) -> Spawned {
+    Spawned(
+        pgpushd()
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn stop(child: &mut Child) {
