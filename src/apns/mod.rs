@@ -364,6 +364,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reload_rebuilds_only_apps_whose_config_or_files_changed() {
+        let server = TestServer::start(|_| Action::ok()).await;
+        let (a, _) = token_app(&server, "a");
+        let (b, _) = token_app(&server, "b");
+        let apps: BTreeMap<_, _> = [a.clone(), b.clone()]
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect();
+        let apns = Apns::with_options(&apps, options()).unwrap();
+        let before = apns.apps.read().unwrap().clone();
+
+        // Nothing changed: nothing rebuilt.
+        assert!(apns.reload(&apps).unwrap().is_empty());
+        // A rotated key under the same path, and an app removed and one added.
+        let Auth::Token(t) = &b.auth else { unreachable!() };
+        std::fs::write(&t.key_file, jwt::tests::p8().0).unwrap();
+        let (c, _) = token_app(&server, "c");
+        let next: BTreeMap<_, _> = [a, b, c].into_iter().map(|c| (c.name.clone(), c)).collect();
+        let mut changed = apns.reload(&next).unwrap();
+        changed.sort();
+        assert_eq!(changed, ["b", "c"]);
+        let after = apns.apps.read().unwrap().clone();
+        assert!(Arc::ptr_eq(&before["a"], &after["a"]), "an unchanged app lost its connections");
+        assert!(!Arc::ptr_eq(&before["b"], &after["b"]));
+
+        // A bad credential: the reload is refused whole, the running apps stay.
+        let mut broken = next.clone();
+        if let Some(Auth::Token(t)) = broken.get_mut("a").map(|a| &mut a.auth) {
+            t.key_file = server.dir.path().join("missing.p8");
+        }
+        let err = apns.reload(&broken).unwrap_err().to_string();
+        assert!(err.contains("missing.p8"), "{err}");
+        assert!(Arc::ptr_eq(&after["a"], &apns.apps.read().unwrap()["a"]));
+        assert!(apns.apps.read().unwrap().contains_key("c"));
+    }
+
+    #[tokio::test]
     async fn token_auth_pushes_are_sent_with_one_reused_token() {
         let server = TestServer::start(|_| Action::ok()).await;
         let (config, public) = token_app(&server, "default");
