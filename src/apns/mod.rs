@@ -16,6 +16,7 @@ use crate::config::{AppConfig, Config};
 use crate::transport::{Delivery, Notification, Transport};
 
 mod app;
+pub mod binary;
 pub mod connection;
 pub mod identity;
 pub mod jwt;

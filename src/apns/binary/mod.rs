@@ -1,0 +1,3 @@
+//! The retired APNs binary protocol, a second transport per app.
+
+pub mod frame;
