@@ -241,6 +241,7 @@ mod tests {
             connections: 2,
             request_timeout: Duration::from_secs(10),
             auth,
+            binary: Default::default(),
         }
     }
 
@@ -557,6 +558,7 @@ mod tests {
                 key_id: "ABC123DEFG".into(),
                 team_id: "DEF123GHIJ".into(),
             }),
+            binary: Default::default(),
         };
         let build = |apps: &[AppConfig]| {
             let apps = apps.iter().map(|a| (a.name.clone(), a.clone())).collect();
