@@ -3,7 +3,8 @@
 //! [`Apns`] holds one client per `[apps.NAME]` section and routes each notification by
 //! its `app`. Per app: credentials loaded up front ([`jwt`], [`identity`]), a pool of
 //! long-lived connections ([`pool`], [`connection`]), requests built by a pure function
-//! ([`request`]) and answers mapped onto what the row becomes ([`response`]).
+//! ([`request`]) and answers mapped onto what the row becomes ([`response`]). Apps with
+//! `protocol = "binary"` get the retired binary protocol's client instead ([`binary`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::config::{AppConfig, Config};
+use crate::config::{AppConfig, Config, Protocol};
 use crate::transport::{Delivery, Notification, Transport};
 
 mod app;
@@ -30,15 +31,11 @@ mod testserver;
 mod testutil;
 
 use app::App;
+use binary::BinaryApp;
 
 /// A problem found while loading an app's credentials; always names the app and the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ApnsError {
-    #[error(
-        "apps.{app}: protocol = \"binary\" is not implemented yet; use protocol = \"http2\" \
-         (the default)"
-    )]
-    BinaryProtocol { app: String },
     #[error("apps.{app}: {source}")]
     Key { app: String, source: jwt::KeyError },
     #[error("apps.{app}: {source}")]
@@ -93,9 +90,40 @@ impl Default for Options {
     }
 }
 
-/// The HTTP/2 transport for every app of the config.
+/// The APNs transport for every app of the config, each over its own protocol.
 pub struct Apns {
-    apps: BTreeMap<String, App>,
+    apps: BTreeMap<String, Client>,
+}
+
+/// One app's client, by `protocol`.
+enum Client {
+    Http2(Box<App>),
+    Binary(Box<BinaryApp>),
+}
+
+impl Client {
+    fn new(config: &AppConfig, options: &Options) -> Result<Client, ApnsError> {
+        match config.protocol {
+            Protocol::Http2 => App::new(config, options).map(|app| Client::Http2(Box::new(app))),
+            Protocol::Binary => {
+                BinaryApp::new(config, options).map(|app| Client::Binary(Box::new(app)))
+            }
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self {
+            Client::Http2(app) => app.health(),
+            Client::Binary(app) => app.health(),
+        }
+    }
+
+    async fn deliver(&self, n: &Notification) -> Delivery {
+        match self {
+            Client::Http2(app) => app.deliver(n).await,
+            Client::Binary(app) => app.deliver(n).await,
+        }
+    }
 }
 
 impl Apns {
@@ -110,7 +138,7 @@ impl Apns {
     ) -> Result<Apns, ApnsError> {
         let apps = apps
             .iter()
-            .map(|(name, config)| Ok((name.clone(), App::new(config, &options)?)))
+            .map(|(name, config)| Ok((name.clone(), Client::new(config, &options)?)))
             .collect::<Result<_, ApnsError>>()?;
         Ok(Apns { apps })
     }
@@ -148,7 +176,7 @@ pub fn check(config: &Config) -> Vec<String> {
     config
         .apps
         .values()
-        .filter_map(|app| App::new(app, &options).err().map(|e| e.to_string()))
+        .filter_map(|app| Client::new(app, &options).err().map(|e| e.to_string()))
         .collect()
 }
 
@@ -177,6 +205,11 @@ impl fmt::Display for OneAnswer {
 /// Sends one push for `app`, without a database, and returns APNs's answer as is
 /// (`pgpushd send`). Errors: the credentials, a row APNs would refuse, no connection.
 pub async fn send_one(app: &AppConfig, n: &Notification) -> anyhow::Result<OneAnswer> {
+    anyhow::ensure!(
+        app.protocol == Protocol::Http2,
+        "apps.{}: pgpushd send speaks HTTP/2 only; this app uses the binary protocol",
+        app.name
+    );
     let mut config = app.clone();
     config.connections = 1;
     let client = App::new(&config, &Options::default())?;
@@ -578,9 +611,11 @@ mod tests {
             file: dir.path().join("ck.pem"),
             passphrase_file: None,
         });
-        assert_eq!(
-            build(std::slice::from_ref(&binary)).unwrap(),
-            "apps.legacy: protocol = \"binary\" is not implemented yet; use protocol = \"http2\" (the default)"
+        let e = build(std::slice::from_ref(&binary)).unwrap();
+        assert!(
+            e.starts_with("apps.legacy: ")
+                && e.contains("ck.pem: cannot read the certificate file"),
+            "{e}"
         );
 
         let mut cert = base.clone();
