@@ -83,6 +83,10 @@ impl Daemon {
             }
             .run(stop.clone()),
         );
+        // The binary protocol's feedback service, polled for unregistered tokens.
+        for poller in crate::apns::binary::feedback::pollers(&self.config) {
+            tracker.spawn(poller.run(stop.clone()));
+        }
         tracker.close();
         info!(apps = self.config.apps.len(), "pgpushd running");
 

@@ -12,7 +12,8 @@ use crate::config::{BinaryConfig, CertificateAuth, Protocol};
 use crate::emulator::binary::{BinaryEmulator, BinaryEmulatorConfig};
 use crate::emulator::tls::CertificateAuthority;
 
-const SETTLE: Duration = Duration::from_millis(100);
+/// Long enough that a busy machine does not make an error packet late.
+const SETTLE: Duration = Duration::from_millis(500);
 
 struct Setup {
     emulator: BinaryEmulator,

@@ -99,7 +99,7 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
                 }
             };
             debug!(status = %refusal.status, identifier = refusal.identifier, "refused");
-            refuse(&mut tls, refusal).await;
+            refuse(shared, &mut tls, refusal, buf.len()).await;
             return;
         }
         let shutdown = ErrorPacket {
@@ -109,11 +109,11 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
         tokio::select! {
             _ = cancel.cancelled() => {
                 shared.count(Status::Shutdown);
-                return refuse(&mut tls, shutdown).await;
+                return refuse(shared, &mut tls, shutdown, buf.len()).await;
             }
             Ok(()) = shutdowns.changed() => {
                 shared.count(Status::Shutdown);
-                return refuse(&mut tls, shutdown).await;
+                return refuse(shared, &mut tls, shutdown, buf.len()).await;
             }
             read = tls.read_buf(&mut buf) => match read {
                 Ok(0) => {
@@ -139,14 +139,24 @@ async fn accept(shared: &Shared, tcp: TcpStream) -> anyhow::Result<SslStream<Tcp
 
 /// Writes the error packet and closes the sending side (TLS close_notify, then FIN),
 /// then discards what the client still sends until it closes too (or for [`LINGER`]).
-async fn refuse(tls: &mut SslStream<TcpStream>, packet: ErrorPacket) {
+/// `unread`: bytes already received and never decoded, discarded too.
+async fn refuse(
+    shared: &Shared,
+    tls: &mut SslStream<TcpStream>,
+    packet: ErrorPacket,
+    unread: usize,
+) {
+    let discarded = &shared.counters.discarded_bytes;
+    discarded.fetch_add(unread as u64, Relaxed);
     if tls.write_all(&packet.encode()).await.is_err() || tls.flush().await.is_err() {
         return;
     }
     let _ = tokio::time::timeout(LINGER, async {
         let _ = tls.shutdown().await;
         let mut sink = [0; 8192];
-        while let Ok(1..) = tls.read(&mut sink).await {}
+        while let Ok(n @ 1..) = tls.read(&mut sink).await {
+            discarded.fetch_add(n as u64, Relaxed);
+        }
     })
     .await;
 }

@@ -113,6 +113,9 @@ pub struct BinaryStats {
     pub connections_open: u64,
     /// TLS handshakes that failed (no client certificate, another CA's, ...).
     pub handshakes_failed: u64,
+    /// Bytes of notifications written after a refused one (or a shutdown), thrown away
+    /// unread as APNs does: the client must resend those notifications.
+    pub discarded_bytes: u64,
     /// Feedback connections served, and the tuples they were sent.
     pub feedback_connections: u64,
     pub feedback_tuples: u64,
@@ -125,6 +128,7 @@ struct Counters {
     connections_accepted: AtomicU64,
     connections_open: AtomicU64,
     handshakes_failed: AtomicU64,
+    discarded_bytes: AtomicU64,
     feedback_connections: AtomicU64,
     feedback_tuples: AtomicU64,
 }
@@ -293,6 +297,7 @@ impl BinaryEmulator {
             connections_accepted: c.connections_accepted.load(Relaxed),
             connections_open: c.connections_open.load(Relaxed),
             handshakes_failed: c.handshakes_failed.load(Relaxed),
+            discarded_bytes: c.discarded_bytes.load(Relaxed),
             feedback_connections: c.feedback_connections.load(Relaxed),
             feedback_tuples: c.feedback_tuples.load(Relaxed),
         }
