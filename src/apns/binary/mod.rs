@@ -103,6 +103,7 @@ pub(crate) struct BinaryApp {
     /// Upper bound on one notification, from submitting it to its outcome.
     timeout: Duration,
     max_resends: u32,
+    connections: u32,
 }
 
 impl BinaryApp {
@@ -129,6 +130,7 @@ impl BinaryApp {
             pool,
             timeout: config.request_timeout + settle,
             max_resends: options.max_resends,
+            connections: config.connections as u32,
         })
     }
 
@@ -155,8 +157,15 @@ impl BinaryApp {
 
     async fn exchange(&self, push: Push) -> Delivery {
         let tries = self.max_resends + 1;
+        let mut counted = 0;
         let mut last = String::new();
-        for _ in 0..tries {
+        // A connection that ended without the gateway handling anything (a refused
+        // certificate) does not count: its slot backs off, and once every slot does,
+        // the row is deferred without an attempt. `connections` bounds those extra turns.
+        for _ in 0..tries + self.connections {
+            if counted == tries {
+                break;
+            }
             let conn = match self.pool.acquire().await {
                 Ok(conn) => conn,
                 Err(Unavailable { reason, after }) => {
@@ -188,11 +197,14 @@ impl BinaryApp {
                 Outcome::Resend(why) => {
                     debug!(app = %self.name, conn = conn.id(), reason = %why,
                            "notification not taken; sending it again");
+                    if conn.productive() || conn.is_alive() {
+                        counted += 1;
+                    }
                     last = why;
                 }
             }
         }
-        Delivery::retry(format!("not taken after {tries} tries; last: {last}"))
+        Delivery::retry(format!("not taken after {counted} tries; last: {last}"))
     }
 }
 
