@@ -5,9 +5,9 @@
 //! task waits for the one thing the gateway ever sends, the 6-byte error packet. Between
 //! them, the connection's identifiers -> pending notifications, in write order.
 //!
-//! The protocol never says "accepted", so a notification's [`Outcome`] is decided thus:
-//! - **sent** once [`ConnectOptions::settle`] has passed since it was written and flushed
-//!   with no error packet on the connection; or as soon as an error packet names a
+//! The protocol never says "accepted", so a notification's `Outcome` is decided thus:
+//! - **sent** once the settle window (`binary_settle`) has passed since it was written
+//!   and flushed with no error packet on the connection; or as soon as an error packet names a
 //!   notification written after it (the gateway handles them in order); or when status 10
 //!   (shutdown) names it or a later one as the last it took;
 //! - **refused** with the status of the error packet that names it;
@@ -88,6 +88,8 @@ struct State {
     /// that it reads frames, as opposed to turning the certificate away.
     productive: AtomicBool,
     end_reason: Mutex<Option<String>>,
+    /// When a notification was last submitted.
+    last_used: Mutex<Instant>,
 }
 
 /// The pending notifications, oldest first.
@@ -175,6 +177,7 @@ impl Connection {
             flushed: Notify::new(),
             productive: AtomicBool::new(false),
             end_reason: Mutex::new(None),
+            last_used: Mutex::new(Instant::now()),
         });
         tokio::spawn(write_loop(writer, rx, state.clone()));
         tokio::spawn(read_loop(reader, state.clone()));
@@ -200,12 +203,18 @@ impl Connection {
         self.state.end_reason.lock().unwrap().clone()
     }
 
+    /// How long since a notification was last submitted.
+    pub(crate) fn idle_for(&self) -> Duration {
+        self.state.last_used.lock().unwrap().elapsed()
+    }
+
     /// Queues `push`; the receiver gets its outcome. `Err` gives it back when the
     /// connection no longer takes notifications.
     pub(crate) fn submit(&self, push: Push) -> Result<oneshot::Receiver<Outcome>, Push> {
         if !self.is_alive() {
             return Err(push);
         }
+        *self.state.last_used.lock().unwrap() = Instant::now();
         let (reply, outcome) = oneshot::channel();
         self.submit
             .send(Submission { push, reply })
@@ -216,7 +225,7 @@ impl Connection {
     /// Ends the connection now; what is pending on it is resent elsewhere.
     pub(crate) fn kill(&self, why: &str) {
         if self.is_alive() {
-            warn!(
+            info!(
                 conn = self.id,
                 reason = why,
                 "dropping the APNs gateway connection"

@@ -5,9 +5,9 @@
 //! - [`frame`]: the bytes (pure);
 //! - [`connection`]: one connection, its identifiers -> pending notifications, and the
 //!   rule by which a notification counts as sent (the protocol never says so);
-//! - [`pool`]: an app's connections, replaced as the gateway closes them;
+//! - `pool`: an app's connections, replaced as the gateway closes them;
 //! - [`feedback`]: the feedback service's poller, which fills `unregistered_tokens`;
-//! - here, [`BinaryApp`]: one app's client, mapping what the gateway did onto a
+//! - here, `BinaryApp`: one app's client, mapping what the gateway did onto a
 //!   [`Delivery`], as the HTTP/2 client does with its answers.
 //!
 //! Apple retired the protocol on 2021-03-31; gateways and emulators that speak it remain.

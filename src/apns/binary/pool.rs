@@ -13,10 +13,16 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::connection::{ConnectOptions, Connection};
 use crate::backoff::backoff;
+
+/// A connection unused this long is replaced rather than used. Nothing on an idle
+/// connection tells a live gateway from one a NAT or firewall silently forgot, and on a
+/// dead connection the first notifications would outlast their settle window unanswered
+/// and count as sent.
+const MAX_IDLE: Duration = Duration::from_secs(5 * 60);
 
 /// No connection now; try again in `after`.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,7 +79,9 @@ impl Pool {
             // A slot being connected is skipped here, not waited for.
             if let Ok(slot) = self.slots[(first + i) % n].try_lock() {
                 if let Some(c) = slot.conn.as_ref().filter(|c| c.is_alive()) {
-                    return Ok(c.clone());
+                    if c.idle_for() < MAX_IDLE {
+                        return Ok(c.clone());
+                    }
                 }
             }
         }
@@ -128,6 +136,12 @@ impl Pool {
 
     /// Drops an ended connection, counting it as a failure if it never carried anything.
     fn forget_dead(&self, slot: &mut Slot) {
+        if let Some(c) = slot.conn.as_ref().filter(|c| c.idle_for() >= MAX_IDLE) {
+            debug!(app = %self.app, conn = c.id(), "replacing an idle gateway connection");
+            c.kill("idle for too long");
+            slot.conn = None;
+            return;
+        }
         let Some(conn) = slot.conn.take_if(|c| !c.is_alive()) else {
             return;
         };

@@ -2,13 +2,13 @@
 //! until 2021, and its feedback service (port 2196).
 //!
 //! - TLS with a required client certificate signed by the configured CA, no ALPN;
-//! - notifications of commands 0, 1 and 2 read as they stream in ([`gateway`]), checked
+//! - notifications of commands 0, 1 and 2 read as they stream in (`gateway`), checked
 //!   as Apple documents, each recorded as a [`BinaryRecord`];
 //! - the first refused notification gets the 6-byte error packet, and the connection
 //!   closes: whatever the client wrote after it is discarded, as at Apple;
 //! - status 10 (shutdown) naming the last notification taken, to every connection, on
 //!   [`BinaryEmulator::shutdown_connections`] and when the emulator stops;
-//! - the feedback service ([`feedback`]) hands out its tuples once, then forgets them.
+//! - the feedback service (`feedback`) hands out its tuples once, then forgets them.
 
 mod feedback;
 mod gateway;
