@@ -150,6 +150,35 @@ pub struct AppConfig {
     /// Upper bound on one request, from write to answer.
     pub request_timeout: Duration,
     pub auth: Auth,
+    /// What only the binary protocol has; the defaults (and unused) for HTTP/2 apps.
+    pub binary: BinaryConfig,
+}
+
+/// Settings of the binary protocol (`protocol = "binary"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryConfig {
+    /// The protocol never says "accepted": a notification counts as sent once this long
+    /// has passed since it was written without an error packet naming it or one before it.
+    /// Longer is safer against slow error packets, and makes every row wait that long.
+    pub settle: Duration,
+    /// The feedback service to poll for tokens APNs stopped delivering to; `None`: off.
+    pub feedback: Option<FeedbackConfig>,
+}
+
+impl Default for BinaryConfig {
+    fn default() -> Self {
+        BinaryConfig {
+            settle: defaults::binary_settle(),
+            feedback: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedbackConfig {
+    /// `Apple(env)`: feedback(.sandbox).push.apple.com:2196.
+    pub endpoint: Endpoint,
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +309,11 @@ struct AppFile {
     request_timeout: Duration,
     token: Option<TokenFile>,
     certificate: Option<CertificateFile>,
+    #[serde(default, with = "optional_duration")]
+    binary_settle: Option<Duration>,
+    #[serde(default, with = "optional_duration")]
+    feedback_interval: Option<Duration>,
+    feedback_endpoint: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -346,6 +380,12 @@ mod defaults {
     pub fn log_level() -> String {
         "info".into()
     }
+    pub fn binary_settle() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn feedback_interval() -> Duration {
+        Duration::from_secs(3600)
+    }
 }
 
 /// serde glue for humantime durations ("5s", "30m", "1h 30m").
@@ -360,6 +400,16 @@ mod duration {
                 "invalid duration {text:?}: {e} (write it like \"5s\", \"250ms\", \"30m\")"
             ))
         })
+    }
+}
+
+/// The same, for keys whose absence means something.
+mod optional_duration {
+    use serde::Deserializer;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
     }
 }
 
@@ -588,6 +638,16 @@ impl Validator<'_> {
                 return Err(self.invalid(key("topic"), format!("{t:?} is not a bundle id")));
             }
         }
+        let binary = self.binary(
+            &name,
+            a.protocol,
+            BinaryKeys {
+                settle: a.binary_settle,
+                feedback_interval: a.feedback_interval,
+                feedback_endpoint: a.feedback_endpoint,
+            },
+            &endpoint,
+        )?;
         Ok(AppConfig {
             connections: self.positive(&key("connections"), a.connections, 64)?,
             request_timeout: self.nonzero(&key("request_timeout"), a.request_timeout)?,
@@ -596,7 +656,57 @@ impl Validator<'_> {
             endpoint,
             protocol: a.protocol,
             auth,
+            binary,
             name,
+        })
+    }
+
+    /// The binary protocol's keys; an HTTP/2 app may not set them.
+    fn binary(
+        &self,
+        name: &str,
+        protocol: Protocol,
+        a: BinaryKeys,
+        endpoint: &Endpoint,
+    ) -> Result<BinaryConfig, ConfigError> {
+        let key = |k: &str| format!("apps.{name}.{k}");
+        if protocol != Protocol::Binary {
+            let set = [
+                ("binary_settle", a.settle.is_some()),
+                ("feedback_interval", a.feedback_interval.is_some()),
+                ("feedback_endpoint", a.feedback_endpoint.is_some()),
+            ];
+            if let Some((k, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(self.invalid(key(k), "only applies to protocol = \"binary\""));
+            }
+            return Ok(BinaryConfig::default());
+        }
+        let settle = match a.settle {
+            Some(s) => self.nonzero(&key("binary_settle"), s)?,
+            None => defaults::binary_settle(),
+        };
+        let interval = a
+            .feedback_interval
+            .unwrap_or_else(defaults::feedback_interval);
+        let feedback_endpoint = match (&a.feedback_endpoint, endpoint) {
+            (Some(text), _) => {
+                let (host, port) = parse_endpoint_with_port(text, FEEDBACK_PORT)
+                    .map_err(|m| self.invalid(key("feedback_endpoint"), m))?;
+                Endpoint::Custom { host, port }
+            }
+            (None, Endpoint::Apple(env)) => Endpoint::Apple(*env),
+            // A gateway elsewhere (an emulator): its feedback service on Apple's port.
+            (None, Endpoint::Custom { host, .. }) => Endpoint::Custom {
+                host: host.clone(),
+                port: FEEDBACK_PORT,
+            },
+        };
+        Ok(BinaryConfig {
+            settle,
+            feedback: (!interval.is_zero()).then_some(FeedbackConfig {
+                endpoint: feedback_endpoint,
+                interval,
+            }),
         })
     }
 
@@ -616,8 +726,26 @@ impl Validator<'_> {
     }
 }
 
+/// The binary protocol's keys of an `[apps.NAME]` section, as written.
+struct BinaryKeys {
+    settle: Option<Duration>,
+    feedback_interval: Option<Duration>,
+    feedback_endpoint: Option<String>,
+}
+
+/// The binary protocol's feedback service listens here on Apple's hosts.
+pub const FEEDBACK_PORT: u16 = 2196;
+
 /// `https://host:port`, `host:port` or `host` (default port by protocol).
 fn parse_endpoint(text: &str, protocol: Protocol) -> Result<(String, u16), String> {
+    let default_port = match protocol {
+        Protocol::Http2 => 443,
+        Protocol::Binary => 2195,
+    };
+    parse_endpoint_with_port(text, default_port)
+}
+
+fn parse_endpoint_with_port(text: &str, default_port: u16) -> Result<(String, u16), String> {
     let rest = text
         .strip_prefix("https://")
         .unwrap_or(text)
@@ -625,10 +753,6 @@ fn parse_endpoint(text: &str, protocol: Protocol) -> Result<(String, u16), Strin
     if rest.contains("://") || rest.contains('/') {
         return Err(format!("{text:?}: expected https://host:port or host:port"));
     }
-    let default_port = match protocol {
-        Protocol::Http2 => 443,
-        Protocol::Binary => 2195,
-    };
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, _)) if !h.ends_with(']') && h.contains(':') => (rest, default_port), // bare IPv6
         Some((h, p)) => (
@@ -787,6 +911,101 @@ listen = "127.0.0.1:9187"
         assert!(!format!("{c:?}").contains("s3cret"));
         let e = parse("[database]\n").unwrap_err().to_string();
         assert!(e.contains("PGPUSHD_DATABASE_URL"), "{e}");
+    }
+
+    #[test]
+    fn binary_apps_get_settle_and_feedback_defaults() {
+        let cert = "[apps.{name}.certificate]\nfile = \"ck.pem\"\npassphrase_file = \"ck.pass\"\n";
+        let app = |name: &str, body: &str| {
+            format!("[apps.{name}]\n{body}\n{}", cert.replace("{name}", name))
+        };
+        let c = parse(&format!(
+            "{MINIMAL}{}{}{}{}",
+            app("apple", "protocol = \"binary\"\nenvironment = \"sandbox\""),
+            app(
+                "emu",
+                "protocol = \"binary\"\nendpoint = \"127.0.0.1:12195\"\nbinary_settle = \"50ms\"\n\
+                 feedback_interval = \"10s\""
+            ),
+            app(
+                "elsewhere",
+                "protocol = \"binary\"\nendpoint = \"gw.example.com\"\n\
+                 feedback_endpoint = \"fb.example.com\""
+            ),
+            app("quiet", "protocol = \"binary\"\nfeedback_interval = \"0s\""),
+        ))
+        .unwrap();
+        let apple = &c.apps["apple"];
+        assert_eq!(apple.binary.settle, Duration::from_millis(500));
+        assert_eq!(
+            apple.binary.feedback,
+            Some(FeedbackConfig {
+                endpoint: Endpoint::Apple(Environment::Sandbox),
+                interval: Duration::from_secs(3600),
+            })
+        );
+        let emu = &c.apps["emu"];
+        assert_eq!(
+            emu.endpoint,
+            Endpoint::Custom {
+                host: "127.0.0.1".into(),
+                port: 12195
+            }
+        );
+        assert_eq!(emu.binary.settle, Duration::from_millis(50));
+        assert_eq!(
+            emu.binary.feedback,
+            Some(FeedbackConfig {
+                endpoint: Endpoint::Custom {
+                    host: "127.0.0.1".into(),
+                    port: 2196
+                },
+                interval: Duration::from_secs(10),
+            })
+        );
+        let elsewhere = c.apps["elsewhere"].binary.feedback.as_ref().unwrap();
+        assert_eq!(
+            elsewhere.endpoint,
+            Endpoint::Custom {
+                host: "fb.example.com".into(),
+                port: 2196
+            }
+        );
+        assert_eq!(c.apps["quiet"].binary.feedback, None);
+        match &apple.auth {
+            Auth::Certificate(a) => assert_eq!(a.file, Path::new("/etc/pgpushd/ck.pem")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn binary_keys_are_refused_elsewhere() {
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\nbinary_settle = \"1s\"\n[apps.a.certificate]\nfile = \"ck.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.ends_with("apps.a.binary_settle: only applies to protocol = \"binary\""),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\nprotocol = \"binary\"\nbinary_settle = \"0s\"\n\
+             [apps.a.certificate]\nfile = \"ck.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.ends_with("apps.a.binary_settle: must be longer than zero"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\nprotocol = \"binary\"\nfeedback_endpoint = \"x:y\"\n\
+             [apps.a.certificate]\nfile = \"ck.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("apps.a.feedback_endpoint: "), "{e}");
     }
 
     #[test]

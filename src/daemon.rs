@@ -115,6 +115,10 @@ impl Daemon {
             }
             .run(stop.clone()),
         );
+        // The binary protocol's feedback service, polled for unregistered tokens.
+        for poller in crate::apns::binary::feedback::pollers(&self.config) {
+            tracker.spawn(poller.run(stop.clone()));
+        }
         if let Some(listener) = metrics_listener {
             let endpoint = Arc::new(metrics::Endpoint {
                 metrics: self.metrics.clone(),

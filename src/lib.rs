@@ -9,7 +9,8 @@
 //! - [`dispatcher`]: wake -> claim -> send -> record;
 //! - [`outcome`]: what an APNs answer means for a row;
 //! - [`transport`]: the seam between the outbox and APNs (`Notification`, `Delivery`);
-//! - [`apns`]: the HTTP/2 provider API client (and its push-type rules);
+//! - [`apns`]: the HTTP/2 provider API client (and its push-type rules), and the retired
+//!   binary protocol's (`apns::binary`);
 //! - [`emulator`]: a local APNs for tests, the demo and benchmarks;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;

@@ -20,7 +20,7 @@ use crate::apns::request::{self, host_port, ApnsRequest};
 use crate::apns::response::{self, Answer, Verdict};
 use crate::apns::{identity, short_token, ApnsError, Options};
 use crate::backoff::backoff;
-use crate::config::{AppConfig, Auth, Protocol};
+use crate::config::{AppConfig, Auth};
 use crate::transport::{Delivery, Notification};
 
 /// `Deferred` never asks to come back sooner than this (no busy loop on a dead app).
@@ -57,9 +57,6 @@ impl App {
     /// Loads the credentials and sets up TLS; connects later, on the first request.
     pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<App, ApnsError> {
         let app = config.name.clone();
-        if config.protocol == Protocol::Binary {
-            return Err(ApnsError::BinaryProtocol { app });
-        }
         let (signer, identity) = match &config.auth {
             Auth::Token(t) => {
                 let signer = JwtSigner::load(t)

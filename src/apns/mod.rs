@@ -3,7 +3,8 @@
 //! [`Apns`] holds one client per `[apps.NAME]` section and routes each notification by
 //! its `app`. Per app: credentials loaded up front ([`jwt`], [`identity`]), a pool of
 //! long-lived connections ([`pool`], [`connection`]), requests built by a pure function
-//! ([`request`]) and answers mapped onto what the row becomes ([`response`]).
+//! ([`request`]) and answers mapped onto what the row becomes ([`response`]). Apps with
+//! `protocol = "binary"` get the retired binary protocol's client instead ([`binary`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,10 +14,11 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::config::{AppConfig, Config};
+use crate::config::{AppConfig, Config, Protocol};
 use crate::transport::{Delivery, Notification, Transport};
 
 mod app;
+pub mod binary;
 pub mod connection;
 pub mod identity;
 pub mod jwt;
@@ -30,15 +32,11 @@ mod testserver;
 mod testutil;
 
 use app::App;
+use binary::BinaryApp;
 
 /// A problem found while loading an app's credentials; always names the app and the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ApnsError {
-    #[error(
-        "apps.{app}: protocol = \"binary\" is not implemented yet; use protocol = \"http2\" \
-         (the default)"
-    )]
-    BinaryProtocol { app: String },
     #[error("apps.{app}: {source}")]
     Key { app: String, source: jwt::KeyError },
     #[error("apps.{app}: {source}")]
@@ -93,7 +91,7 @@ impl Default for Options {
     }
 }
 
-/// The HTTP/2 transport for every app of the config.
+/// The APNs transport for every app of the config, each over its own protocol.
 pub struct Apns {
     /// Behind a lock so SIGHUP can swap apps; requests clone the `Arc` and let go.
     apps: RwLock<BTreeMap<String, Arc<Loaded>>>,
@@ -102,7 +100,7 @@ pub struct Apns {
 
 /// An app and what it was built from, to tell on reload whether anything changed.
 struct Loaded {
-    app: App,
+    client: Client,
     fingerprint: Fingerprint,
 }
 
@@ -127,6 +125,44 @@ impl Fingerprint {
         Fingerprint {
             config: format!("{config:?}"),
             files: paths.iter().map(|p| std::fs::read(p).ok()).collect(),
+        }
+    }
+}
+
+/// One app's client, by `protocol`.
+enum Client {
+    Http2(Box<App>),
+    Binary(Box<BinaryApp>),
+}
+
+impl Client {
+    fn new(config: &AppConfig, options: &Options) -> Result<Client, ApnsError> {
+        match config.protocol {
+            Protocol::Http2 => App::new(config, options).map(|app| Client::Http2(Box::new(app))),
+            Protocol::Binary => {
+                BinaryApp::new(config, options).map(|app| Client::Binary(Box::new(app)))
+            }
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self {
+            Client::Http2(app) => app.health(),
+            Client::Binary(app) => app.health(),
+        }
+    }
+
+    fn open_connections(&self) -> usize {
+        match self {
+            Client::Http2(app) => app.open_connections(),
+            Client::Binary(app) => app.open_connections(),
+        }
+    }
+
+    async fn deliver(&self, n: &Notification) -> Delivery {
+        match self {
+            Client::Http2(app) => app.deliver(n).await,
+            Client::Binary(app) => app.deliver(n).await,
         }
     }
 }
@@ -181,7 +217,7 @@ impl Apns {
             .read()
             .unwrap()
             .iter()
-            .map(|(name, loaded)| (name.clone(), loaded.app.health()))
+            .map(|(name, loaded)| (name.clone(), loaded.client.health()))
             .collect()
     }
 
@@ -189,7 +225,7 @@ impl Apns {
     pub async fn deliver(&self, n: &Notification) -> Delivery {
         let loaded = self.apps.read().unwrap().get(&n.app).cloned();
         match loaded {
-            Some(loaded) => loaded.app.deliver(n).await,
+            Some(loaded) => loaded.client.deliver(n).await,
             None => Delivery::rejected(format!(
                 "unknown app {:?}: no [apps.{}] section in the config",
                 n.app, n.app
@@ -212,7 +248,7 @@ impl Transport for Apns {
             .read()
             .unwrap()
             .iter()
-            .map(|(name, loaded)| (name.clone(), loaded.app.open_connections()))
+            .map(|(name, loaded)| (name.clone(), loaded.client.open_connections()))
             .collect()
     }
 }
@@ -224,7 +260,7 @@ pub fn check(config: &Config) -> Vec<String> {
     config
         .apps
         .values()
-        .filter_map(|app| App::new(app, &options).err().map(|e| e.to_string()))
+        .filter_map(|app| Client::new(app, &options).err().map(|e| e.to_string()))
         .collect()
 }
 
@@ -233,7 +269,7 @@ fn load(config: &AppConfig, options: &Options) -> Result<Loaded, ApnsError> {
     // at the next reload rather than missed.
     let fingerprint = Fingerprint::of(config);
     Ok(Loaded {
-        app: App::new(config, options)?,
+        client: Client::new(config, options)?,
         fingerprint,
     })
 }
@@ -263,6 +299,11 @@ impl fmt::Display for OneAnswer {
 /// Sends one push for `app`, without a database, and returns APNs's answer as is
 /// (`pgpushd send`). Errors: the credentials, a row APNs would refuse, no connection.
 pub async fn send_one(app: &AppConfig, n: &Notification) -> anyhow::Result<OneAnswer> {
+    anyhow::ensure!(
+        app.protocol == Protocol::Http2,
+        "apps.{}: pgpushd send speaks HTTP/2 only; this app uses the binary protocol",
+        app.name
+    );
     let mut config = app.clone();
     config.connections = 1;
     let client = App::new(&config, &Options::default())?;
@@ -327,6 +368,7 @@ mod tests {
             connections: 2,
             request_timeout: Duration::from_secs(10),
             auth,
+            binary: Default::default(),
         }
     }
 
@@ -378,7 +420,9 @@ mod tests {
         // Nothing changed: nothing rebuilt.
         assert!(apns.reload(&apps).unwrap().is_empty());
         // A rotated key under the same path, and an app removed and one added.
-        let Auth::Token(t) = &b.auth else { unreachable!() };
+        let Auth::Token(t) = &b.auth else {
+            unreachable!()
+        };
         std::fs::write(&t.key_file, jwt::tests::p8().0).unwrap();
         let (c, _) = token_app(&server, "c");
         let next: BTreeMap<_, _> = [a, b, c].into_iter().map(|c| (c.name.clone(), c)).collect();
@@ -386,7 +430,10 @@ mod tests {
         changed.sort();
         assert_eq!(changed, ["b", "c"]);
         let after = apns.apps.read().unwrap().clone();
-        assert!(Arc::ptr_eq(&before["a"], &after["a"]), "an unchanged app lost its connections");
+        assert!(
+            Arc::ptr_eq(&before["a"], &after["a"]),
+            "an unchanged app lost its connections"
+        );
         assert!(!Arc::ptr_eq(&before["b"], &after["b"]));
 
         // A bad credential: the reload is refused whole, the running apps stay.
@@ -680,6 +727,7 @@ mod tests {
                 key_id: "ABC123DEFG".into(),
                 team_id: "DEF123GHIJ".into(),
             }),
+            binary: Default::default(),
         };
         let build = |apps: &[AppConfig]| {
             let apps = apps.iter().map(|a| (a.name.clone(), a.clone())).collect();
@@ -699,9 +747,11 @@ mod tests {
             file: dir.path().join("ck.pem"),
             passphrase_file: None,
         });
-        assert_eq!(
-            build(std::slice::from_ref(&binary)).unwrap(),
-            "apps.legacy: protocol = \"binary\" is not implemented yet; use protocol = \"http2\" (the default)"
+        let e = build(std::slice::from_ref(&binary)).unwrap();
+        assert!(
+            e.starts_with("apps.legacy: ")
+                && e.contains("ck.pem: cannot read the certificate file"),
+            "{e}"
         );
 
         let mut cert = base.clone();

@@ -253,6 +253,7 @@ mod tests {
                 file: "ck.pem".into(),
                 passphrase_file: None,
             }),
+            binary: Default::default(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! `pgpushd emulator`: the emulator as a command, for developing against APNs without
-//! Apple credentials.
+//! Apple credentials. `--protocol binary` runs the retired binary protocol's gateway and
+//! feedback service instead ([`super::binary`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,21 +10,28 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
+use super::binary::{BinaryEmulator, BinaryEmulatorConfig};
 use super::{Emulator, EmulatorAuth, EmulatorConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProtocolArg {
     Http2,
+    /// The retired binary protocol (gateway and feedback service; needs --client-ca).
+    Binary,
 }
 
 #[derive(Args, Debug)]
 pub struct EmulatorArgs {
-    /// Address to listen on (APNs uses 443; 2197 is its alternative port).
-    #[arg(long, default_value = "127.0.0.1:2197")]
-    pub listen: SocketAddr,
+    /// Address to listen on [default: 127.0.0.1:2197 (HTTP/2: APNs uses 443, 2197 is its
+    /// alternative port), 127.0.0.1:2195 (binary)].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
     /// Which APNs protocol to speak.
     #[arg(long, value_enum, default_value_t = ProtocolArg::Http2)]
     pub protocol: ProtocolArg,
+    /// Binary protocol: the feedback service's address.
+    #[arg(long, default_value = "127.0.0.1:2196")]
+    pub feedback_listen: SocketAddr,
     /// Write `ca.pem` (the CA clients must trust) and the server's certificate here.
     /// Without it the CA is printed on standard output.
     #[arg(long)]
@@ -37,7 +45,8 @@ pub struct EmulatorArgs {
     /// The team id (`iss`) provider tokens must carry.
     #[arg(long, requires = "token_key")]
     pub team_id: Option<String>,
-    /// Require client certificates signed by this CA (certificate auth).
+    /// Require client certificates signed by this CA (certificate auth; the binary
+    /// protocol requires it).
     #[arg(long)]
     pub client_ca: Option<PathBuf>,
     /// The bundle id served; requests for other topics are refused.
@@ -46,10 +55,12 @@ pub struct EmulatorArgs {
     /// Append one JSON line per request and answer to this file.
     #[arg(long)]
     pub record: Option<PathBuf>,
-    /// Answer these tokens with 410 Unregistered.
+    /// Answer these tokens with 410 Unregistered (binary protocol: list them on the
+    /// feedback service).
     #[arg(long, num_args = 1..)]
     pub unregistered: Vec<String>,
-    /// Answer these tokens with 400 BadDeviceToken.
+    /// Answer these tokens with 400 BadDeviceToken (binary protocol: error packet with
+    /// status 8, invalid token).
     #[arg(long, num_args = 1..)]
     pub bad_token: Vec<String>,
     /// Fraction of requests answered 429/500/503 at random (0 to 1).
@@ -86,7 +97,9 @@ impl EmulatorArgs {
             (None, None) => EmulatorAuth::None,
         };
         Ok(EmulatorConfig {
-            listen: self.listen,
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 2197))),
             tls_dir: self.tls_dir,
             auth,
             topic: self.topic,
@@ -100,21 +113,78 @@ impl EmulatorArgs {
             keep_records: 0,
         })
     }
+
+    fn into_binary_config(self) -> anyhow::Result<BinaryEmulatorConfig> {
+        let http2_only = [
+            ("--token-key", self.token_key.is_some()),
+            ("--topic", self.topic.is_some()),
+            ("--error-rate", self.error_rate != 0.0),
+            ("--latency", !self.latency.is_zero()),
+            ("--goaway-every", self.goaway_every.is_some()),
+        ];
+        if let Some((flag, _)) = http2_only.iter().find(|(_, given)| *given) {
+            anyhow::bail!("{flag} applies to --protocol http2 only");
+        }
+        let Some(ca) = &self.client_ca else {
+            anyhow::bail!(
+                "--protocol binary needs --client-ca FILE: the CA that signs the client \
+                 certificates it accepts (the binary protocol knows no other auth)"
+            );
+        };
+        let client_ca_pem =
+            std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        Ok(BinaryEmulatorConfig {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 2195))),
+            feedback_listen: Some(self.feedback_listen),
+            tls_dir: self.tls_dir,
+            client_ca_pem,
+            record: self.record,
+            invalid_tokens: self.bad_token,
+            feedback_tokens: self.unregistered,
+            keep_records: 0,
+        })
+    }
 }
 
-/// Runs the emulator until `shutdown` completes.
+/// Runs the emulator until `shutdown` completes. Prints where it listens and the CA
+/// clients must trust (its path with --tls-dir, else the PEM itself).
 pub async fn run(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if args.protocol == ProtocolArg::Binary {
+        return run_binary(args, shutdown).await;
+    }
     let tls_dir = args.tls_dir.clone();
     let emulator = Emulator::start(args.into_config()?).await?;
     println!("APNs emulator listening on {}", emulator.endpoint());
+    print_ca(tls_dir, emulator.ca_pem());
+    shutdown.await;
+    emulator.shutdown().await;
+    Ok(())
+}
+
+async fn run_binary(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls_dir = args.tls_dir.clone();
+    let emulator = BinaryEmulator::start(args.into_binary_config()?).await?;
+    println!(
+        "APNs binary-protocol emulator: gateway on {}, feedback service on {}",
+        emulator.addr(),
+        emulator
+            .feedback_addr()
+            .map_or_else(|| "(none)".to_owned(), |a| a.to_string())
+    );
+    print_ca(tls_dir, emulator.ca_pem());
+    shutdown.await;
+    emulator.shutdown().await;
+    Ok(())
+}
+
+fn print_ca(tls_dir: Option<PathBuf>, ca_pem: &[u8]) {
     match tls_dir {
         Some(dir) => println!("clients must trust {}", dir.join("ca.pem").display()),
         None => print!(
             "clients must trust this CA (or pass --tls-dir DIR to write it to DIR/ca.pem):\n{}",
-            String::from_utf8_lossy(emulator.ca_pem())
+            String::from_utf8_lossy(ca_pem)
         ),
     }
-    shutdown.await;
-    emulator.shutdown().await;
-    Ok(())
 }

@@ -14,9 +14,12 @@
 //! - every answer can be observed: [`Emulator::subscribe`], [`Emulator::records`], a
 //!   JSON-lines file, and [`Emulator::stats`].
 //!
+//! The retired binary protocol (gateway and feedback service) is [`binary`]'s.
+//!
 //! The library prints nothing; it logs with `tracing`.
 
 mod answer;
+pub mod binary;
 pub mod cli;
 mod connection;
 mod faults;

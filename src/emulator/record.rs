@@ -46,11 +46,11 @@ impl Record {
     }
 }
 
-fn rfc3339<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*at))
 }
 
-fn json_or_text<S: Serializer>(payload: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn json_or_text<S: Serializer>(payload: &Bytes, s: S) -> Result<S::Ok, S::Error> {
     match serde_json::from_slice::<serde_json::Value>(payload) {
         Ok(json) => json.serialize(s),
         Err(_) => s.serialize_str(&String::from_utf8_lossy(payload)),
@@ -61,24 +61,25 @@ fn json_or_text<S: Serializer>(payload: &Bytes, s: S) -> Result<S::Ok, S::Error>
 /// 30k requests/s.
 const SUBSCRIBER_BACKLOG: usize = 1 << 16;
 
-pub(crate) struct Recorder {
-    subscribers: broadcast::Sender<Arc<Record>>,
-    history: Mutex<VecDeque<Arc<Record>>>,
+/// Records of type `R`: the HTTP/2 emulator's [`Record`], or the binary emulator's.
+pub(crate) struct Recorder<R = Record> {
+    subscribers: broadcast::Sender<Arc<R>>,
+    history: Mutex<VecDeque<Arc<R>>>,
     history_len: usize,
-    file: Option<FileWriter>,
+    file: Option<FileWriter<R>>,
 }
 
-struct FileWriter {
+struct FileWriter<R> {
     /// `None` asks the writer to flush and stop.
-    lines: mpsc::Sender<Option<Arc<Record>>>,
+    lines: mpsc::Sender<Option<Arc<R>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Recorder {
+impl<R: Serialize + Send + Sync + 'static> Recorder<R> {
     /// `history_len`: how many of the latest records [`Recorder::history`] keeps.
-    pub fn new(file: Option<&Path>, history_len: usize) -> anyhow::Result<Recorder> {
+    pub fn new(file: Option<&Path>, history_len: usize) -> anyhow::Result<Recorder<R>> {
         let file = file
-            .map(|path| -> anyhow::Result<FileWriter> {
+            .map(|path| -> anyhow::Result<FileWriter<R>> {
                 let out = File::create(path)
                     .with_context(|| format!("cannot create record file {}", path.display()))?;
                 let (lines, rx) = mpsc::channel();
@@ -105,7 +106,7 @@ impl Recorder {
         self.history_len > 0 || self.file.is_some() || self.subscribers.receiver_count() > 0
     }
 
-    pub fn record(&self, record: Record) {
+    pub fn record(&self, record: R) {
         let record = Arc::new(record);
         if let Some(file) = &self.file {
             let _ = file.lines.send(Some(record.clone()));
@@ -120,11 +121,11 @@ impl Recorder {
         let _ = self.subscribers.send(record);
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Record>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<R>> {
         self.subscribers.subscribe()
     }
 
-    pub fn history(&self) -> Vec<Arc<Record>> {
+    pub fn history(&self) -> Vec<Arc<R>> {
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         history.iter().cloned().collect()
     }
@@ -141,7 +142,11 @@ impl Recorder {
 }
 
 /// The writer thread: a line per record, flushed whenever it catches up.
-fn write_lines(out: BufWriter<File>, rx: mpsc::Receiver<Option<Arc<Record>>>, path: &Path) {
+fn write_lines<R: Serialize>(
+    out: BufWriter<File>,
+    rx: mpsc::Receiver<Option<Arc<R>>>,
+    path: &Path,
+) {
     let mut writer = LineWriter {
         out,
         path,
@@ -149,10 +154,10 @@ fn write_lines(out: BufWriter<File>, rx: mpsc::Receiver<Option<Arc<Record>>>, pa
     };
     loop {
         let Ok(Some(record)) = rx.recv() else { break };
-        writer.write(&record);
+        writer.write(&*record);
         let stop = loop {
             match rx.try_recv() {
-                Ok(Some(record)) => writer.write(&record),
+                Ok(Some(record)) => writer.write(&*record),
                 Ok(None) | Err(mpsc::TryRecvError::Disconnected) => break true,
                 Err(mpsc::TryRecvError::Empty) => break false,
             }
@@ -173,7 +178,7 @@ struct LineWriter<'a> {
 }
 
 impl LineWriter<'_> {
-    fn write(&mut self, record: &Record) {
+    fn write<R: Serialize>(&mut self, record: &R) {
         let written = serde_json::to_writer(&mut self.out, record)
             .map_err(std::io::Error::from)
             .and_then(|()| self.out.write_all(b"\n"));
@@ -253,7 +258,7 @@ mod tests {
 
     #[test]
     fn nothing_wanted_without_listeners() {
-        let recorder = Recorder::new(None, 0).unwrap();
+        let recorder: Recorder = Recorder::new(None, 0).unwrap();
         assert!(!recorder.wanted());
         let rx = recorder.subscribe();
         assert!(recorder.wanted());

@@ -206,6 +206,17 @@ pub(crate) fn server_tls(
     tls_dir: Option<&Path>,
     client_ca: Option<&[u8]>,
 ) -> anyhow::Result<ServerTls> {
+    server_tls_with_alpn(listen, tls_dir, client_ca, Some(ALPN_H2))
+}
+
+/// [`server_tls`] with another ALPN list (wire format); `None`: no ALPN at all, as the
+/// binary protocol's gateway, whose clients offer none.
+pub(crate) fn server_tls_with_alpn(
+    listen: SocketAddr,
+    tls_dir: Option<&Path>,
+    client_ca: Option<&[u8]>,
+    alpn: Option<&'static [u8]>,
+) -> anyhow::Result<ServerTls> {
     let ca = match tls_dir {
         Some(dir) if dir.join("ca.pem").exists() && dir.join("ca.key").exists() => {
             let read = |f: &str| {
@@ -240,9 +251,11 @@ pub(crate) fn server_tls(
     builder.set_certificate(&cert)?;
     builder.set_private_key(&key)?;
     builder.check_private_key()?;
-    builder.set_alpn_select_callback(|_, offered| {
-        ssl::select_next_proto(ALPN_H2, offered).ok_or(AlpnError::ALERT_FATAL)
-    });
+    if let Some(alpn) = alpn {
+        builder.set_alpn_select_callback(move |_, offered| {
+            ssl::select_next_proto(alpn, offered).ok_or(AlpnError::ALERT_FATAL)
+        });
+    }
     if let Some(pem) = client_ca {
         let cas = X509::stack_from_pem(pem).context("cannot read the client CA")?;
         ensure!(!cas.is_empty(), "the client CA file holds no certificate");

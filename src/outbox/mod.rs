@@ -8,8 +8,8 @@
 
 pub mod migrate;
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
 
 use tokio_postgres::{Client, GenericClient, Statement};
 use uuid::Uuid;
@@ -217,6 +217,28 @@ async fn write_unregistered(
         txn.execute(unregister, &[&apps, &tokens, &ats]).await?;
     }
     Ok(())
+}
+
+/// Records tokens APNs reported unregistered outside a batch (the binary protocol's
+/// feedback service), keeping the later time for a token already there. Tokens are
+/// stored in lower case, as the claim compares them. Returns how many were written.
+pub async fn record_unregistered(
+    client: &impl GenericClient,
+    app: &str,
+    tokens: &[(String, SystemTime)],
+) -> Result<u64, tokio_postgres::Error> {
+    // One INSERT may not touch the same key twice: keep each token's latest time.
+    let mut latest: HashMap<String, SystemTime> = HashMap::new();
+    for (token, at) in tokens {
+        let at_least = latest.entry(token.to_ascii_lowercase()).or_insert(*at);
+        *at_least = (*at_least).max(*at);
+    }
+    if latest.is_empty() {
+        return Ok(0);
+    }
+    let apps = vec![app.to_owned(); latest.len()];
+    let (tokens, ats): (Vec<String>, Vec<SystemTime>) = latest.into_iter().unzip();
+    client.execute(UNREGISTER, &[&apps, &tokens, &ats]).await
 }
 
 fn millis(d: Duration) -> i64 {

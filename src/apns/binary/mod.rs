@@ -1,0 +1,272 @@
+//! The retired APNs binary protocol, as a second transport per app
+//! (`protocol = "binary"`): a TLS connection to gateway(.sandbox).push.apple.com:2195
+//! authenticated by the client certificate, one command-2 frame per notification.
+//!
+//! - [`frame`]: the bytes (pure);
+//! - [`connection`]: one connection, its identifiers -> pending notifications, and the
+//!   rule by which a notification counts as sent (the protocol never says so);
+//! - `pool`: an app's connections, replaced as the gateway closes them;
+//! - [`feedback`]: the feedback service's poller, which fills `unregistered_tokens`;
+//! - here, `BinaryApp`: one app's client, mapping what the gateway did onto a
+//!   [`Delivery`], as the HTTP/2 client does with its answers.
+//!
+//! Apple retired the protocol on 2021-03-31; gateways and emulators that speak it remain.
+
+pub mod connection;
+pub mod feedback;
+pub mod frame;
+pub(crate) mod pool;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, info, warn};
+
+use crate::apns::connection::read_ca_file;
+use crate::apns::{identity, short_token, ApnsError, Options};
+use crate::config::{AppConfig, Auth, Endpoint, Environment};
+use crate::transport::{Delivery, Notification};
+
+use connection::{ConnectOptions, Outcome};
+use frame::{Push, Status};
+use pool::{Pool, Unavailable};
+
+/// `Deferred` never asks to come back sooner than this (no busy loop on a dead gateway).
+const MIN_DEFER: Duration = Duration::from_secs(1);
+
+/// The gateway for an app's endpoint.
+pub fn gateway(endpoint: &Endpoint) -> (&str, u16) {
+    match endpoint {
+        Endpoint::Apple(Environment::Production) => ("gateway.push.apple.com", 2195),
+        Endpoint::Apple(Environment::Sandbox) => ("gateway.sandbox.push.apple.com", 2195),
+        Endpoint::Custom { host, port } => (host.as_str(), *port),
+    }
+}
+
+/// The feedback service for a `[apps.NAME] feedback_endpoint` as the config resolved it.
+pub fn feedback_service(endpoint: &Endpoint) -> (&str, u16) {
+    match endpoint {
+        Endpoint::Apple(Environment::Production) => ("feedback.push.apple.com", 2196),
+        Endpoint::Apple(Environment::Sandbox) => ("feedback.sandbox.push.apple.com", 2196),
+        Endpoint::Custom { host, port } => (host.as_str(), *port),
+    }
+}
+
+/// The TLS settings of a binary-protocol app: its client certificate (the only auth the
+/// protocol knows), the system's roots plus `ca_file`, TLS 1.2 or later, no ALPN.
+pub fn tls_connector(config: &AppConfig) -> Result<native_tls::TlsConnector, ApnsError> {
+    let app = config.name.clone();
+    let Auth::Certificate(auth) = &config.auth else {
+        return Err(ApnsError::Tls {
+            app,
+            message: "the binary protocol needs certificate auth ([certificate])".into(),
+        });
+    };
+    let id = identity::load(auth).map_err(|source| ApnsError::Identity {
+        app: app.clone(),
+        source,
+    })?;
+    if id.expired {
+        return Err(ApnsError::CertificateExpired {
+            app,
+            path: auth.file.clone(),
+            not_after: id.not_after,
+        });
+    }
+    info!(app = %config.name, subject = %id.subject, not_after = %id.not_after,
+          "loaded the APNs client certificate (binary protocol)");
+    if id.days_left < 30 {
+        warn!(app = %config.name, subject = %id.subject, not_after = %id.not_after,
+              days_left = id.days_left, "the APNs client certificate expires soon");
+    }
+    let tls_error = |message: String| ApnsError::Tls {
+        app: app.clone(),
+        message,
+    };
+    let mut builder = native_tls::TlsConnector::builder();
+    builder
+        .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
+        .identity(id.identity);
+    if let Some(path) = &config.ca_file {
+        for cert in read_ca_file(path).map_err(tls_error)? {
+            builder.add_root_certificate(cert);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| tls_error(format!("cannot set up TLS: {e}")))
+}
+
+/// One binary-protocol app: its certificate, its gateway connections.
+pub(crate) struct BinaryApp {
+    name: String,
+    pool: Pool,
+    /// Upper bound on one notification, from submitting it to its outcome.
+    timeout: Duration,
+    max_resends: u32,
+    connections: u32,
+}
+
+impl BinaryApp {
+    /// Loads the certificate and sets up TLS; connects on the first notification.
+    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<BinaryApp, ApnsError> {
+        let tls = tls_connector(config)?;
+        let (host, port) = gateway(&config.endpoint);
+        let settle = config.binary.settle;
+        let pool = Pool::new(
+            &config.name,
+            ConnectOptions {
+                host: host.to_owned(),
+                port,
+                tls,
+                connect_timeout: options.connect_timeout,
+                settle,
+            },
+            config.connections,
+            options.reconnect_base,
+            options.reconnect_max,
+        );
+        Ok(BinaryApp {
+            name: config.name.clone(),
+            pool,
+            timeout: config.request_timeout + settle,
+            max_resends: options.max_resends,
+            connections: config.connections as u32,
+        })
+    }
+
+    pub(crate) fn health(&self) -> Result<(), String> {
+        self.pool.health()
+    }
+
+    pub(crate) fn open_connections(&self) -> usize {
+        self.pool.open_connections()
+    }
+
+    /// One attempt for one row: sent again on another connection while the gateway has
+    /// not taken it (a bounded number of times).
+    pub(crate) async fn deliver(&self, n: &Notification) -> Delivery {
+        let push = match build(n) {
+            Ok(push) => push,
+            Err(reason) => {
+                debug!(app = %self.name, id = n.id, token = short_token(&n.device_token),
+                       reason = %reason, "row refused before sending");
+                return Delivery::Rejected { reason };
+            }
+        };
+        let delivery = self.exchange(push).await;
+        debug!(app = %self.name, id = n.id, token = short_token(&n.device_token),
+               outcome = ?delivery, "push attempt (binary)");
+        delivery
+    }
+
+    async fn exchange(&self, push: Push) -> Delivery {
+        let tries = self.max_resends + 1;
+        let mut counted = 0;
+        let mut last = String::new();
+        // A connection that ended without the gateway handling anything (a refused
+        // certificate) does not count: its slot backs off, and once every slot does,
+        // the row is deferred without an attempt. `connections` bounds those extra turns.
+        for _ in 0..tries + self.connections {
+            if counted == tries {
+                break;
+            }
+            let conn = match self.pool.acquire().await {
+                Ok(conn) => conn,
+                Err(Unavailable { reason, after }) => {
+                    return Delivery::Deferred {
+                        reason: format!("the APNs gateway is unreachable: {reason}"),
+                        after: after.max(MIN_DEFER),
+                    }
+                }
+            };
+            let outcome = match conn.submit(push.clone()) {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    last = "the connection closed before it was written".into();
+                    continue;
+                }
+            };
+            let outcome = match tokio::time::timeout(self.timeout, outcome).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_)) => Outcome::Resend("the connection's task ended".into()),
+                Err(_) => {
+                    let why = format!("no outcome within {:?}", self.timeout);
+                    conn.kill(&why);
+                    return Delivery::retry(why);
+                }
+            };
+            match outcome {
+                Outcome::Sent => return Delivery::Sent { apns_id: None },
+                Outcome::Refused(status) => return refused(status),
+                Outcome::Resend(why) => {
+                    debug!(app = %self.name, conn = conn.id(), reason = %why,
+                           "notification not taken; sending it again");
+                    if conn.productive() || conn.is_alive() {
+                        counted += 1;
+                    }
+                    last = why;
+                }
+            }
+        }
+        Delivery::retry(format!("not taken after {counted} tries; last: {last}"))
+    }
+}
+
+/// The frame for a row, or why the row must fail without one.
+pub fn build(n: &Notification) -> Result<Push, String> {
+    let token = frame::parse_token(&n.device_token).map_err(|e| format!("BadDeviceToken: {e}"))?;
+    if !n.payload.is_object() {
+        return Err("BadPayload: the payload must be a JSON object".into());
+    }
+    let payload = serde_json::to_vec(&n.payload).expect("JSON values serialize");
+    if payload.len() > frame::MAX_PAYLOAD {
+        return Err(format!(
+            "PayloadTooLarge: the payload is {} bytes; the binary protocol takes at most {}",
+            payload.len(),
+            frame::MAX_PAYLOAD
+        ));
+    }
+    let priority = match n.priority {
+        None => None,
+        Some(p @ (5 | 10)) => Some(p as u8),
+        Some(p) => {
+            return Err(format!(
+                "BadPriority: priority {p} does not exist in the binary protocol (10 or 5)"
+            ))
+        }
+    };
+    // Before 1970 is nonsense a CHECK would catch; 0 ("try once, do not store") is the
+    // closest meaning. After 2106 does not fit: as late as the field goes.
+    let expiration = n.expires_at.map(|at| {
+        at.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+    });
+    Ok(Push {
+        token,
+        payload,
+        expiration,
+        priority,
+    })
+}
+
+/// What an error packet's status means for the row it names.
+fn refused(status: Status) -> Delivery {
+    let reason = format!("the gateway refused the notification: {status}");
+    match status {
+        Status::InvalidToken => Delivery::Unregistered {
+            reason,
+            at: SystemTime::now(),
+        },
+        Status::MissingToken
+        | Status::MissingTopic
+        | Status::MissingPayload
+        | Status::InvalidTokenSize
+        | Status::InvalidTopicSize
+        | Status::InvalidPayloadSize => Delivery::Rejected { reason },
+        // 1 processing error, 255 unknown, 128 and anything unlisted: try again later.
+        _ => Delivery::Retry { reason },
+    }
+}
+
+#[cfg(test)]
+mod tests;

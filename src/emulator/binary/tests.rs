@@ -1,0 +1,265 @@
+//! The binary emulator through a plain TLS client writing bytes by hand.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_native_tls::TlsStream;
+
+use super::*;
+use crate::apns::binary::frame::{self, ErrorPacket, Push, Status};
+use crate::emulator::tls::{CertificateAuthority, Issued};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Setup {
+    emulator: BinaryEmulator,
+    client: Issued,
+}
+
+async fn setup(tweak: impl FnOnce(&mut BinaryEmulatorConfig)) -> Setup {
+    let ca = CertificateAuthority::generate("provider CA").unwrap();
+    let client = ca
+        .issue_client("Apple Push Services: com.example.app")
+        .unwrap();
+    let mut config = BinaryEmulatorConfig::new(ca.cert_pem());
+    tweak(&mut config);
+    Setup {
+        emulator: BinaryEmulator::start(config).await.unwrap(),
+        client,
+    }
+}
+
+impl Setup {
+    async fn connect_to(
+        &self,
+        addr: SocketAddr,
+        with_cert: bool,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let mut b = native_tls::TlsConnector::builder();
+        b.add_root_certificate(native_tls::Certificate::from_pem(self.emulator.ca_pem()).unwrap());
+        if with_cert {
+            b.identity(
+                native_tls::Identity::from_pkcs8(&self.client.cert_pem, &self.client.key_pem)
+                    .unwrap(),
+            );
+        }
+        let tls = tokio_native_tls::TlsConnector::from(b.build().unwrap());
+        let tcp = TcpStream::connect(addr).await?;
+        tls.connect("localhost", tcp)
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    async fn gateway(&self) -> TlsStream<TcpStream> {
+        self.connect_to(self.emulator.addr(), true).await.unwrap()
+    }
+}
+
+/// Everything the server sends until it closes.
+async fn read_to_end(tls: &mut TlsStream<TcpStream>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut out))
+        .await
+        .expect("the server closes");
+    out
+}
+
+fn token(i: u8) -> [u8; 32] {
+    [i; 32]
+}
+
+fn push(i: u8) -> Push {
+    Push {
+        token: token(i),
+        payload: br#"{"aps":{"alert":"hi"}}"#.to_vec(),
+        expiration: Some(0),
+        priority: Some(10),
+    }
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    while !ok() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn all_three_commands_are_taken_and_recorded() {
+    let s = setup(|_| {}).await;
+    let mut tls = s.gateway().await;
+    let mut out = Vec::new();
+    frame::encode_simple(&token(1), br#"{"aps":{"alert":"zero"}}"#, &mut out);
+    frame::encode_enhanced(
+        &token(2),
+        br#"{"aps":{"alert":"one"}}"#,
+        11,
+        1_700_000_000,
+        &mut out,
+    );
+    frame::encode_frame(&push(3), 12, &mut out);
+    tls.write_all(&out).await.unwrap();
+    tls.flush().await.unwrap();
+    wait_until("three records", || s.emulator.records().len() == 3).await;
+    let r = s.emulator.records();
+    assert_eq!(
+        r.iter()
+            .map(|r| (r.command, r.identifier, r.status))
+            .collect::<Vec<_>>(),
+        [(0, None, 0), (1, Some(11), 0), (2, Some(12), 0)]
+    );
+    assert_eq!(r[0].device_token, "01".repeat(32));
+    assert_eq!(r[0].payload_json().unwrap()["aps"]["alert"], "zero");
+    assert_eq!(r[1].expiration, Some(1_700_000_000));
+    assert_eq!((r[2].expiration, r[2].priority), (Some(0), Some(10)));
+    let stats = s.emulator.stats();
+    assert_eq!((stats.accepted, stats.connections_open), (3, 1));
+    drop(tls);
+    wait_until("the connection to close", || {
+        s.emulator.stats().connections_open == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_first_refused_notification_gets_the_error_packet_and_the_rest_is_discarded() {
+    let s = setup(|c| c.invalid_tokens = vec![hex::encode(token(2))]).await;
+    let mut tls = s.gateway().await;
+    let mut out = Vec::new();
+    for (i, id) in [(1, 101), (2, 102), (3, 103)] {
+        frame::encode_frame(&push(i), id, &mut out);
+    }
+    tls.write_all(&out).await.unwrap();
+    let answer = read_to_end(&mut tls).await;
+    assert_eq!(
+        answer,
+        ErrorPacket {
+            status: Status::InvalidToken,
+            identifier: 102
+        }
+        .encode()
+    );
+    let r = s.emulator.records();
+    assert_eq!(
+        r.iter()
+            .map(|r| (r.identifier, r.status))
+            .collect::<Vec<_>>(),
+        [(Some(101), 0), (Some(102), 8)],
+        "nothing after the refused one is taken"
+    );
+    assert_eq!(s.emulator.stats().refused, [(8, 1)].into());
+}
+
+#[tokio::test]
+async fn format_errors_and_command_0_failures() {
+    let s = setup(|_| {}).await;
+    let cases: Vec<(Vec<u8>, Status, u32)> = vec![
+        {
+            let mut out = Vec::new();
+            frame::encode_enhanced(&[1; 31], b"{}", 5, 0, &mut out);
+            (out, Status::InvalidTokenSize, 5)
+        },
+        {
+            let mut out = Vec::new();
+            frame::encode_simple(&token(1), &[b' '; 2049], &mut out);
+            (out, Status::InvalidPayloadSize, 0)
+        },
+        {
+            let mut p = push(1);
+            p.payload.clear();
+            let mut out = Vec::new();
+            frame::encode_frame(&p, 6, &mut out);
+            (out, Status::MissingPayload, 6)
+        },
+        (vec![7, 0, 0], Status::Unknown, 0),
+    ];
+    for (bytes, status, identifier) in cases {
+        let mut tls = s.gateway().await;
+        tls.write_all(&bytes).await.unwrap();
+        assert_eq!(
+            read_to_end(&mut tls).await,
+            ErrorPacket { status, identifier }.encode(),
+            "{status}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn scripted_statuses_and_shutdown_naming_the_last_one_taken() {
+    let s = setup(|_| {}).await;
+    s.emulator.script(&hex::encode(token(9)), 1);
+    let mut tls = s.gateway().await;
+    let mut out = Vec::new();
+    frame::encode_frame(&push(9), 1, &mut out);
+    tls.write_all(&out).await.unwrap();
+    assert_eq!(read_to_end(&mut tls).await, [8, 1, 0, 0, 0, 1]);
+    s.emulator.script(&hex::encode(token(9)), 0);
+
+    let mut tls = s.gateway().await;
+    let mut out = Vec::new();
+    frame::encode_frame(&push(9), 41, &mut out);
+    frame::encode_frame(&push(8), 42, &mut out);
+    tls.write_all(&out).await.unwrap();
+    wait_until("two taken", || s.emulator.stats().accepted == 2).await;
+    s.emulator.shutdown_connections();
+    assert_eq!(read_to_end(&mut tls).await, [8, 10, 0, 0, 0, 42]);
+}
+
+#[tokio::test]
+async fn clients_without_the_certificate_are_turned_away() {
+    let s = setup(|_| {}).await;
+    // TLS 1.3 may finish the client's side of the handshake before the server refuses:
+    // either way, nothing is taken and the connection ends.
+    if let Ok(mut tls) = s.connect_to(s.emulator.addr(), false).await {
+        let mut out = Vec::new();
+        frame::encode_frame(&push(1), 1, &mut out);
+        let _ = tls.write_all(&out).await;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut buf))
+            .await
+            .unwrap();
+        assert!(read.is_err() || buf.is_empty(), "{read:?} {buf:?}");
+    }
+    wait_until("a failed handshake", || {
+        s.emulator.stats().handshakes_failed == 1
+    })
+    .await;
+    assert_eq!(s.emulator.stats().accepted, 0);
+}
+
+#[tokio::test]
+async fn feedback_is_handed_out_once() {
+    let s = setup(|c| c.feedback_tokens = vec![hex::encode(token(5))]).await;
+    let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    s.emulator.add_feedback(&token(6), at);
+    let addr = s.emulator.feedback_addr().unwrap();
+    let mut tls = s.connect_to(addr, true).await.unwrap();
+    let bytes = read_to_end(&mut tls).await;
+    let (first, used) = frame::decode_feedback(&bytes).unwrap();
+    let (second, rest) = frame::decode_feedback(&bytes[used..]).unwrap();
+    assert_eq!(used + rest, bytes.len());
+    assert_eq!(first.token, token(5));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now - u64::from(first.timestamp) < 60);
+    assert_eq!(
+        second,
+        frame::FeedbackTuple {
+            timestamp: 1_700_000_000,
+            token: token(6).to_vec()
+        }
+    );
+    assert_eq!(s.emulator.pending_feedback(), 0);
+
+    let mut again = s.connect_to(addr, true).await.unwrap();
+    assert!(read_to_end(&mut again).await.is_empty());
+    let stats = s.emulator.stats();
+    assert_eq!((stats.feedback_connections, stats.feedback_tuples), (2, 2));
+}
