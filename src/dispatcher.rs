@@ -120,8 +120,9 @@ struct BatchReport {
     claimed: usize,
     /// Rows whose sends were abandoned at the drain deadline (released untouched).
     abandoned: usize,
-    /// How long until the next future row falls due; only looked up after a short claim.
-    next_due: Option<Duration>,
+    /// When the next future row falls due: this batch's retries, and after a short claim
+    /// the earliest scheduled row.
+    next_due: Option<Instant>,
     counts: Progress,
 }
 
@@ -203,8 +204,7 @@ impl Dispatcher {
                                 *h = Ok(());
                                 changed
                             });
-                            if let Some(d) = report.next_due {
-                                let due = Instant::now() + d;
+                            if let Some(due) = report.next_due {
                                 next_due = Some(next_due.map_or(due, |n| n.min(due)));
                             }
                             self.record(report);
@@ -306,6 +306,16 @@ async fn batch(
         .map_err(sql("claiming rows"))?;
     let full = claimed.len() == settings.batch_size;
     let _ = claimed_tx.send(full);
+    // After a short claim, the next scheduled row (a full one means more are due now).
+    let claimed_at = Instant::now();
+    let scheduled = match full {
+        true => None,
+        false => txn
+            .next_due()
+            .await
+            .map_err(sql("finding the next due row"))?
+            .map(|d| claimed_at + d),
+    };
 
     let mut sends: FuturesUnordered<_> = claimed
         .iter()
@@ -353,12 +363,13 @@ async fn batch(
             Status::Pending => report.counts.retried += 1,
         }
     }
-    if !full && abandoned == 0 {
-        report.next_due = conn
-            .next_due()
-            .await
-            .map_err(sql("finding the next due row"))?;
-    }
+    // This batch's own retries, and the next scheduled row.
+    let committed_at = Instant::now();
+    report.next_due = updates
+        .iter()
+        .filter_map(|u| u.retry_in.map(|d| committed_at + d))
+        .chain(scheduled)
+        .min();
     if report.claimed > 0 {
         debug!(
             claimed = report.claimed,

@@ -51,10 +51,12 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
    SET unregistered_at = greatest(pgpushd.unregistered_tokens.unregistered_at,
                                   excluded.unregistered_at)";
 
-// Rows already due are either being sent or held by another daemon: only a future
-// send_after is worth waking up for. The database's clock measures the wait, so a skewed
-// host clock cannot make the daemon wake early and spin. `now()` (not clock_timestamp())
-// keeps it an index range scan.
+// Run inside the claim's transaction, where now() is the claim's snapshot time: rows due
+// by then were claimable by that claim (or are held by another batch or daemon); rows due
+// later — even a moment later, while the batch is being sent — are what to wake up for.
+// The database's clock measures the wait, so a skewed host clock cannot make the daemon
+// wake early and spin; `now()` (stable, unlike clock_timestamp()) keeps it an index range
+// scan.
 const NEXT_DUE: &str = "
 SELECT extract(epoch FROM min(send_after) - now())::float8
   FROM pgpushd.outbox
@@ -101,21 +103,15 @@ impl OutboxConn {
             claim,
             record,
             unregister,
-            ..
+            next_due,
         } = self;
         Ok(Batch {
             txn: client.transaction().await?,
             claim,
             record,
             unregister,
+            next_due,
         })
-    }
-
-    /// How long until the next scheduled or retried row falls due; `None` when no row
-    /// waits for a future time.
-    pub async fn next_due(&self) -> Result<Option<Duration>, tokio_postgres::Error> {
-        let secs: Option<f64> = self.client.query_one(&self.next_due, &[]).await?.get(0);
-        Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
     }
 }
 
@@ -126,6 +122,7 @@ pub struct Batch<'c> {
     claim: &'c Statement,
     record: &'c Statement,
     unregister: &'c Statement,
+    next_due: &'c Statement,
 }
 
 impl Batch<'_> {
@@ -153,6 +150,13 @@ impl Batch<'_> {
                 unregistered: r.get(11),
             })
             .collect())
+    }
+
+    /// How long after this batch's claim the next pending row falls due (zero if it
+    /// already has); `None` when no row waits for a later time.
+    pub async fn next_due(&self) -> Result<Option<Duration>, tokio_postgres::Error> {
+        let secs: Option<f64> = self.txn.query_one(self.next_due, &[]).await?.get(0);
+        Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
     }
 
     /// Writes every outcome with one UPDATE (plus one INSERT for newly unregistered
