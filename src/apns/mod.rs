@@ -619,6 +619,7 @@ mod tests {
                 .map(|a| (a.name.clone(), a))
                 .collect(),
             metrics: Default::default(),
+            retention: Default::default(),
         };
         let problems = check(&config);
         assert_eq!(problems.len(), 4, "{problems:#?}");
