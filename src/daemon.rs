@@ -83,6 +83,13 @@ impl Daemon {
             }
             .run(stop.clone()),
         );
+        if self.config.retention.is_enabled() {
+            tracker.spawn(crate::retention::run(
+                db.clone(),
+                self.config.retention.clone(),
+                stop.clone(),
+            ));
+        }
         tracker.close();
         info!(apps = self.config.apps.len(), "pgpushd running");
 

@@ -11,6 +11,7 @@
 //! - [`transport`]: the seam between the outbox and APNs (`Notification`, `Delivery`);
 //! - [`apns`]: the HTTP/2 provider API client (and its push-type rules);
 //! - [`emulator`]: a local APNs for tests, the demo and benchmarks;
+//! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
 //! - [`demo`]: `pgpushd demo`, everything above on one machine.
@@ -27,4 +28,5 @@ pub mod emulator;
 pub mod listener;
 pub mod outbox;
 pub mod outcome;
+pub mod retention;
 pub mod transport;

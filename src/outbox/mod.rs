@@ -7,6 +7,7 @@
 //! leaves nothing behind: its locks go with its connection and the rows are due again.
 
 pub mod migrate;
+pub mod prune;
 
 use std::collections::HashSet;
 use std::time::Duration;
