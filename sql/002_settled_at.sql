@@ -1,4 +1,5 @@
--- pgpushd schema, version 2: when a row was settled, for retention and `pgpushd status`.
+-- pgpushd schema, version 2: when a row was settled (for retention and `pgpushd status`),
+-- and the newest unregistered tokens (for `pgpushd status`).
 --
 -- `settled_at` is when a row left `pending` for good (sent, failed or expired), written by
 -- the daemon in the same UPDATE as the status. `sent_at` says it only for sent rows, and
@@ -30,3 +31,8 @@ COMMENT ON COLUMN pgpushd.outbox.settled_at IS
 -- and this statement then does nothing.
 CREATE INDEX IF NOT EXISTS outbox_settled ON pgpushd.outbox (status, settled_at)
     WHERE status <> 'pending';
+
+-- `pgpushd status` shows the most recently unregistered tokens. Rows arrive here only
+-- from 410 answers, so the index costs the hot path nothing.
+CREATE INDEX IF NOT EXISTS unregistered_tokens_newest
+    ON pgpushd.unregistered_tokens (unregistered_at);

@@ -8,6 +8,7 @@
 
 pub mod migrate;
 pub mod prune;
+pub mod status;
 
 use std::collections::HashSet;
 use std::time::Duration;
