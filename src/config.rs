@@ -421,8 +421,8 @@ impl Validator<'_> {
             if let Some(u) = u {
                 // Parse now so a typo is a config error, not a reconnect loop. The
                 // parser's message never echoes the password.
-                u.parse::<tokio_postgres::Config>()
-                    .map_err(|e| self.invalid(key, format!("not a PostgreSQL URL: {e}")))?;
+                crate::db::check_url(u)
+                    .map_err(|e| self.invalid(key, format!("not a PostgreSQL URL: {e:#}")))?;
             }
         }
         Ok(DatabaseConfig {
@@ -814,6 +814,21 @@ listen = "127.0.0.1:9187"
         );
         assert!(parse_endpoint("https://x:99999", Protocol::Http2).is_err());
         assert!(parse_endpoint("http://x/y", Protocol::Http2).is_err());
+    }
+
+    #[test]
+    fn urls_with_libpqs_verifying_sslmodes_are_valid() {
+        for mode in ["verify-ca", "verify-full"] {
+            let text = format!("[database]\nurl = \"postgres://u@h/d?sslmode={mode}\"\n");
+            assert!(parse(&text).is_ok(), "{mode}");
+        }
+        let e = parse("[database]\nurl = \"postgres://u@h/d?sslmode=maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("database.url") && e.contains("unknown sslmode"),
+            "{e}"
+        );
     }
 
     #[test]
