@@ -400,12 +400,20 @@ fn table(f: &mut fmt::Formatter<'_>, headers: &[&str], rows: &[Vec<String>]) -> 
     Ok(())
 }
 
-/// A duration for people: the two largest units, whole seconds ("3m 12s", "2days 4h").
+/// A duration for people: at most the two largest units ("3m 12s", "2days 4h", "3days").
 pub fn age(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
+    let secs = d.as_secs();
+    // Round to the unit below the largest, so no "3days 3s".
+    let unit = match secs {
+        86_400.. => 3600,
+        3600.. => 60,
+        _ => 1,
+    };
+    let rounded = (secs + unit / 2) / unit * unit;
+    if rounded == 0 {
         return "0s".into();
     }
-    let text = humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
+    let text = humantime::format_duration(Duration::from_secs(rounded)).to_string();
     text.split(' ').take(2).collect::<Vec<_>>().join(" ")
 }
 
@@ -436,6 +444,8 @@ mod tests {
             "2days 4h"
         );
         assert_eq!(age(Duration::from_secs(3600)), "1h");
+        assert_eq!(age(Duration::from_secs(3 * 86_400 + 3)), "3days");
+        assert_eq!(age(Duration::from_secs(7200 + 59)), "2h 1m");
     }
 
     #[test]
