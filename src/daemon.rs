@@ -140,6 +140,13 @@ impl Daemon {
                 background.clone(),
             ));
         }
+        if self.config.retention.is_enabled() {
+            tracker.spawn(crate::retention::run(
+                db.clone(),
+                self.config.retention.clone(),
+                stop.clone(),
+            ));
+        }
         tracker.close();
 
         tokio::select! {

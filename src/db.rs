@@ -34,14 +34,7 @@ struct Target {
 
 fn target(url: &str, connect_timeout: Duration, role: &str) -> anyhow::Result<Target> {
     let (rest, sslmode, rootcert) = take_tls_options(url);
-    let (mode_for_driver, verify) = match sslmode.as_deref() {
-        None | Some("prefer") | Some("allow") => ("prefer", Verify::None),
-        Some("disable") => ("disable", Verify::None),
-        Some("require") => ("require", Verify::None),
-        Some("verify-ca") => ("require", Verify::Chain),
-        Some("verify-full") => ("require", Verify::Full),
-        Some(other) => anyhow::bail!("unknown sslmode {other:?} in the database URL"),
-    };
+    let (mode_for_driver, verify) = tls_modes(sslmode.as_deref())?;
     let mut config: tokio_postgres::Config = with_sslmode(&rest, mode_for_driver)
         .parse()
         .context("the database URL is not valid")?;
@@ -73,6 +66,27 @@ fn target(url: &str, connect_timeout: Duration, role: &str) -> anyhow::Result<Ta
     }
     let tls = MakeTlsConnector::new(builder.build().context("TLS set-up for PostgreSQL")?);
     Ok(Target { config, tls })
+}
+
+/// Checks a database URL as connecting will read it (libpq's `verify-ca` and
+/// `verify-full` included), without connecting or reading any file.
+pub fn check_url(url: &str) -> anyhow::Result<()> {
+    let (rest, sslmode, _) = take_tls_options(url);
+    let (mode_for_driver, _) = tls_modes(sslmode.as_deref())?;
+    with_sslmode(&rest, mode_for_driver).parse::<tokio_postgres::Config>()?;
+    Ok(())
+}
+
+/// libpq's `sslmode` -> what tokio-postgres is told, and how the certificate is checked.
+fn tls_modes(sslmode: Option<&str>) -> anyhow::Result<(&'static str, Verify)> {
+    Ok(match sslmode {
+        None | Some("prefer") | Some("allow") => ("prefer", Verify::None),
+        Some("disable") => ("disable", Verify::None),
+        Some("require") => ("require", Verify::None),
+        Some("verify-ca") => ("require", Verify::Chain),
+        Some("verify-full") => ("require", Verify::Full),
+        Some(other) => anyhow::bail!("unknown sslmode {other:?} in the database URL"),
+    })
 }
 
 /// Splits `sslmode` and `sslrootcert` out of a URL (`postgres://...?sslmode=...`) or a
@@ -219,6 +233,9 @@ mod tests {
                 "{mode}"
             );
         }
+        assert!(check_url("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem").is_ok());
+        assert!(check_url("host=h sslmode=verify-ca dbname=d").is_ok());
+        assert!(check_url("postgres://u@h/db?sslmode=sometimes").is_err());
         assert!(target(
             "postgres://u@h/db?sslmode=sometimes",
             Duration::from_secs(1),

@@ -12,6 +12,7 @@
 //! - [`apns`]: the HTTP/2 provider API client (and its push-type rules), and the retired
 //!   binary protocol's (`apns::binary`);
 //! - [`emulator`]: a local APNs for tests, the demo and benchmarks;
+//! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
 //! - [`demo`]: `pgpushd demo`, everything above on one machine.
@@ -29,5 +30,6 @@ pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod outcome;
+pub mod retention;
 pub mod systemd;
 pub mod transport;

@@ -50,6 +50,9 @@ enum Command {
     Migrate(ConfigArg),
     /// Load the config and every key and certificate it names; report each problem.
     CheckConfig(ConfigArg),
+    /// Show the outbox: rows by app and status, the oldest due row, common errors,
+    /// unregistered tokens.
+    Status(ConfigArg),
     /// Send one push without the database and print APNs's answer.
     Send(SendArgs),
     /// Run a local APNs emulator.
@@ -147,6 +150,12 @@ async fn dispatch(command: Command) -> ExitCode {
             Err(code) => return code,
         },
         Command::CheckConfig(a) => return check_config(&a.config),
+        Command::Status(a) => match load(&a.config) {
+            Ok(config) => pgpushd::outbox::status::fetch(&config.database)
+                .await
+                .map(|status| print!("{status}")),
+            Err(code) => return code,
+        },
         Command::Send(a) => match load(&a.config.config) {
             Ok(config) => send(&config, a).await,
             Err(code) => return code,

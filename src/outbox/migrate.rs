@@ -8,8 +8,14 @@ use tokio_postgres::Client;
 use crate::db::describe;
 
 /// `(version, name, sql)`, in order. Never edit a released file: add the next one.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "outbox", include_str!("../../sql/001_outbox.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "outbox", include_str!("../../sql/001_outbox.sql")),
+    (
+        2,
+        "settled_at",
+        include_str!("../../sql/002_settled_at.sql"),
+    ),
+];
 
 /// The version the code expects; the daemon refuses to start on an older schema.
 pub fn latest_version() -> i32 {

@@ -7,6 +7,8 @@
 //! leaves nothing behind: its locks go with its connection and the rows are due again.
 
 pub mod migrate;
+pub mod prune;
+pub mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -38,6 +40,7 @@ UPDATE pgpushd.outbox AS o
        last_error = v.last_error,
        apns_id    = coalesce(v.apns_id, o.apns_id),
        sent_at    = CASE WHEN v.status = 'sent' THEN clock_timestamp() ELSE o.sent_at END,
+       settled_at = CASE WHEN v.status = 'pending' THEN NULL ELSE clock_timestamp() END,
        send_after = CASE WHEN v.retry_ms IS NULL THEN o.send_after
                          ELSE clock_timestamp() + v.retry_ms * interval '1 millisecond' END
   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::bool[])

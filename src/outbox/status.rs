@@ -1,0 +1,501 @@
+//! `pgpushd status`: what the outbox holds, read in one consistent snapshot and rendered
+//! as aligned text tables.
+//!
+//! What each figure costs on a large outbox:
+//! - pending, due and retrying counts and the oldest due row walk the partial index of
+//!   pending rows (the claim's index): proportional to what is pending, not to the table;
+//! - sent, failed and expired totals are exact counts, which take one scan of the table
+//!   (measured: 0.2 s per million rows); [retention] keeps that bounded;
+//! - recent errors walk the `outbox_settled` index over the last 24 hours' failed and
+//!   expired rows, plus the pending rows carrying an error;
+//! - unregistered tokens: a count per app (a scan of that narrow table) and the newest
+//!   few through its `unregistered_at` index.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_postgres::{Client, IsolationLevel};
+
+use crate::config::DatabaseConfig;
+use crate::db;
+use crate::outbox::migrate;
+
+/// How many of the most common errors are shown.
+pub const TOP_ERRORS: usize = 10;
+/// How many of the newest unregistered tokens are shown.
+pub const NEWEST_UNREGISTERED: usize = 5;
+/// The window for "recent" errors.
+pub const ERROR_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// A snapshot of the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// Per app, by name.
+    pub apps: Vec<AppCounts>,
+    /// The pending row that has been due longest: how far behind the daemons are.
+    pub oldest_due: Option<OldestDue>,
+    /// How long until the next scheduled (or retried) row falls due.
+    pub next_scheduled: Option<Duration>,
+    /// The most common `last_error`s of rows failed or expired in the last
+    /// [`ERROR_WINDOW`] and of pending rows waiting to be retried, most frequent first.
+    pub errors: Vec<ErrorCount>,
+    /// Per app, by name.
+    pub unregistered: Vec<UnregisteredApp>,
+    /// The most recently unregistered tokens, newest first.
+    pub newest_unregistered: Vec<UnregisteredToken>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppCounts {
+    pub app: String,
+    pub pending: i64,
+    /// Pending and due now (`send_after` has passed): waiting for a daemon.
+    pub due: i64,
+    /// Pending after at least one failed attempt.
+    pub retrying: i64,
+    pub sent: i64,
+    pub failed: i64,
+    pub expired: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OldestDue {
+    pub id: i64,
+    pub app: String,
+    pub attempts: i32,
+    /// How long it has been due.
+    pub overdue: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorCount {
+    /// `failed`, `expired`, or `pending` (waiting for a retry).
+    pub status: String,
+    pub app: String,
+    pub error: String,
+    pub count: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnregisteredApp {
+    pub app: String,
+    pub tokens: i64,
+    /// How long ago the newest of them was reported.
+    pub newest: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnregisteredToken {
+    pub app: String,
+    pub device_token: String,
+    pub ago: Duration,
+}
+
+const PENDING: &str = "
+SELECT app,
+       count(*),
+       count(*) FILTER (WHERE send_after <= now()),
+       count(*) FILTER (WHERE attempts > 0)
+  FROM pgpushd.outbox
+ WHERE status = 'pending'
+ GROUP BY app";
+
+const SETTLED: &str = "
+SELECT app,
+       count(*) FILTER (WHERE status = 'sent'),
+       count(*) FILTER (WHERE status = 'failed'),
+       count(*) FILTER (WHERE status = 'expired')
+  FROM pgpushd.outbox
+ WHERE status <> 'pending'
+ GROUP BY app";
+
+// Exactly the claim's order, so the first entry of the partial index answers it.
+const OLDEST_DUE: &str = "
+SELECT id, app, attempts, extract(epoch FROM now() - send_after)::float8
+  FROM pgpushd.outbox
+ WHERE status = 'pending' AND send_after <= now()
+ ORDER BY send_after, id
+ LIMIT 1";
+
+const NEXT_SCHEDULED: &str = "
+SELECT extract(epoch FROM min(send_after) - now())::float8
+  FROM pgpushd.outbox
+ WHERE status = 'pending' AND send_after > now()";
+
+const ERRORS: &str = "
+SELECT status, app, last_error, count(*)
+  FROM (SELECT status, app, coalesce(last_error, '(no error recorded)') AS last_error
+          FROM pgpushd.outbox
+         WHERE status IN ('failed', 'expired')
+           AND settled_at > now() - $1::bigint * interval '1 second'
+        UNION ALL
+        SELECT status, app, last_error
+          FROM pgpushd.outbox
+         WHERE status = 'pending' AND last_error IS NOT NULL) AS recent
+ GROUP BY status, app, last_error
+ ORDER BY count(*) DESC, status, app, last_error
+ LIMIT $2";
+
+const UNREGISTERED: &str = "
+SELECT app, count(*), extract(epoch FROM now() - max(unregistered_at))::float8
+  FROM pgpushd.unregistered_tokens
+ GROUP BY app
+ ORDER BY app";
+
+const NEWEST_UNREGISTERED_SQL: &str = "
+SELECT app, device_token, extract(epoch FROM now() - unregistered_at)::float8
+  FROM pgpushd.unregistered_tokens
+ ORDER BY unregistered_at DESC
+ LIMIT $1";
+
+impl Status {
+    /// Reads every figure in one read-only, repeatable-read transaction, so they agree
+    /// with each other.
+    pub async fn read(client: &mut Client) -> Result<Status, tokio_postgres::Error> {
+        let txn = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+
+        let mut apps: BTreeMap<String, AppCounts> = BTreeMap::new();
+        for r in txn.query(PENDING, &[]).await? {
+            let a = entry(&mut apps, r.get(0));
+            a.pending = r.get(1);
+            a.due = r.get(2);
+            a.retrying = r.get(3);
+        }
+        for r in txn.query(SETTLED, &[]).await? {
+            let a = entry(&mut apps, r.get(0));
+            a.sent = r.get(1);
+            a.failed = r.get(2);
+            a.expired = r.get(3);
+        }
+        let oldest_due = txn.query_opt(OLDEST_DUE, &[]).await?.map(|r| OldestDue {
+            id: r.get(0),
+            app: r.get(1),
+            attempts: r.get(2),
+            overdue: seconds(r.get(3)),
+        });
+        let next_scheduled = txn
+            .query_one(NEXT_SCHEDULED, &[])
+            .await?
+            .get::<_, Option<f64>>(0)
+            .map(seconds);
+        let window = ERROR_WINDOW.as_secs() as i64;
+        let errors = txn
+            .query(ERRORS, &[&window, &(TOP_ERRORS as i64)])
+            .await?
+            .iter()
+            .map(|r| ErrorCount {
+                status: r.get(0),
+                app: r.get(1),
+                error: r.get(2),
+                count: r.get(3),
+            })
+            .collect();
+        let unregistered = txn
+            .query(UNREGISTERED, &[])
+            .await?
+            .iter()
+            .map(|r| UnregisteredApp {
+                app: r.get(0),
+                tokens: r.get(1),
+                newest: seconds(r.get(2)),
+            })
+            .collect();
+        let newest_unregistered = txn
+            .query(NEWEST_UNREGISTERED_SQL, &[&(NEWEST_UNREGISTERED as i64)])
+            .await?
+            .iter()
+            .map(|r| UnregisteredToken {
+                app: r.get(0),
+                device_token: r.get(1),
+                ago: seconds(r.get(2)),
+            })
+            .collect();
+        txn.commit().await?;
+        Ok(Status {
+            apps: apps.into_values().collect(),
+            oldest_due,
+            next_scheduled,
+            errors,
+            unregistered,
+            newest_unregistered,
+        })
+    }
+}
+
+/// Connects, checks the schema and reads the status: what `pgpushd status` does.
+pub async fn fetch(database: &DatabaseConfig) -> anyhow::Result<Status> {
+    let mut client = db::connect(&database.url, database.connect_timeout, "status")
+        .await
+        .context("cannot reach the database")?;
+    migrate::ensure_current(&client).await?;
+    Status::read(&mut client)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the outbox: {}", db::describe(&e)))
+}
+
+fn entry(apps: &mut BTreeMap<String, AppCounts>, app: String) -> &mut AppCounts {
+    apps.entry(app.clone()).or_insert_with(|| AppCounts {
+        app,
+        ..AppCounts::default()
+    })
+}
+
+fn seconds(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+// ---- rendering -------------------------------------------------------------------------
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "Rows by app and status")?;
+        if self.apps.is_empty() {
+            writeln!(f, "  (the outbox is empty)")?;
+        } else {
+            let mut total = AppCounts {
+                app: "(all)".into(),
+                ..AppCounts::default()
+            };
+            let mut rows = Vec::new();
+            for a in &self.apps {
+                total.pending += a.pending;
+                total.due += a.due;
+                total.retrying += a.retrying;
+                total.sent += a.sent;
+                total.failed += a.failed;
+                total.expired += a.expired;
+                rows.push(counts_row(a));
+            }
+            if self.apps.len() > 1 {
+                rows.push(counts_row(&total));
+            }
+            table(
+                f,
+                &[
+                    "APP", "PENDING", "DUE", "RETRYING", "SENT", "FAILED", "EXPIRED",
+                ],
+                &rows,
+            )?;
+        }
+        writeln!(f)?;
+        match &self.oldest_due {
+            Some(o) => writeln!(
+                f,
+                "Oldest due row:  id {} (app {}, {} attempt(s)), due for {}",
+                o.id,
+                o.app,
+                o.attempts,
+                age(o.overdue)
+            )?,
+            None => writeln!(f, "Oldest due row:  none, nothing is waiting to be sent")?,
+        }
+        match self.next_scheduled {
+            Some(d) => writeln!(f, "Next scheduled:  due in {}", age(d))?,
+            None => writeln!(f, "Next scheduled:  none")?,
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Most common errors (failed or expired in the last {} hours, or pending a retry)",
+            ERROR_WINDOW.as_secs() / 3600
+        )?;
+        if self.errors.is_empty() {
+            writeln!(f, "  (none)")?;
+        } else {
+            let rows: Vec<Vec<String>> = self
+                .errors
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.count.to_string(),
+                        e.status.clone(),
+                        e.app.clone(),
+                        shorten(&e.error, 100),
+                    ]
+                })
+                .collect();
+            table(f, &["COUNT", "STATUS", "APP", "ERROR"], &rows)?;
+        }
+        writeln!(f)?;
+        writeln!(f, "Unregistered tokens")?;
+        if self.unregistered.is_empty() {
+            writeln!(f, "  (none)")?;
+        } else {
+            let rows: Vec<Vec<String>> = self
+                .unregistered
+                .iter()
+                .map(|u| vec![u.app.clone(), u.tokens.to_string(), ago(u.newest)])
+                .collect();
+            table(f, &["APP", "TOKENS", "NEWEST"], &rows)?;
+            writeln!(f)?;
+            let rows: Vec<Vec<String>> = self
+                .newest_unregistered
+                .iter()
+                .map(|t| vec![t.app.clone(), t.device_token.clone(), ago(t.ago)])
+                .collect();
+            table(f, &["APP", "NEWEST TOKENS", "UNREGISTERED"], &rows)?;
+        }
+        Ok(())
+    }
+}
+
+fn counts_row(a: &AppCounts) -> Vec<String> {
+    vec![
+        a.app.clone(),
+        a.pending.to_string(),
+        a.due.to_string(),
+        a.retrying.to_string(),
+        a.sent.to_string(),
+        a.failed.to_string(),
+        a.expired.to_string(),
+    ]
+}
+
+/// Writes `rows` under `headers`, two spaces between columns, indented by two; columns
+/// whose every cell is a number are right-aligned.
+fn table(f: &mut fmt::Formatter<'_>, headers: &[&str], rows: &[Vec<String>]) -> fmt::Result {
+    let columns = headers.len();
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].chars().count())
+            .chain([headers[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..columns).map(width).collect();
+    let numeric: Vec<bool> = (0..columns)
+        .map(|i| rows.iter().all(|r| r[i].parse::<i64>().is_ok()))
+        .collect();
+    let line = |f: &mut fmt::Formatter<'_>, cells: &[&str]| {
+        let mut text = String::from(" ");
+        for (i, cell) in cells.iter().enumerate() {
+            let pad = widths[i] - cell.chars().count();
+            text.push(' ');
+            if numeric[i] {
+                text.extend(std::iter::repeat_n(' ', pad));
+                text.push_str(cell);
+            } else {
+                text.push_str(cell);
+                if i + 1 < columns {
+                    text.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            if i + 1 < columns {
+                text.push(' ');
+            }
+        }
+        writeln!(f, "{}", text.trim_end())
+    };
+    line(f, headers)?;
+    for r in rows {
+        line(f, &r.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    Ok(())
+}
+
+/// A duration for people: at most the two largest units ("3m 12s", "2days 4h", "3days").
+pub fn age(d: Duration) -> String {
+    let secs = d.as_secs();
+    // Round to the unit below the largest, so no "3days 3s".
+    let unit = match secs {
+        86_400.. => 3600,
+        3600.. => 60,
+        _ => 1,
+    };
+    let rounded = (secs + unit / 2) / unit * unit;
+    if rounded == 0 {
+        return "0s".into();
+    }
+    let text = humantime::format_duration(Duration::from_secs(rounded)).to_string();
+    text.split(' ').take(2).collect::<Vec<_>>().join(" ")
+}
+
+fn ago(d: Duration) -> String {
+    format!("{} ago", age(d))
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    let one_line = text.replace(['\n', '\r'], " ");
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        let cut: String = one_line.chars().take(max - 1).collect();
+        format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_keep_the_two_largest_units() {
+        assert_eq!(age(Duration::from_millis(300)), "0s");
+        assert_eq!(age(Duration::from_secs(192)), "3m 12s");
+        assert_eq!(
+            age(Duration::from_secs(2 * 86_400 + 4 * 3600 + 5)),
+            "2days 4h"
+        );
+        assert_eq!(age(Duration::from_secs(3600)), "1h");
+        assert_eq!(age(Duration::from_secs(3 * 86_400 + 3)), "3days");
+        assert_eq!(age(Duration::from_secs(7200 + 59)), "2h 1m");
+    }
+
+    #[test]
+    fn tables_align_text_left_and_numbers_right() {
+        let status = Status {
+            apps: vec![
+                AppCounts {
+                    app: "default".into(),
+                    pending: 12,
+                    due: 3,
+                    retrying: 1,
+                    sent: 10_234,
+                    failed: 14,
+                    expired: 2,
+                },
+                AppCounts {
+                    app: "b".into(),
+                    sent: 5,
+                    ..AppCounts::default()
+                },
+            ],
+            oldest_due: None,
+            next_scheduled: Some(Duration::from_secs(300)),
+            errors: vec![ErrorCount {
+                status: "failed".into(),
+                app: "default".into(),
+                error: "BadDeviceToken".into(),
+                count: 14,
+            }],
+            unregistered: vec![],
+            newest_unregistered: vec![],
+        };
+        let text = status.to_string();
+        let expected = "\
+Rows by app and status
+  APP      PENDING  DUE  RETRYING   SENT  FAILED  EXPIRED
+  default       12    3         1  10234      14        2
+  b              0    0         0      5       0        0
+  (all)         12    3         1  10239      14        2
+
+Oldest due row:  none, nothing is waiting to be sent
+Next scheduled:  due in 5m
+
+Most common errors (failed or expired in the last 24 hours, or pending a retry)
+  COUNT  STATUS  APP      ERROR
+     14  failed  default  BadDeviceToken
+
+Unregistered tokens
+  (none)
+";
+        assert_eq!(text, expected, "\n{text}");
+    }
+}

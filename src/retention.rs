@@ -1,0 +1,176 @@
+//! Retention: a background task that deletes settled rows once they are older than the
+//! ages in `[retention]`, so the outbox does not grow forever.
+//!
+//! Every `interval` a pass deletes, per configured status, the rows settled more than
+//! its age ago, in batches of `batch_size`, each batch its own short transaction (see
+//! [`crate::outbox::prune`]), until a batch comes back short. Ages count from
+//! `settled_at`, when the row became sent, failed or expired, not from `created_at`: a
+//! row scheduled weeks ahead that failed today is a fresh failure. Pending rows are never
+//! deleted. Like the listener, the task survives a lost database: it logs, backs off and
+//! tries again, and never stops the daemon.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::backoff;
+use crate::config::{DatabaseConfig, RetentionConfig};
+use crate::db;
+use crate::outbox::prune;
+use crate::outcome::Status;
+
+/// After a failed pass, retries wait from this ...
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// ... up to this (or `interval`, if shorter).
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub sent: u64,
+    pub failed: u64,
+    pub expired: u64,
+    /// Settled rows without `settled_at` (from before schema version 2) given one.
+    pub stamped: u64,
+}
+
+impl Pruned {
+    pub fn deleted(&self) -> u64 {
+        self.sent + self.failed + self.expired
+    }
+}
+
+/// Runs passes every `config.interval` until `cancel`. Returns at once when no age is
+/// configured.
+pub async fn run(database: DatabaseConfig, config: RetentionConfig, cancel: CancellationToken) {
+    if !config.is_enabled() {
+        return;
+    }
+    info!(
+        sent = ?config.sent,
+        failed = ?config.failed,
+        expired = ?config.expired,
+        interval = ?config.interval,
+        "retention enabled"
+    );
+    let mut client: Option<Client> = None;
+    let mut failures = 0u32;
+    loop {
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            outcome = pass(&database, &config, &mut client) => outcome,
+        };
+        let wait = match outcome {
+            Ok(pruned) => {
+                if failures > 0 {
+                    info!(after_failures = failures, "retention works again");
+                }
+                failures = 0;
+                report(&pruned);
+                config.interval
+            }
+            Err(e) => {
+                // Whatever failed, start the next pass on a fresh connection.
+                client = None;
+                failures += 1;
+                let wait = backoff(failures - 1, RETRY_BASE, RETRY_MAX.min(config.interval));
+                warn!(error = format!("{e:#}"), retry_in = ?wait, "retention pass failed");
+                wait
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One pass on the task's connection, (re)connecting first when needed.
+async fn pass(
+    database: &DatabaseConfig,
+    config: &RetentionConfig,
+    client: &mut Option<Client>,
+) -> anyhow::Result<Pruned> {
+    let c = match client.take() {
+        Some(c) if !c.is_closed() => c,
+        _ => db::connect(&database.url, database.connect_timeout, "retention").await?,
+    };
+    let c = client.insert(c);
+    prune_once(c, config, database.connect_timeout).await
+}
+
+/// Deletes everything `config` says is due now, batch by batch, each statement bounded by
+/// `statement_timeout` (a half-open connection must not stall the task forever).
+pub async fn prune_once(
+    client: &Client,
+    config: &RetentionConfig,
+    statement_timeout: Duration,
+) -> anyhow::Result<Pruned> {
+    let batch = config.batch_size;
+    let mut pruned = Pruned::default();
+    // First give legacy rows a settled_at, or they would never be due.
+    loop {
+        let n = bounded(
+            "stamping settled_at",
+            statement_timeout,
+            prune::stamp_unsettled(client, batch),
+        )
+        .await?;
+        pruned.stamped += n;
+        if n < batch as u64 {
+            break;
+        }
+    }
+    for (status, age) in [
+        (Status::Sent, config.sent),
+        (Status::Failed, config.failed),
+        (Status::Expired, config.expired),
+    ] {
+        let Some(age) = age else { continue };
+        loop {
+            let n = bounded(
+                "deleting settled rows",
+                statement_timeout,
+                prune::delete_settled(client, status, age, batch),
+            )
+            .await?;
+            match status {
+                Status::Sent => pruned.sent += n,
+                Status::Failed => pruned.failed += n,
+                _ => pruned.expired += n,
+            }
+            if n < batch as u64 {
+                break;
+            }
+        }
+    }
+    Ok(pruned)
+}
+
+async fn bounded(
+    what: &str,
+    timeout: Duration,
+    statement: impl std::future::Future<Output = Result<u64, tokio_postgres::Error>>,
+) -> anyhow::Result<u64> {
+    match tokio::time::timeout(timeout, statement).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(anyhow::anyhow!("{what}: {}", db::describe(&e))),
+        Err(_) => Err(anyhow::anyhow!("{what}: no answer within {timeout:?}")),
+    }
+}
+
+fn report(p: &Pruned) {
+    if p.deleted() > 0 || p.stamped > 0 {
+        info!(
+            sent = p.sent,
+            failed = p.failed,
+            expired = p.expired,
+            stamped = p.stamped,
+            "retention: deleted old rows"
+        );
+    } else {
+        debug!("retention: nothing to delete");
+    }
+}

@@ -1,0 +1,244 @@
+//! Retention against a real PostgreSQL: which rows a pass deletes (old settled rows of
+//! the configured statuses) and which it keeps (younger ones, other statuses, pending
+//! rows whatever their age); `settled_at` as the daemon writes it; the task inside the
+//! daemon and across a database restart.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use pgpushd::config::RetentionConfig;
+use pgpushd::daemon::Daemon;
+use pgpushd::retention::{prune_once, Pruned};
+use pgpushd::transport::Delivery;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+/// Inserts one row and returns its id. Ages are SQL intervals ("10 days") before now;
+/// `settled` None leaves settled_at NULL (a row settled before schema version 2).
+async fn row(
+    client: &Client,
+    status: &str,
+    created: &str,
+    settled: Option<&str>,
+    sent: Option<&str>,
+) -> i64 {
+    client
+        .query_one(
+            "INSERT INTO pgpushd.outbox
+                    (device_token, payload, status, created_at, send_after, settled_at, sent_at)
+             VALUES ('abcd', '{}', $1, now() - $2::text::interval, now() - $2::text::interval,
+                     now() - $3::text::interval, now() - $4::text::interval)
+             RETURNING id",
+            &[&status, &created, &settled, &sent],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn ids(client: &Client) -> BTreeSet<i64> {
+    client
+        .query("SELECT id FROM pgpushd.outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn retention(sent: Option<&str>, failed: Option<&str>, expired: Option<&str>) -> RetentionConfig {
+    let age = |a: Option<&str>| a.map(|a| humantime::parse_duration(a).unwrap());
+    RetentionConfig {
+        sent: age(sent),
+        failed: age(failed),
+        expired: age(expired),
+        interval: Duration::from_millis(100),
+        batch_size: 2,
+    }
+}
+
+#[tokio::test]
+async fn a_pass_deletes_old_settled_rows_of_configured_statuses_only() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let mut doomed = BTreeSet::new();
+    let mut kept = BTreeSet::new();
+    // sent = 7d: five old ones (three batches of two), two younger ones.
+    for _ in 0..5 {
+        doomed.insert(row(&c, "sent", "9 days", Some("8 days"), Some("8 days")).await);
+    }
+    for _ in 0..2 {
+        kept.insert(row(&c, "sent", "6 days", Some("6 days"), Some("6 days")).await);
+    }
+    // failed = 2d: settled_at decides, not created_at: a row scheduled a month ahead that
+    // failed an hour ago is a fresh failure.
+    for _ in 0..3 {
+        doomed.insert(row(&c, "failed", "3 days", Some("3 days"), None).await);
+    }
+    kept.insert(row(&c, "failed", "30 days", Some("1 hour"), None).await);
+    // expired: no age configured, kept forever however old.
+    kept.insert(row(&c, "expired", "400 days", Some("399 days"), None).await);
+    // Pending rows are never touched, even with a (bogus) old settled_at.
+    kept.insert(row(&c, "pending", "60 days", None, None).await);
+    kept.insert(row(&c, "pending", "60 days", Some("50 days"), None).await);
+    // Settled before settled_at existed: stamped from sent_at / send_after, then judged.
+    doomed.insert(row(&c, "sent", "10 days", None, Some("10 days")).await);
+    kept.insert(row(&c, "failed", "1 hour", None, None).await);
+
+    let config = retention(Some("7d"), Some("2d"), None);
+    let pruned = prune_once(&c, &config, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            sent: 6,
+            failed: 3,
+            expired: 0,
+            stamped: 2
+        }
+    );
+    assert_eq!(ids(&c).await, kept);
+    assert!(doomed.is_disjoint(&kept));
+    let unstamped: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pgpushd.outbox WHERE status <> 'pending' AND settled_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unstamped, 0);
+
+    // Nothing is due any more; expired rows go once an age is set for them.
+    let again = prune_once(&c, &config, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(again, Pruned::default());
+    let config = retention(None, None, Some("1y"));
+    let pruned = prune_once(&c, &config, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(pruned.expired, 1);
+    assert_eq!(ids(&c).await.len(), kept.len() - 1);
+}
+
+#[tokio::test]
+async fn the_daemon_stamps_settled_at_and_runs_retention() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let transport = ScriptedTransport::new();
+    transport.script(
+        &token(2),
+        Script::Answer(Delivery::rejected("BadDeviceToken")),
+    );
+    transport.script(
+        &token(3),
+        Script::Answer(Delivery::retry("ServiceUnavailable")),
+    );
+    let mut cfg = config(
+        &db.url,
+        "[retention]\nsent = \"1h\"\ninterval = \"100ms\"\n",
+    );
+    cfg.retry.backoff_base = Duration::from_secs(3600);
+    cfg.retry.backoff_max = Duration::from_secs(3600);
+    let old = row(&c, "sent", "2 hours", Some("2 hours"), Some("2 hours")).await;
+
+    let daemon = Daemon::new(cfg, transport.clone());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    insert_rows(&c, 1, 3).await;
+    wait_for(
+        "rows settled and the old one deleted",
+        Duration::from_secs(10),
+        || async {
+            let counts = counts(&c).await;
+            let gone = !ids(&c).await.contains(&old);
+            (gone && counts.get("sent") == Some(&1) && counts.get("failed") == Some(&1))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let rows = c
+        .query(
+            "SELECT status, settled_at IS NOT NULL,
+                    settled_at BETWEEN created_at AND clock_timestamp(),
+                    sent_at IS NULL OR settled_at - sent_at < interval '1 second'
+               FROM pgpushd.outbox ORDER BY device_token",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(String, bool, Option<bool>, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("sent".into(), true, Some(true), true),
+            ("failed".into(), true, Some(true), true),
+            ("pending".into(), false, None, true),
+        ]
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn retention_survives_a_postgresql_restart() {
+    let mut db = TestDb::with_own_cluster().await;
+    let mut database = config(&db.url, "").database;
+    database.connect_timeout = Duration::from_secs(1);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(pgpushd::retention::run(
+        database,
+        retention(Some("1h"), None, None),
+        cancel.clone(),
+    ));
+    {
+        let c = db.client().await;
+        row(&c, "sent", "2 hours", Some("2 hours"), Some("2 hours")).await;
+        wait_for(
+            "the first old row deleted",
+            Duration::from_secs(10),
+            || async { ids(&c).await.is_empty().then_some(()) },
+        )
+        .await;
+    }
+
+    db.cluster().stop();
+    // Several passes' worth of time: they fail and back off.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !task.is_finished(),
+        "retention gave up without its database"
+    );
+    db.cluster().start_server().unwrap();
+
+    let c = db.client().await;
+    let young = row(
+        &c,
+        "sent",
+        "10 minutes",
+        Some("10 minutes"),
+        Some("10 minutes"),
+    )
+    .await;
+    row(&c, "sent", "2 hours", Some("2 hours"), Some("2 hours")).await;
+    wait_for(
+        "the second old row deleted",
+        Duration::from_secs(30),
+        || async { (ids(&c).await == BTreeSet::from([young])).then_some(()) },
+    )
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+}

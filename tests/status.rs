@@ -1,0 +1,297 @@
+//! `pgpushd status` against a real PostgreSQL: rows in every state, and the numbers the
+//! status shows for them; the command's exit codes.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use pgpushd::outbox::status::{AppCounts, ErrorCount, Status};
+use tokio_postgres::Client;
+
+/// Inserts `n` rows of `app` in `status`; times are SQL intervals relative to now.
+#[allow(clippy::too_many_arguments)]
+async fn rows(
+    client: &Client,
+    n: i64,
+    app: &str,
+    status: &str,
+    send_after: &str,
+    settled: Option<&str>,
+    attempts: i32,
+    last_error: Option<&str>,
+) {
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox
+                    (app, device_token, payload, status, send_after, settled_at, attempts, last_error)
+             SELECT $2, 'abcd', '{}', $3, now() + $4::text::interval,
+                    now() + $5::text::interval, $6, $7
+               FROM generate_series(1, $1::bigint)",
+            &[&n, &app, &status, &send_after, &settled, &attempts, &last_error],
+        )
+        .await
+        .unwrap();
+}
+
+async fn fill(client: &Client) {
+    // default: 3 sent, 2 failed just now, 1 failed two days ago (outside the error
+    // window), 1 expired, 2 due (one for ten minutes), 1 retrying later, 1 scheduled.
+    rows(
+        client,
+        3,
+        "default",
+        "sent",
+        "-1 hour",
+        Some("-1 hour"),
+        1,
+        None,
+    )
+    .await;
+    let bad = Some("BadDeviceToken");
+    rows(
+        client,
+        2,
+        "default",
+        "failed",
+        "-1 hour",
+        Some("-1 hour"),
+        1,
+        bad,
+    )
+    .await;
+    rows(
+        client,
+        1,
+        "default",
+        "failed",
+        "-2 days",
+        Some("-2 days"),
+        1,
+        Some("Old"),
+    )
+    .await;
+    let expired = Some("expired before it could be sent");
+    rows(
+        client,
+        1,
+        "default",
+        "expired",
+        "-3 hours",
+        Some("-2 hours"),
+        0,
+        expired,
+    )
+    .await;
+    rows(
+        client,
+        1,
+        "default",
+        "pending",
+        "-10 minutes",
+        None,
+        0,
+        None,
+    )
+    .await;
+    rows(client, 1, "default", "pending", "-1 second", None, 0, None).await;
+    let unavailable = Some("ServiceUnavailable");
+    rows(
+        client,
+        1,
+        "default",
+        "pending",
+        "1 hour",
+        None,
+        2,
+        unavailable,
+    )
+    .await;
+    rows(client, 1, "default", "pending", "5 minutes", None, 0, None).await;
+    // other: 1 sent, 1 due for a minute, 2 failed.
+    rows(
+        client,
+        1,
+        "other",
+        "sent",
+        "-1 hour",
+        Some("-1 hour"),
+        1,
+        None,
+    )
+    .await;
+    rows(client, 1, "other", "pending", "-1 minute", None, 0, None).await;
+    rows(
+        client,
+        2,
+        "other",
+        "failed",
+        "-1 hour",
+        Some("-1 hour"),
+        1,
+        bad,
+    )
+    .await;
+    client
+        .batch_execute(
+            "INSERT INTO pgpushd.unregistered_tokens (app, device_token, unregistered_at) VALUES
+                 ('default', 'aa01', now() - interval '1 hour'),
+                 ('default', 'aa02', now() - interval '3 hours'),
+                 ('other', 'bb01', now() - interval '1 day')",
+        )
+        .await
+        .unwrap();
+}
+
+fn about(d: Duration, secs: u64) -> bool {
+    d >= Duration::from_secs(secs) && d < Duration::from_secs(secs + 60)
+}
+
+#[tokio::test]
+async fn the_status_counts_rows_in_every_state() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let empty = Status::read(&mut client).await.unwrap();
+    assert!(empty.apps.is_empty() && empty.oldest_due.is_none() && empty.errors.is_empty());
+    assert!(empty.to_string().contains("(the outbox is empty)"));
+
+    fill(&client).await;
+    let s = Status::read(&mut client).await.unwrap();
+    assert_eq!(
+        s.apps,
+        [
+            AppCounts {
+                app: "default".into(),
+                pending: 4,
+                due: 2,
+                retrying: 1,
+                sent: 3,
+                failed: 3,
+                expired: 1,
+            },
+            AppCounts {
+                app: "other".into(),
+                pending: 1,
+                due: 1,
+                retrying: 0,
+                sent: 1,
+                failed: 2,
+                expired: 0,
+            },
+        ]
+    );
+    let oldest = s.oldest_due.as_ref().unwrap();
+    assert_eq!(oldest.app, "default");
+    assert!(about(oldest.overdue, 600), "{oldest:?}");
+    assert!(s.next_scheduled.unwrap() <= Duration::from_secs(300));
+    assert!(s.next_scheduled.unwrap() > Duration::from_secs(240));
+
+    let error = |count, status: &str, app: &str, error: &str| ErrorCount {
+        status: status.into(),
+        app: app.into(),
+        error: error.into(),
+        count,
+    };
+    assert_eq!(
+        s.errors,
+        [
+            error(2, "failed", "default", "BadDeviceToken"),
+            error(2, "failed", "other", "BadDeviceToken"),
+            error(1, "expired", "default", "expired before it could be sent"),
+            error(1, "pending", "default", "ServiceUnavailable"),
+        ]
+    );
+
+    let unregistered: Vec<(&str, i64)> = s
+        .unregistered
+        .iter()
+        .map(|u| (u.app.as_str(), u.tokens))
+        .collect();
+    assert_eq!(unregistered, [("default", 2), ("other", 1)]);
+    assert!(about(s.unregistered[0].newest, 3600));
+    let newest: Vec<&str> = s
+        .newest_unregistered
+        .iter()
+        .map(|t| t.device_token.as_str())
+        .collect();
+    assert_eq!(newest, ["aa01", "aa02", "bb01"]);
+
+    let text = s.to_string();
+    for line in [
+        "  APP      PENDING  DUE  RETRYING  SENT  FAILED  EXPIRED",
+        "  default        4    2         1     3       3        1",
+        "  other          1    1         0     1       2        0",
+        "  (all)          5    3         1     4       5        1",
+        "      2  failed   default  BadDeviceToken",
+        "  default       2  1h ago",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in\n{text}"
+        );
+    }
+    assert!(
+        text.contains("Oldest due row:  id ") && text.contains("due for 10m"),
+        "{text}"
+    );
+}
+
+fn pgpushd(config: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+        .arg("status")
+        .arg("--config")
+        .arg(config)
+        .env_remove("PGPUSHD_DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_command_prints_it_and_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pgpushd.toml");
+
+    let db = TestDb::unmigrated().await;
+    std::fs::write(&config, format!("[database]\nurl = \"{}\"\n", db.url)).unwrap();
+    let (code, _, stderr) = pgpushd(&config);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("run `pgpushd migrate"), "{stderr}");
+
+    let mut client = db.client().await;
+    pgpushd::outbox::migrate::migrate(&mut client)
+        .await
+        .unwrap();
+    fill(&client).await;
+    let (code, stdout, stderr) = pgpushd(&config);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("  (all)          5    3         1     4       5        1"),
+        "{stdout}"
+    );
+
+    std::fs::write(
+        &config,
+        "[database]\nurl = \"postgres://pgpushd:hunter2@127.0.0.1:1/app\"\nconnect_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = pgpushd(&config);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot reach the database"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    std::fs::write(
+        &config,
+        "[database]\nurl = \"postgres://x@y/z\"\nbatch_size = 0\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = pgpushd(&config);
+    assert_eq!(code, 78, "{stderr}");
+}
