@@ -17,13 +17,10 @@ use openssl::pkey::PKey;
 use openssl::symm::Cipher;
 use openssl::x509::X509;
 use pgpushd::config::Config;
-use pgpushd::daemon::Daemon;
 use pgpushd::emulator::binary::{BinaryEmulator, BinaryEmulatorConfig};
 use pgpushd::emulator::tls::CertificateAuthority;
 use pgpushd::transport::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// The token of the seed's PHP script, its spaces taken out as it says to.
@@ -126,28 +123,10 @@ passphrase_file = "{pass}"
     }
 }
 
-struct Running {
-    cancel: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-fn start(config: Config) -> Running {
+fn start_binary(config: Config) -> Running {
     let transport: Arc<dyn Transport> =
         Arc::new(pgpushd::apns::Apns::new(&config.apps).unwrap_or_else(|e| panic!("{e}")));
-    let daemon = Daemon::new(config, transport);
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { daemon.run(cancel).await }
-    });
-    Running { cancel, task }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.unwrap().unwrap();
-    }
+    start(config, transport)
 }
 
 /// Tokens the emulator took, and how often each.
@@ -162,7 +141,7 @@ fn taken(emulator: &BinaryEmulator) -> HashMap<String, usize> {
 async fn delivered_with(identity: Identity) {
     let db = TestDb::new().await;
     let setup = Setup::new(|c| c.feedback_listen = None).await;
-    let daemon = start(config(&db.url, &setup.app_toml(identity)));
+    let daemon = start_binary(config(&db.url, &setup.app_toml(identity)));
     let client = db.client().await;
     insert_rows(&client, 1, 100).await;
     wait_for_status(&client, "sent", 100, DEADLINE).await;
@@ -204,7 +183,7 @@ async fn an_invalid_token_in_the_middle_of_300_rows_fails_alone() {
         c.invalid_tokens = vec![bad.clone()];
     })
     .await;
-    let daemon = start(config(&db.url, &setup.app_toml(Identity::EncryptedPem)));
+    let daemon = start_binary(config(&db.url, &setup.app_toml(Identity::EncryptedPem)));
     let client = db.client().await;
     insert_rows(&client, 1, 300).await;
     wait_for("every row settled", DEADLINE, || async {
@@ -253,7 +232,7 @@ async fn an_invalid_token_in_the_middle_of_300_rows_fails_alone() {
 async fn gateway_shutdowns_mid_flight_lose_nothing() {
     let db = TestDb::new().await;
     let setup = Setup::new(|c| c.feedback_listen = None).await;
-    let daemon = start(config(&db.url, &setup.app_toml(Identity::EncryptedPem)));
+    let daemon = start_binary(config(&db.url, &setup.app_toml(Identity::EncryptedPem)));
     let client = db.client().await;
     insert_rows(&client, 1, 1000).await;
     for round in 1..=3u64 {
@@ -354,7 +333,7 @@ async fn feedback_tuples_end_up_in_unregistered_tokens() {
         &hex::decode(token(8)).unwrap(),
         at + Duration::from_secs(60),
     );
-    let daemon = start(config(&db.url, &setup.app_toml(Identity::EncryptedPem)));
+    let daemon = start_binary(config(&db.url, &setup.app_toml(Identity::EncryptedPem)));
     let client = db.client().await;
     let recorded: Vec<(String, SystemTime)> =
         wait_for("the feedback recorded", DEADLINE, || async {

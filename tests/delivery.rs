@@ -9,33 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pgpushd::config::Config;
-use pgpushd::daemon::Daemon;
 use pgpushd::transport::Transport;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-struct Running {
-    cancel: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
-    let daemon = Daemon::new(config, transport);
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { daemon.run(cancel).await }
-    });
-    Running { cancel, task }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-}
 
 async fn setup(
     tweak: impl FnOnce(&mut pgpushd::emulator::EmulatorConfig),

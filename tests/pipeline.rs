@@ -3,40 +3,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use pgpushd::config::Config;
 use pgpushd::daemon::Daemon;
-use pgpushd::transport::{Delivery, Transport};
-use tokio::task::JoinHandle;
+use pgpushd::transport::Delivery;
 use tokio_util::sync::CancellationToken;
-
-struct Running {
-    cancel: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
-    let daemon = Daemon::new(config, transport);
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { daemon.run(cancel).await }
-    });
-    Running { cancel, task }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-    fn is_running(&self) -> bool {
-        !self.task.is_finished()
-    }
-}
 
 #[tokio::test]
 async fn a_notification_wakes_the_daemon_at_once() {

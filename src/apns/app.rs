@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 use uuid::Uuid;
 
 use crate::apns::connection::{tls_connector, ConnectOptions};
@@ -67,26 +67,7 @@ impl App {
                     .with_intervals(options.token_refresh_after, options.token_min_interval);
                 (Some(signer), None)
             }
-            Auth::Certificate(c) => {
-                let id = identity::load(c).map_err(|source| ApnsError::Identity {
-                    app: app.clone(),
-                    source,
-                })?;
-                if id.expired {
-                    return Err(ApnsError::CertificateExpired {
-                        app,
-                        path: c.file.clone(),
-                        not_after: id.not_after,
-                    });
-                }
-                info!(app = %config.name, subject = %id.subject, not_after = %id.not_after,
-                      "loaded the APNs client certificate");
-                if id.days_left < 30 {
-                    warn!(app = %config.name, subject = %id.subject, not_after = %id.not_after,
-                          days_left = id.days_left, "the APNs client certificate expires soon");
-                }
-                (None, Some(id.identity))
-            }
+            Auth::Certificate(c) => (None, Some(identity::load_for_app(&app, c)?)),
         };
         let tls = tls_connector(config.ca_file.as_deref(), identity).map_err(|message| {
             ApnsError::Tls {

@@ -72,6 +72,33 @@ impl std::fmt::Debug for ClientIdentity {
     }
 }
 
+/// [`load`] for an app at start-up: an expired certificate is an error, one close to
+/// expiry a warning; both transports use it.
+pub(crate) fn load_for_app(
+    app: &str,
+    auth: &CertificateAuth,
+) -> Result<native_tls::Identity, crate::apns::ApnsError> {
+    use crate::apns::ApnsError;
+    let id = load(auth).map_err(|source| ApnsError::Identity {
+        app: app.to_owned(),
+        source,
+    })?;
+    if id.expired {
+        return Err(ApnsError::CertificateExpired {
+            app: app.to_owned(),
+            path: auth.file.clone(),
+            not_after: id.not_after,
+        });
+    }
+    tracing::info!(app, subject = %id.subject, not_after = %id.not_after,
+                   "loaded the APNs client certificate");
+    if id.days_left < 30 {
+        tracing::warn!(app, subject = %id.subject, not_after = %id.not_after,
+                       days_left = id.days_left, "the APNs client certificate expires soon");
+    }
+    Ok(id.identity)
+}
+
 /// Reads the identity `auth` names.
 pub fn load(auth: &CertificateAuth) -> Result<ClientIdentity, IdentityError> {
     let data = std::fs::read(&auth.file).map_err(|source| IdentityError::Read {

@@ -349,3 +349,32 @@ impl Drop for Spawned {
         }
     }
 }
+
+/// A daemon running in this process, on this runtime.
+pub struct Running {
+    cancel: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts a daemon with `transport`.
+pub fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
+    let daemon = pgpushd::daemon::Daemon::new(config, transport);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    Running { cancel, task }
+}
+
+impl Running {
+    /// Stops it (the drain included) and checks it ended well.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}

@@ -19,7 +19,7 @@ pub(crate) mod pool;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::apns::connection::read_ca_file;
 use crate::apns::{identity, short_token, ApnsError, Options};
@@ -61,23 +61,7 @@ pub fn tls_connector(config: &AppConfig) -> Result<native_tls::TlsConnector, Apn
             message: "the binary protocol needs certificate auth ([certificate])".into(),
         });
     };
-    let id = identity::load(auth).map_err(|source| ApnsError::Identity {
-        app: app.clone(),
-        source,
-    })?;
-    if id.expired {
-        return Err(ApnsError::CertificateExpired {
-            app,
-            path: auth.file.clone(),
-            not_after: id.not_after,
-        });
-    }
-    info!(app = %config.name, subject = %id.subject, not_after = %id.not_after,
-          "loaded the APNs client certificate (binary protocol)");
-    if id.days_left < 30 {
-        warn!(app = %config.name, subject = %id.subject, not_after = %id.not_after,
-              days_left = id.days_left, "the APNs client certificate expires soon");
-    }
+    let identity = identity::load_for_app(&app, auth)?;
     let tls_error = |message: String| ApnsError::Tls {
         app: app.clone(),
         message,
@@ -85,7 +69,7 @@ pub fn tls_connector(config: &AppConfig) -> Result<native_tls::TlsConnector, Apn
     let mut builder = native_tls::TlsConnector::builder();
     builder
         .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
-        .identity(id.identity);
+        .identity(identity);
     if let Some(path) = &config.ca_file {
         for cert in read_ca_file(path).map_err(tls_error)? {
             builder.add_root_certificate(cert);
