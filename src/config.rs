@@ -567,6 +567,9 @@ impl Validator<'_> {
     fn retry(&self, r: RetryFile) -> Result<RetryConfig, ConfigError> {
         let max_attempts = self.positive("retry.max_attempts", r.max_attempts, 1_000)? as u32;
         let backoff_base = self.nonzero("retry.backoff_base", r.backoff_base)?;
+        if r.backoff_max > Duration::from_secs(30 * 86_400) {
+            return Err(self.invalid("retry.backoff_max", "must be at most 30 days"));
+        }
         if r.backoff_max < backoff_base {
             return Err(self.invalid(
                 "retry.backoff_max",

@@ -40,11 +40,15 @@ pub struct Daemon {
     metrics: Arc<Metrics>,
     heartbeat: Arc<Heartbeat>,
     notifier: Notifier,
+    /// READY=1 was sent; a reload before that must not send it early.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
     pub fn new(config: Config, transport: Arc<dyn Transport>) -> Daemon {
         let settings = settings_of(&config);
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_apps(config.apps.keys());
         Daemon {
             config,
             transport,
@@ -52,9 +56,10 @@ impl Daemon {
             listening: watch::Sender::new(false),
             settings: watch::Sender::new(settings),
             database: watch::Sender::new(Ok(())),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             heartbeat: Arc::new(Heartbeat::default()),
             notifier: Notifier::from_env(),
+            ready: Default::default(),
         }
     }
 
@@ -154,6 +159,7 @@ impl Daemon {
             _ = self.ready() => {
                 info!(apps = self.config.apps.len(), "pgpushd ready");
                 self.notifier.ready();
+                self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
             }
         }
 
@@ -191,14 +197,20 @@ impl Daemon {
     /// Applies what a reloaded config may change without a restart, telling systemd.
     /// (App credentials are reloaded by the caller, which owns the transport.)
     pub fn reload(&self, config: &Config) {
-        self.notifier.reloading();
+        let ready = self.ready.load(std::sync::atomic::Ordering::SeqCst);
+        if ready {
+            self.notifier.reloading();
+        }
         self.settings.send_if_modified(|s| {
             let new = settings_of(config);
             let changed = *s != new;
             *s = new;
             changed
         });
-        self.notifier.ready();
+        self.metrics.set_apps(config.apps.keys());
+        if ready {
+            self.notifier.ready();
+        }
     }
 
     /// Waits for the database (it may be down at start: keep trying), then checks the
@@ -282,7 +294,8 @@ async fn queue_stats(
             "SELECT (SELECT count(*) FROM pgpushd.outbox WHERE status = 'pending'),
                     coalesce((SELECT extract(epoch FROM now() - min(send_after))::float8
                                 FROM pgpushd.outbox
-                               WHERE status = 'pending' AND send_after <= now()), 0)",
+                               WHERE status = 'pending' AND send_after <= now()
+                                 AND isfinite(send_after)), 0)",
             &[],
         ),
     )

@@ -41,7 +41,12 @@ fn target(url: &str, connect_timeout: Duration, role: &str) -> anyhow::Result<Ta
     config
         .connect_timeout(connect_timeout)
         .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30));
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
+        // A connection whose peer vanished (failover, NAT state dropped) fails within a
+        // minute instead of the kernel's ~15 minutes of retransmissions.
+        .tcp_user_timeout(Duration::from_secs(60));
     // Names the connection in pg_stat_activity: "pgpushd-listener", "pgpushd-batch", ...
     if config.get_application_name().is_none() {
         config.application_name(format!("pgpushd-{role}"));

@@ -27,10 +27,10 @@ use tracing::{debug, warn, Instrument};
 use crate::backoff::backoff;
 use crate::config::{RetryConfig, Secret};
 use crate::db;
-use crate::metrics::{AppLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::outbox::{Claimed, OutboxConn};
 use crate::outcome::{RowUpdate, Status};
-use crate::transport::Transport;
+use crate::transport::{Delivery, Transport};
 
 /// Waits after database errors: from a quarter second up to this.
 const MAX_DB_RETRY_WAIT: Duration = Duration::from_secs(30);
@@ -191,7 +191,12 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(beat_at), if beat_at < wake_at => {}
                 Some(full) = claimed_rx.recv() => backlog = full,
                 Some(end) = batches.join_next() => {
-                    let end = end.expect("batch tasks do not panic");
+                    // A panicking batch (a bug) must not take the loop and the other
+                    // batches with it: its rows are released, like any failed batch's.
+                    let end = end.unwrap_or_else(|e| BatchEnd {
+                        conn: None,
+                        result: Err(anyhow::anyhow!("batch task failed: {e}")),
+                    });
                     if let Some(conn) = end.conn {
                         idle.push(conn);
                     }
@@ -392,12 +397,15 @@ async fn settle(c: &Claimed, ctx: &BatchContext, retry: &RetryConfig) -> RowUpda
     if c.unregistered {
         return RowUpdate::previously_unregistered(n);
     }
+    if let Some(reason) = &c.unreadable {
+        return RowUpdate::after(n, Delivery::rejected(reason.clone()), retry);
+    }
     let _in_flight = InFlight::new(&ctx.metrics);
     let started = Instant::now();
     let delivery = ctx.transport.send(n).await;
     ctx.metrics
         .apns_latency
-        .get_or_create(&AppLabels { app: n.app.clone() })
+        .get_or_create(&ctx.metrics.app_label(&n.app))
         .observe(started.elapsed().as_secs_f64());
     RowUpdate::after(n, delivery, retry)
 }

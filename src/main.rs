@@ -284,6 +284,9 @@ async fn handle_signals(
     while let Some(signal) = signals.next().await {
         let name = signal_hook::low_level::signal_name(signal).unwrap_or("signal");
         match signal {
+            SIGHUP if cancel.is_cancelled() => {
+                info!(signal = name, "stopping; not reloading")
+            }
             SIGHUP => reload(&path, &daemon, &apns, name),
             _ if cancel.is_cancelled() => {
                 warn!(

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub oldest_pending_age: Gauge<f64, AtomicU64>,
     pub database_up: Gauge,
+    /// The configured apps: rows naming any other app are counted as `unknown`, so a
+    /// producer's typo cannot grow the series without bound.
+    known_apps: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -86,6 +89,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             oldest_pending_age: Gauge::default(),
             database_up: Gauge::default(),
+            known_apps: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -142,6 +146,19 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Sets the apps that get series of their own.
+    pub fn set_apps<'a>(&self, apps: impl IntoIterator<Item = &'a String>) {
+        *self.known_apps.write().unwrap() = apps.into_iter().cloned().collect();
+    }
+
+    /// `app`, or `unknown` for an app not in the config.
+    pub fn app_label(&self, app: &str) -> AppLabels {
+        let known = self.known_apps.read().unwrap().contains(app);
+        AppLabels {
+            app: if known { app } else { "unknown" }.to_owned(),
+        }
+    }
+
     /// Counts one settled row.
     pub fn row(&self, app: &str, status: Status, attempted: bool, last_error: Option<&str>) {
         let outcome = match (status, attempted) {
@@ -150,7 +167,7 @@ impl Metrics {
             (s, _) => s.as_str(),
         };
         let labels = RowLabels {
-            app: app.to_owned(),
+            app: self.app_label(app).app,
             outcome: outcome.to_owned(),
             reason: last_error.map_or_else(|| "none".to_owned(), reason_label),
         };
@@ -317,7 +334,9 @@ mod tests {
     #[test]
     fn rows_are_counted_by_outcome_and_encoded() {
         let m = Metrics::new();
+        m.set_apps(&["default".to_owned()]);
         m.row("default", Status::Sent, true, None);
+        m.row("typo", Status::Failed, false, Some("unknown app"));
         m.row("default", Status::Sent, true, None);
         m.row(
             "default",
@@ -334,5 +353,6 @@ mod tests {
             text.contains(r#"pgpushd_rows_total{app="default",outcome="deferred",reason="InvalidProviderToken"} 1"#),
             "{text}"
         );
+        assert!(text.contains(r#"app="unknown",outcome="failed""#), "{text}");
     }
 }

@@ -415,3 +415,51 @@ async fn wait_for_listener(client: &tokio_postgres::Client) {
     })
     .await
 }
+
+#[tokio::test]
+async fn rows_the_daemon_cannot_read_or_time_fail_alone() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // What PostgreSQL accepts but the daemon cannot hold: a number beyond f64, and (with
+    // the constraint that now refuses it dropped, as on an older schema) a row that is
+    // never due.
+    client
+        .batch_execute(
+            "ALTER TABLE pgpushd.outbox DROP CONSTRAINT outbox_send_after_must_be_finite;
+             INSERT INTO pgpushd.outbox (device_token, payload) VALUES ('aa', '{\"n\": 1e400}');
+             INSERT INTO pgpushd.outbox (device_token, payload, send_after) VALUES ('bb', '{}', 'infinity');",
+        )
+        .await
+        .unwrap();
+    let transport = ScriptedTransport::new();
+    let daemon = start(config(&db.url, ""), transport.clone());
+    insert_rows(&client, 1, 5).await;
+    wait_for_status(&client, "sent", 5, Duration::from_secs(10)).await;
+    wait_for_status(&client, "failed", 1, Duration::from_secs(5)).await;
+    let reason: String = client
+        .query_one(
+            "SELECT last_error FROM pgpushd.outbox WHERE device_token = 'aa'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.starts_with("BadPayload"), "{reason}");
+    // The daemon is still at work: a later row goes out too.
+    insert_rows(&client, 6, 1).await;
+    wait_for_status(&client, "sent", 6, Duration::from_secs(5)).await;
+    daemon.stop().await;
+
+    let refused = client
+        .batch_execute(
+            "ALTER TABLE pgpushd.outbox ADD CONSTRAINT outbox_send_after_must_be_finite
+                 CHECK (isfinite(send_after)) NOT VALID;
+             INSERT INTO pgpushd.outbox (device_token, payload, send_after) VALUES ('cc', '{}', 'infinity')",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.as_db_error().and_then(|e| e.constraint()),
+        Some("outbox_send_after_must_be_finite")
+    );
+}

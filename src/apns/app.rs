@@ -221,9 +221,11 @@ impl App {
                 reason: reason.clone(),
                 after: (until - now).max(MIN_DEFER),
             },
+            // While the probe is out, defer for as long as it may take to answer:
+            // deferring by a second would rewrite the app's whole backlog every second.
             _ if r.probing => Gate::Closed {
                 reason: reason.clone(),
-                after: MIN_DEFER,
+                after: self.config.request_timeout.max(MIN_DEFER),
             },
             _ => {
                 r.probing = true;

@@ -268,9 +268,13 @@ pub fn verdict(answer: &Answer, now: SystemTime) -> Verdict {
     match (status, &reason) {
         (410, _) => Verdict::Row(Delivery::Unregistered {
             reason: explained,
+            // A timestamp PostgreSQL could not store (or from the future) is not
+            // Apple's: take ours rather than fail the whole batch's commit.
             at: body
                 .timestamp
-                .map_or(now, |ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+                .filter(|at| *at <= now + Duration::from_secs(86_400))
+                .unwrap_or(now),
         }),
         (403, Reason::ExpiredProviderToken) => Verdict::RefreshToken,
         // Every 403 is about credentials; an unknown one must not burn rows either.
@@ -348,12 +352,13 @@ mod tests {
 
     #[test]
     fn gone_tokens_are_unregistered_with_apples_time() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let v = verdict(
             &answer(
                 410,
                 r#"{"reason":"Unregistered","timestamp":1700000000123}"#,
             ),
-            UNIX_EPOCH,
+            now,
         );
         assert_eq!(
             v,
@@ -363,6 +368,17 @@ mod tests {
                 at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             })
         );
+        // A time PostgreSQL could not store is not Apple's: ours instead.
+        match verdict(
+            &answer(
+                410,
+                r#"{"reason":"Unregistered","timestamp":18446744073709551615}"#,
+            ),
+            now,
+        ) {
+            Verdict::Row(Delivery::Unregistered { at, .. }) => assert_eq!(at, now),
+            other => panic!("{other:?}"),
+        }
         let now = UNIX_EPOCH + Duration::from_secs(42);
         match verdict(&answer(410, r#"{"reason":"ExpiredToken"}"#), now) {
             Verdict::Row(Delivery::Unregistered { reason, at }) => {

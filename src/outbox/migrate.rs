@@ -15,6 +15,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "settled_at",
         include_str!("../../sql/002_settled_at.sql"),
     ),
+    (
+        3,
+        "robustness",
+        include_str!("../../sql/003_robustness.sql"),
+    ),
 ];
 
 /// The version the code expects; the daemon refuses to start on an older schema.

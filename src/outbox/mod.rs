@@ -10,7 +10,7 @@ pub mod migrate;
 pub mod prune;
 pub mod status;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::{Client, GenericClient, Statement};
@@ -23,7 +23,7 @@ use crate::transport::Notification;
 pub const CHANNEL: &str = "pgpushd_outbox";
 
 const CLAIM: &str = "
-SELECT o.id, o.app, o.device_token, o.payload, o.push_type, o.priority, o.collapse_id,
+SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.collapse_id,
        o.topic, o.expires_at, o.attempts, o.expires_at <= now() AS expired,
        EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens u
                WHERE u.app = o.app AND u.device_token = lower(o.device_token)) AS unregistered
@@ -63,7 +63,7 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
 const NEXT_DUE: &str = "
 SELECT extract(epoch FROM min(send_after) - now())::float8
   FROM pgpushd.outbox
- WHERE status = 'pending' AND send_after > now()";
+ WHERE status = 'pending' AND send_after > now() AND send_after < 'infinity'";
 
 /// A claimed row.
 #[derive(Debug, Clone)]
@@ -73,6 +73,9 @@ pub struct Claimed {
     pub expired: bool,
     /// The token is in `unregistered_tokens`: fail the row without sending it.
     pub unregistered: bool,
+    /// The payload could not be read into JSON here (a number out of range, nesting
+    /// too deep): fail the row with this reason rather than stall the queue.
+    pub unreadable: Option<String>,
 }
 
 /// A database connection with the outbox's statements prepared on it.
@@ -136,21 +139,25 @@ impl Batch<'_> {
         let rows = self.txn.query(self.claim, &[&limit]).await?;
         Ok(rows
             .iter()
-            .map(|r| Claimed {
-                notification: Notification {
-                    id: r.get(0),
-                    app: r.get(1),
-                    device_token: r.get(2),
-                    payload: r.get(3),
-                    push_type: r.get(4),
-                    priority: r.get(5),
-                    collapse_id: r.get(6),
-                    topic: r.get(7),
-                    expires_at: r.get(8),
-                    attempts: r.get(9),
-                },
-                expired: r.get::<_, Option<bool>>(10).unwrap_or(false),
-                unregistered: r.get(11),
+            .map(|r| {
+                let (payload, unreadable) = parse_payload(r.get(3));
+                Claimed {
+                    notification: Notification {
+                        id: r.get(0),
+                        app: r.get(1),
+                        device_token: r.get(2),
+                        payload,
+                        push_type: r.get(4),
+                        priority: r.get(5),
+                        collapse_id: r.get(6),
+                        topic: r.get(7),
+                        expires_at: r.get(8),
+                        attempts: r.get(9),
+                    },
+                    expired: r.get::<_, Option<bool>>(10).unwrap_or(false),
+                    unregistered: r.get(11),
+                    unreadable,
+                }
             })
             .collect())
     }
@@ -159,7 +166,7 @@ impl Batch<'_> {
     /// already has); `None` when no row waits for a later time.
     pub async fn next_due(&self) -> Result<Option<Duration>, tokio_postgres::Error> {
         let secs: Option<f64> = self.txn.query_one(self.next_due, &[]).await?.get(0);
-        Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+        Ok(secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()))
     }
 
     /// Writes every outcome with one UPDATE (plus one INSERT for newly unregistered
@@ -184,7 +191,11 @@ async fn write_updates(
 ) -> Result<(), tokio_postgres::Error> {
     let ids: Vec<i64> = updates.iter().map(|u| u.id).collect();
     let statuses: Vec<&str> = updates.iter().map(|u| u.status.as_str()).collect();
-    let errors: Vec<Option<&str>> = updates.iter().map(|u| u.last_error.as_deref()).collect();
+    // PostgreSQL's text cannot hold NUL; a misbehaving endpoint's reason might.
+    let errors: Vec<Option<String>> = updates
+        .iter()
+        .map(|u| u.last_error.as_ref().map(|e| e.replace('\0', "")))
+        .collect();
     let apns_ids: Vec<Option<Uuid>> = updates.iter().map(|u| u.apns_id).collect();
     let retry_ms: Vec<Option<i64>> = updates.iter().map(|u| u.retry_in.map(millis)).collect();
     let attempted: Vec<bool> = updates.iter().map(|u| u.attempted).collect();
@@ -202,8 +213,10 @@ async fn write_unregistered(
     updates: &[RowUpdate],
     claimed: &[Claimed],
 ) -> Result<(), tokio_postgres::Error> {
-    let mut seen = HashSet::new();
-    let (mut apps, mut tokens, mut ats) = (Vec::new(), Vec::new(), Vec::new());
+    // Keyed and sorted: one INSERT may not touch a key twice (ON CONFLICT would refuse),
+    // and concurrent batches insert shared keys in the same order, so they cannot
+    // deadlock on each other.
+    let mut keyed = std::collections::BTreeMap::new();
     for u in updates {
         let Some(at) = u.unregistered_at else {
             continue;
@@ -212,13 +225,15 @@ async fn write_unregistered(
             continue;
         };
         let n = &c.notification;
-        let token = n.device_token.to_ascii_lowercase();
-        // One INSERT may not touch the same key twice (ON CONFLICT would refuse).
-        if seen.insert((n.app.clone(), token.clone())) {
-            apps.push(n.app.clone());
-            tokens.push(token);
-            ats.push(at);
-        }
+        keyed
+            .entry((n.app.clone(), n.device_token.to_ascii_lowercase()))
+            .or_insert(at);
+    }
+    let (mut apps, mut tokens, mut ats) = (Vec::new(), Vec::new(), Vec::new());
+    for ((app, token), at) in keyed {
+        apps.push(app);
+        tokens.push(token);
+        ats.push(at);
     }
     if !apps.is_empty() {
         txn.execute(unregister, &[&apps, &tokens, &ats]).await?;
@@ -234,8 +249,9 @@ pub async fn record_unregistered(
     app: &str,
     tokens: &[(String, SystemTime)],
 ) -> Result<u64, tokio_postgres::Error> {
-    // One INSERT may not touch the same key twice: keep each token's latest time.
-    let mut latest: HashMap<String, SystemTime> = HashMap::new();
+    // One INSERT may not touch the same key twice: keep each token's latest time. Sorted,
+    // as batches insert, so the two cannot deadlock.
+    let mut latest: BTreeMap<String, SystemTime> = BTreeMap::new();
     for (token, at) in tokens {
         let at_least = latest.entry(token.to_ascii_lowercase()).or_insert(*at);
         *at_least = (*at_least).max(*at);
@@ -246,6 +262,19 @@ pub async fn record_unregistered(
     let apps = vec![app.to_owned(); latest.len()];
     let (tokens, ats): (Vec<String>, Vec<SystemTime>) = latest.into_iter().unzip();
     client.execute(UNREGISTER, &[&apps, &tokens, &ats]).await
+}
+
+/// The payload as JSON, or why it cannot be.
+fn parse_payload(text: &str) -> (serde_json::Value, Option<String>) {
+    match serde_json::from_str(text) {
+        Ok(v) => (v, None),
+        Err(e) => (
+            serde_json::Value::Null,
+            Some(format!(
+                "BadPayload: the payload cannot be read as JSON here: {e}"
+            )),
+        ),
+    }
 }
 
 fn millis(d: Duration) -> i64 {

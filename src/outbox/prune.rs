@@ -18,7 +18,7 @@ const STAMP_UNSETTLED: &str = "
 UPDATE pgpushd.outbox
    SET settled_at = coalesce(sent_at, greatest(send_after, created_at))
  WHERE id IN (SELECT id FROM pgpushd.outbox
-               WHERE status IN ('sent', 'failed', 'expired') AND settled_at IS NULL
+               WHERE status <> 'pending' AND settled_at IS NULL
                LIMIT $1
                  FOR UPDATE SKIP LOCKED)";
 
