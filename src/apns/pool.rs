@@ -246,6 +246,10 @@ async fn supervise(inner: Arc<Inner>, i: usize) {
                     _ = inner.shutdown.cancelled() => return,
                     _ = conn.retired() => {}
                 }
+                // Shutting down retires connections too: that is no trouble.
+                if inner.shutdown.is_cancelled() {
+                    return;
+                }
                 if up.elapsed() >= STABLE {
                     failures = 0;
                     info!(app = %inner.app, slot = i, "replacing the APNs connection");
