@@ -235,6 +235,10 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
 pub struct Producer {
     pub tps_no_trigger: f64,
     pub tps_trigger: f64,
+    /// Transactions the database committed per second beyond the producers' own: the
+    /// daemon's claims (one transaction per wake-up that found rows).
+    pub daemon_txns_per_s_no_trigger: f64,
+    pub daemon_txns_per_s_trigger: f64,
     pub cpu_no_trigger: CpuUse,
     pub cpu_trigger: CpuUse,
 }
@@ -257,18 +261,25 @@ pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Produ
     let result = async {
         procs::wait_quiet(QUIET_WAIT).await;
         let before = watched.mark();
+        let commits_before = commits(&env.client).await?;
         let no_trigger = writers(&env.url, 8, duration).await?;
         let cpu_no_trigger = watched.since(&before, false);
+        let daemon_no_trigger =
+            daemon_txns(&env.client, commits_before, no_trigger, duration).await?;
         db::wait_drained(&env.client, Duration::from_secs(120)).await?;
         env.client.batch_execute(db::CREATE_TRIGGER).await?;
         procs::wait_quiet(QUIET_WAIT).await;
         let before = watched.mark();
+        let commits_before = commits(&env.client).await?;
         let trigger = writers(&env.url, 8, duration).await?;
         let cpu_trigger = watched.since(&before, false);
+        let daemon_trigger = daemon_txns(&env.client, commits_before, trigger, duration).await?;
         db::wait_drained(&env.client, Duration::from_secs(120)).await?;
         anyhow::Ok(Producer {
             tps_no_trigger: no_trigger,
             tps_trigger: trigger,
+            daemon_txns_per_s_no_trigger: daemon_no_trigger,
+            daemon_txns_per_s_trigger: daemon_trigger,
             cpu_no_trigger,
             cpu_trigger,
         })
@@ -279,6 +290,31 @@ pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Produ
     daemon.stop()?;
     emulator.proc.stop()?;
     result
+}
+
+/// Transactions committed in this database so far (pg_stat_database).
+async fn commits(client: &Client) -> anyhow::Result<i64> {
+    // Statistics reach shared memory within a second of a transaction.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    Ok(client
+        .query_one(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Commits per second since `before` that were not the producers' inserts.
+async fn daemon_txns(
+    client: &Client,
+    before: i64,
+    producer_tps: f64,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let after = commits(client).await?;
+    let producers = producer_tps * duration.as_secs_f64();
+    Ok(((after - before) as f64 - producers).max(0.0) / duration.as_secs_f64())
 }
 
 /// `n` clients inserting single rows as fast as they can for `duration`: rows/s.
