@@ -8,7 +8,7 @@
 //! process used and the machine).
 //!
 //! Flags (after `--`): `--quick`, `--rows N` (drain backlog, default 200,000),
-//! `--runs N`, `--only drain,drain20,latency,producer,backlog`.
+//! `--runs N`, `--only drain,drain20,latency,producer,backlog`, `--no-fsync`.
 
 mod db;
 mod procs;
@@ -36,6 +36,8 @@ pub struct Plan {
     pub latency_secs: u64,
     pub producer_secs: u64,
     pub only: Option<Vec<String>>,
+    /// `--no-fsync`: PostgreSQL with fsync off, to compare with figures taken that way.
+    pub fsync: bool,
 }
 
 impl Plan {
@@ -71,6 +73,7 @@ impl Plan {
             latency_secs: if quick { 5 } else { 20 },
             producer_secs: if quick { 3 } else { 10 },
             only: value("--only")?.map(|v| v.split(',').map(str::to_owned).collect()),
+            fsync: !args.iter().any(|a| a == "--no-fsync"),
         })
     }
 
@@ -95,8 +98,8 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         plan.backlog_rows,
         procs::BIN
     );
-    let cluster = tokio::task::block_in_place(|| DevDb::start_with(true))
-        .context("starting a throwaway PostgreSQL (fsync on)")?;
+    let cluster = tokio::task::block_in_place(|| DevDb::start_with(plan.fsync))
+        .context("starting a throwaway PostgreSQL")?;
     let postmaster = procs::postmaster_pid(cluster.port());
     let work = procs::Workdir::new()?;
     let mut samples = Samples::default();

@@ -153,7 +153,7 @@ pub fn write_json(
         "settings".into(),
         serde_json::json!({
             "batch_size": 500, "max_batches_in_flight": 4, "connections": 2,
-            "poll_interval": "5s", "postgres_fsync": true, "emulator_max_streams": 1000,
+            "poll_interval": "5s", "postgres_fsync": plan.fsync, "emulator_max_streams": 1000,
         }),
     );
     json.insert("machine".into(), machine());
