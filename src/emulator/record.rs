@@ -16,7 +16,8 @@ use serde::{Serialize, Serializer};
 use tokio::sync::broadcast;
 
 /// One request and the answer it got. Serialized as one JSON line in the record file:
-/// `at` in RFC 3339, `payload` as the JSON it is (a string if it is not JSON).
+/// `at` in RFC 3339 with microseconds (latency is measured from it: milliseconds are too
+/// coarse), `payload` as the JSON it is (a string if it is not JSON).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Record {
     #[serde(serialize_with = "rfc3339")]
@@ -47,7 +48,7 @@ impl Record {
 }
 
 pub(crate) fn rfc3339<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*at))
+    s.collect_str(&humantime::format_rfc3339_micros(*at))
 }
 
 pub(crate) fn json_or_text<S: Serializer>(payload: &Bytes, s: S) -> Result<S::Ok, S::Error> {
@@ -221,7 +222,7 @@ mod tests {
     fn serializes_payload_as_json() {
         let line = serde_json::to_value(sample(br#"{"aps":{"alert":"hi"}}"#)).unwrap();
         assert_eq!(line["payload"], serde_json::json!({"aps": {"alert": "hi"}}));
-        assert_eq!(line["at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(line["at"], "2023-11-14T22:13:20.123000Z");
         assert_eq!(line["status"], 200);
         let text = serde_json::to_value(sample(b"not json")).unwrap();
         assert_eq!(text["payload"], "not json");

@@ -1,0 +1,212 @@
+//! `cargo bench --bench pipeline`: how fast pgpushd is, measured the same way every time
+//! and compared with the limit of the link it drives (issue 6).
+//!
+//! A throwaway PostgreSQL with fsync on, the emulator and the daemon each in its own
+//! process (the release binary cargo built for this bench). Every scenario runs `--runs`
+//! times (3; `--quick`: 1, with short runs); the table shows the median, min and max, and
+//! `target/bench/pipeline.json` gets the medians (plus every run's figures, the CPU each
+//! process used and the machine).
+//!
+//! Flags (after `--`): `--quick`, `--rows N` (drain backlog, default 200,000),
+//! `--runs N`, `--only drain,drain20,latency,producer,backlog`, `--no-fsync`.
+
+mod db;
+mod procs;
+mod raw;
+mod report;
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use pgpushd::devdb::DevDb;
+
+use report::{Floor, Samples};
+use scenarios::Env;
+
+/// What to run, from the command line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    pub rows: u64,
+    pub backlog_rows: u64,
+    pub runs: usize,
+    pub latency_rate: u64,
+    pub latency_secs: u64,
+    pub producer_secs: u64,
+    pub only: Option<Vec<String>>,
+    /// `--no-fsync`: PostgreSQL with fsync off, to compare with figures taken that way.
+    pub fsync: bool,
+}
+
+impl Plan {
+    fn from_args() -> anyhow::Result<Plan> {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let value = |flag: &str| -> anyhow::Result<Option<String>> {
+            match args.iter().position(|a| a == flag) {
+                Some(i) => Ok(Some(
+                    args.get(i + 1)
+                        .with_context(|| format!("{flag} needs a value"))?
+                        .clone(),
+                )),
+                None => Ok(None),
+            }
+        };
+        let quick = args.iter().any(|a| a == "--quick");
+        let rows = match value("--rows")? {
+            Some(v) => v.replace('_', "").parse().context("--rows N")?,
+            None if quick => 20_000,
+            None => 200_000,
+        };
+        let runs = match value("--runs")? {
+            Some(v) => v.parse().context("--runs N")?,
+            None if quick => 1,
+            None => 3,
+        };
+        Ok(Plan {
+            quick,
+            rows,
+            backlog_rows: if quick { rows * 5 } else { 1_000_000 },
+            runs,
+            latency_rate: 1000,
+            latency_secs: if quick { 5 } else { 20 },
+            producer_secs: if quick { 3 } else { 10 },
+            only: value("--only")?.map(|v| v.split(',').map(str::to_owned).collect()),
+            fsync: !args.iter().any(|a| a == "--no-fsync"),
+        })
+    }
+
+    fn wants(&self, scenario: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == scenario))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let plan = Plan::from_args()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(bench(plan))
+}
+
+async fn bench(plan: Plan) -> anyhow::Result<()> {
+    eprintln!(
+        "pipeline bench: {} run(s), {} rows per drain, {} rows of backlog; binary {}",
+        plan.runs,
+        plan.rows,
+        plan.backlog_rows,
+        procs::BIN
+    );
+    let cluster = tokio::task::block_in_place(|| DevDb::start_with(plan.fsync))
+        .context("starting a throwaway PostgreSQL")?;
+    let postmaster = procs::postmaster_pid(cluster.port());
+    let work = procs::Workdir::new()?;
+    let mut samples = Samples::default();
+    let mut detail: Vec<serde_json::Value> = Vec::new();
+
+    for run in 1..=plan.runs {
+        let name = format!("bench_{run}");
+        let url = db::fresh_database(&cluster, &name).await?;
+        let env = Env {
+            postmaster,
+            work: &work,
+            client: db::connect(&url).await?,
+            url,
+        };
+        let mut this = BTreeMap::new();
+        if plan.wants("drain") {
+            let (drain, raw) =
+                scenarios::drain_and_raw(&env, plan.rows, Duration::ZERO, true).await?;
+            let raw = raw.expect("asked for");
+            progress(run, "drain", drain.rows_per_s, "rows/s");
+            progress(run, "raw link", raw.rows_per_s, "rows/s");
+            samples.add("drain_rows_per_s", drain.rows_per_s);
+            samples.add("raw_link_rows_per_s", raw.rows_per_s);
+            samples.add("drain_vs_raw", drain.rows_per_s / raw.rows_per_s);
+            samples.add("peak_rss_mb", drain.peak_rss_mb);
+            // The emulator's share of the machine's CPU (all cores), while the daemon
+            // drains and while the raw link runs: far from all of it, so the emulator is
+            // not what limits either.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            samples.add("emulator_cpu_share", drain.cpu.emulator / cores);
+            samples.add("emulator_cpu_share_raw", raw.cpu.emulator / cores);
+            // Other users of the machine during the drain: the run-to-run noise.
+            samples.add("others_cpu_cores_drain", drain.cpu.others);
+            this.insert("drain", serde_json::to_value(&drain)?);
+            this.insert("raw", serde_json::to_value(&raw)?);
+        }
+        if plan.wants("drain20") {
+            let (drain, raw) =
+                scenarios::drain_and_raw(&env, plan.rows, Duration::from_millis(20), true).await?;
+            let raw = raw.expect("asked for");
+            progress(run, "drain 20 ms", drain.rows_per_s, "rows/s");
+            progress(run, "raw link 20 ms", raw.rows_per_s, "rows/s");
+            samples.add("drain_20ms_rows_per_s", drain.rows_per_s);
+            samples.add("raw_link_20ms_rows_per_s", raw.rows_per_s);
+            samples.add("drain_20ms_vs_raw", drain.rows_per_s / raw.rows_per_s);
+            this.insert("drain_20ms", serde_json::to_value(&drain)?);
+            this.insert("raw_20ms", serde_json::to_value(&raw)?);
+        }
+        if plan.wants("latency") {
+            let l = scenarios::latency(
+                &env,
+                plan.latency_rate,
+                Duration::from_secs(plan.latency_secs),
+            )
+            .await?;
+            progress(run, "latency p50", l.p50_ms, "ms");
+            progress(run, "latency p99", l.p99_ms, "ms");
+            samples.add("latency_p50_ms", l.p50_ms);
+            samples.add("latency_p99_ms", l.p99_ms);
+            samples.add("latency_max_ms", l.max_ms);
+            samples.add("latency_offered_rows_per_s", l.offered_per_s);
+            this.insert("latency", serde_json::to_value(&l)?);
+        }
+        if plan.wants("producer") {
+            let p = scenarios::producer(&env, Duration::from_secs(plan.producer_secs)).await?;
+            progress(run, "producer, no trigger", p.tps_no_trigger, "tps");
+            progress(run, "producer, trigger", p.tps_trigger, "tps");
+            samples.add("producer_tps_no_trigger", p.tps_no_trigger);
+            samples.add("producer_tps_trigger", p.tps_trigger);
+            samples.add("producer_ratio", p.tps_trigger / p.tps_no_trigger);
+            // The daemon's own transactions meanwhile (claims, next-due look-ups).
+            samples.add("producer_daemon_txns_per_s", p.daemon_txns_per_s_trigger);
+            this.insert("producer", serde_json::to_value(&p)?);
+        }
+        if plan.wants("backlog") {
+            let (drain, _) =
+                scenarios::drain_and_raw(&env, plan.backlog_rows, Duration::ZERO, false).await?;
+            progress(run, "backlog peak RSS", drain.peak_rss_mb, "MB");
+            samples.add("backlog_1m_peak_rss_mb", drain.peak_rss_mb);
+            samples.add("backlog_1m_rows_per_s", drain.rows_per_s);
+            this.insert("backlog", serde_json::to_value(&drain)?);
+        }
+        drop(env);
+        db::drop_database(&cluster, &name).await?;
+        detail.push(serde_json::to_value(this)?);
+    }
+
+    let floors = floors();
+    let table = report::table(&samples, &floors, &plan);
+    println!("{table}");
+    let path = report::write_json(&samples, &floors, &plan, detail)?;
+    eprintln!("medians written to {}", path.display());
+    Ok(())
+}
+
+fn progress(run: usize, what: &str, value: f64, unit: &str) {
+    eprintln!("  run {run}: {what:<22} {value:>12.1} {unit}");
+}
+
+/// The issue's floors, by key.
+fn floors() -> BTreeMap<&'static str, Floor> {
+    BTreeMap::from([
+        ("drain_rows_per_s", Floor::AtLeast(25_000.0)),
+        ("drain_20ms_rows_per_s", Floor::AtLeast(20_000.0)),
+        ("latency_p50_ms", Floor::AtMost(3.0)),
+        ("latency_p99_ms", Floor::AtMost(15.0)),
+        ("peak_rss_mb", Floor::AtMost(64.0)),
+        ("backlog_1m_peak_rss_mb", Floor::AtMost(64.0)),
+    ])
+}

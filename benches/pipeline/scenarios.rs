@@ -1,0 +1,352 @@
+//! The scenarios of issue 6, each measured once per call; `main` repeats them and takes
+//! medians.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use tokio_postgres::Client;
+
+use crate::db;
+use crate::procs::{self, CpuUse, Watched, Workdir};
+use crate::raw;
+
+/// How long a measurement waits for other users of the machine to go quiet.
+const QUIET_WAIT: Duration = Duration::from_secs(30);
+
+/// Streams the daemon can keep in flight with the shipped defaults
+/// (`batch_size` 500 x `max_batches_in_flight` 4).
+pub const DAEMON_STREAMS: usize = 500 * 4;
+
+pub struct Env<'a> {
+    pub postmaster: Option<i32>,
+    pub work: &'a Workdir,
+    pub url: String,
+    pub client: Client,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Drain {
+    pub rows_per_s: f64,
+    pub elapsed_s: f64,
+    pub load_s: f64,
+    pub peak_rss_mb: f64,
+    pub cpu: CpuUse,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Raw {
+    pub rows_per_s: f64,
+    pub cpu: CpuUse,
+}
+
+/// Drains a backlog of `rows` with the emulator answering after `latency`, then sends the
+/// same rows over the raw link to the same emulator.
+pub async fn drain_and_raw(
+    env: &Env<'_>,
+    rows: u64,
+    latency: Duration,
+    with_raw: bool,
+) -> anyhow::Result<(Drain, Option<Raw>)> {
+    db::empty(&env.client).await?;
+    let load = db::load_backlog(&env.client, rows).await?;
+    let emulator = procs::start_emulator(env.work, latency, None)?;
+    let config = env.work.daemon_config(&env.url, &emulator.endpoint)?;
+
+    let mut watched = Watched {
+        daemon: None,
+        emulator: Some(emulator.proc.pid()),
+        postmaster: env.postmaster,
+    };
+    procs::wait_quiet(QUIET_WAIT).await;
+    let before = watched.mark();
+    let daemon = procs::start_daemon(env.work, &config)?;
+    watched.daemon = Some(daemon.pid());
+    let perf = procs::perf_attach(daemon.pid())?;
+    let deadline = Duration::from_secs(120 + rows / 1000);
+    let done = db::wait_drained(&env.client, deadline)
+        .await
+        .with_context(|| daemon_log(env.work))?;
+    let elapsed = done.duration_since(daemon.started);
+    let cpu = watched.since(&before, true);
+    let peak_rss_mb = procs::peak_rss_mb(daemon.pid()).unwrap_or(f64::NAN);
+    daemon.stop()?;
+    if let Some(perf) = perf {
+        perf.stop()?;
+    }
+    let (sent, other) = db::sent_and_other(&env.client).await?;
+    if sent != rows as i64 || other != 0 {
+        bail!("after the drain: {sent} rows sent and {other} not, of {rows}");
+    }
+    let drain = Drain {
+        rows_per_s: rows as f64 / elapsed.as_secs_f64(),
+        elapsed_s: elapsed.as_secs_f64(),
+        load_s: load.as_secs_f64(),
+        peak_rss_mb,
+        cpu,
+    };
+
+    let raw = if with_raw {
+        let watched = Watched {
+            daemon: None,
+            emulator: Some(emulator.proc.pid()),
+            postmaster: env.postmaster,
+        };
+        procs::wait_quiet(QUIET_WAIT).await;
+        let before = watched.mark();
+        let r = raw::run(&config, rows, DAEMON_STREAMS).await?;
+        let cpu = watched.since(&before, false);
+        Some(Raw {
+            rows_per_s: r.rows as f64 / r.elapsed.as_secs_f64(),
+            cpu,
+        })
+    } else {
+        None
+    };
+    emulator.proc.stop()?;
+    Ok((drain, raw))
+}
+
+fn daemon_log(work: &Workdir) -> String {
+    let text = std::fs::read_to_string(work.path("daemon.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "the daemon's log ends: {}",
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    )
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Latency {
+    pub rows: u64,
+    pub offered_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub cpu: CpuUse,
+}
+
+/// Producers commit single-row INSERTs at `rate` rows/s for `duration`; each row's
+/// latency runs from its commit (when COMMIT returned to the producer) to the emulator
+/// answering it (its record's `at`, in microseconds).
+pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Result<Latency> {
+    db::empty(&env.client).await?;
+    let record = env.work.path("latency-record.jsonl");
+    let emulator = procs::start_emulator(env.work, Duration::ZERO, Some(&record))?;
+    let config = env.work.daemon_config(&env.url, &emulator.endpoint)?;
+    let daemon = procs::start_daemon(env.work, &config)?;
+    db::wait_listening(&env.client, Duration::from_secs(30)).await?;
+    // A first row opens the APNs connections and lifts their stream limit.
+    env.client
+        .execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload) VALUES ($1, '{\"aps\":{}}')",
+            &[&db::token(0)],
+        )
+        .await?;
+    db::wait_drained(&env.client, Duration::from_secs(30)).await?;
+
+    let watched = Watched {
+        daemon: Some(daemon.pid()),
+        emulator: Some(emulator.proc.pid()),
+        postmaster: env.postmaster,
+    };
+    procs::wait_quiet(QUIET_WAIT).await;
+    let before = watched.mark();
+    // Enough producers that fsync'd commits keep up with the rate.
+    const PRODUCERS: u64 = 8;
+    let total = rate * duration.as_millis() as u64 / 1000;
+    let period = Duration::from_nanos(1_000_000_000 * PRODUCERS / rate);
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        let client = db::connect(&env.url).await?;
+        tasks.push(tokio::spawn(async move {
+            let insert = client
+                .prepare(
+                    "INSERT INTO pgpushd.outbox (device_token, payload)
+                     VALUES ($1, jsonb_build_object('aps', jsonb_build_object('alert', $2::text)))",
+                )
+                .await?;
+            let mut tick =
+                tokio::time::interval_at(started + period * p as u32 / PRODUCERS as u32, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut committed = Vec::new();
+            let mut seq = 1 + p;
+            while seq <= total {
+                tick.tick().await;
+                client
+                    .execute(&insert, &[&db::token(seq), &format!("Latency #{seq}")])
+                    .await?;
+                committed.push((seq, SystemTime::now()));
+                seq += PRODUCERS;
+            }
+            anyhow::Ok(committed)
+        }));
+    }
+    let mut committed: HashMap<String, SystemTime> = HashMap::new();
+    for t in tasks {
+        for (seq, at) in t.await?? {
+            committed.insert(db::token(seq), at);
+        }
+    }
+    let offered = total as f64 / started.elapsed().as_secs_f64();
+    db::wait_drained(&env.client, Duration::from_secs(60)).await?;
+    let cpu = watched.since(&before, false);
+    daemon.stop()?;
+    emulator.proc.stop()?; // flushes the record file
+
+    let mut latencies = Vec::with_capacity(committed.len());
+    let text = std::fs::read_to_string(&record)?;
+    for line in text.lines() {
+        let r: serde_json::Value = serde_json::from_str(line)?;
+        let token = r["device_token"].as_str().unwrap_or_default();
+        let Some(commit) = committed.remove(token) else {
+            continue;
+        };
+        let at = humantime::parse_rfc3339(r["at"].as_str().unwrap_or_default())?;
+        let ms = match at.duration_since(commit) {
+            Ok(d) => d.as_secs_f64() * 1000.0,
+            // Answered before COMMIT returned to the producer.
+            Err(e) => -e.duration().as_secs_f64() * 1000.0,
+        };
+        latencies.push(ms);
+    }
+    if !committed.is_empty() {
+        bail!(
+            "{} committed rows never reached the emulator",
+            committed.len()
+        );
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    Ok(Latency {
+        rows: latencies.len() as u64,
+        offered_per_s: offered,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: *latencies.last().unwrap_or(&f64::NAN),
+        cpu,
+    })
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Producer {
+    pub tps_no_trigger: f64,
+    pub tps_trigger: f64,
+    /// Transactions the database committed per second beyond the producers' own: the
+    /// daemon's claims (one transaction per wake-up that found rows).
+    pub daemon_txns_per_s_no_trigger: f64,
+    pub daemon_txns_per_s_trigger: f64,
+    pub cpu_no_trigger: CpuUse,
+    pub cpu_trigger: CpuUse,
+}
+
+/// 8 writers of single-row INSERTs in autocommit for `duration`, without and then with
+/// the NOTIFY trigger, the daemon running throughout.
+pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Producer> {
+    db::empty(&env.client).await?;
+    let emulator = procs::start_emulator(env.work, Duration::ZERO, None)?;
+    let config = env.work.daemon_config(&env.url, &emulator.endpoint)?;
+    let daemon = procs::start_daemon(env.work, &config)?;
+    db::wait_listening(&env.client, Duration::from_secs(30)).await?;
+    let watched = Watched {
+        daemon: Some(daemon.pid()),
+        emulator: Some(emulator.proc.pid()),
+        postmaster: env.postmaster,
+    };
+
+    env.client.batch_execute(db::DROP_TRIGGER).await?;
+    let result = async {
+        procs::wait_quiet(QUIET_WAIT).await;
+        let before = watched.mark();
+        let commits_before = commits(&env.client).await?;
+        let no_trigger = writers(&env.url, 8, duration).await?;
+        let cpu_no_trigger = watched.since(&before, false);
+        let daemon_no_trigger =
+            daemon_txns(&env.client, commits_before, no_trigger, duration).await?;
+        db::wait_drained(&env.client, Duration::from_secs(120)).await?;
+        env.client.batch_execute(db::CREATE_TRIGGER).await?;
+        procs::wait_quiet(QUIET_WAIT).await;
+        let before = watched.mark();
+        let commits_before = commits(&env.client).await?;
+        let trigger = writers(&env.url, 8, duration).await?;
+        let cpu_trigger = watched.since(&before, false);
+        let daemon_trigger = daemon_txns(&env.client, commits_before, trigger, duration).await?;
+        db::wait_drained(&env.client, Duration::from_secs(120)).await?;
+        anyhow::Ok(Producer {
+            tps_no_trigger: no_trigger,
+            tps_trigger: trigger,
+            daemon_txns_per_s_no_trigger: daemon_no_trigger,
+            daemon_txns_per_s_trigger: daemon_trigger,
+            cpu_no_trigger,
+            cpu_trigger,
+        })
+    }
+    .await;
+    // Whatever happened, leave the schema as migrated.
+    let _ = env.client.batch_execute(db::CREATE_TRIGGER).await;
+    daemon.stop()?;
+    emulator.proc.stop()?;
+    result
+}
+
+/// Transactions committed in this database so far (pg_stat_database).
+async fn commits(client: &Client) -> anyhow::Result<i64> {
+    // Statistics reach shared memory within a second of a transaction.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    Ok(client
+        .query_one(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Commits per second since `before` that were not the producers' inserts.
+async fn daemon_txns(
+    client: &Client,
+    before: i64,
+    producer_tps: f64,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let after = commits(client).await?;
+    let producers = producer_tps * duration.as_secs_f64();
+    Ok(((after - before) as f64 - producers).max(0.0) / duration.as_secs_f64())
+}
+
+/// `n` clients inserting single rows as fast as they can for `duration`: rows/s.
+async fn writers(url: &str, n: usize, duration: Duration) -> anyhow::Result<f64> {
+    static SEQ: AtomicU64 = AtomicU64::new(10_000_000);
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(db::connect(url).await?);
+    }
+    let started = Instant::now();
+    let stop = started + duration;
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in clients {
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            let insert = client
+                .prepare(
+                    "INSERT INTO pgpushd.outbox (device_token, payload)
+                     VALUES ($1, '{\"aps\":{\"alert\":\"producer\"}}')",
+                )
+                .await?;
+            while Instant::now() < stop {
+                let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+                client.execute(&insert, &[&db::token(seq)]).await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
