@@ -18,6 +18,7 @@
 //!
 //! The library prints nothing; it logs with `tracing`.
 
+mod accept;
 mod answer;
 pub mod binary;
 pub mod cli;
@@ -237,12 +238,18 @@ impl Emulator {
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(accept_loop(
-            listener,
-            shared.clone(),
-            cancel.clone(),
-            tracker.clone(),
-        ));
+        tracker.spawn(accept::accept_loop(listener, cancel.clone(), {
+            let (shared, cancel, tracker) = (shared.clone(), cancel.clone(), tracker.clone());
+            move |tcp, peer, id| {
+                tracker.spawn(connection::serve(
+                    shared.clone(),
+                    tcp,
+                    peer,
+                    id,
+                    cancel.clone(),
+                ));
+            }
+        }));
         info!(
             %addr,
             auth = ?config.auth,
@@ -363,36 +370,4 @@ pub async fn serve_until(config: EmulatorConfig, cancel: CancellationToken) -> a
     cancel.cancelled().await;
     emulator.shutdown().await;
     Ok(())
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let mut next_id = 0;
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, usually: back off instead of spinning.
-                    warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        next_id += 1;
-        tracker.spawn(connection::serve(
-            shared.clone(),
-            tcp,
-            peer,
-            next_id,
-            cancel.clone(),
-        ));
-    }
 }

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::apns::binary::frame::{self, FeedbackTuple, Status};
 
+use super::accept::accept_loop;
 use super::record::{json_or_text, rfc3339, Recorder};
 use super::tls;
 
@@ -236,21 +237,25 @@ impl BinaryEmulator {
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(accept_loop(
-            listener,
-            shared.clone(),
-            cancel.clone(),
-            tracker.clone(),
-            Service::Gateway,
-        ));
+        tracker.spawn(accept_loop(listener, cancel.clone(), {
+            let (shared, cancel, tracker) = (shared.clone(), cancel.clone(), tracker.clone());
+            move |tcp, peer, id| {
+                tracker.spawn(gateway::serve(
+                    shared.clone(),
+                    tcp,
+                    peer,
+                    id,
+                    cancel.clone(),
+                ));
+            }
+        }));
         if let Some(l) = feedback_listener {
-            tracker.spawn(accept_loop(
-                l,
-                shared.clone(),
-                cancel.clone(),
-                tracker.clone(),
-                Service::Feedback,
-            ));
+            tracker.spawn(accept_loop(l, cancel.clone(), {
+                let (shared, tracker) = (shared.clone(), tracker.clone());
+                move |tcp, peer, _| {
+                    tracker.spawn(feedback::serve(shared.clone(), tcp, peer));
+                }
+            }));
         }
         info!(%addr, feedback = ?feedback_addr, tls_dir = ?config.tls_dir,
               "APNs binary-protocol emulator listening");
@@ -351,47 +356,6 @@ impl BinaryEmulator {
 impl Drop for BinaryEmulator {
     fn drop(&mut self) {
         self.cancel.cancel();
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Service {
-    Gateway,
-    Feedback,
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-    service: Service,
-) {
-    let mut next_id = 0;
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        next_id += 1;
-        match service {
-            Service::Gateway => tracker.spawn(gateway::serve(
-                shared.clone(),
-                tcp,
-                peer,
-                next_id,
-                cancel.clone(),
-            )),
-            Service::Feedback => tracker.spawn(feedback::serve(shared.clone(), tcp, peer)),
-        };
     }
 }
 
