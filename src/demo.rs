@@ -47,7 +47,7 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
 
     let dir = tempfile::tempdir()?;
     let key_file = dir.path().join(format!("AuthKey_{KEY_ID}.p8"));
-    let key_pem = demo_signing_key()?;
+    let key_pem = crate::emulator::jwt::generate_signing_key()?;
     std::fs::write(&key_file, &key_pem)?;
     let emulator = Emulator::start(EmulatorConfig {
         auth: EmulatorAuth::Token {
@@ -163,16 +163,6 @@ async fn counts(client: &tokio_postgres::Client) -> anyhow::Result<(i64, i64, i6
         )
         .await?;
     Ok((row.get(0), row.get(1), row.get(2)))
-}
-
-/// A fresh P-256 key in Apple's `.p8` form (PKCS#8 PEM).
-fn demo_signing_key() -> anyhow::Result<Vec<u8>> {
-    use openssl::ec::{EcGroup, EcKey};
-    use openssl::nid::Nid;
-    use openssl::pkey::PKey;
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
-    let key = PKey::from_ec_key(EcKey::generate(&group)?)?;
-    Ok(key.private_key_to_pem_pkcs8()?)
 }
 
 /// The config a user would write for this set-up, parsed like any other.

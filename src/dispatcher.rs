@@ -342,11 +342,11 @@ async fn batch(
     }
     let abandoned = sends.len();
     drop(sends);
-    let updates: Vec<RowUpdate> = settled.iter().map(|(_, u)| u.clone()).collect();
+    let (rows, updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
     txn.commit(&updates, &claimed)
         .await
         .map_err(sql("recording outcomes"))?;
-    for (c, u) in &settled {
+    for (c, u) in rows.iter().zip(&updates) {
         ctx.metrics.row(
             &c.notification.app,
             u.status,

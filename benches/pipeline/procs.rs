@@ -29,7 +29,7 @@ impl Workdir {
         let dir = tempfile::Builder::new()
             .prefix("pgpushd-bench-")
             .tempdir()?;
-        let key = signing_key()?;
+        let key = pgpushd::emulator::jwt::generate_signing_key()?;
         fs::write(dir.path().join("AuthKey.p8"), key)?;
         fs::create_dir(dir.path().join("tls"))?;
         Ok(Workdir { dir })
@@ -72,15 +72,6 @@ team_id = "{TEAM_ID}"
         fs::write(&path, text)?;
         Ok(path)
     }
-}
-
-/// A fresh P-256 key in Apple's `.p8` form.
-fn signing_key() -> anyhow::Result<Vec<u8>> {
-    use openssl::ec::{EcGroup, EcKey};
-    use openssl::nid::Nid;
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
-    let key = openssl::pkey::PKey::from_ec_key(EcKey::generate(&group)?)?;
-    Ok(key.private_key_to_pem_pkcs8()?)
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.

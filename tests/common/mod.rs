@@ -266,19 +266,10 @@ pub const TOPIC: &str = "com.example.app";
 pub const KEY_ID: &str = "ABC123DEFG";
 pub const TEAM_ID: &str = "DEF123GHIJ";
 
-/// A P-256 key in Apple's `.p8` form.
-pub fn p8_key() -> Vec<u8> {
-    use openssl::ec::{EcGroup, EcKey};
-    use openssl::nid::Nid;
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    let key = openssl::pkey::PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
-    key.private_key_to_pem_pkcs8().unwrap()
-}
-
 impl ApnsSetup {
     pub async fn new(tweak: impl FnOnce(&mut pgpushd::emulator::EmulatorConfig)) -> ApnsSetup {
         let dir = tempfile::tempdir().unwrap();
-        let key = p8_key();
+        let key = pgpushd::emulator::jwt::generate_signing_key().unwrap();
         let key_file = dir.path().join("AuthKey.p8");
         std::fs::write(&key_file, &key).unwrap();
         let mut cfg = pgpushd::emulator::EmulatorConfig {
