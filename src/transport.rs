@@ -79,3 +79,11 @@ pub trait Transport: Send + Sync + 'static {
         Vec::new()
     }
 }
+
+/// The first 8 hex digits of a device token: enough to find it, too little to use it.
+pub fn short_token(token: &str) -> &str {
+    match token.char_indices().nth(8) {
+        Some((i, _)) => &token[..i],
+        None => token,
+    }
+}

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use pgpushd::apns::jwt::JwtSigner;
-use pgpushd::apns::request;
+use pgpushd::apns::http2::request;
+use pgpushd::apns::provider_token::JwtSigner;
 use pgpushd::config::Config;
 use pgpushd::transport::Notification;
 use tokio::net::TcpStream;
@@ -33,7 +33,7 @@ pub async fn run(config_file: &Path, rows: u64, streams: usize) -> anyhow::Resul
         bail!("the bench uses token auth");
     };
     let bearer: Arc<str> = JwtSigner::load(auth)?.token()?;
-    let tls = pgpushd::apns::connection::tls_connector(app.ca_file.as_deref(), None)
+    let tls = pgpushd::apns::tls::connector(app.ca_file.as_deref(), None, &["h2"])
         .map_err(anyhow::Error::msg)?;
     let (host, port) = request::host_port(&app.endpoint);
     let (host, port) = (host.to_owned(), port);
@@ -50,7 +50,7 @@ pub async fn run(config_file: &Path, rows: u64, streams: usize) -> anyhow::Resul
             .connect(&host, tcp)
             .await
             .context("TLS to the emulator")?;
-        // The daemon's settings (apns::connection).
+        // The daemon's settings (apns::http2::connection).
         let (send, conn) = h2::client::Builder::new()
             .initial_max_send_streams(1)
             .initial_window_size(1 << 20)

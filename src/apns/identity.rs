@@ -13,7 +13,7 @@ use openssl::pkcs12::Pkcs12;
 use openssl::pkey::{PKey, Private};
 use openssl::x509::X509;
 
-use crate::apns::openssl_reason;
+use crate::apns::error::{openssl_reason, LoadError};
 use crate::config::CertificateAuth;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,14 +77,13 @@ impl std::fmt::Debug for ClientIdentity {
 pub(crate) fn load_for_app(
     app: &str,
     auth: &CertificateAuth,
-) -> Result<native_tls::Identity, crate::apns::ApnsError> {
-    use crate::apns::ApnsError;
-    let id = load(auth).map_err(|source| ApnsError::Identity {
+) -> Result<native_tls::Identity, LoadError> {
+    let id = load(auth).map_err(|source| LoadError::Identity {
         app: app.to_owned(),
         source,
     })?;
     if id.expired {
-        return Err(ApnsError::CertificateExpired {
+        return Err(LoadError::CertificateExpired {
             app: app.to_owned(),
             path: auth.file.clone(),
             not_after: id.not_after,

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::frame::{self, TOKEN_LEN};
-use crate::apns::short_token;
 use crate::config::{Config, Protocol, Secret};
+use crate::transport::short_token;
 use crate::{db, outbox};
 
 /// Upper bound on one visit to the feedback service (connect, handshake, read).

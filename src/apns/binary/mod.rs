@@ -21,10 +21,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::debug;
 
-use crate::apns::connection::read_ca_file;
-use crate::apns::{identity, short_token, ApnsError, Options};
+use crate::apns::error::LoadError;
+use crate::apns::options::Options;
+use crate::apns::{identity, tls};
 use crate::config::{AppConfig, Auth, Endpoint, Environment};
-use crate::transport::{Delivery, Notification};
+use crate::transport::{short_token, Delivery, Notification};
 
 use connection::{ConnectOptions, Outcome};
 use frame::{Push, Status};
@@ -53,31 +54,21 @@ pub fn feedback_service(endpoint: &Endpoint) -> (&str, u16) {
 
 /// The TLS settings of a binary-protocol app: its client certificate (the only auth the
 /// protocol knows), the system's roots plus `ca_file`, TLS 1.2 or later, no ALPN.
-pub fn tls_connector(config: &AppConfig) -> Result<native_tls::TlsConnector, ApnsError> {
+pub fn tls_connector(config: &AppConfig) -> Result<native_tls::TlsConnector, LoadError> {
     let app = config.name.clone();
     let Auth::Certificate(auth) = &config.auth else {
-        return Err(ApnsError::Tls {
+        return Err(LoadError::Tls {
             app,
             message: "the binary protocol needs certificate auth ([certificate])".into(),
         });
     };
     let identity = identity::load_for_app(&app, auth)?;
-    let tls_error = |message: String| ApnsError::Tls {
-        app: app.clone(),
-        message,
-    };
-    let mut builder = native_tls::TlsConnector::builder();
-    builder
-        .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
-        .identity(identity);
-    if let Some(path) = &config.ca_file {
-        for cert in read_ca_file(path).map_err(tls_error)? {
-            builder.add_root_certificate(cert);
+    tls::connector(config.ca_file.as_deref(), Some(identity), &[]).map_err(|message| {
+        LoadError::Tls {
+            app: app.clone(),
+            message,
         }
-    }
-    builder
-        .build()
-        .map_err(|e| tls_error(format!("cannot set up TLS: {e}")))
+    })
 }
 
 /// One binary-protocol app: its certificate, its gateway connections.
@@ -92,7 +83,7 @@ pub(crate) struct BinaryApp {
 
 impl BinaryApp {
     /// Loads the certificate and sets up TLS; connects on the first notification.
-    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<BinaryApp, ApnsError> {
+    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<BinaryApp, LoadError> {
         let tls = tls_connector(config)?;
         let (host, port) = gateway(&config.endpoint);
         let settle = config.binary.settle;

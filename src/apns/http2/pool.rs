@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::apns::connection::{ConnError, ConnectOptions, Connection};
-use crate::apns::response::Answer;
+use super::connection::{ConnectOptions, Connection, RequestError};
+use super::response::Answer;
 use crate::backoff::backoff;
 
 /// A connection that lived this long ended normally; its successor opens at once.
@@ -109,13 +109,13 @@ impl Pool {
             let conn = self.acquire().await?;
             match conn.send(make(), body.clone()).await {
                 Ok(answer) => return Ok(answer),
-                Err(ConnError::NotProcessed(why)) => {
+                Err(RequestError::NotProcessed(why)) => {
                     debug!(app = %self.inner.app, conn = conn.id(), attempt, reason = %why,
                            "request not processed; sending it again");
                     last = why;
                 }
-                Err(ConnError::Timeout(after)) => return Err(PoolError::Timeout(after)),
-                Err(ConnError::Stream(why)) => return Err(PoolError::Stream(why)),
+                Err(RequestError::Timeout(after)) => return Err(PoolError::Timeout(after)),
+                Err(RequestError::Stream(why)) => return Err(PoolError::Stream(why)),
             }
         }
         Err(PoolError::Unanswered { attempts, last })
@@ -282,7 +282,7 @@ async fn supervise(inner: Arc<Inner>, i: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apns::testserver::{eventually, Action, TestServer};
+    use crate::apns::http2::scripted_server::{eventually, Action, TestServer};
 
     fn options(server: &TestServer, connections: usize) -> PoolOptions {
         PoolOptions {

@@ -1,5 +1,5 @@
-//! One app's client: its credentials, its connection pool, and what it does when APNs
-//! refuses those credentials.
+//! The HTTP/2 provider API: one app's client ([`Http2App`]) with its credentials, its
+//! connection pool, and what it does when APNs refuses those credentials.
 //!
 //! A refused credential is the app's problem, not the row's: every row would get the
 //! same answer. So the app backs off (capped exponential), answers every notification
@@ -13,20 +13,33 @@ use tokio::time::Instant;
 use tracing::{debug, error, info};
 use uuid::Uuid;
 
-use crate::apns::connection::{tls_connector, ConnectOptions};
-use crate::apns::jwt::JwtSigner;
-use crate::apns::pool::{Pool, PoolError, PoolOptions};
-use crate::apns::request::{self, host_port, ApnsRequest};
-use crate::apns::response::{self, Answer, Verdict};
-use crate::apns::{identity, short_token, ApnsError, Options};
+use crate::apns::error::LoadError;
+use crate::apns::options::Options;
+use crate::apns::provider_token::JwtSigner;
+use crate::apns::{identity, tls};
 use crate::backoff::backoff;
 use crate::config::{AppConfig, Auth};
-use crate::transport::{Delivery, Notification};
+use crate::transport::{short_token, Delivery, Notification};
+
+pub mod connection;
+pub mod pool;
+pub mod request;
+pub mod response;
+#[cfg(test)]
+pub(crate) mod scripted_server;
+mod send_one;
+
+pub use send_one::{send_one, OneAnswer};
+
+use connection::ConnectOptions;
+use pool::{Pool, PoolError, PoolOptions};
+use request::{host_port, ApnsRequest};
+use response::{Answer, Verdict};
 
 /// `Deferred` never asks to come back sooner than this (no busy loop on a dead app).
 const MIN_DEFER: Duration = Duration::from_secs(1);
 
-pub(crate) struct App {
+pub(crate) struct Http2App {
     pub(crate) config: AppConfig,
     pool: Pool,
     signer: Option<JwtSigner>,
@@ -53,14 +66,14 @@ enum Gate {
     Closed { reason: String, after: Duration },
 }
 
-impl App {
+impl Http2App {
     /// Loads the credentials and sets up TLS; connects later, on the first request.
-    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<App, ApnsError> {
+    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<Http2App, LoadError> {
         let app = config.name.clone();
         let (signer, identity) = match &config.auth {
             Auth::Token(t) => {
                 let signer = JwtSigner::load(t)
-                    .map_err(|source| ApnsError::Key {
+                    .map_err(|source| LoadError::Key {
                         app: app.clone(),
                         source,
                     })?
@@ -69,12 +82,13 @@ impl App {
             }
             Auth::Certificate(c) => (None, Some(identity::load_for_app(&app, c)?)),
         };
-        let tls = tls_connector(config.ca_file.as_deref(), identity).map_err(|message| {
-            ApnsError::Tls {
-                app: app.clone(),
-                message,
-            }
-        })?;
+        let tls =
+            tls::connector(config.ca_file.as_deref(), identity, &["h2"]).map_err(|message| {
+                LoadError::Tls {
+                    app: app.clone(),
+                    message,
+                }
+            })?;
         let (host, port) = host_port(&config.endpoint);
         let pool = Pool::new(
             &app,
@@ -94,7 +108,7 @@ impl App {
                 max_resends: options.max_resends,
             },
         );
-        Ok(App {
+        Ok(Http2App {
             config: config.clone(),
             pool,
             signer,
@@ -293,7 +307,7 @@ impl App {
 struct Refusal(String);
 
 /// Releases the probe slot however the probing request ends (even when dropped).
-struct ProbeGuard<'a>(&'a App);
+struct ProbeGuard<'a>(&'a Http2App);
 
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {

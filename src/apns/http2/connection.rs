@@ -10,7 +10,6 @@
 //! the server's limit says so. [`Connection::send`] tells a request the server never
 //! processed (safe to send again elsewhere) from a real answer.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::apns::response::Answer;
+use super::response::Answer;
 
 /// Bodies are small JSON objects; anything larger is cut here.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -51,54 +50,6 @@ impl std::fmt::Debug for ConnectOptions {
     }
 }
 
-/// The TLS settings for an app: ALPN `h2`, TLS 1.2 or later, the system's roots plus
-/// `ca_file`'s certificates, and the client identity under certificate auth.
-pub fn tls_connector(
-    ca_file: Option<&Path>,
-    identity: Option<native_tls::Identity>,
-) -> Result<native_tls::TlsConnector, String> {
-    let mut builder = native_tls::TlsConnector::builder();
-    builder
-        .request_alpns(&["h2"])
-        .min_protocol_version(Some(native_tls::Protocol::Tlsv12));
-    if let Some(path) = ca_file {
-        for cert in read_ca_file(path)? {
-            builder.add_root_certificate(cert);
-        }
-    }
-    if let Some(identity) = identity {
-        builder.identity(identity);
-    }
-    builder
-        .build()
-        .map_err(|e| format!("cannot set up TLS: {e}"))
-}
-
-/// Every certificate in a PEM file, errors naming the file.
-pub fn read_ca_file(path: &Path) -> Result<Vec<native_tls::Certificate>, String> {
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("{}: cannot read the CA file: {e}", path.display()))?;
-    let certs = openssl::x509::X509::stack_from_pem(&pem).map_err(|e| {
-        format!(
-            "{}: not a PEM certificate file: {}",
-            path.display(),
-            crate::apns::openssl_reason(&e)
-        )
-    })?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate in the CA file", path.display()));
-    }
-    certs
-        .iter()
-        .map(|c| {
-            c.to_der()
-                .ok()
-                .and_then(|der| native_tls::Certificate::from_der(&der).ok())
-                .ok_or_else(|| format!("{}: a certificate cannot be used", path.display()))
-        })
-        .collect()
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cannot connect to {addr}: {source}")]
@@ -118,7 +69,7 @@ pub enum ConnectError {
 
 /// Why a request got no answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ConnError {
+pub enum RequestError {
     /// The server did not process it: GOAWAY above its last stream, REFUSED_STREAM, or the
     /// connection was unusable or lost before an answer. Sending it again elsewhere is
     /// right (after a lost connection it may have been delivered: at least once).
@@ -315,9 +266,13 @@ impl Connection {
     }
 
     /// Sends one request and reads the whole answer.
-    pub async fn send(&self, request: http::Request<()>, body: Bytes) -> Result<Answer, ConnError> {
+    pub async fn send(
+        &self,
+        request: http::Request<()>,
+        body: Bytes,
+    ) -> Result<Answer, RequestError> {
         if !self.usable() {
-            return Err(ConnError::NotProcessed(
+            return Err(RequestError::NotProcessed(
                 "the connection was closing".to_owned(),
             ));
         }
@@ -325,11 +280,15 @@ impl Connection {
         let _in_flight = InFlight(&self.shared);
         match tokio::time::timeout(self.request_timeout, self.exchange(request, body)).await {
             Ok(result) => result,
-            Err(_) => Err(ConnError::Timeout(self.request_timeout)),
+            Err(_) => Err(RequestError::Timeout(self.request_timeout)),
         }
     }
 
-    async fn exchange(&self, request: http::Request<()>, body: Bytes) -> Result<Answer, ConnError> {
+    async fn exchange(
+        &self,
+        request: http::Request<()>,
+        body: Bytes,
+    ) -> Result<Answer, RequestError> {
         let mut send = self
             .send
             .clone()
@@ -358,28 +317,28 @@ impl Connection {
             status: parts.status.as_u16(),
             apns_id: parts
                 .headers
-                .get(crate::apns::request::APNS_ID)
+                .get(super::request::APNS_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             body: body.freeze(),
         })
     }
 
-    fn classify(&self, e: h2::Error) -> ConnError {
+    fn classify(&self, e: h2::Error) -> RequestError {
         if e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
-            return ConnError::NotProcessed(
+            return RequestError::NotProcessed(
                 "the server refused the stream (REFUSED_STREAM)".into(),
             );
         }
         if e.is_go_away() {
             self.retire("GOAWAY");
-            return ConnError::NotProcessed(format!("GOAWAY before the answer: {e}"));
+            return RequestError::NotProcessed(format!("GOAWAY before the answer: {e}"));
         }
         if e.is_io() || self.shared.kill.is_cancelled() {
             self.retire("connection lost");
-            return ConnError::NotProcessed(format!("connection lost before the answer: {e}"));
+            return RequestError::NotProcessed(format!("connection lost before the answer: {e}"));
         }
-        ConnError::Stream(e.to_string())
+        RequestError::Stream(e.to_string())
     }
 }
 
@@ -443,7 +402,7 @@ async fn keep_alive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apns::testserver::{eventually, Action, RawFrame, TestServer};
+    use crate::apns::http2::scripted_server::{eventually, Action, RawFrame, TestServer};
 
     fn request(server: &TestServer, path: &str) -> http::Request<()> {
         let mut r = http::Request::new(());
@@ -524,7 +483,7 @@ mod tests {
         assert_eq!(server.connections(), 1);
         assert_eq!(
             slow.await.unwrap(),
-            Err(ConnError::Timeout(opts.request_timeout))
+            Err(RequestError::Timeout(opts.request_timeout))
         );
     }
 
@@ -566,14 +525,14 @@ mod tests {
         )
         .await;
         for r in results {
-            assert!(matches!(r, Err(ConnError::NotProcessed(_))), "{r:?}");
+            assert!(matches!(r, Err(RequestError::NotProcessed(_))), "{r:?}");
         }
         assert!(!conn.usable());
         let after = conn
             .send(request(&server, "/3/device/aa"), Bytes::new())
             .await;
         assert!(
-            matches!(after, Err(ConnError::NotProcessed(_))),
+            matches!(after, Err(RequestError::NotProcessed(_))),
             "{after:?}"
         );
     }
@@ -608,11 +567,11 @@ mod tests {
         let (first, (b, c)) = tokio::join!(first, others);
         for r in [b, c] {
             match r {
-                Err(ConnError::NotProcessed(why)) => assert!(why.starts_with("GOAWAY"), "{why}"),
+                Err(RequestError::NotProcessed(why)) => assert!(why.starts_with("GOAWAY"), "{why}"),
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(first, Err(ConnError::Timeout(opts.request_timeout)));
+        assert_eq!(first, Err(RequestError::Timeout(opts.request_timeout)));
         assert!(!conn.usable());
     }
 
@@ -635,7 +594,7 @@ mod tests {
             .await;
         assert_eq!(
             r,
-            Err(ConnError::NotProcessed(
+            Err(RequestError::NotProcessed(
                 "the server refused the stream (REFUSED_STREAM)".into()
             ))
         );
@@ -659,8 +618,8 @@ mod tests {
             conn.send(request(&server, "/3/device/aa"), Bytes::new()),
             conn.send(request(&server, "/3/device/bb"), Bytes::new()),
         );
-        assert!(matches!(a, Err(ConnError::NotProcessed(_))), "{a:?}");
-        assert!(matches!(b, Err(ConnError::NotProcessed(_))), "{b:?}");
+        assert!(matches!(a, Err(RequestError::NotProcessed(_))), "{a:?}");
+        assert!(matches!(b, Err(RequestError::NotProcessed(_))), "{b:?}");
         tokio::time::timeout(Duration::from_secs(5), conn.retired())
             .await
             .unwrap();
@@ -680,7 +639,7 @@ mod tests {
         let r = conn
             .send(request(&server, "/3/device/aa"), Bytes::new())
             .await;
-        assert!(matches!(r, Err(ConnError::NotProcessed(_))), "{r:?}");
+        assert!(matches!(r, Err(RequestError::NotProcessed(_))), "{r:?}");
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(!conn.usable());
     }
@@ -706,7 +665,7 @@ mod tests {
     async fn tls_is_verified_against_the_ca_file() {
         let server = TestServer::start(|_| Action::ok()).await;
         let mut opts = options(&server);
-        opts.tls = tls_connector(None, None).unwrap(); // system roots only
+        opts.tls = crate::apns::tls::connector(None, None, &["h2"]).unwrap(); // system roots only
         let e = Connection::connect(&opts, &CancellationToken::new())
             .await
             .unwrap_err();
@@ -737,7 +696,8 @@ mod tests {
             "{e}"
         );
 
-        let Err(e) = read_ca_file(Path::new("/nonexistent/ca.pem")) else {
+        let Err(e) = crate::apns::tls::read_ca_file(std::path::Path::new("/nonexistent/ca.pem"))
+        else {
             panic!("a missing CA file must fail")
         };
         assert!(
@@ -759,6 +719,6 @@ mod tests {
             shutdown.cancel();
         };
         let (r, ()) = tokio::join!(send, stop);
-        assert!(matches!(r, Err(ConnError::NotProcessed(_))), "{r:?}");
+        assert!(matches!(r, Err(RequestError::NotProcessed(_))), "{r:?}");
     }
 }

@@ -16,8 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::apns::connection::{tls_connector, ConnectOptions};
+use super::connection::ConnectOptions;
 use crate::apns::testutil::{self, Ca};
+use crate::apns::tls;
 
 /// How long a test waits for a condition before failing.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -176,7 +177,7 @@ impl TestServer {
         ConnectOptions {
             host: "localhost".into(),
             port: self.addr.port(),
-            tls: tls_connector(Some(&self.ca_file), None).unwrap(),
+            tls: tls::connector(Some(&self.ca_file), None, &["h2"]).unwrap(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),

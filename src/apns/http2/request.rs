@@ -166,7 +166,7 @@ fn check_token(token: &str) -> Result<(), String> {
         format!(
             "the device token ({} characters, starting {:?})",
             token.chars().count(),
-            crate::apns::short_token(token)
+            crate::transport::short_token(token)
         )
     };
     if !token.bytes().all(|b| b.is_ascii_hexdigit()) {
