@@ -268,6 +268,19 @@ fn the_reference_the_example_and_the_parser_name_the_same_keys() {
     assert!(compared >= 10, "only {compared} defaults compared");
 }
 
+#[test]
+fn the_readme_minimal_config_parses() {
+    let readme = read("README.md");
+    let block = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README.md has a ```toml block");
+    let config = Config::from_file_str(Path::new("/etc/pgpushd/pgpushd.toml"), block, None)
+        .unwrap_or_else(|e| panic!("README.md's config: {e}"));
+    assert_eq!(config.apps.len(), 1);
+}
+
 // ---- links -----------------------------------------------------------------------------
 
 /// GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens.
