@@ -14,12 +14,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::backoff::backoff;
-use crate::config::{Config, DatabaseConfig};
+use crate::config::{Config, DatabaseConfig, RetentionConfig};
 use crate::db;
 use crate::dispatcher::{Dispatcher, Heartbeat, Progress, Settings};
 use crate::listener::Listener;
 use crate::metrics::{self, Metrics};
 use crate::outbox::migrate;
+use crate::outbox::status::Queue;
 use crate::systemd::{self, Notifier};
 use crate::transport::Transport;
 
@@ -36,6 +37,7 @@ pub struct Daemon {
     progress: watch::Sender<Progress>,
     listening: watch::Sender<bool>,
     settings: watch::Sender<Settings>,
+    retention: watch::Sender<RetentionConfig>,
     database: watch::Sender<Result<(), String>>,
     metrics: Arc<Metrics>,
     heartbeat: Arc<Heartbeat>,
@@ -50,6 +52,7 @@ impl Daemon {
         let metrics = Arc::new(Metrics::new());
         metrics.set_apps(config.apps.keys());
         Daemon {
+            retention: watch::Sender::new(config.retention.clone()),
             config,
             transport,
             progress: watch::Sender::new(Progress::default()),
@@ -120,19 +123,21 @@ impl Daemon {
             }
             .run(stop.clone()),
         );
-        // The binary protocol's feedback service, polled for unregistered tokens.
-        for poller in crate::apns::binary::feedback::pollers(&self.config) {
-            tracker.spawn(poller.run(stop.clone()));
-        }
+        // Tokens the transport reports unregistered on its own (binary feedback).
+        tracker.spawn(crate::unregistered::run(
+            self.transport.clone(),
+            db.clone(),
+            stop.clone(),
+        ));
         if let Some(listener) = metrics_listener {
-            let endpoint = Arc::new(metrics::Endpoint {
+            let sources = Arc::new(metrics::Sources {
                 metrics: self.metrics.clone(),
                 transport: self.transport.clone(),
                 database: self.database.subscribe(),
                 listening: self.listening.subscribe(),
             });
             info!(listen = %listener.local_addr()?, "metrics at /metrics, health at /healthz");
-            tracker.spawn(metrics::serve(listener, endpoint, stop.clone()));
+            tracker.spawn(metrics::serve(listener, sources, stop.clone()));
         }
         // Background work that ends with the process, not part of the drain.
         let background = cancel.child_token();
@@ -145,13 +150,11 @@ impl Daemon {
                 background.clone(),
             ));
         }
-        if self.config.retention.is_enabled() {
-            tracker.spawn(crate::retention::run(
-                db.clone(),
-                self.config.retention.clone(),
-                stop.clone(),
-            ));
-        }
+        tracker.spawn(crate::retention::run(
+            db.clone(),
+            self.retention.subscribe(),
+            stop.clone(),
+        ));
         tracker.close();
 
         tokio::select! {
@@ -194,23 +197,39 @@ impl Daemon {
             .await;
     }
 
-    /// Applies what a reloaded config may change without a restart, telling systemd.
-    /// (App credentials are reloaded by the caller, which owns the transport.)
-    pub fn reload(&self, config: &Config) {
+    /// Applies a reloaded config, all of it or nothing: the transport's apps first (a
+    /// key or certificate that does not load keeps the running config), then what the
+    /// loops read (`[database]` tuning, `[retry]`, `[retention]`) and the metrics' apps,
+    /// telling systemd. Returns the apps rebuilt, added or removed. Keys read only at
+    /// start (database URLs, `[metrics] listen`, `[log]`, `[daemon]`) are logged as
+    /// needing a restart.
+    pub fn reload(&self, config: &Config) -> Result<Vec<String>, String> {
         let ready = self.ready.load(std::sync::atomic::Ordering::SeqCst);
         if ready {
             self.notifier.reloading();
         }
-        self.settings.send_if_modified(|s| {
-            let new = settings_of(config);
-            let changed = *s != new;
-            *s = new;
-            changed
-        });
-        self.metrics.set_apps(config.apps.keys());
+        let changed = self.transport.reload(&config.apps);
+        if changed.is_ok() {
+            self.settings.send_if_modified(|s| {
+                let new = settings_of(config);
+                let changed = *s != new;
+                *s = new;
+                changed
+            });
+            self.retention.send_if_modified(|r| {
+                let changed = *r != config.retention;
+                *r = config.retention.clone();
+                changed
+            });
+            self.metrics.set_apps(config.apps.keys());
+            for key in restart_only_changes(&self.config, config) {
+                warn!(key, "changed in the file; takes effect at the next restart");
+            }
+        }
         if ready {
             self.notifier.ready();
         }
+        changed
     }
 
     /// Waits for the database (it may be down at start: keep trying), then checks the
@@ -260,10 +279,13 @@ impl Daemon {
                     _ = tick.tick() => {}
                 }
                 let queue = match queue_stats(&db, &mut client).await {
-                    Ok((depth, oldest)) => {
-                        metrics.queue_depth.set(depth);
-                        metrics.oldest_pending_age.set(oldest);
-                        format!("{depth} pending, oldest due {oldest:.0}s ago")
+                    Ok(Queue {
+                        pending,
+                        oldest_due_age,
+                    }) => {
+                        metrics.queue_depth.set(pending);
+                        metrics.oldest_pending_age.set(oldest_due_age);
+                        format!("{pending} pending, oldest due {oldest_due_age:.0}s ago")
                     }
                     Err(e) => {
                         client = None;
@@ -279,30 +301,19 @@ impl Daemon {
     }
 }
 
-/// Pending rows, and how long the oldest due one has waited (seconds).
+/// The queue's gauges on the monitor's connection, (re)connecting first when needed.
 async fn queue_stats(
     db: &DatabaseConfig,
     client: &mut Option<tokio_postgres::Client>,
-) -> anyhow::Result<(i64, f64)> {
+) -> anyhow::Result<Queue> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         *client = Some(db::connect(&db.url, db.connect_timeout, "monitor").await?);
     }
     let c = client.as_ref().expect("connected above");
-    let row = tokio::time::timeout(
-        db.connect_timeout,
-        c.query_one(
-            "SELECT (SELECT count(*) FROM pgpushd.outbox WHERE status = 'pending'),
-                    coalesce((SELECT extract(epoch FROM now() - min(send_after))::float8
-                                FROM pgpushd.outbox
-                               WHERE status = 'pending' AND send_after <= now()
-                                 AND isfinite(send_after)), 0)",
-            &[],
-        ),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("queue statistics timed out"))?
-    .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))?;
-    Ok((row.get(0), row.get(1)))
+    tokio::time::timeout(db.connect_timeout, Queue::read(c))
+        .await
+        .map_err(|_| anyhow::anyhow!("queue statistics timed out"))?
+        .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))
 }
 
 /// WATCHDOG=1 every half period, only while the dispatcher loop keeps turning.
@@ -337,4 +348,33 @@ fn settings_of(config: &Config) -> Settings {
         max_batches_in_flight: config.database.max_batches_in_flight,
         retry: config.retry.clone(),
     }
+}
+
+/// The keys a reload cannot apply, because only start-up reads them.
+fn restart_only_changes(running: &Config, reloaded: &Config) -> Vec<&'static str> {
+    let (a, b) = (&running.database, &reloaded.database);
+    [
+        ("database.url", a.url != b.url),
+        ("database.listen_url", a.listen_url != b.listen_url),
+        (
+            "database.keepalive_interval",
+            a.keepalive_interval != b.keepalive_interval,
+        ),
+        (
+            "database.connect_timeout",
+            a.connect_timeout != b.connect_timeout,
+        ),
+        (
+            "metrics.listen",
+            running.metrics.listen != reloaded.metrics.listen,
+        ),
+        ("log.level", running.log.level != reloaded.log.level),
+        (
+            "daemon.shutdown_timeout",
+            running.daemon.shutdown_timeout != reloaded.daemon.shutdown_timeout,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }

@@ -29,7 +29,7 @@ use crate::config::{RetryConfig, Secret};
 use crate::db;
 use crate::metrics::Metrics;
 use crate::outbox::{Claimed, OutboxConn};
-use crate::outcome::{RowUpdate, Status};
+use crate::outcome::{RowStatus, RowUpdate};
 use crate::transport::{Delivery, Transport};
 
 /// Waits after database errors: from a quarter second up to this.
@@ -362,10 +362,10 @@ async fn batch(
     };
     for u in &updates {
         match u.status {
-            Status::Sent => report.counts.sent += 1,
-            Status::Failed => report.counts.failed += 1,
-            Status::Expired => report.counts.expired += 1,
-            Status::Pending => report.counts.retried += 1,
+            RowStatus::Sent => report.counts.sent += 1,
+            RowStatus::Failed => report.counts.failed += 1,
+            RowStatus::Expired => report.counts.expired += 1,
+            RowStatus::Pending => report.counts.retried += 1,
         }
     }
     // This batch's own retries, and the next scheduled row.

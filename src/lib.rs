@@ -33,3 +33,4 @@ pub mod outcome;
 pub mod retention;
 pub mod systemd;
 pub mod transport;
+pub mod unregistered;

@@ -254,26 +254,16 @@ async fn run(
     config: Config,
     transport: Arc<pgpushd::apns::Apns>,
 ) -> anyhow::Result<()> {
-    let daemon = Arc::new(Daemon::new(config, transport.clone()));
+    let daemon = Arc::new(Daemon::new(config, transport));
     let cancel = CancellationToken::new();
-    let signals = tokio::spawn(handle_signals(
-        path,
-        daemon.clone(),
-        transport,
-        cancel.clone(),
-    ));
+    let signals = tokio::spawn(handle_signals(path, daemon.clone(), cancel.clone()));
     let result = daemon.run(cancel).await;
     signals.abort();
     result
 }
 
 /// SIGTERM/SIGINT: drain and stop (a second one exits at once); SIGHUP: reload.
-async fn handle_signals(
-    path: PathBuf,
-    daemon: Arc<Daemon>,
-    apns: Arc<pgpushd::apns::Apns>,
-    cancel: CancellationToken,
-) {
+async fn handle_signals(path: PathBuf, daemon: Arc<Daemon>, cancel: CancellationToken) {
     let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
@@ -287,7 +277,7 @@ async fn handle_signals(
             SIGHUP if cancel.is_cancelled() => {
                 info!(signal = name, "stopping; not reloading")
             }
-            SIGHUP => reload(&path, &daemon, &apns, name),
+            SIGHUP => reload(&path, &daemon, name),
             _ if cancel.is_cancelled() => {
                 warn!(
                     signal = name,
@@ -304,7 +294,7 @@ async fn handle_signals(
 }
 
 /// Re-reads the config; applies it only when all of it (credentials included) is valid.
-fn reload(path: &Path, daemon: &Daemon, apns: &pgpushd::apns::Apns, signal: &str) {
+fn reload(path: &Path, daemon: &Daemon, signal: &str) {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -312,9 +302,8 @@ fn reload(path: &Path, daemon: &Daemon, apns: &pgpushd::apns::Apns, signal: &str
             return;
         }
     };
-    match apns.reload(&config.apps) {
+    match daemon.reload(&config) {
         Ok(changed) => {
-            daemon.reload(&config);
             info!(signal, config = %path.display(), apps_changed = ?changed, "config reloaded");
         }
         Err(e) => error!(signal, error = %e, "config not reloaded; keeping the running one"),

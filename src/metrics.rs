@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::outcome::Status;
+use crate::outcome::RowStatus;
 use crate::transport::Transport;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,10 +160,10 @@ impl Metrics {
     }
 
     /// Counts one settled row.
-    pub fn row(&self, app: &str, status: Status, attempted: bool, last_error: Option<&str>) {
+    pub fn row(&self, app: &str, status: RowStatus, attempted: bool, last_error: Option<&str>) {
         let outcome = match (status, attempted) {
-            (Status::Pending, false) => "deferred",
-            (Status::Pending, true) => "retried",
+            (RowStatus::Pending, false) => "deferred",
+            (RowStatus::Pending, true) => "retried",
             (s, _) => s.as_str(),
         };
         let labels = RowLabels {
@@ -196,8 +196,9 @@ pub fn reason_label(last_error: &str) -> String {
         .map_or_else(|| "other".to_owned(), |w| w.chars().take(48).collect())
 }
 
-/// What `/healthz` and the read-on-scrape metrics need besides [`Metrics`].
-pub struct Endpoint {
+/// What `/healthz` and the read-on-scrape metrics read besides [`Metrics`]: the live
+/// state of the transport, the database and the listener.
+pub struct Sources {
     pub metrics: Arc<Metrics>,
     pub transport: Arc<dyn Transport>,
     /// `Err(reason)` while batches fail on database errors.
@@ -206,7 +207,7 @@ pub struct Endpoint {
     pub listening: watch::Receiver<bool>,
 }
 
-impl Endpoint {
+impl Sources {
     fn refresh(&self) {
         for (app, n) in self.transport.open_connections() {
             self.metrics
@@ -280,7 +281,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("metrics: cannot listen on {addr}: {e}"))
 }
 
-pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, cancel: CancellationToken) {
+pub async fn serve(listener: TcpListener, sources: Arc<Sources>, cancel: CancellationToken) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -292,10 +293,10 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, cancel: Cance
                 }
             },
         };
-        let endpoint = endpoint.clone();
+        let sources = sources.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let response = endpoint.answer(req.uri().path());
+                let response = sources.answer(req.uri().path());
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -335,12 +336,12 @@ mod tests {
     fn rows_are_counted_by_outcome_and_encoded() {
         let m = Metrics::new();
         m.set_apps(&["default".to_owned()]);
-        m.row("default", Status::Sent, true, None);
-        m.row("typo", Status::Failed, false, Some("unknown app"));
-        m.row("default", Status::Sent, true, None);
+        m.row("default", RowStatus::Sent, true, None);
+        m.row("typo", RowStatus::Failed, false, Some("unknown app"));
+        m.row("default", RowStatus::Sent, true, None);
         m.row(
             "default",
-            Status::Pending,
+            RowStatus::Pending,
             false,
             Some("403 InvalidProviderToken"),
         );

@@ -12,25 +12,25 @@ use crate::config::RetryConfig;
 use crate::transport::{Delivery, Notification};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub enum RowStatus {
     Pending,
     Sent,
     Failed,
     Expired,
 }
 
-impl Status {
+impl RowStatus {
     pub fn as_str(self) -> &'static str {
         match self {
-            Status::Pending => "pending",
-            Status::Sent => "sent",
-            Status::Failed => "failed",
-            Status::Expired => "expired",
+            RowStatus::Pending => "pending",
+            RowStatus::Sent => "sent",
+            RowStatus::Failed => "failed",
+            RowStatus::Expired => "expired",
         }
     }
 }
 
-impl fmt::Display for Status {
+impl fmt::Display for RowStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -40,7 +40,7 @@ impl fmt::Display for Status {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowUpdate {
     pub id: i64,
-    pub status: Status,
+    pub status: RowStatus,
     pub last_error: Option<String>,
     pub apns_id: Option<Uuid>,
     /// For rows going back to `pending`: when to try again, from now.
@@ -52,7 +52,7 @@ pub struct RowUpdate {
 }
 
 impl RowUpdate {
-    fn new(id: i64, status: Status) -> RowUpdate {
+    fn new(id: i64, status: RowStatus) -> RowUpdate {
         RowUpdate {
             id,
             status,
@@ -68,7 +68,7 @@ impl RowUpdate {
     pub fn expired(n: &Notification) -> RowUpdate {
         RowUpdate {
             last_error: Some("expired before it could be sent (expires_at has passed)".into()),
-            ..RowUpdate::new(n.id, Status::Expired)
+            ..RowUpdate::new(n.id, RowStatus::Expired)
         }
     }
 
@@ -80,7 +80,7 @@ impl RowUpdate {
                  (delete it from pgpushd.unregistered_tokens to send to it again)"
                     .into(),
             ),
-            ..RowUpdate::new(n.id, Status::Failed)
+            ..RowUpdate::new(n.id, RowStatus::Failed)
         }
     }
 
@@ -93,23 +93,23 @@ impl RowUpdate {
         match delivery {
             Delivery::Sent { apns_id } => RowUpdate {
                 apns_id,
-                ..attempted(Status::Sent)
+                ..attempted(RowStatus::Sent)
             },
             Delivery::Rejected { reason } => RowUpdate {
                 last_error: Some(reason),
-                ..attempted(Status::Failed)
+                ..attempted(RowStatus::Failed)
             },
             Delivery::Unregistered { reason, at } => RowUpdate {
                 last_error: Some(reason),
                 unregistered_at: Some(at),
-                ..attempted(Status::Failed)
+                ..attempted(RowStatus::Failed)
             },
             Delivery::Retry { reason } => {
                 let attempts = u32::try_from(n.attempts).unwrap_or(0).saturating_add(1);
                 if attempts >= retry.max_attempts {
                     RowUpdate {
                         last_error: Some(format!("gave up after {attempts} attempts: {reason}")),
-                        ..attempted(Status::Failed)
+                        ..attempted(RowStatus::Failed)
                     }
                 } else {
                     RowUpdate {
@@ -119,7 +119,7 @@ impl RowUpdate {
                             retry.backoff_base,
                             retry.backoff_max,
                         )),
-                        ..attempted(Status::Pending)
+                        ..attempted(RowStatus::Pending)
                     }
                 }
             }
@@ -127,7 +127,7 @@ impl RowUpdate {
             Delivery::Deferred { reason, after } => RowUpdate {
                 last_error: Some(reason),
                 retry_in: Some(after),
-                ..RowUpdate::new(n.id, Status::Pending)
+                ..RowUpdate::new(n.id, RowStatus::Pending)
             },
         }
     }
@@ -164,7 +164,7 @@ mod tests {
     fn sent_keeps_the_apns_id() {
         let id = Uuid::new_v4();
         let u = RowUpdate::after(&row(0), Delivery::Sent { apns_id: Some(id) }, &policy());
-        assert_eq!(u.status, Status::Sent);
+        assert_eq!(u.status, RowStatus::Sent);
         assert_eq!(u.apns_id, Some(id));
         assert!(u.attempted);
     }
@@ -176,13 +176,13 @@ mod tests {
             Delivery::retry("503 ServiceUnavailable"),
             &policy(),
         );
-        assert_eq!(u.status, Status::Pending);
+        assert_eq!(u.status, RowStatus::Pending);
         let wait = u.retry_in.unwrap();
         assert!(wait >= Duration::from_secs(1) && wait <= Duration::from_secs(2));
         let u = RowUpdate::after(&row(1), Delivery::retry("x"), &policy());
         assert!(u.retry_in.unwrap() >= Duration::from_secs(2));
         let u = RowUpdate::after(&row(2), Delivery::retry("429 TooManyRequests"), &policy());
-        assert_eq!(u.status, Status::Failed);
+        assert_eq!(u.status, RowStatus::Failed);
         assert_eq!(
             u.last_error.as_deref(),
             Some("gave up after 3 attempts: 429 TooManyRequests")
@@ -196,7 +196,7 @@ mod tests {
             after: Duration::from_secs(30),
         };
         let u = RowUpdate::after(&row(2), d, &policy());
-        assert_eq!(u.status, Status::Pending);
+        assert_eq!(u.status, RowStatus::Pending);
         assert!(!u.attempted);
         assert_eq!(u.retry_in, Some(Duration::from_secs(30)));
     }
@@ -212,9 +212,9 @@ mod tests {
             },
             &policy(),
         );
-        assert_eq!((u.status, u.unregistered_at), (Status::Failed, Some(at)));
+        assert_eq!((u.status, u.unregistered_at), (RowStatus::Failed, Some(at)));
         let u = RowUpdate::after(&row(0), Delivery::rejected("BadDeviceToken"), &policy());
-        assert_eq!(u.status, Status::Failed);
+        assert_eq!(u.status, RowStatus::Failed);
         assert_eq!(u.last_error.as_deref(), Some("BadDeviceToken"));
     }
 }

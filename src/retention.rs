@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -19,7 +20,7 @@ use crate::backoff::backoff;
 use crate::config::{DatabaseConfig, RetentionConfig};
 use crate::db;
 use crate::outbox::prune;
-use crate::outcome::Status;
+use crate::outcome::RowStatus;
 
 /// After a failed pass, retries wait from this ...
 const RETRY_BASE: Duration = Duration::from_secs(1);
@@ -42,47 +43,68 @@ impl Pruned {
     }
 }
 
-/// Runs passes every `config.interval` until `cancel`. Returns at once when no age is
-/// configured.
-pub async fn run(database: DatabaseConfig, config: RetentionConfig, cancel: CancellationToken) {
-    if !config.is_enabled() {
-        return;
-    }
-    info!(
-        sent = ?config.sent,
-        failed = ?config.failed,
-        expired = ?config.expired,
-        interval = ?config.interval,
-        "retention enabled"
-    );
+/// Runs passes every `interval` until `cancel`, following `config` as reloads change it:
+/// idle while no age is configured, a pass at once when a reload changes the settings.
+pub async fn run(
+    database: DatabaseConfig,
+    mut config: watch::Receiver<RetentionConfig>,
+    cancel: CancellationToken,
+) {
     let mut client: Option<Client> = None;
     let mut failures = 0u32;
+    let mut announced = RetentionConfig::default();
     loop {
-        let outcome = tokio::select! {
-            _ = cancel.cancelled() => return,
-            outcome = pass(&database, &config, &mut client) => outcome,
-        };
-        let wait = match outcome {
-            Ok(pruned) => {
-                if failures > 0 {
-                    info!(after_failures = failures, "retention works again");
-                }
-                failures = 0;
-                report(&pruned);
-                config.interval
+        let current = config.borrow_and_update().clone();
+        if current != announced {
+            match current.is_enabled() {
+                true => info!(sent = ?current.sent, failed = ?current.failed,
+                              expired = ?current.expired, interval = ?current.interval,
+                              "retention enabled"),
+                false => info!("retention disabled"),
             }
-            Err(e) => {
-                // Whatever failed, start the next pass on a fresh connection.
-                client = None;
-                failures += 1;
-                let wait = backoff(failures - 1, RETRY_BASE, RETRY_MAX.min(config.interval));
-                warn!(error = format!("{e:#}"), retry_in = ?wait, "retention pass failed");
-                wait
+            announced = current.clone();
+        }
+        let wait = if !current.is_enabled() {
+            client = None;
+            None
+        } else {
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => return,
+                outcome = pass(&database, &current, &mut client) => outcome,
+            };
+            Some(match outcome {
+                Ok(pruned) => {
+                    if failures > 0 {
+                        info!(after_failures = failures, "retention works again");
+                    }
+                    failures = 0;
+                    report(&pruned);
+                    current.interval
+                }
+                Err(e) => {
+                    // Whatever failed, start the next pass on a fresh connection.
+                    client = None;
+                    failures += 1;
+                    let wait = backoff(failures - 1, RETRY_BASE, RETRY_MAX.min(current.interval));
+                    warn!(error = format!("{e:#}"), retry_in = ?wait, "retention pass failed");
+                    wait
+                }
+            })
+        };
+        let sleep = async {
+            match wait {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => futures::future::pending().await,
             }
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return; // the daemon is gone
+                }
+            }
+            _ = sleep => {}
         }
     }
 }
@@ -124,9 +146,9 @@ pub async fn prune_once(
         }
     }
     for (status, age) in [
-        (Status::Sent, config.sent),
-        (Status::Failed, config.failed),
-        (Status::Expired, config.expired),
+        (RowStatus::Sent, config.sent),
+        (RowStatus::Failed, config.failed),
+        (RowStatus::Expired, config.expired),
     ] {
         let Some(age) = age else { continue };
         loop {
@@ -137,8 +159,8 @@ pub async fn prune_once(
             )
             .await?;
             match status {
-                Status::Sent => pruned.sent += n,
-                Status::Failed => pruned.failed += n,
+                RowStatus::Sent => pruned.sent += n,
+                RowStatus::Failed => pruned.failed += n,
                 _ => pruned.expired += n,
             }
             if n < batch as u64 {

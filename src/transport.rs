@@ -1,15 +1,20 @@
 //! The seam between the outbox and APNs: a claimed row as a [`Notification`], what became
 //! of it as a [`Delivery`], and the [`Transport`] that turns one into the other.
 //!
-//! The dispatcher only knows this trait. The APNs transports (`apns`) implement it; tests
+//! The daemon only knows this trait. The APNs transports (`apns`) implement it; tests
 //! may implement it too. A `Delivery` says what the *row* should become, so every transport
 //! maps its protocol's answers onto the same few cases and the dispatcher stays
-//! protocol-agnostic.
+//! protocol-agnostic. What a push service reports on its own, outside any answer (the
+//! binary protocol's feedback service), comes back through the seam as well, as
+//! [`Unregistered`] tokens that the daemon records in the outbox.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use uuid::Uuid;
+
+use crate::config::AppConfig;
 
 /// One outbox row, as claimed, ready to be sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +67,17 @@ impl Delivery {
     }
 }
 
+/// A device token the push service reported unregistered on its own, not in answer to a
+/// send: later rows for it fail without being sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unregistered {
+    pub app: String,
+    /// Lower-case hex.
+    pub device_token: String,
+    /// Since when the service considers it unregistered.
+    pub at: SystemTime,
+}
+
 /// Sends notifications. One call is one attempt for one row; the dispatcher runs many
 /// calls at once, so implementations multiplex them (HTTP/2 streams, pipelined frames).
 pub trait Transport: Send + Sync + 'static {
@@ -77,6 +93,21 @@ pub trait Transport: Send + Sync + 'static {
     /// Per app: connections open now; for metrics.
     fn open_connections(&self) -> Vec<(String, usize)> {
         Vec::new()
+    }
+
+    /// Applies a reloaded config's apps: nothing changes unless every app loads.
+    /// Returns the names of the apps rebuilt, added or removed.
+    fn reload(&self, apps: &BTreeMap<String, AppConfig>) -> Result<Vec<String>, String> {
+        let _ = apps;
+        Ok(Vec::new())
+    }
+
+    /// Waits for the next tokens the service reports unregistered on its own (see
+    /// [`Unregistered`]); never completes for a transport that has no such reports. The
+    /// first call starts whatever polls for them: a report is only taken from the
+    /// service once someone will record it.
+    fn unregistered(&self) -> BoxFuture<'_, Vec<Unregistered>> {
+        Box::pin(futures::future::pending())
     }
 }
 

@@ -198,11 +198,8 @@ async fn retention_survives_a_postgresql_restart() {
     let mut database = config(&db.url, "").database;
     database.connect_timeout = Duration::from_secs(1);
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(pgpushd::retention::run(
-        database,
-        retention(Some("1h"), None, None),
-        cancel.clone(),
-    ));
+    let (_settings, watched) = tokio::sync::watch::channel(retention(Some("1h"), None, None));
+    let task = tokio::spawn(pgpushd::retention::run(database, watched, cancel.clone()));
     {
         let c = db.client().await;
         row(&c, "sent", "2 hours", Some("2 hours"), Some("2 hours")).await;
@@ -241,4 +238,35 @@ async fn retention_survives_a_postgresql_restart() {
     .await;
     cancel.cancel();
     task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reload_turns_retention_on_without_a_restart() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let cfg = config(&db.url, "");
+    let old = row(&c, "sent", "2 hours", Some("2 hours"), Some("2 hours")).await;
+    let daemon = std::sync::Arc::new(Daemon::new(cfg.clone(), ScriptedTransport::new()));
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let (daemon, cancel) = (daemon.clone(), cancel.clone());
+        async move { daemon.run(cancel).await }
+    });
+    // Off: the old row stays while the daemon runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(ids(&c).await.contains(&old), "retention ran while off");
+
+    let reloaded = config(
+        &db.url,
+        "[retention]\nsent = \"1h\"\ninterval = \"100ms\"\n",
+    );
+    daemon.reload(&reloaded).unwrap();
+    wait_for(
+        "the old row deleted after the reload",
+        Duration::from_secs(10),
+        || async { (!ids(&c).await.contains(&old)).then_some(()) },
+    )
+    .await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
 }

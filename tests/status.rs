@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use pgpushd::outbox::status::{AppCounts, ErrorCount, Status};
+use pgpushd::outbox::status::{AppCounts, ErrorCount, StatusReport};
 use tokio_postgres::Client;
 
 /// Inserts `n` rows of `app` in `status`; times are SQL intervals relative to now.
@@ -152,12 +152,12 @@ fn about(d: Duration, secs: u64) -> bool {
 async fn the_status_counts_rows_in_every_state() {
     let db = TestDb::new().await;
     let mut client = db.client().await;
-    let empty = Status::read(&mut client).await.unwrap();
+    let empty = StatusReport::read(&mut client).await.unwrap();
     assert!(empty.apps.is_empty() && empty.oldest_due.is_none() && empty.errors.is_empty());
     assert!(empty.to_string().contains("(the outbox is empty)"));
 
     fill(&client).await;
-    let s = Status::read(&mut client).await.unwrap();
+    let s = StatusReport::read(&mut client).await.unwrap();
     assert_eq!(
         s.apps,
         [

@@ -8,12 +8,15 @@
 //! go wrong loading them ([`error`]).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{AppConfig, Config, Protocol};
-use crate::transport::{Delivery, Notification, Transport};
+use crate::transport::{Delivery, Notification, Transport, Unregistered};
 
 pub mod binary;
 pub mod error;
@@ -38,12 +41,36 @@ pub struct Apns {
     /// Behind a lock so SIGHUP can swap apps; requests clone the `Arc` and let go.
     apps: RwLock<BTreeMap<String, Arc<Loaded>>>,
     options: Options,
+    feedback: Feedback,
 }
 
 /// An app and what it was built from, to tell on reload whether anything changed.
 struct Loaded {
     client: Client,
     fingerprint: Fingerprint,
+    /// The app's feedback poller once started; it stops when the app is dropped (removed,
+    /// or rebuilt by a reload, which starts the new one's).
+    poller: Mutex<Option<DropGuard>>,
+}
+
+/// Tokens the apps' feedback services report, on their way to whoever records them.
+struct Feedback {
+    sender: mpsc::UnboundedSender<Vec<Unregistered>>,
+    receiver: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<Unregistered>>>,
+    /// Set by the first [`Transport::unregistered`] call: from then on every app's poller
+    /// runs (before, nobody would record what they took from the service).
+    wanted: AtomicBool,
+}
+
+impl Feedback {
+    fn new() -> Feedback {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        Feedback {
+            sender,
+            receiver: tokio::sync::Mutex::new(receiver),
+            wanted: AtomicBool::new(false),
+        }
+    }
 }
 
 /// The app's config and the bytes of every file it reads: a rotated key or certificate
@@ -103,6 +130,13 @@ impl Client {
         }
     }
 
+    fn feedback_poller(&self) -> Option<binary::feedback::FeedbackPoller> {
+        match self {
+            Client::Http2(_) => None,
+            Client::Binary(app) => app.feedback_poller(),
+        }
+    }
+
     async fn deliver(&self, n: &Notification) -> Delivery {
         match self {
             Client::Http2(app) => app.deliver(n).await,
@@ -128,6 +162,7 @@ impl Apns {
         Ok(Apns {
             apps: RwLock::new(apps),
             options,
+            feedback: Feedback::new(),
         })
     }
 
@@ -152,7 +187,38 @@ impl Apns {
         }
         changed.extend(current.keys().filter(|n| !apps.contains_key(*n)).cloned());
         *self.apps.write().unwrap() = next;
+        if self.feedback.wanted.load(Ordering::SeqCst) {
+            self.start_pollers();
+        }
         Ok(changed)
+    }
+
+    /// Starts the feedback poller of every app that has one and is not polling yet.
+    fn start_pollers(&self) {
+        for loaded in self.apps.read().unwrap().values() {
+            let mut running = loaded.poller.lock().unwrap();
+            if running.is_some() {
+                continue;
+            }
+            if let Some(poller) = loaded.client.feedback_poller() {
+                let stop = CancellationToken::new();
+                tokio::spawn(poller.run(self.feedback.sender.clone(), stop.clone()));
+                *running = Some(stop.drop_guard());
+            }
+        }
+    }
+
+    /// Tokens the feedback services reported, once some are: see
+    /// [`Transport::unregistered`].
+    pub async fn unregistered(&self) -> Vec<Unregistered> {
+        if !self.feedback.wanted.swap(true, Ordering::SeqCst) {
+            self.start_pollers();
+        }
+        match self.feedback.receiver.lock().await.recv().await {
+            Some(tokens) => tokens,
+            // `self` holds a sender: the channel never closes while it lives.
+            None => futures::future::pending().await,
+        }
     }
 
     /// Per app: `Err` while APNs refuses its credentials or no connection can be had.
@@ -195,6 +261,14 @@ impl Transport for Apns {
             .map(|(name, loaded)| (name.clone(), loaded.client.open_connections()))
             .collect()
     }
+
+    fn reload(&self, apps: &BTreeMap<String, AppConfig>) -> Result<Vec<String>, String> {
+        Apns::reload(self, apps).map_err(|e| e.to_string())
+    }
+
+    fn unregistered(&self) -> BoxFuture<'_, Vec<Unregistered>> {
+        Box::pin(Apns::unregistered(self))
+    }
 }
 
 /// Loads every key and certificate of every app, as `pgpushd check-config` does; one line
@@ -215,6 +289,7 @@ fn load(config: &AppConfig, options: &Options) -> Result<Loaded, LoadError> {
     Ok(Loaded {
         client: Client::new(config, options)?,
         fingerprint,
+        poller: Mutex::new(None),
     })
 }
 

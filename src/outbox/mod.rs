@@ -17,7 +17,7 @@ use tokio_postgres::{Client, GenericClient, Statement};
 use uuid::Uuid;
 
 use crate::outcome::RowUpdate;
-use crate::transport::Notification;
+use crate::transport::{Notification, Unregistered};
 
 /// The NOTIFY channel the insert trigger signals.
 pub const CHANNEL: &str = "pgpushd_outbox";
@@ -241,27 +241,36 @@ async fn write_unregistered(
     Ok(())
 }
 
-/// Records tokens APNs reported unregistered outside a batch (the binary protocol's
-/// feedback service), keeping the later time for a token already there. Tokens are
-/// stored in lower case, as the claim compares them. Returns how many were written.
+/// Records tokens a transport reported unregistered outside a batch (the binary
+/// protocol's feedback service), keeping the later time for a token already there.
+/// Tokens are stored in lower case, as the claim compares them. Returns how many were
+/// written.
 pub async fn record_unregistered(
     client: &impl GenericClient,
-    app: &str,
-    tokens: &[(String, SystemTime)],
+    tokens: &[Unregistered],
 ) -> Result<u64, tokio_postgres::Error> {
     // One INSERT may not touch the same key twice: keep each token's latest time. Sorted,
     // as batches insert, so the two cannot deadlock.
-    let mut latest: BTreeMap<String, SystemTime> = BTreeMap::new();
-    for (token, at) in tokens {
-        let at_least = latest.entry(token.to_ascii_lowercase()).or_insert(*at);
-        *at_least = (*at_least).max(*at);
+    let mut latest: BTreeMap<(String, String), SystemTime> = BTreeMap::new();
+    for t in tokens {
+        let key = (t.app.clone(), t.device_token.to_ascii_lowercase());
+        let at_least = latest.entry(key).or_insert(t.at);
+        *at_least = (*at_least).max(t.at);
     }
     if latest.is_empty() {
         return Ok(0);
     }
-    let apps = vec![app.to_owned(); latest.len()];
-    let (tokens, ats): (Vec<String>, Vec<SystemTime>) = latest.into_iter().unzip();
-    client.execute(UNREGISTER, &[&apps, &tokens, &ats]).await
+    let mut apps = Vec::with_capacity(latest.len());
+    let mut device_tokens = Vec::with_capacity(latest.len());
+    let mut ats = Vec::with_capacity(latest.len());
+    for ((app, token), at) in latest {
+        apps.push(app);
+        device_tokens.push(token);
+        ats.push(at);
+    }
+    client
+        .execute(UNREGISTER, &[&apps, &device_tokens, &ats])
+        .await
 }
 
 /// The payload as JSON, or why it cannot be.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_postgres::GenericClient;
 
-use crate::outcome::Status;
+use crate::outcome::RowStatus;
 
 /// Rows settled before `settled_at` existed (schema version 1), or by an older daemon
 /// during an upgrade, get their best estimate: `sent_at` for sent rows, and for failed and
@@ -34,12 +34,12 @@ pub async fn stamp_unsettled(
 /// clock), oldest first; returns how many. `status` must be a settled one.
 pub async fn delete_settled(
     client: &impl GenericClient,
-    status: Status,
+    status: RowStatus,
     age: Duration,
     limit: usize,
 ) -> Result<u64, tokio_postgres::Error> {
     assert!(
-        status != Status::Pending,
+        status != RowStatus::Pending,
         "retention never deletes pending rows"
     );
     // The status is a literal, not a parameter, so that even a generic plan can prove the

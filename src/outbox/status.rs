@@ -1,5 +1,5 @@
-//! `pgpushd status`: what the outbox holds, read in one consistent snapshot and rendered
-//! as aligned text tables.
+//! What the outbox holds: `pgpushd status`'s [`StatusReport`], read in one consistent
+//! snapshot and rendered as aligned text tables, and the daemon's cheap [`Queue`] gauges.
 //!
 //! What each figure costs on a large outbox:
 //! - pending, due and retrying counts and the oldest due row walk the partial index of
@@ -29,9 +29,39 @@ pub const NEWEST_UNREGISTERED: usize = 5;
 /// The window for "recent" errors.
 pub const ERROR_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
-/// A snapshot of the outbox.
+/// The two gauges the daemon refreshes every few seconds (metrics, systemd's STATUS).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Queue {
+    /// Rows pending, due or not.
+    pub pending: i64,
+    /// How long the pending row that has been due longest has waited, in seconds; 0
+    /// when none is due.
+    pub oldest_due_age: f64,
+}
+
+impl Queue {
+    /// Both walk the partial index of pending rows.
+    pub async fn read(client: &Client) -> Result<Queue, tokio_postgres::Error> {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM pgpushd.outbox WHERE status = 'pending'),
+                        coalesce((SELECT extract(epoch FROM now() - min(send_after))::float8
+                                    FROM pgpushd.outbox
+                                   WHERE status = 'pending' AND send_after <= now()
+                                     AND isfinite(send_after)), 0)",
+                &[],
+            )
+            .await?;
+        Ok(Queue {
+            pending: row.get(0),
+            oldest_due_age: row.get(1),
+        })
+    }
+}
+
+/// A snapshot of the outbox, for `pgpushd status`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Status {
+pub struct StatusReport {
     /// Per app, by name.
     pub apps: Vec<AppCounts>,
     /// The pending row that has been due longest: how far behind the daemons are.
@@ -150,10 +180,10 @@ SELECT app, device_token, extract(epoch FROM now() - unregistered_at)::float8
  ORDER BY unregistered_at DESC
  LIMIT $1";
 
-impl Status {
+impl StatusReport {
     /// Reads every figure in one read-only, repeatable-read transaction, so they agree
     /// with each other.
-    pub async fn read(client: &mut Client) -> Result<Status, tokio_postgres::Error> {
+    pub async fn read(client: &mut Client) -> Result<StatusReport, tokio_postgres::Error> {
         let txn = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
@@ -218,7 +248,7 @@ impl Status {
             })
             .collect();
         txn.commit().await?;
-        Ok(Status {
+        Ok(StatusReport {
             apps: apps.into_values().collect(),
             oldest_due,
             next_scheduled,
@@ -230,12 +260,12 @@ impl Status {
 }
 
 /// Connects, checks the schema and reads the status: what `pgpushd status` does.
-pub async fn fetch(database: &DatabaseConfig) -> anyhow::Result<Status> {
+pub async fn fetch(database: &DatabaseConfig) -> anyhow::Result<StatusReport> {
     let mut client = db::connect(&database.url, database.connect_timeout, "status")
         .await
         .context("cannot reach the database")?;
     migrate::ensure_current(&client).await?;
-    Status::read(&mut client)
+    StatusReport::read(&mut client)
         .await
         .map_err(|e| anyhow::anyhow!("reading the outbox: {}", db::describe(&e)))
 }
@@ -253,7 +283,7 @@ fn seconds(s: f64) -> Duration {
 
 // ---- rendering -------------------------------------------------------------------------
 
-impl fmt::Display for Status {
+impl fmt::Display for StatusReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "Rows by app and status")?;
         if self.apps.is_empty() {
@@ -450,7 +480,7 @@ mod tests {
 
     #[test]
     fn tables_align_text_left_and_numbers_right() {
-        let status = Status {
+        let status = StatusReport {
             apps: vec![
                 AppCounts {
                     app: "default".into(),

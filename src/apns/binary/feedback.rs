@@ -1,117 +1,73 @@
 //! The binary protocol's feedback service, polled: every `feedback_interval`, connect to
 //! feedback(.sandbox).push.apple.com:2196 with the app's certificate, read the
-//! (timestamp, token) tuples it sends until it closes, and record those tokens in
-//! `pgpushd.unregistered_tokens`, so later rows for them fail without being sent.
+//! (timestamp, token) tuples it sends until it closes, and report those tokens through
+//! the transport seam ([`crate::transport::Transport::unregistered`]); the daemon records
+//! them in `pgpushd.unregistered_tokens`, so later rows for them fail without being sent.
 //!
-//! The service forgets what it handed out, so tuples the database did not take are kept
-//! and written again on the next round (sooner than the interval when that is long).
+//! The service forgets what it handed out, so a poller only runs once someone takes its
+//! reports (see `Apns::unregistered`), and the reports wait in memory until they are
+//! recorded.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::frame::{self, TOKEN_LEN};
-use crate::config::{Config, Protocol, Secret};
-use crate::transport::short_token;
-use crate::{db, outbox};
+use crate::transport::{short_token, Unregistered};
 
 /// Upper bound on one visit to the feedback service (connect, handshake, read).
 const VISIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The feedback service sends a few tuples, or a few thousand: never megabytes.
 const MAX_FEEDBACK: usize = 16 << 20;
-/// How soon to retry writing tuples the database refused.
-const SAVE_RETRY: Duration = Duration::from_secs(30);
 
 /// One app's poller, ready to run.
+#[derive(Clone)]
 pub struct FeedbackPoller {
-    app: String,
-    host: String,
-    port: u16,
-    tls: native_tls::TlsConnector,
-    interval: Duration,
-    connect_timeout: Duration,
-    db_url: Secret<String>,
-}
-
-/// A poller for every binary-protocol app whose feedback service is on. An app whose
-/// certificate cannot be loaded is logged and skipped (the transport has refused to
-/// start over it already).
-pub fn pollers(config: &Config) -> Vec<FeedbackPoller> {
-    config
-        .apps
-        .values()
-        .filter(|app| app.protocol == Protocol::Binary)
-        .filter_map(|app| {
-            let feedback = app.binary.feedback.as_ref()?;
-            let tls = match super::tls_connector(app) {
-                Ok(tls) => tls,
-                Err(e) => {
-                    error!(error = %e, "feedback service not polled");
-                    return None;
-                }
-            };
-            let (host, port) = super::feedback_service(&feedback.endpoint);
-            Some(FeedbackPoller {
-                app: app.name.clone(),
-                host: host.to_owned(),
-                port,
-                tls,
-                interval: feedback.interval,
-                connect_timeout: config.database.connect_timeout,
-                db_url: config.database.url.clone(),
-            })
-        })
-        .collect()
+    pub(super) app: String,
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) tls: native_tls::TlsConnector,
+    pub(super) interval: Duration,
+    pub(super) connect_timeout: Duration,
 }
 
 impl FeedbackPoller {
-    /// Polls at once, then every interval, until `cancel`.
-    pub async fn run(self, cancel: CancellationToken) {
+    /// Polls at once, then every interval, until `cancel`; sends what each visit found.
+    pub async fn run(self, reports: UnboundedSender<Vec<Unregistered>>, cancel: CancellationToken) {
         info!(app = %self.app, service = %format!("{}:{}", self.host, self.port),
               interval = ?self.interval, "polling the APNs feedback service");
-        let mut unsaved: Vec<(String, SystemTime)> = Vec::new();
         loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = self.round(&mut unsaved) => {}
-            }
-            let wait = match unsaved.is_empty() {
-                true => self.interval,
-                false => self.interval.min(SAVE_RETRY),
+            let visit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                visit = self.fetch() => visit,
             };
+            match visit {
+                Ok(tokens) if tokens.is_empty() => {}
+                Ok(tokens) => {
+                    let reported = tokens
+                        .into_iter()
+                        .map(|(device_token, at)| Unregistered {
+                            app: self.app.clone(),
+                            device_token,
+                            at,
+                        })
+                        .collect();
+                    if reports.send(reported).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(app = %self.app, error = format!("{e:#}"),
+                                "cannot read the APNs feedback service"),
+            }
             tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.interval) => {}
             }
-        }
-        if !unsaved.is_empty() {
-            warn!(app = %self.app, tokens = unsaved.len(),
-                  "stopping with feedback tokens not recorded");
-        }
-    }
-
-    /// One visit, then one write of everything not yet recorded.
-    async fn round(&self, unsaved: &mut Vec<(String, SystemTime)>) {
-        match self.fetch().await {
-            Ok(tokens) => unsaved.extend(tokens),
-            Err(e) => warn!(app = %self.app, error = format!("{e:#}"),
-                            "cannot read the APNs feedback service"),
-        }
-        if unsaved.is_empty() {
-            return;
-        }
-        match self.save(unsaved).await {
-            Ok(()) => {
-                info!(app = %self.app, tokens = unsaved.len(),
-                      "recorded tokens the feedback service reported unregistered");
-                unsaved.clear();
-            }
-            Err(e) => warn!(app = %self.app, error = format!("{e:#}"), tokens = unsaved.len(),
-                            "cannot record feedback tokens; keeping them for the next round"),
         }
     }
 
@@ -142,12 +98,6 @@ impl FeedbackPoller {
         .map_err(|_| anyhow::anyhow!("no end within {VISIT_TIMEOUT:?}"))?
         .with_context(|| format!("feedback service {addr}"))?;
         Ok(decode(&self.app, &bytes))
-    }
-
-    async fn save(&self, tokens: &[(String, SystemTime)]) -> anyhow::Result<()> {
-        let client = db::connect(&self.db_url, self.connect_timeout, "feedback").await?;
-        outbox::record_unregistered(&client, &self.app, tokens).await?;
-        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@
 //! - [`connection`]: one connection, its identifiers -> pending notifications, and the
 //!   rule by which a notification counts as sent (the protocol never says so);
 //! - `pool`: an app's connections, replaced as the gateway closes them;
-//! - [`feedback`]: the feedback service's poller, which fills `unregistered_tokens`;
+//! - [`feedback`]: the feedback service's poller, which reports unregistered tokens;
 //! - here, `BinaryApp`: one app's client, mapping what the gateway did onto a
 //!   [`Delivery`], as the HTTP/2 client does with its answers.
 //!
@@ -28,6 +28,7 @@ use crate::config::{AppConfig, Auth, Endpoint, Environment};
 use crate::transport::{short_token, Delivery, Notification};
 
 use connection::{ConnectOptions, Outcome};
+use feedback::FeedbackPoller;
 use frame::{Push, Status};
 use pool::{Pool, Unavailable};
 
@@ -79,6 +80,8 @@ pub(crate) struct BinaryApp {
     timeout: Duration,
     max_resends: u32,
     connections: u32,
+    /// The app's feedback service, when `feedback_interval` is not zero.
+    feedback: Option<FeedbackPoller>,
 }
 
 impl BinaryApp {
@@ -87,6 +90,17 @@ impl BinaryApp {
         let tls = tls_connector(config)?;
         let (host, port) = gateway(&config.endpoint);
         let settle = config.binary.settle;
+        let feedback = config.binary.feedback.as_ref().map(|f| {
+            let (host, port) = feedback_service(&f.endpoint);
+            FeedbackPoller {
+                app: config.name.clone(),
+                host: host.to_owned(),
+                port,
+                tls: tls.clone(),
+                interval: f.interval,
+                connect_timeout: options.connect_timeout,
+            }
+        });
         let pool = Pool::new(
             &config.name,
             ConnectOptions {
@@ -106,7 +120,13 @@ impl BinaryApp {
             timeout: config.request_timeout + settle,
             max_resends: options.max_resends,
             connections: config.connections as u32,
+            feedback,
         })
+    }
+
+    /// The app's feedback poller, not yet running.
+    pub(crate) fn feedback_poller(&self) -> Option<FeedbackPoller> {
+        self.feedback.clone()
     }
 
     pub(crate) fn health(&self) -> Result<(), String> {
