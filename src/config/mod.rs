@@ -7,11 +7,12 @@
 //! whose `Debug` prints a mask, so a config can be logged whole.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::secret::Secret;
 
 /// The environment variable that overrides `[database] url`.
 pub const DATABASE_URL_ENV: &str = "PGPUSHD_DATABASE_URL";
@@ -32,26 +33,6 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
-}
-
-/// A value that must never reach a log: `Debug` and `Display` print a mask.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret<T>(T);
-
-impl<T> Secret<T> {
-    pub fn new(value: T) -> Self {
-        Secret(value)
-    }
-    /// The secret itself; call only where it is used, never to print it.
-    pub fn expose(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T> fmt::Debug for Secret<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
 }
 
 /// The whole, validated configuration.

@@ -16,7 +16,8 @@ use tracing::{debug, error, info, warn};
 
 use super::frame::{self, TOKEN_LEN};
 use crate::apns::short_token;
-use crate::config::{Config, Protocol, Secret};
+use crate::config::{Config, Protocol};
+use crate::secret::Secret;
 use crate::{db, outbox};
 
 /// Upper bound on one visit to the feedback service (connect, handshake, read).
