@@ -16,7 +16,7 @@ use native_tls::{Certificate, TlsConnector};
 use postgres_native_tls::MakeTlsConnector;
 use tokio_postgres::Client;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// How the server's certificate is checked, from `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

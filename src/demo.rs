@@ -11,10 +11,11 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::apns::Apns;
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::daemon::Daemon;
 use crate::devdb::DevDb;
 use crate::emulator::{Emulator, EmulatorAuth, EmulatorConfig};
+use crate::secret::Secret;
 use crate::{db, outbox};
 
 const TOPIC: &str = "com.example.pgpushd-demo";

@@ -25,11 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::backoff::backoff;
-use crate::config::{RetryConfig, Secret};
+use crate::config::RetryConfig;
 use crate::db;
 use crate::metrics::Metrics;
 use crate::outbox::{Claimed, OutboxConn};
 use crate::outcome::{RowStatus, RowUpdate};
+use crate::secret::Secret;
 use crate::transport::{Delivery, Transport};
 
 /// Waits after database errors: from a quarter second up to this.

@@ -3,6 +3,7 @@
 //!
 //! The pipeline, one module per concept:
 //! - [`config`]: the TOML file, validated;
+//! - [`secret`]: `Secret`, a value whose `Debug` is masked (URLs with passwords);
 //! - [`db`]: connecting to PostgreSQL (TLS per `sslmode`);
 //! - [`outbox`]: the SQL: migrations, claim, write-back;
 //! - [`listener`]: the LISTEN connection that wakes the dispatcher;
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod outcome;
 pub mod retention;
+pub mod secret;
 pub mod systemd;
 pub mod transport;
 pub mod unregistered;

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backoff::backoff;
-use crate::config::Secret;
 use crate::db;
 use crate::metrics::Metrics;
 use crate::outbox::CHANNEL;
+use crate::secret::Secret;
 
 /// Reconnect waits: from a quarter second up to this.
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(30);

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use pgpushd::config::Secret;
+use pgpushd::secret::Secret;
 use tokio_postgres::Client;
 
 pub async fn connect(url: &str) -> anyhow::Result<Client> {

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use pgpushd::config::{Config, Secret};
+use pgpushd::config::Config;
 use pgpushd::devdb::DevDb;
+use pgpushd::secret::Secret;
 use pgpushd::transport::{Delivery, Notification, Transport};
 use tokio_postgres::Client;
 

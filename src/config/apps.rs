@@ -1,0 +1,472 @@
+//! `[apps.NAME]`: one section per app the outbox names — where its notifications go
+//! ([`Endpoint`], [`Protocol`]), how it authenticates ([`Auth`]), and the binary
+//! protocol's own settings ([`BinaryConfig`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::duration;
+use super::validate::Validator;
+use super::ConfigError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Production,
+    Sandbox,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http2,
+    Binary,
+}
+
+/// Where an app's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Apple's servers for that environment and protocol.
+    Apple(Environment),
+    /// Any other host (an emulator, a gateway): `https://host:port` or `host:port`.
+    Custom { host: String, port: u16 },
+}
+
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub name: String,
+    /// The bundle id; push types that need a suffix get it appended.
+    pub topic: Option<String>,
+    pub endpoint: Endpoint,
+    /// An extra CA to trust (besides the system's) for the endpoint.
+    pub ca_file: Option<PathBuf>,
+    pub protocol: Protocol,
+    /// Long-lived connections per app.
+    pub connections: usize,
+    /// Upper bound on one request, from write to answer.
+    pub request_timeout: Duration,
+    pub auth: Auth,
+    /// What only the binary protocol has; the defaults (and unused) for HTTP/2 apps.
+    pub binary: BinaryConfig,
+}
+
+/// Settings of the binary protocol (`protocol = "binary"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryConfig {
+    /// The protocol never says "accepted": a notification counts as sent once this long
+    /// has passed since it was written without an error packet naming it or one before it.
+    /// Longer is safer against slow error packets, and makes every row wait that long.
+    pub settle: Duration,
+    /// The feedback service to poll for tokens APNs stopped delivering to; `None`: off.
+    pub feedback: Option<FeedbackConfig>,
+}
+
+impl Default for BinaryConfig {
+    fn default() -> Self {
+        BinaryConfig {
+            settle: defaults::binary_settle(),
+            feedback: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedbackConfig {
+    /// `Apple(env)`: feedback(.sandbox).push.apple.com:2196.
+    pub endpoint: Endpoint,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Auth {
+    Token(TokenAuth),
+    Certificate(CertificateAuth),
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenAuth {
+    /// The `.p8` file Apple hands out (a PKCS#8 P-256 private key).
+    pub key_file: PathBuf,
+    pub key_id: String,
+    pub team_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertificateAuth {
+    /// PEM (certificate + key, the key possibly encrypted) or PKCS#12.
+    pub file: PathBuf,
+    /// Holds the passphrase of the key or the .p12; a file so systemd credentials work.
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// The binary protocol's feedback service listens here on Apple's hosts.
+pub const FEEDBACK_PORT: u16 = 2196;
+
+// ---- the section, as serde reads it ----------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AppFile {
+    topic: Option<String>,
+    environment: Option<Environment>,
+    endpoint: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default = "defaults::protocol")]
+    protocol: Protocol,
+    #[serde(default = "defaults::connections")]
+    connections: i64,
+    #[serde(default = "defaults::request_timeout", with = "duration")]
+    request_timeout: Duration,
+    token: Option<TokenFile>,
+    certificate: Option<CertificateFile>,
+    #[serde(default, with = "duration::optional")]
+    binary_settle: Option<Duration>,
+    #[serde(default, with = "duration::optional")]
+    feedback_interval: Option<Duration>,
+    feedback_endpoint: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    key_file: PathBuf,
+    key_id: String,
+    team_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateFile {
+    file: PathBuf,
+    passphrase_file: Option<PathBuf>,
+}
+
+/// The binary protocol's keys of an `[apps.NAME]` section, as written.
+struct BinaryKeys {
+    settle: Option<Duration>,
+    feedback_interval: Option<Duration>,
+    feedback_endpoint: Option<String>,
+}
+
+mod defaults {
+    use super::Protocol;
+    use std::time::Duration;
+
+    pub fn protocol() -> Protocol {
+        Protocol::Http2
+    }
+    pub fn connections() -> i64 {
+        2
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn binary_settle() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn feedback_interval() -> Duration {
+        Duration::from_secs(3600)
+    }
+}
+
+// ---- validation ------------------------------------------------------------------------
+
+impl Validator<'_> {
+    pub(super) fn app(&self, name: String, a: AppFile) -> Result<AppConfig, ConfigError> {
+        let key = |k: &str| format!("apps.{name}.{k}");
+        let endpoint =
+            match (a.endpoint, a.environment) {
+                (Some(_), Some(_)) => return Err(self.invalid(
+                    key("endpoint"),
+                    "set either environment (Apple's servers) or endpoint (another host), not both",
+                )),
+                (Some(e), None) => {
+                    let (host, port) = parse_endpoint(&e, a.protocol)
+                        .map_err(|m| self.invalid(key("endpoint"), m))?;
+                    Endpoint::Custom { host, port }
+                }
+                (None, env) => Endpoint::Apple(env.unwrap_or(Environment::Production)),
+            };
+        let auth = self.auth(&name, a.protocol, a.token, a.certificate)?;
+        if let Some(t) = &a.topic {
+            if t.is_empty() || t.contains(char::is_whitespace) {
+                return Err(self.invalid(key("topic"), format!("{t:?} is not a bundle id")));
+            }
+        }
+        let binary = self.binary(
+            &name,
+            a.protocol,
+            BinaryKeys {
+                settle: a.binary_settle,
+                feedback_interval: a.feedback_interval,
+                feedback_endpoint: a.feedback_endpoint,
+            },
+            &endpoint,
+        )?;
+        Ok(AppConfig {
+            connections: self.positive(&key("connections"), a.connections, 64)?,
+            request_timeout: self.nonzero(&key("request_timeout"), a.request_timeout)?,
+            ca_file: a.ca_file.map(|p| self.file_path(p)),
+            topic: a.topic,
+            endpoint,
+            protocol: a.protocol,
+            auth,
+            binary,
+            name,
+        })
+    }
+
+    /// Exactly one of `[apps.NAME.token]` and `[apps.NAME.certificate]`.
+    fn auth(
+        &self,
+        name: &str,
+        protocol: Protocol,
+        token: Option<TokenFile>,
+        certificate: Option<CertificateFile>,
+    ) -> Result<Auth, ConfigError> {
+        let key = |k: &str| format!("apps.{name}.{k}");
+        Ok(match (token, certificate) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    format!("apps.{name}"),
+                    "has both [token] and [certificate]; choose one auth mode",
+                ))
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    format!("apps.{name}"),
+                    format!(
+                        "needs [apps.{name}.token] (key_file, key_id, team_id) \
+                         or [apps.{name}.certificate] (file)"
+                    ),
+                ))
+            }
+            (Some(t), None) => {
+                if protocol == Protocol::Binary {
+                    return Err(self.invalid(
+                        key("token"),
+                        "the binary protocol only knows certificate auth; use [certificate]",
+                    ));
+                }
+                for (k, v) in [("key_id", &t.key_id), ("team_id", &t.team_id)] {
+                    if v.len() != 10 || !v.chars().all(|c| c.is_ascii_alphanumeric()) {
+                        return Err(self.invalid(
+                            key(&format!("token.{k}")),
+                            format!("{v:?} is not a 10-character Apple identifier"),
+                        ));
+                    }
+                }
+                Auth::Token(TokenAuth {
+                    key_file: self.file_path(t.key_file),
+                    key_id: t.key_id,
+                    team_id: t.team_id,
+                })
+            }
+            (None, Some(c)) => Auth::Certificate(CertificateAuth {
+                file: self.file_path(c.file),
+                passphrase_file: c.passphrase_file.map(|p| self.file_path(p)),
+            }),
+        })
+    }
+
+    /// The binary protocol's keys; an HTTP/2 app may not set them.
+    fn binary(
+        &self,
+        name: &str,
+        protocol: Protocol,
+        a: BinaryKeys,
+        endpoint: &Endpoint,
+    ) -> Result<BinaryConfig, ConfigError> {
+        let key = |k: &str| format!("apps.{name}.{k}");
+        if protocol != Protocol::Binary {
+            let set = [
+                ("binary_settle", a.settle.is_some()),
+                ("feedback_interval", a.feedback_interval.is_some()),
+                ("feedback_endpoint", a.feedback_endpoint.is_some()),
+            ];
+            if let Some((k, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(self.invalid(key(k), "only applies to protocol = \"binary\""));
+            }
+            return Ok(BinaryConfig::default());
+        }
+        let settle = match a.settle {
+            Some(s) => self.nonzero(&key("binary_settle"), s)?,
+            None => defaults::binary_settle(),
+        };
+        let interval = a
+            .feedback_interval
+            .unwrap_or_else(defaults::feedback_interval);
+        let feedback_endpoint = match (&a.feedback_endpoint, endpoint) {
+            (Some(text), _) => {
+                let (host, port) = parse_endpoint_with_port(text, FEEDBACK_PORT)
+                    .map_err(|m| self.invalid(key("feedback_endpoint"), m))?;
+                Endpoint::Custom { host, port }
+            }
+            (None, Endpoint::Apple(env)) => Endpoint::Apple(*env),
+            // A gateway elsewhere (an emulator): its feedback service on Apple's port.
+            (None, Endpoint::Custom { host, .. }) => Endpoint::Custom {
+                host: host.clone(),
+                port: FEEDBACK_PORT,
+            },
+        };
+        Ok(BinaryConfig {
+            settle,
+            feedback: (!interval.is_zero()).then_some(FeedbackConfig {
+                endpoint: feedback_endpoint,
+                interval,
+            }),
+        })
+    }
+}
+
+/// `https://host:port`, `host:port` or `host` (default port by protocol).
+fn parse_endpoint(text: &str, protocol: Protocol) -> Result<(String, u16), String> {
+    let default_port = match protocol {
+        Protocol::Http2 => 443,
+        Protocol::Binary => 2195,
+    };
+    parse_endpoint_with_port(text, default_port)
+}
+
+fn parse_endpoint_with_port(text: &str, default_port: u16) -> Result<(String, u16), String> {
+    let rest = text
+        .strip_prefix("https://")
+        .unwrap_or(text)
+        .trim_end_matches('/');
+    if rest.contains("://") || rest.contains('/') {
+        return Err(format!("{text:?}: expected https://host:port or host:port"));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, _)) if !h.ends_with(']') && h.contains(':') => (rest, default_port), // bare IPv6
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{text:?}: {p:?} is not a port"))?,
+        ),
+        None => (rest, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{text:?}: no host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::testing::{parse, MINIMAL};
+    use super::*;
+
+    #[test]
+    fn binary_apps_get_settle_and_feedback_defaults() {
+        let cert = "[apps.{name}.certificate]\nfile = \"ck.pem\"\npassphrase_file = \"ck.pass\"\n";
+        let app = |name: &str, body: &str| {
+            format!("[apps.{name}]\n{body}\n{}", cert.replace("{name}", name))
+        };
+        let c = parse(&format!(
+            "{MINIMAL}{}{}{}{}",
+            app("apple", "protocol = \"binary\"\nenvironment = \"sandbox\""),
+            app(
+                "emu",
+                "protocol = \"binary\"\nendpoint = \"127.0.0.1:12195\"\nbinary_settle = \"50ms\"\n\
+                 feedback_interval = \"10s\""
+            ),
+            app(
+                "elsewhere",
+                "protocol = \"binary\"\nendpoint = \"gw.example.com\"\n\
+                 feedback_endpoint = \"fb.example.com\""
+            ),
+            app("quiet", "protocol = \"binary\"\nfeedback_interval = \"0s\""),
+        ))
+        .unwrap();
+        let apple = &c.apps["apple"];
+        assert_eq!(apple.binary.settle, Duration::from_millis(500));
+        assert_eq!(
+            apple.binary.feedback,
+            Some(FeedbackConfig {
+                endpoint: Endpoint::Apple(Environment::Sandbox),
+                interval: Duration::from_secs(3600),
+            })
+        );
+        let emu = &c.apps["emu"];
+        assert_eq!(
+            emu.endpoint,
+            Endpoint::Custom {
+                host: "127.0.0.1".into(),
+                port: 12195
+            }
+        );
+        assert_eq!(emu.binary.settle, Duration::from_millis(50));
+        assert_eq!(
+            emu.binary.feedback,
+            Some(FeedbackConfig {
+                endpoint: Endpoint::Custom {
+                    host: "127.0.0.1".into(),
+                    port: 2196
+                },
+                interval: Duration::from_secs(10),
+            })
+        );
+        let elsewhere = c.apps["elsewhere"].binary.feedback.as_ref().unwrap();
+        assert_eq!(
+            elsewhere.endpoint,
+            Endpoint::Custom {
+                host: "fb.example.com".into(),
+                port: 2196
+            }
+        );
+        assert_eq!(c.apps["quiet"].binary.feedback, None);
+        match &apple.auth {
+            Auth::Certificate(a) => assert_eq!(a.file, Path::new("/etc/pgpushd/ck.pem")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn binary_keys_are_refused_elsewhere() {
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\nbinary_settle = \"1s\"\n[apps.a.certificate]\nfile = \"ck.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.ends_with("apps.a.binary_settle: only applies to protocol = \"binary\""),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\nprotocol = \"binary\"\nbinary_settle = \"0s\"\n\
+             [apps.a.certificate]\nfile = \"ck.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.ends_with("apps.a.binary_settle: must be longer than zero"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\nprotocol = \"binary\"\nfeedback_endpoint = \"x:y\"\n\
+             [apps.a.certificate]\nfile = \"ck.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("apps.a.feedback_endpoint: "), "{e}");
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            parse_endpoint("https://localhost:2197", Protocol::Http2).unwrap(),
+            ("localhost".into(), 2197)
+        );
+        assert_eq!(
+            parse_endpoint("gw.example.com", Protocol::Binary).unwrap(),
+            ("gw.example.com".into(), 2195)
+        );
+        assert!(parse_endpoint("https://x:99999", Protocol::Http2).is_err());
+        assert!(parse_endpoint("http://x/y", Protocol::Http2).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! `[database]`: where the outbox is, and how hard the daemon works it.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::duration;
+use super::validate::Validator;
+use super::{ConfigError, DATABASE_URL_ENV};
+use crate::secret::Secret;
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// Holds a password more often than not, hence the mask.
+    pub url: Secret<String>,
+    /// A direct connection for LISTEN, for when `url` goes through a transaction pooler
+    /// (PgBouncer drops LISTEN registrations between transactions).
+    pub listen_url: Option<Secret<String>>,
+    /// How often to look for due rows when no notification arrives: the safety net.
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+    /// Each batch in flight holds its own database connection and transaction.
+    pub max_batches_in_flight: usize,
+    /// How often the listener proves its connection alive; a half-open TCP connection
+    /// would otherwise swallow notifications silently.
+    pub keepalive_interval: Duration,
+    /// Upper bound on connecting and on every maintenance query.
+    pub connect_timeout: Duration,
+}
+
+impl DatabaseConfig {
+    /// The URL the listener connects to.
+    pub fn listen_url(&self) -> &Secret<String> {
+        self.listen_url.as_ref().unwrap_or(&self.url)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DatabaseFile {
+    url: Option<String>,
+    listen_url: Option<String>,
+    #[serde(default = "defaults::poll_interval", with = "duration")]
+    poll_interval: Duration,
+    #[serde(default = "defaults::batch_size")]
+    batch_size: i64,
+    #[serde(default = "defaults::max_batches_in_flight")]
+    max_batches_in_flight: i64,
+    #[serde(default = "defaults::keepalive_interval", with = "duration")]
+    keepalive_interval: Duration,
+    #[serde(default = "defaults::connect_timeout", with = "duration")]
+    connect_timeout: Duration,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn poll_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn batch_size() -> i64 {
+        500
+    }
+    pub fn max_batches_in_flight() -> i64 {
+        4
+    }
+    pub fn keepalive_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+impl Validator<'_> {
+    /// `url_override` (from [`DATABASE_URL_ENV`]) wins over the file's `url`.
+    pub(super) fn database(
+        &self,
+        d: DatabaseFile,
+        url_override: Option<String>,
+    ) -> Result<DatabaseConfig, ConfigError> {
+        let url = url_override.or(d.url).ok_or_else(|| {
+            self.invalid(
+                "database.url",
+                format!("missing (set it in the file or in {DATABASE_URL_ENV})"),
+            )
+        })?;
+        for (key, u) in [
+            ("database.url", Some(&url)),
+            ("database.listen_url", d.listen_url.as_ref()),
+        ] {
+            if let Some(u) = u {
+                // Parse now so a typo is a config error, not a reconnect loop. The
+                // parser's message never echoes the password.
+                crate::db::check_url(u)
+                    .map_err(|e| self.invalid(key, format!("not a PostgreSQL URL: {e:#}")))?;
+            }
+        }
+        Ok(DatabaseConfig {
+            url: Secret::new(url),
+            listen_url: d.listen_url.map(Secret::new),
+            poll_interval: self.nonzero("database.poll_interval", d.poll_interval)?,
+            batch_size: self.positive("database.batch_size", d.batch_size, 10_000)?,
+            max_batches_in_flight: self.positive(
+                "database.max_batches_in_flight",
+                d.max_batches_in_flight,
+                64,
+            )?,
+            keepalive_interval: self
+                .nonzero("database.keepalive_interval", d.keepalive_interval)?,
+            connect_timeout: self.nonzero("database.connect_timeout", d.connect_timeout)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::parse;
+
+    #[test]
+    fn urls_with_libpqs_verifying_sslmodes_are_valid() {
+        for mode in ["verify-ca", "verify-full"] {
+            let text = format!("[database]\nurl = \"postgres://u@h/d?sslmode={mode}\"\n");
+            assert!(parse(&text).is_ok(), "{mode}");
+        }
+        let e = parse("[database]\nurl = \"postgres://u@h/d?sslmode=maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("database.url") && e.contains("unknown sslmode"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! The configuration file: TOML -> validated, typed [`Config`].
+//!
+//! Parsing is strict (unknown keys are errors) and happens in two steps: serde reads the
+//! file into the `*File` structs, then [`Config::from_file_str`] checks what serde cannot
+//! (ranges, one auth mode per app, ...) and produces the types the rest of the daemon uses.
+//! Every error names the file, the key and what is wrong. Secrets are held in
+//! [`Secret`](crate::secret::Secret), whose `Debug` prints a mask, so a config can be
+//! logged whole.
+//!
+//! This file owns the whole: [`Config`], loading (with the environment's override of the
+//! database URL), [`ConfigError`] and the description of TOML errors. Each section has
+//! its own file holding its `*File` struct, its validated type and its checks:
+//! `database`, `retry`, `apps` (`[apps.NAME]`, auth included), `metrics`, `retention`,
+//! `daemon`, `log`. What the sections share is in `validate` (the `Validator`) and
+//! `duration` (durations as written).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+mod apps;
+mod daemon;
+mod database;
+mod duration;
+mod log;
+mod metrics;
+mod retention;
+mod retry;
+mod validate;
+
+pub use apps::{
+    AppConfig, Auth, BinaryConfig, CertificateAuth, Endpoint, Environment, FeedbackConfig,
+    Protocol, TokenAuth, FEEDBACK_PORT,
+};
+pub use daemon::DaemonConfig;
+pub use database::DatabaseConfig;
+pub use log::LogConfig;
+pub use metrics::MetricsConfig;
+pub use retention::RetentionConfig;
+pub use retry::RetryConfig;
+
+use apps::AppFile;
+use daemon::DaemonFile;
+use database::DatabaseFile;
+use log::LogFile;
+use metrics::MetricsFile;
+use retention::RetentionFile;
+use retry::RetryFile;
+use validate::Validator;
+
+/// The environment variable that overrides `[database] url`.
+pub const DATABASE_URL_ENV: &str = "PGPUSHD_DATABASE_URL";
+
+/// A configuration problem, always naming the file it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub retry: RetryConfig,
+    /// Keyed by the name rows carry in their `app` column.
+    pub apps: BTreeMap<String, AppConfig>,
+    pub metrics: MetricsConfig,
+    pub retention: RetentionConfig,
+    pub daemon: DaemonConfig,
+    pub log: LogConfig,
+}
+
+/// The file, as serde reads it; `[database]` is the only section that must be there.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    database: DatabaseFile,
+    #[serde(default)]
+    retry: RetryFile,
+    #[serde(default)]
+    apps: BTreeMap<String, AppFile>,
+    #[serde(default)]
+    metrics: MetricsFile,
+    #[serde(default)]
+    retention: RetentionFile,
+    #[serde(default)]
+    daemon: DaemonFile,
+    #[serde(default)]
+    log: LogFile,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`; `PGPUSHD_DATABASE_URL` overrides the URL.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let url_override = std::env::var(DATABASE_URL_ENV)
+            .ok()
+            .filter(|u| !u.is_empty());
+        Config::from_file_str(path, &text, url_override)
+    }
+
+    /// Parses `text` as if read from `path` (which only names the source in errors, and
+    /// anchors relative file paths).
+    pub fn from_file_str(
+        path: &Path,
+        text: &str,
+        url_override: Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: describe_toml_error(text, &e),
+        })?;
+        Validator { path }.config(file, url_override)
+    }
+}
+
+/// `toml`'s message names the key; add the line so the user finds it.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+impl Validator<'_> {
+    fn config(&self, f: ConfigFile, url_override: Option<String>) -> Result<Config, ConfigError> {
+        let apps = f
+            .apps
+            .into_iter()
+            .map(|(name, app)| Ok((name.clone(), self.app(name, app)?)))
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(Config {
+            database: self.database(f.database, url_override)?,
+            retry: self.retry(f.retry)?,
+            apps,
+            metrics: self.metrics(f.metrics)?,
+            retention: self.retention(f.retention)?,
+            daemon: self.daemon(f.daemon)?,
+            log: self.log(f.log)?,
+        })
+    }
+}
+
+/// What the sections' tests share: a file that parses, and parsing from a fixed path.
+#[cfg(test)]
+mod testing {
+    use std::path::Path;
+
+    use super::{Config, ConfigError};
+
+    pub(super) const MINIMAL: &str = r#"
+[database]
+url = "postgres://pgpushd:hunter2@localhost/app"
+"#;
+
+    pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_file_str(Path::new("/etc/pgpushd/pgpushd.toml"), text, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::testing::{parse, MINIMAL};
+    use super::*;
+
+    #[test]
+    fn defaults_fill_what_is_missing() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.database.poll_interval, Duration::from_secs(5));
+        assert_eq!(c.database.batch_size, 500);
+        assert_eq!(c.database.max_batches_in_flight, 4);
+        assert_eq!(c.retry.max_attempts, 8);
+        assert_eq!(c.retry.backoff_max, Duration::from_secs(1800));
+        assert!(c.apps.is_empty());
+        assert_eq!(c.daemon.shutdown_timeout, Duration::from_secs(20));
+        assert_eq!(c.log.level, "info");
+        let e = parse(&format!("{MINIMAL}[log]\nlevel = \"loud=???\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.level"), "{e}");
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = parse(
+            r#"
+[database]
+url = "postgres://pgpushd@localhost/app"
+poll_interval = "250ms"
+batch_size = 100
+max_batches_in_flight = 2
+
+[retry]
+max_attempts = 3
+backoff_base = "1s"
+backoff_max = "1m"
+
+[apps.default]
+topic = "com.example.app"
+environment = "sandbox"
+protocol = "http2"
+connections = 3
+
+[apps.default.token]
+key_file = "AuthKey_ABC123DEFG.p8"
+key_id = "ABC123DEFG"
+team_id = "DEF123GHIJ"
+
+[apps.other]
+endpoint = "https://127.0.0.1:2197"
+ca_file = "/tmp/ca.pem"
+[apps.other.certificate]
+file = "/etc/pgpushd/ck.pem"
+passphrase_file = "ck.pass"
+
+[metrics]
+listen = "127.0.0.1:9187"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.database.poll_interval, Duration::from_millis(250));
+        let app = &c.apps["default"];
+        assert_eq!(app.endpoint, Endpoint::Apple(Environment::Sandbox));
+        assert_eq!(app.connections, 3);
+        match &app.auth {
+            Auth::Token(t) => {
+                assert_eq!(t.key_file, Path::new("/etc/pgpushd/AuthKey_ABC123DEFG.p8"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let other = &c.apps["other"];
+        assert_eq!(
+            other.endpoint,
+            Endpoint::Custom {
+                host: "127.0.0.1".into(),
+                port: 2197
+            }
+        );
+        match &other.auth {
+            Auth::Certificate(a) => {
+                assert_eq!(
+                    a.passphrase_file.as_deref(),
+                    Some(Path::new("/etc/pgpushd/ck.pass"))
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.metrics.listen.unwrap().port(), 9187);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_file_and_line() {
+        let e = parse("[database]\nurl = \"postgres://x@y/z\"\npoll_intervall = \"5s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/etc/pgpushd/pgpushd.toml: line 3"), "{e}");
+        assert!(e.contains("poll_intervall"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_name_the_key() {
+        let e = parse("[database]\nurl = \"postgres://x@y/z\"\nbatch_size = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/etc/pgpushd/pgpushd.toml: database.batch_size: must be between 1 and 10000, not 0"
+        );
+        let e = parse(&format!("{MINIMAL}[apps.a]\ntopic = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("apps.a: needs [apps.a.token]"), "{e}");
+    }
+
+    #[test]
+    fn the_environment_overrides_the_url_and_the_url_is_masked() {
+        let c = Config::from_file_str(
+            Path::new("x.toml"),
+            "[database]\n",
+            Some("postgres://u:s3cret@h/d".into()),
+        )
+        .unwrap();
+        assert_eq!(c.database.url.expose(), "postgres://u:s3cret@h/d");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let e = parse("[database]\n").unwrap_err().to_string();
+        assert!(e.contains("PGPUSHD_DATABASE_URL"), "{e}");
+    }
+}
