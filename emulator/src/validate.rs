@@ -1,6 +1,7 @@
 //! Request validation, as APNs documents it: a pure function of the request head, the
 //! payload and the connection's authentication, answering `Ok` or the status and reason
-//! Apple would send. No I/O, no clock: the provider-token check is passed in.
+//! Apple would send. No I/O, no clock: the provider-token check is passed in. What each
+//! push type requires (topic, payload limit, priorities) is [`crate::push_type`]'s.
 //!
 //! Order of checks (Apple does not document one; this one answers the most fundamental
 //! problem first): `:path` (404), `:method` (405), missing device token, repeated headers,

@@ -3,7 +3,9 @@
 //!
 //! - TLS with a required client certificate signed by the configured CA, no ALPN;
 //! - notifications of commands 0, 1 and 2 read as they stream in (`gateway`), checked
-//!   as Apple documents, each recorded as a [`BinaryRecord`];
+//!   as Apple documents, each recorded as a [`BinaryRecord`]; the bytes themselves
+//!   (reading notifications, writing error responses and feedback tuples) are
+//!   [`frame`]'s;
 //! - the first refused notification gets the 6-byte error response, and the connection
 //!   closes: whatever the client wrote after it is discarded, as at Apple;
 //! - status 10 (shutdown) naming the last notification taken, to every connection, on
