@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use pgpushd_emulator::{Emulator, EmulatorAuth, EmulatorConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::apns::Apns;
 use crate::config::Config;
 use crate::daemon::Daemon;
 use crate::devdb::DevDb;
-use crate::emulator::{Emulator, EmulatorAuth, EmulatorConfig};
 use crate::secret::Secret;
 use crate::{db, outbox};
 
@@ -48,7 +48,7 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
 
     let dir = tempfile::tempdir()?;
     let key_file = dir.path().join(format!("AuthKey_{KEY_ID}.p8"));
-    let key_pem = crate::emulator::jwt::generate_signing_key()?;
+    let key_pem = pgpushd_emulator::jwt::generate_signing_key()?;
     std::fs::write(&key_file, &key_pem)?;
     let emulator = Emulator::start(EmulatorConfig {
         auth: EmulatorAuth::Token {

@@ -12,7 +12,6 @@
 //! - [`transport`]: the seam between the outbox and APNs (`Notification`, `Delivery`);
 //! - [`apns`]: the HTTP/2 provider API client (and its push-type rules), and the retired
 //!   binary protocol's (`apns::binary`);
-//! - [`emulator`]: a local APNs for tests, the demo and benchmarks;
 //! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
@@ -26,7 +25,6 @@ pub mod db;
 pub mod demo;
 pub mod devdb;
 pub mod dispatcher;
-pub mod emulator;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;

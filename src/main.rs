@@ -56,7 +56,7 @@ enum Command {
     /// Send one push without the database and print APNs's answer.
     Send(SendArgs),
     /// Run a local APNs emulator.
-    Emulator(pgpushd::emulator::cli::EmulatorArgs),
+    Emulator(pgpushd_emulator::cli::EmulatorArgs),
     /// Deliver N rows through a throwaway PostgreSQL and the emulator.
     Demo {
         /// How many notifications.
@@ -160,7 +160,7 @@ async fn dispatch(command: Command) -> ExitCode {
             Ok(config) => send(&config, a).await,
             Err(code) => return code,
         },
-        Command::Emulator(args) => pgpushd::emulator::cli::run(args, shutdown_signal()).await,
+        Command::Emulator(args) => pgpushd_emulator::cli::run(args, shutdown_signal()).await,
         Command::Demo { rows } => match pgpushd::demo::run(rows).await {
             Ok(s) if s.sent == s.rows as i64 => Ok(()),
             Ok(s) => Err(anyhow::anyhow!(

@@ -75,7 +75,7 @@ fn bad_credentials_are_reported_by_file_and_problem_without_key_material() {
     let p384_pem = p384.private_key_to_pem_pkcs8().unwrap();
     std::fs::write(dir.path().join("p384.p8"), &p384_pem).unwrap();
     // A certificate whose key is encrypted with another passphrase than the one given.
-    let ca = pgpushd::emulator::tls::CertificateAuthority::generate("test CA").unwrap();
+    let ca = pgpushd_emulator::tls::CertificateAuthority::generate("test CA").unwrap();
     let issued = ca.issue_client("push").unwrap();
     let key = PKey::private_key_from_pem(&issued.key_pem).unwrap();
     let encrypted = key

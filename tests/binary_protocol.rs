@@ -17,9 +17,9 @@ use openssl::pkey::PKey;
 use openssl::symm::Cipher;
 use openssl::x509::X509;
 use pgpushd::config::Config;
-use pgpushd::emulator::binary::{BinaryEmulator, BinaryEmulatorConfig};
-use pgpushd::emulator::tls::CertificateAuthority;
 use pgpushd::transport::Transport;
+use pgpushd_emulator::binary::{BinaryEmulator, BinaryEmulatorConfig};
+use pgpushd_emulator::tls::CertificateAuthority;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DEADLINE: Duration = Duration::from_secs(30);

@@ -12,7 +12,7 @@ use common::*;
 use pgpushd::transport::Transport;
 
 async fn setup(
-    tweak: impl FnOnce(&mut pgpushd::emulator::EmulatorConfig),
+    tweak: impl FnOnce(&mut pgpushd_emulator::EmulatorConfig),
 ) -> (TestDb, ApnsSetup, Running, tokio_postgres::Client) {
     let db = TestDb::new().await;
     let apns = ApnsSetup::new(tweak).await;
@@ -338,8 +338,8 @@ async fn certificate_auth_with_a_p12_and_with_an_encrypted_pem_key() {
     use openssl::pkey::PKey;
     use openssl::symm::Cipher;
     use openssl::x509::X509;
-    use pgpushd::emulator::tls::CertificateAuthority;
-    use pgpushd::emulator::{Emulator, EmulatorAuth, EmulatorConfig};
+    use pgpushd_emulator::tls::CertificateAuthority;
+    use pgpushd_emulator::{Emulator, EmulatorAuth, EmulatorConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let client_ca = CertificateAuthority::generate("pgpushd test client CA").unwrap();

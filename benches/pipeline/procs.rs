@@ -29,7 +29,7 @@ impl Workdir {
         let dir = tempfile::Builder::new()
             .prefix("pgpushd-bench-")
             .tempdir()?;
-        let key = pgpushd::emulator::jwt::generate_signing_key()?;
+        let key = pgpushd_emulator::jwt::generate_signing_key()?;
         fs::write(dir.path().join("AuthKey.p8"), key)?;
         fs::create_dir(dir.path().join("tls"))?;
         Ok(Workdir { dir })

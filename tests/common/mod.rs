@@ -257,7 +257,7 @@ pub async fn insert_rows(client: &Client, first: u64, n: u64) {
 
 /// An emulator with token auth and the `[apps.default]` config that reaches it.
 pub struct ApnsSetup {
-    pub emulator: pgpushd::emulator::Emulator,
+    pub emulator: pgpushd_emulator::Emulator,
     pub dir: tempfile::TempDir,
     /// TOML for `[apps.default]` (token auth, topic `com.example.app`).
     pub app_toml: String,
@@ -268,13 +268,13 @@ pub const KEY_ID: &str = "ABC123DEFG";
 pub const TEAM_ID: &str = "DEF123GHIJ";
 
 impl ApnsSetup {
-    pub async fn new(tweak: impl FnOnce(&mut pgpushd::emulator::EmulatorConfig)) -> ApnsSetup {
+    pub async fn new(tweak: impl FnOnce(&mut pgpushd_emulator::EmulatorConfig)) -> ApnsSetup {
         let dir = tempfile::tempdir().unwrap();
-        let key = pgpushd::emulator::jwt::generate_signing_key().unwrap();
+        let key = pgpushd_emulator::jwt::generate_signing_key().unwrap();
         let key_file = dir.path().join("AuthKey.p8");
         std::fs::write(&key_file, &key).unwrap();
-        let mut cfg = pgpushd::emulator::EmulatorConfig {
-            auth: pgpushd::emulator::EmulatorAuth::Token {
+        let mut cfg = pgpushd_emulator::EmulatorConfig {
+            auth: pgpushd_emulator::EmulatorAuth::Token {
                 public_key_pem: key,
                 key_id: KEY_ID.into(),
                 team_id: TEAM_ID.into(),
@@ -283,7 +283,7 @@ impl ApnsSetup {
             ..Default::default()
         };
         tweak(&mut cfg);
-        let emulator = pgpushd::emulator::Emulator::start(cfg).await.unwrap();
+        let emulator = pgpushd_emulator::Emulator::start(cfg).await.unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, emulator.ca_pem()).unwrap();
         let app_toml = format!(

@@ -6,11 +6,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use openssl::pkcs12::Pkcs12;
 use openssl::pkey::PKey;
 use openssl::x509::X509;
+use pgpushd_emulator::binary::{BinaryEmulator, BinaryEmulatorConfig};
+use pgpushd_emulator::tls::CertificateAuthority;
 
 use super::*;
 use crate::config::{BinaryConfig, CertificateAuth, Protocol};
-use crate::emulator::binary::{BinaryEmulator, BinaryEmulatorConfig};
-use crate::emulator::tls::CertificateAuthority;
 
 /// Long enough that a busy machine does not make an error packet late.
 const SETTLE: Duration = Duration::from_millis(500);

@@ -1,14 +1,15 @@
-//! The binary emulator through a plain TLS client writing bytes by hand.
+//! The binary emulator through its public API and a plain TLS client writing the
+//! protocol's bytes by hand (the helpers below, not the emulator's codec).
 
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_native_tls::TlsStream;
 
-use super::*;
-use crate::apns::binary::frame::{self, ErrorPacket, Push, Status};
-use crate::emulator::tls::{CertificateAuthority, Issued};
+use pgpushd_emulator::binary::{BinaryEmulator, BinaryEmulatorConfig};
+use pgpushd_emulator::tls::{CertificateAuthority, Issued};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -69,13 +70,66 @@ fn token(i: u8) -> [u8; 32] {
     [i; 32]
 }
 
-fn push(i: u8) -> Push {
-    Push {
-        token: token(i),
-        payload: br#"{"aps":{"alert":"hi"}}"#.to_vec(),
-        expiration: Some(0),
-        priority: Some(10),
+const PAYLOAD: &[u8] = br#"{"aps":{"alert":"hi"}}"#;
+
+/// Appends `data` after its 2-byte big-endian length.
+fn sized(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Command 0: token and payload.
+fn simple(token: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+    out.push(0);
+    sized(out, token);
+    sized(out, payload);
+}
+
+/// Command 1: identifier, expiry, token and payload.
+fn enhanced(token: &[u8], payload: &[u8], identifier: u32, expiry: u32, out: &mut Vec<u8>) {
+    out.push(1);
+    out.extend_from_slice(&identifier.to_be_bytes());
+    out.extend_from_slice(&expiry.to_be_bytes());
+    sized(out, token);
+    sized(out, payload);
+}
+
+/// Command 2 with items token (1), payload (2), identifier (3), expiration 0 (4) and
+/// priority 10 (5).
+fn frame(token: &[u8], payload: &[u8], identifier: u32, out: &mut Vec<u8>) {
+    let mut items = Vec::new();
+    for (id, data) in [
+        (1, token),
+        (2, payload),
+        (3, &identifier.to_be_bytes()[..]),
+        (4, &[0, 0, 0, 0][..]),
+        (5, &[10][..]),
+    ] {
+        items.push(id);
+        sized(&mut items, data);
     }
+    out.push(2);
+    out.extend_from_slice(&(items.len() as u32).to_be_bytes());
+    out.extend_from_slice(&items);
+}
+
+/// The error response: command 8, status, identifier.
+fn error_response(status: u8, identifier: u32) -> Vec<u8> {
+    let mut out = vec![8, status];
+    out.extend_from_slice(&identifier.to_be_bytes());
+    out
+}
+
+/// Feedback tuples: time (4), token length (2), token.
+fn feedback_tuples(mut bytes: &[u8]) -> Vec<(u32, Vec<u8>)> {
+    let mut tuples = Vec::new();
+    while !bytes.is_empty() {
+        let time = u32::from_be_bytes(bytes[..4].try_into().unwrap());
+        let len = usize::from(u16::from_be_bytes([bytes[4], bytes[5]]));
+        tuples.push((time, bytes[6..6 + len].to_vec()));
+        bytes = &bytes[6 + len..];
+    }
+    tuples
 }
 
 async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
@@ -94,15 +148,15 @@ async fn all_three_commands_are_taken_and_recorded() {
     let s = setup(|_| {}).await;
     let mut tls = s.gateway().await;
     let mut out = Vec::new();
-    frame::encode_simple(&token(1), br#"{"aps":{"alert":"zero"}}"#, &mut out);
-    frame::encode_enhanced(
+    simple(&token(1), br#"{"aps":{"alert":"zero"}}"#, &mut out);
+    enhanced(
         &token(2),
         br#"{"aps":{"alert":"one"}}"#,
         11,
         1_700_000_000,
         &mut out,
     );
-    frame::encode_frame(&push(3), 12, &mut out);
+    frame(&token(3), PAYLOAD, 12, &mut out);
     tls.write_all(&out).await.unwrap();
     tls.flush().await.unwrap();
     wait_until("three records", || s.emulator.records().len() == 3).await;
@@ -132,18 +186,11 @@ async fn the_first_refused_notification_gets_the_error_packet_and_the_rest_is_di
     let mut tls = s.gateway().await;
     let mut out = Vec::new();
     for (i, id) in [(1, 101), (2, 102), (3, 103)] {
-        frame::encode_frame(&push(i), id, &mut out);
+        frame(&token(i), PAYLOAD, id, &mut out);
     }
     tls.write_all(&out).await.unwrap();
     let answer = read_to_end(&mut tls).await;
-    assert_eq!(
-        answer,
-        ErrorPacket {
-            status: Status::InvalidToken,
-            identifier: 102
-        }
-        .encode()
-    );
+    assert_eq!(answer, error_response(8, 102), "invalid token");
     let r = s.emulator.records();
     assert_eq!(
         r.iter()
@@ -158,33 +205,33 @@ async fn the_first_refused_notification_gets_the_error_packet_and_the_rest_is_di
 #[tokio::test]
 async fn format_errors_and_command_0_failures() {
     let s = setup(|_| {}).await;
-    let cases: Vec<(Vec<u8>, Status, u32)> = vec![
+    // (bytes, status, identifier): invalid token size (5), invalid payload size (7),
+    // missing payload (4), unknown (255).
+    let cases: Vec<(Vec<u8>, u8, u32)> = vec![
         {
             let mut out = Vec::new();
-            frame::encode_enhanced(&[1; 31], b"{}", 5, 0, &mut out);
-            (out, Status::InvalidTokenSize, 5)
+            enhanced(&[1; 31], b"{}", 5, 0, &mut out);
+            (out, 5, 5)
         },
         {
             let mut out = Vec::new();
-            frame::encode_simple(&token(1), &[b' '; 2049], &mut out);
-            (out, Status::InvalidPayloadSize, 0)
+            simple(&token(1), &[b' '; 2049], &mut out);
+            (out, 7, 0)
         },
         {
-            let mut p = push(1);
-            p.payload.clear();
             let mut out = Vec::new();
-            frame::encode_frame(&p, 6, &mut out);
-            (out, Status::MissingPayload, 6)
+            frame(&token(1), b"", 6, &mut out);
+            (out, 4, 6)
         },
-        (vec![7, 0, 0], Status::Unknown, 0),
+        (vec![7, 0, 0], 255, 0),
     ];
     for (bytes, status, identifier) in cases {
         let mut tls = s.gateway().await;
         tls.write_all(&bytes).await.unwrap();
         assert_eq!(
             read_to_end(&mut tls).await,
-            ErrorPacket { status, identifier }.encode(),
-            "{status}"
+            error_response(status, identifier),
+            "status {status}"
         );
     }
 }
@@ -195,15 +242,15 @@ async fn scripted_statuses_and_shutdown_naming_the_last_one_taken() {
     s.emulator.script(&hex::encode(token(9)), 1);
     let mut tls = s.gateway().await;
     let mut out = Vec::new();
-    frame::encode_frame(&push(9), 1, &mut out);
+    frame(&token(9), PAYLOAD, 1, &mut out);
     tls.write_all(&out).await.unwrap();
     assert_eq!(read_to_end(&mut tls).await, [8, 1, 0, 0, 0, 1]);
     s.emulator.script(&hex::encode(token(9)), 0);
 
     let mut tls = s.gateway().await;
     let mut out = Vec::new();
-    frame::encode_frame(&push(9), 41, &mut out);
-    frame::encode_frame(&push(8), 42, &mut out);
+    frame(&token(9), PAYLOAD, 41, &mut out);
+    frame(&token(8), PAYLOAD, 42, &mut out);
     tls.write_all(&out).await.unwrap();
     wait_until("two taken", || s.emulator.stats().accepted == 2).await;
     s.emulator.shutdown_connections();
@@ -217,7 +264,7 @@ async fn clients_without_the_certificate_are_turned_away() {
     // either way, nothing is taken and the connection ends.
     if let Ok(mut tls) = s.connect_to(s.emulator.addr(), false).await {
         let mut out = Vec::new();
-        frame::encode_frame(&push(1), 1, &mut out);
+        frame(&token(1), PAYLOAD, 1, &mut out);
         let _ = tls.write_all(&out).await;
         let mut buf = Vec::new();
         let read = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut buf))
@@ -240,22 +287,15 @@ async fn feedback_is_handed_out_once() {
     let addr = s.emulator.feedback_addr().unwrap();
     let mut tls = s.connect_to(addr, true).await.unwrap();
     let bytes = read_to_end(&mut tls).await;
-    let (first, used) = frame::decode_feedback(&bytes).unwrap();
-    let (second, rest) = frame::decode_feedback(&bytes[used..]).unwrap();
-    assert_eq!(used + rest, bytes.len());
-    assert_eq!(first.token, token(5));
+    let tuples = feedback_tuples(&bytes);
+    assert_eq!(tuples.len(), 2);
+    assert_eq!(tuples[0].1, token(5));
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert!(now - u64::from(first.timestamp) < 60);
-    assert_eq!(
-        second,
-        frame::FeedbackTuple {
-            timestamp: 1_700_000_000,
-            token: token(6).to_vec()
-        }
-    );
+    assert!(now - u64::from(tuples[0].0) < 60);
+    assert_eq!(tuples[1], (1_700_000_000, token(6).to_vec()));
     assert_eq!(s.emulator.pending_feedback(), 0);
 
     let mut again = s.connect_to(addr, true).await.unwrap();

@@ -1,6 +1,7 @@
 //! Request validation, as APNs documents it: a pure function of the request head, the
 //! payload and the connection's authentication, answering `Ok` or the status and reason
-//! Apple would send. No I/O, no clock: the provider-token check is passed in.
+//! Apple would send. No I/O, no clock: the provider-token check is passed in. What each
+//! push type requires (topic, payload limit, priorities) is [`crate::push_type`]'s.
 //!
 //! Order of checks (Apple does not document one; this one answers the most fundamental
 //! problem first): `:path` (404), `:method` (405), missing device token, repeated headers,
@@ -23,8 +24,8 @@ use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use super::reason;
-use crate::apns::push_type::PushType;
+use crate::push_type::{PushType, MAX_COLLAPSE_ID};
+use crate::reason;
 
 pub(crate) const APNS_PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
 pub(crate) const APNS_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
@@ -112,7 +113,7 @@ pub fn check_head(
         Some(v) => v
             .to_str()
             .ok()
-            .and_then(|v| v.parse().ok())
+            .and_then(PushType::from_header)
             .ok_or(reject(400, reason::INVALID_PUSH_TYPE))?,
     };
     check_topic(headers.get(APNS_TOPIC), push_type, policy)?;
@@ -128,7 +129,7 @@ pub fn check_head(
         Some(v) => Some(ascii_number(v).ok_or(reject(400, reason::BAD_EXPIRATION_DATE))?),
     };
     if let Some(v) = headers.get(APNS_COLLAPSE_ID) {
-        if v.len() > crate::apns::push_type::MAX_COLLAPSE_ID {
+        if v.len() > MAX_COLLAPSE_ID {
             return Err(reject(400, reason::BAD_COLLAPSE_ID));
         }
     }
@@ -473,10 +474,10 @@ mod tests {
                 "{bad:?}"
             );
         }
-        for push_type in PushType::ALL {
-            let topic = push_type.topic_for(None, Some("com.example.app")).unwrap();
+        for push_type in PushType::all() {
+            let topic = format!("com.example.app{}", push_type.topic_suffix().unwrap_or(""));
             let parts = request(&[
-                ("apns-push-type", Some(push_type.as_str())),
+                ("apns-push-type", Some(push_type.name())),
                 ("apns-topic", Some(&topic)),
                 ("apns-priority", Some("5")),
             ]);

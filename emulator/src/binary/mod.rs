@@ -3,14 +3,17 @@
 //!
 //! - TLS with a required client certificate signed by the configured CA, no ALPN;
 //! - notifications of commands 0, 1 and 2 read as they stream in (`gateway`), checked
-//!   as Apple documents, each recorded as a [`BinaryRecord`];
-//! - the first refused notification gets the 6-byte error packet, and the connection
+//!   as Apple documents, each recorded as a [`BinaryRecord`]; the bytes themselves
+//!   (reading notifications, writing error responses and feedback tuples) are
+//!   [`frame`]'s;
+//! - the first refused notification gets the 6-byte error response, and the connection
 //!   closes: whatever the client wrote after it is discarded, as at Apple;
 //! - status 10 (shutdown) naming the last notification taken, to every connection, on
 //!   [`BinaryEmulator::shutdown_connections`] and when the emulator stops;
 //! - the feedback service (`feedback`) hands out its tuples once, then forgets them.
 
 mod feedback;
+pub mod frame;
 mod gateway;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,11 +33,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::apns::binary::frame::{self, FeedbackTuple, Status};
-
-use super::accept::accept_loop;
-use super::record::{json_or_text, rfc3339, Recorder};
-use super::tls;
+use crate::accept::accept_loop;
+use crate::record::{json_or_text, rfc3339, Recorder};
+use crate::tls;
+use frame::{FeedbackTuple, Status};
 
 /// How to run a binary emulator.
 #[derive(Debug, Clone)]
@@ -93,7 +95,7 @@ pub struct BinaryRecord {
     pub priority: Option<u8>,
     #[serde(serialize_with = "json_or_text")]
     pub payload: Bytes,
-    /// 0: taken; otherwise the status of the error packet it got.
+    /// 0: taken; otherwise the status of the error response it got.
     pub status: u8,
 }
 
@@ -108,7 +110,7 @@ impl BinaryRecord {
 pub struct BinaryStats {
     /// Notifications taken.
     pub accepted: u64,
-    /// Error packets sent, by status (10 included).
+    /// Error responses sent, by status (10 included).
     pub refused: BTreeMap<u8, u64>,
     pub connections_accepted: u64,
     pub connections_open: u64,
@@ -205,7 +207,7 @@ impl BinaryEmulator {
             .iter()
             .map(|t| {
                 Ok(FeedbackTuple {
-                    timestamp: started,
+                    time: started,
                     token: token(t)?,
                 })
             })
@@ -325,7 +327,7 @@ impl BinaryEmulator {
     /// Queues a tuple for the next feedback connection.
     pub fn add_feedback(&self, token: &[u8], at: SystemTime) {
         self.shared.feedback.lock().unwrap().push(FeedbackTuple {
-            timestamp: unix_seconds(at),
+            time: unix_seconds(at),
             token: token.to_vec(),
         });
     }
@@ -378,6 +380,3 @@ fn record_of(n: &frame::Notification, connection: u64, status: Status) -> Binary
         status: status.code(),
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,19 +1,24 @@
-//! The emulator end to end, driven by a real HTTP/2 client over native-tls that trusts
-//! the emulator's CA (verification on, ALPN `h2`), as the daemon connects.
+//! The HTTP/2 emulator end to end through its public API, driven by a real HTTP/2
+//! client over native-tls that trusts the emulator's CA (verification on, ALPN `h2`), as
+//! a provider connects. Provider tokens are signed here, by the test, as a client would.
 
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request};
+use openssl::ecdsa::EcdsaSig;
+use openssl::pkey::PKey;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::tls::CertificateAuthority;
-use super::*;
+use pgpushd_emulator::tls::{CertificateAuthority, Issued};
+use pgpushd_emulator::{jwt, reason, validate, Emulator, EmulatorAuth, EmulatorConfig};
 
 const TOPIC: &str = "com.example.app";
 const ID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
@@ -27,6 +32,18 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// A provider token (ES256 JWT) signed with the `.p8` key `p8`, as a provider makes one.
+fn sign(p8: &[u8], key_id: &str, team_id: &str, iat: u64) -> String {
+    let key = PKey::private_key_from_pem(p8).unwrap().ec_key().unwrap();
+    let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"ES256","kid":"{key_id}"}}"#));
+    let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"iss":"{team_id}","iat":{iat}}}"#));
+    let input = format!("{header}.{claims}");
+    let sig = EcdsaSig::sign(&openssl::sha::sha256(input.as_bytes()), &key).unwrap();
+    let mut raw = sig.r().to_vec_padded(32).unwrap();
+    raw.extend(sig.s().to_vec_padded(32).unwrap());
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(raw))
 }
 
 fn open_config() -> EmulatorConfig {
@@ -404,7 +421,7 @@ async fn token_emulator(max_streams: u32) -> TokenSetup {
 async fn provider_tokens_are_verified() {
     let TokenSetup { p8, emulator } = token_emulator(1000).await;
     let now = now_secs();
-    let good = jwt::sign(&p8, "KEYID12345", "TEAMID1234", now - 1500);
+    let good = sign(&p8, "KEYID12345", "TEAMID1234", now - 1500);
     let other_key = jwt::generate_signing_key().unwrap();
     let t = token(3);
     let mut client = connect(&emulator).await.unwrap();
@@ -425,25 +442,25 @@ async fn provider_tokens_are_verified() {
         ),
         (
             "another key",
-            req(&t).bearer(&jwt::sign(&other_key, "KEYID12345", "TEAMID1234", now)),
+            req(&t).bearer(&sign(&other_key, "KEYID12345", "TEAMID1234", now)),
             403,
             "InvalidProviderToken",
         ),
         (
             "kid",
-            req(&t).bearer(&jwt::sign(&p8, "OTHERKEY12", "TEAMID1234", now)),
+            req(&t).bearer(&sign(&p8, "OTHERKEY12", "TEAMID1234", now)),
             403,
             "InvalidProviderToken",
         ),
         (
             "iss",
-            req(&t).bearer(&jwt::sign(&p8, "KEYID12345", "OTHERTEAM1", now)),
+            req(&t).bearer(&sign(&p8, "KEYID12345", "OTHERTEAM1", now)),
             403,
             "InvalidProviderToken",
         ),
         (
             "an hour old",
-            req(&t).bearer(&jwt::sign(&p8, "KEYID12345", "TEAMID1234", now - 3700)),
+            req(&t).bearer(&sign(&p8, "KEYID12345", "TEAMID1234", now - 3700)),
             403,
             "ExpiredProviderToken",
         ),
@@ -463,18 +480,18 @@ async fn provider_tokens_are_verified() {
         200
     );
     // A new token 10 minutes after the previous one: too soon.
-    let soon = jwt::sign(&p8, "KEYID12345", "TEAMID1234", now - 900);
+    let soon = sign(&p8, "KEYID12345", "TEAMID1234", now - 900);
     let reply = client.post(req(&t).bearer(&soon)).await.unwrap();
     assert_eq!(reply.outcome(), (429, Some("TooManyProviderTokenUpdates")));
     // 25 minutes after: accepted.
-    let later = jwt::sign(&p8, "KEYID12345", "TEAMID1234", now);
+    let later = sign(&p8, "KEYID12345", "TEAMID1234", now);
     assert_eq!(
         client.post(req(&t).bearer(&later)).await.unwrap().status,
         200
     );
     // The rule is per connection: a restarted client may start with a new token.
     let mut second = connect(&emulator).await.unwrap();
-    let fresh = jwt::sign(&p8, "KEYID12345", "TEAMID1234", now - 300);
+    let fresh = sign(&p8, "KEYID12345", "TEAMID1234", now - 300);
     assert_eq!(
         second.post(req(&t).bearer(&fresh)).await.unwrap().status,
         200
@@ -485,7 +502,7 @@ async fn provider_tokens_are_verified() {
 #[tokio::test]
 async fn token_auth_starts_at_one_stream_and_raises_the_limit_after_a_success() {
     let TokenSetup { p8, emulator } = token_emulator(500).await;
-    let jwt = jwt::sign(&p8, "KEYID12345", "TEAMID1234", now_secs());
+    let jwt = sign(&p8, "KEYID12345", "TEAMID1234", now_secs());
     let mut client = connect(&emulator).await.unwrap();
     client.limit.wait_for(|l| *l == 1).await.unwrap();
 
@@ -536,7 +553,7 @@ async fn token_auth_starts_at_one_stream_and_raises_the_limit_after_a_success() 
 #[tokio::test]
 async fn streams_beyond_the_initial_limit_are_refused_not_failed() {
     let TokenSetup { p8, emulator } = token_emulator(100).await;
-    let jwt = jwt::sign(&p8, "KEYID12345", "TEAMID1234", now_secs());
+    let jwt = sign(&p8, "KEYID12345", "TEAMID1234", now_secs());
     let mut client = connect(&emulator).await.unwrap();
     // Keeps the first stream open while the others arrive.
     emulator.set_latency(Duration::from_millis(200));
@@ -589,7 +606,7 @@ async fn client_certificates_from_the_configured_ca_only() {
     })
     .await
     .unwrap();
-    let identity = |issued: super::tls::Issued| {
+    let identity = |issued: Issued| {
         native_tls::Identity::from_pkcs8(&issued.cert_pem, &issued.key_pem).unwrap()
     };
 
@@ -934,7 +951,7 @@ async fn certificates_cover_localhost_and_tls_dir_holds_the_ca() {
 }
 
 /// Requests per second one emulator core answers; run in release:
-/// `cargo test --release --lib emulator::tests::throughput -- --ignored --nocapture`.
+/// `cargo test --release -p pgpushd-emulator --test http2 throughput -- --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement, not a test"]
 fn throughput() {

@@ -4,7 +4,7 @@
 //! the configured CA.
 //!
 //! [`CertificateAuthority`] is public: tests of certificate auth use it to make a CA for
-//! the emulator to require and the client certificate the daemon presents.
+//! the emulator to require and the client certificate a provider presents.
 
 use std::fs::OpenOptions;
 use std::io::Write;

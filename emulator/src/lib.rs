@@ -1,20 +1,29 @@
-//! A local APNs: an HTTP/2 server that validates requests as Apple documents them and
-//! answers with Apple's statuses, reasons and headers, so that passing against it means
-//! passing against Apple. Users develop against it without Apple credentials; the
-//! daemon's tests, `pgpushd demo` and the benchmarks run against it.
+//! A local stand-in for the Apple Push Notification service (APNs), written from Apple's
+//! documentation independently of pgpushd's client, so the two check each other: the
+//! client's tests run against this emulator, and a rule either side got wrong shows up
+//! as a disagreement instead of being wrong on both sides at once. It imports nothing
+//! from pgpushd.
+//!
+//! An HTTP/2 server that validates requests as Apple documents them and answers with
+//! Apple's statuses, reasons and headers. Users develop against it without Apple
+//! credentials; pgpushd's tests, `pgpushd demo` and the benchmarks run against it.
 //!
 //! - [`Emulator::start`] binds, makes its TLS certificates and serves until
 //!   [`Emulator::shutdown`] (or [`serve_until`] with a cancellation token);
-//! - what it checks and answers: `validate` (pure) and `jwt` (provider tokens);
+//! - what it checks and answers: [`validate`] (pure), [`push_type`] (each push type's
+//!   topic, payload limit and priorities), [`reason`] (Apple's reasons) and [`jwt`]
+//!   (provider tokens);
 //! - TLS, ALPN `h2`, client certificates: [`tls`];
 //! - token auth starts connections at one stream and raises the limit after the first
 //!   success, as APNs does: `stream_limit`;
 //! - faults (error rate, latency, scripted answers, GOAWAY, dropped connections, stalls)
 //!   can be set in the config and changed at run time;
 //! - every answer can be observed: [`Emulator::subscribe`], [`Emulator::records`], a
-//!   JSON-lines file, and [`Emulator::stats`].
+//!   JSON-lines file, and [`Emulator::stats`];
+//! - the command line (`pgpushd-emulator`, also `pgpushd emulator`): [`cli`].
 //!
-//! The retired binary protocol (gateway and feedback service) is [`binary`]'s.
+//! The retired binary protocol (gateway and feedback service, and its byte format) is
+//! [`binary`]'s.
 //!
 //! The library prints nothing; it logs with `tracing`.
 
@@ -25,6 +34,7 @@ pub mod cli;
 mod connection;
 mod faults;
 pub mod jwt;
+pub mod push_type;
 pub mod reason;
 mod record;
 mod request;
@@ -32,9 +42,6 @@ mod stats;
 mod stream_limit;
 pub mod tls;
 pub mod validate;
-
-#[cfg(test)]
-mod tests;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -363,8 +370,8 @@ impl Drop for Emulator {
     }
 }
 
-/// Runs an emulator until `cancel` fires, then shuts it down (the `pgpushd emulator`
-/// command). The endpoint and CA are logged at start.
+/// Runs an emulator until `cancel` fires, then shuts it down. The endpoint and CA are
+/// logged at start.
 pub async fn serve_until(config: EmulatorConfig, cancel: CancellationToken) -> anyhow::Result<()> {
     let emulator = Emulator::start(config).await?;
     cancel.cancelled().await;

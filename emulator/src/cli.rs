@@ -1,6 +1,7 @@
-//! `pgpushd emulator`: the emulator as a command, for developing against APNs without
-//! Apple credentials. `--protocol binary` runs the retired binary protocol's gateway and
-//! feedback service instead ([`super::binary`]).
+//! The emulator as a command, for developing against APNs without Apple credentials:
+//! the arguments and the run loop behind both `pgpushd-emulator` and `pgpushd emulator`.
+//! `--protocol binary` runs the retired binary protocol's gateway and feedback service
+//! instead ([`crate::binary`]).
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -15,14 +15,13 @@ use tokio_openssl::SslStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
-use crate::apns::binary::frame::{self, ErrorPacket, Status};
-
+use super::frame::{self, Status};
 use super::{record_of, Shared};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// After an error packet, how long to go on reading (and discarding) what the client
+/// After an error response, how long to go on reading (and discarding) what the client
 /// still sends before closing. Closing a socket with unread data in it resets the
-/// connection, and a reset can destroy the error packet before the client reads it.
+/// connection, and a reset can destroy the error response before the client reads it.
 const LINGER: Duration = Duration::from_secs(2);
 
 pub(super) async fn serve(
@@ -84,7 +83,7 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
                         last_taken = n.identifier.unwrap_or(last_taken);
                         continue;
                     }
-                    ErrorPacket {
+                    Refusal {
                         status,
                         identifier: n.identifier.unwrap_or(0),
                     }
@@ -92,7 +91,7 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
                 Err(malformed) => {
                     debug!(message = %malformed.message, "malformed notification");
                     shared.count(malformed.status);
-                    ErrorPacket {
+                    Refusal {
                         status: malformed.status,
                         identifier: malformed.identifier,
                     }
@@ -102,7 +101,7 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
             refuse(shared, &mut tls, refusal, buf.len()).await;
             return;
         }
-        let shutdown = ErrorPacket {
+        let shutdown = Refusal {
             status: Status::Shutdown,
             identifier: last_taken,
         };
@@ -137,18 +136,18 @@ async fn accept(shared: &Shared, tcp: TcpStream) -> anyhow::Result<SslStream<Tcp
     Ok(tls)
 }
 
-/// Writes the error packet and closes the sending side (TLS close_notify, then FIN),
+/// Writes the error response and closes the sending side (TLS close_notify, then FIN),
 /// then discards what the client still sends until it closes too (or for [`LINGER`]).
 /// `unread`: bytes already received and never decoded, discarded too.
-async fn refuse(
-    shared: &Shared,
-    tls: &mut SslStream<TcpStream>,
-    packet: ErrorPacket,
-    unread: usize,
-) {
+async fn refuse(shared: &Shared, tls: &mut SslStream<TcpStream>, refusal: Refusal, unread: usize) {
     let discarded = &shared.counters.discarded_bytes;
     discarded.fetch_add(unread as u64, Relaxed);
-    if tls.write_all(&packet.encode()).await.is_err() || tls.flush().await.is_err() {
+    if tls
+        .write_all(&frame::error_response(refusal.status, refusal.identifier))
+        .await
+        .is_err()
+        || tls.flush().await.is_err()
+    {
         return;
     }
     let _ = tokio::time::timeout(LINGER, async {
@@ -159,6 +158,13 @@ async fn refuse(
         }
     })
     .await;
+}
+
+/// What the error response says: why, and which notification.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    status: Status,
+    identifier: u32,
 }
 
 struct OpenGuard<'a>(&'a Shared);

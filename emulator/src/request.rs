@@ -15,7 +15,7 @@ use super::record::Record;
 use super::stats::Counters;
 use super::validate::{self, Checked, Rejection};
 use super::Shared;
-use crate::apns::push_type::MAX_PAYLOAD_VOIP;
+use crate::push_type::MAX_PAYLOAD_VOIP;
 
 /// Answers one request whose head was checked already; `None` if the client went away
 /// first, else the status answered.

@@ -182,7 +182,8 @@ pub fn generate_signing_key() -> anyhow::Result<Vec<u8>> {
     Ok(key.private_key_to_pem_pkcs8()?)
 }
 
-/// Signs a provider token (tests only; the daemon has its own signer in `apns`).
+/// Signs a provider token, for this module's tests (providers sign their own; the
+/// integration tests in `tests/http2.rs` do too).
 #[cfg(test)]
 pub(crate) fn sign(p8: &[u8], key_id: &str, team_id: &str, iat: u64) -> String {
     let key = PKey::private_key_from_pem(p8).unwrap().ec_key().unwrap();

@@ -14,9 +14,7 @@ use tokio::net::TcpStream;
 use tokio_openssl::SslStream;
 use tracing::debug;
 
-use crate::apns::binary::frame;
-
-use super::Shared;
+use super::{frame, Shared};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,7 +30,7 @@ pub(super) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         let tuples = std::mem::take(&mut *shared.feedback.lock().unwrap());
         let mut out = Vec::new();
         for t in &tuples {
-            frame::encode_feedback(t, &mut out);
+            frame::write_feedback(t, &mut out);
         }
         let written = async {
             tls.write_all(&out).await?;
