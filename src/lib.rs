@@ -1,5 +1,6 @@
 //! pgpushd turns rows inserted into a PostgreSQL outbox table into Apple push
-//! notifications. `README.md` says how to run it; `DESIGN.md` (shared) gives the picture.
+//! notifications. `README.md` says how to run it; `ARCHITECTURE.md` gives the picture:
+//! the code map, the invariants and the seams.
 //!
 //! The pipeline, one module per concept:
 //! - [`config`]: the TOML file, validated;
@@ -9,10 +10,15 @@
 //! - [`listener`]: the LISTEN connection that wakes the dispatcher;
 //! - [`dispatcher`]: wake -> claim -> send -> record;
 //! - [`outcome`]: what an APNs answer means for a row;
-//! - [`transport`]: the seam between the outbox and APNs (`Notification`, `Delivery`);
-//! - [`apns`]: the HTTP/2 provider API client (and its push-type rules), and the retired
-//!   binary protocol's (`apns::binary`);
+//! - [`transport`]: the seam between the outbox and APNs (`Notification`, `Delivery`,
+//!   `Unregistered`);
+//! - [`apns`]: the APNs client: `apns::http2` (the provider API) beside `apns::binary`
+//!   (the retired binary protocol), what both use at `apns/`;
+//! - [`unregistered`]: recording tokens the transport reports unregistered on its own;
 //! - [`retention`]: deleting settled rows once they are old enough;
+//! - [`metrics`]: Prometheus `/metrics` and `/healthz`;
+//! - [`systemd`]: sd_notify (READY, WATCHDOG, STATUS, RELOADING, STOPPING);
+//! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
 //! - [`demo`]: `pgpushd demo`, everything above on one machine.

@@ -1,5 +1,5 @@
 //! What becomes of a row: from a [`Delivery`] (or a reason not to send at all) to the
-//! [`RowUpdate`] the outbox writes. Pure, so every rule of DESIGN.md's Outcomes table is
+//! [`RowUpdate`] the outbox writes. Pure, so every rule of the README's "What becomes of a row" table is
 //! unit-tested here without a database or a network.
 
 use std::fmt;

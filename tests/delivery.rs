@@ -1,5 +1,5 @@
 //! Rows through the real APNs transport to the emulator and back: every answer APNs can
-//! give ends in the row state DESIGN.md names, bad rows fail before any request, and
+//! give ends in the row state the README names, bad rows fail before any request, and
 //! connection trouble mid-flight loses nothing.
 
 mod common;

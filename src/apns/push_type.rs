@@ -1,6 +1,7 @@
 //! The `apns-push-type` values Apple documents, and the rules that come with each: the
-//! topic suffix it requires, its payload limit, the priorities it allows. Shared by the
-//! client (to refuse a bad row before sending) and the emulator (to refuse it as APNs does).
+//! topic suffix it requires, its payload limit, the priorities it allows: the client refuses
+//! a row that breaks them before sending it. (The emulator states the same rules in its
+//! own words, so a mistake here shows up as a disagreement in the tests.)
 
 use std::fmt;
 use std::str::FromStr;

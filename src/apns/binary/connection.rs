@@ -469,6 +469,11 @@ mod tests {
         (conn, server)
     }
 
+    fn frame_len(buf: &[u8]) -> usize {
+        assert_eq!(buf[0], 2, "the client writes command-2 frames only");
+        u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize
+    }
+
     /// Reads `n` command-2 frames from the gateway's end; returns their identifiers.
     async fn read_frames(server: &mut DuplexStream, n: usize) -> Vec<u32> {
         let mut buf = Vec::new();
@@ -478,9 +483,21 @@ mod tests {
             let got = server.read(&mut chunk).await.unwrap();
             assert!(got > 0, "the client closed early");
             buf.extend_from_slice(&chunk[..got]);
-            while let Some((f, used)) = frame::decode(&buf).unwrap() {
-                ids.push(f.identifier.unwrap());
-                buf.drain(..used);
+            // A command-2 frame: 2 | length (4) | items; the identifier is item 3.
+            while buf.len() >= 5 && buf.len() >= 5 + frame_len(&buf) {
+                let end = 5 + frame_len(&buf);
+                let mut at = 5;
+                while at < end {
+                    let (id, len) = (
+                        buf[at],
+                        usize::from(u16::from_be_bytes([buf[at + 1], buf[at + 2]])),
+                    );
+                    if id == 3 {
+                        ids.push(u32::from_be_bytes(buf[at + 3..at + 7].try_into().unwrap()));
+                    }
+                    at += 3 + len;
+                }
+                buf.drain(..end);
             }
         }
         ids

@@ -1,7 +1,8 @@
 //! The binary protocol's bytes, and nothing else: notification frames (commands 0, 1 and
 //! 2), the error-response packet and feedback tuples, big-endian as Apple's Binary
-//! Provider API specifies them. The client encodes command 2 and decodes error packets
-//! and feedback; the emulator decodes all three commands. No I/O.
+//! Provider API specifies them, as the client needs them: it writes command 2 and reads
+//! error packets and feedback tuples (commands 0 and 1 are listed for reference: the
+//! emulator, which reads all three, has its own codec). No I/O.
 //!
 //! ```text
 //! command 0:  0 | token len (2) | token | payload len (2) | payload
@@ -20,16 +21,8 @@ pub const TOKEN_LEN: usize = 32;
 /// The largest payload the binary protocol takes.
 pub const MAX_PAYLOAD: usize = 2048;
 pub const ERROR_PACKET_LEN: usize = 6;
-/// The largest command-2 frame a decoder buffers. A notification's items take about
-/// 2.1 KB; anything far beyond is refused as an invalid payload size.
-pub const MAX_FRAME: usize = 64 * 1024;
-
 /// Command bytes.
 pub mod command {
-    /// The original format: no identifier, no answer when it fails but a closed connection.
-    pub const SIMPLE: u8 = 0;
-    /// "Enhanced": identifier and expiry.
-    pub const ENHANCED: u8 = 1;
     /// Items in a frame: identifier, expiration and priority.
     pub const FRAME: u8 = 2;
     /// The server's error response.
@@ -78,33 +71,6 @@ pub fn encode_frame(push: &Push, identifier: u32, out: &mut Vec<u8>) {
 
 fn put_item(out: &mut Vec<u8>, id: u8, data: &[u8]) {
     out.push(id);
-    out.extend_from_slice(&(data.len() as u16).to_be_bytes());
-    out.extend_from_slice(data);
-}
-
-/// Appends a command-1 ("enhanced") notification: what older providers write.
-pub fn encode_enhanced(
-    token: &[u8],
-    payload: &[u8],
-    identifier: u32,
-    expiry: u32,
-    out: &mut Vec<u8>,
-) {
-    out.push(command::ENHANCED);
-    out.extend_from_slice(&identifier.to_be_bytes());
-    out.extend_from_slice(&expiry.to_be_bytes());
-    put_sized(out, token);
-    put_sized(out, payload);
-}
-
-/// Appends a command-0 ("simple") notification: what the oldest scripts write.
-pub fn encode_simple(token: &[u8], payload: &[u8], out: &mut Vec<u8>) {
-    out.push(command::SIMPLE);
-    put_sized(out, token);
-    put_sized(out, payload);
-}
-
-fn put_sized(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(&(data.len() as u16).to_be_bytes());
     out.extend_from_slice(data);
 }
@@ -247,164 +213,10 @@ impl ErrorPacket {
     }
 }
 
-/// A notification as the emulator reads it, whichever command carried it. Items a
-/// frame left out are `None`; [`check`] says what Apple would answer.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Notification {
-    pub command: u8,
-    /// `None` for command 0, which has none (its error packets carry 0).
-    pub identifier: Option<u32>,
-    pub token: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    /// Command 1's expiry or command 2's expiration item.
-    pub expiration: Option<u32>,
-    pub priority: Option<u8>,
-}
-
-/// A stream the decoder cannot go on reading: answer with this and close.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Malformed {
-    pub status: Status,
-    pub identifier: u32,
-    pub message: String,
-}
-
-/// Reads one notification from the front of `buf`: `Ok(None)` until `buf` holds all of
-/// it, then the notification and how many bytes it took.
-pub fn decode(buf: &[u8]) -> Result<Option<(Notification, usize)>, Malformed> {
-    let Some(&command) = buf.first() else {
-        return Ok(None);
-    };
-    match command {
-        command::SIMPLE => Ok(decode_sized(buf, 1).map(|(token, payload, used)| {
-            let n = Notification {
-                command,
-                token: Some(token),
-                payload: Some(payload),
-                ..Notification::default()
-            };
-            (n, used)
-        })),
-        command::ENHANCED => {
-            if buf.len() < 9 {
-                return Ok(None);
-            }
-            let identifier = be32(&buf[1..5]);
-            let expiry = be32(&buf[5..9]);
-            Ok(decode_sized(buf, 9).map(|(token, payload, used)| {
-                let n = Notification {
-                    command,
-                    identifier: Some(identifier),
-                    token: Some(token),
-                    payload: Some(payload),
-                    expiration: Some(expiry),
-                    priority: None,
-                };
-                (n, used)
-            }))
-        }
-        command::FRAME => decode_frame(buf),
-        other => Err(Malformed {
-            status: Status::Unknown,
-            identifier: 0,
-            message: format!("unknown command {other}"),
-        }),
-    }
-}
-
-/// Token and payload, each after a 2-byte length, from `at` on.
-fn decode_sized(buf: &[u8], at: usize) -> Option<(Vec<u8>, Vec<u8>, usize)> {
-    let (token, at) = sized(buf, at)?;
-    let (payload, at) = sized(buf, at)?;
-    Some((token.to_vec(), payload.to_vec(), at))
-}
-
 fn sized(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
     let len = usize::from(be16(buf.get(at..at + 2)?));
     let data = buf.get(at + 2..at + 2 + len)?;
     Some((data, at + 2 + len))
-}
-
-fn decode_frame(buf: &[u8]) -> Result<Option<(Notification, usize)>, Malformed> {
-    if buf.len() < 5 {
-        return Ok(None);
-    }
-    let len = be32(&buf[1..5]) as usize;
-    if len > MAX_FRAME {
-        return Err(Malformed {
-            status: Status::InvalidPayloadSize,
-            identifier: 0,
-            message: format!("a frame of {len} bytes"),
-        });
-    }
-    let Some(items) = buf.get(5..5 + len) else {
-        return Ok(None);
-    };
-    let mut n = Notification {
-        command: command::FRAME,
-        ..Notification::default()
-    };
-    let mut rest = items;
-    let mut bad_item = None;
-    while !rest.is_empty() {
-        let Some((id, data, after)) = rest
-            .get(1..3)
-            .map(|l| usize::from(be16(l)))
-            .and_then(|l| Some((rest[0], rest.get(3..3 + l)?, &rest[3 + l..])))
-        else {
-            bad_item = Some("an item runs past the end of its frame".to_owned());
-            break;
-        };
-        let fixed = |want: usize| (data.len() == want).then_some(data);
-        match id {
-            item::TOKEN => n.token = Some(data.to_vec()),
-            item::PAYLOAD => n.payload = Some(data.to_vec()),
-            item::IDENTIFIER => match fixed(4) {
-                Some(d) => n.identifier = Some(be32(d)),
-                None => bad_item = Some(format!("an identifier of {} bytes", data.len())),
-            },
-            item::EXPIRATION => match fixed(4) {
-                Some(d) => n.expiration = Some(be32(d)),
-                None => bad_item = Some(format!("an expiration of {} bytes", data.len())),
-            },
-            item::PRIORITY => match fixed(1) {
-                Some(d) => n.priority = Some(d[0]),
-                None => bad_item = Some(format!("a priority of {} bytes", data.len())),
-            },
-            // Items Apple might have added later: skipped, as a lenient server would.
-            _ => {}
-        }
-        rest = after;
-    }
-    match bad_item {
-        Some(message) => Err(Malformed {
-            status: Status::ProtocolError,
-            identifier: n.identifier.unwrap_or(0),
-            message,
-        }),
-        None => Ok(Some((n, 5 + len))),
-    }
-}
-
-/// What APNs answers for a notification that decoded: `Ok` when it would take it.
-/// Token validity beyond its size (status 8) is the server's to know.
-pub fn check(n: &Notification) -> Result<(), Status> {
-    match &n.token {
-        None => return Err(Status::MissingToken),
-        Some(t) if t.is_empty() => return Err(Status::MissingToken),
-        Some(t) if t.len() != TOKEN_LEN => return Err(Status::InvalidTokenSize),
-        Some(_) => {}
-    }
-    match &n.payload {
-        None => return Err(Status::MissingPayload),
-        Some(p) if p.is_empty() => return Err(Status::MissingPayload),
-        Some(p) if p.len() > MAX_PAYLOAD => return Err(Status::InvalidPayloadSize),
-        Some(_) => {}
-    }
-    match n.priority {
-        None | Some(5) | Some(10) => Ok(()),
-        Some(_) => Err(Status::Processing),
-    }
 }
 
 /// One entry of the feedback service: a token APNs could not deliver to, and since when.
@@ -415,9 +227,12 @@ pub struct FeedbackTuple {
     pub token: Vec<u8>,
 }
 
+/// What the feedback service writes (for the client's tests).
+#[cfg(test)]
 pub fn encode_feedback(t: &FeedbackTuple, out: &mut Vec<u8>) {
     out.extend_from_slice(&t.timestamp.to_be_bytes());
-    put_sized(out, &t.token);
+    out.extend_from_slice(&(t.token.len() as u16).to_be_bytes());
+    out.extend_from_slice(&t.token);
 }
 
 /// Reads one tuple from the front of `buf`: `None` until `buf` holds all of it.
@@ -472,23 +287,7 @@ mod tests {
         want.extend_from_slice(&[4, 0, 4, 0x5f, 0x5e, 0x10, 0x00]);
         want.extend_from_slice(&[5, 0, 1, 10]);
         assert_eq!(out, want);
-
-        let (n, used) = decode(&out[1..]).unwrap().unwrap();
-        assert_eq!(used, out.len() - 1);
-        assert_eq!(
-            n,
-            Notification {
-                command: 2,
-                identifier: Some(0x0102_0304),
-                token: Some(token().to_vec()),
-                payload: Some(br#"{"aps":{}}"#.to_vec()),
-                expiration: Some(0x5f5e_1000),
-                priority: Some(10),
-            }
-        );
-        assert_eq!(check(&n), Ok(()));
     }
-
     #[test]
     fn optional_items_are_left_out() {
         let push = Push {
@@ -499,108 +298,10 @@ mod tests {
         };
         let mut out = Vec::new();
         encode_frame(&push, 7, &mut out);
+        // Token, payload and identifier items only.
         assert_eq!(out.len(), 5 + 35 + 5 + 7);
-        let (n, _) = decode(&out).unwrap().unwrap();
-        assert_eq!((n.expiration, n.priority), (None, None));
-    }
-
-    #[test]
-    fn commands_0_and_1_byte_for_byte() {
-        let mut simple = Vec::new();
-        encode_simple(&token(), b"{}", &mut simple);
-        let mut want = vec![0, 0, 32];
-        want.extend_from_slice(&token());
-        want.extend_from_slice(&[0, 2, b'{', b'}']);
-        assert_eq!(simple, want);
-        let (n, used) = decode(&simple).unwrap().unwrap();
-        assert_eq!((n.command, n.identifier, used), (0, None, simple.len()));
-        assert_eq!(n.payload.as_deref(), Some(&b"{}"[..]));
-
-        let mut enhanced = Vec::new();
-        encode_enhanced(&token(), b"{}", 9, 1_700_000_000, &mut enhanced);
-        let mut want = vec![1, 0, 0, 0, 9];
-        want.extend_from_slice(&1_700_000_000u32.to_be_bytes());
-        want.extend_from_slice(&[0, 32]);
-        want.extend_from_slice(&token());
-        want.extend_from_slice(&[0, 2, b'{', b'}']);
-        assert_eq!(enhanced, want);
-        let (n, _) = decode(&enhanced).unwrap().unwrap();
-        assert_eq!(
-            (n.command, n.identifier, n.expiration),
-            (1, Some(9), Some(1_700_000_000))
-        );
-    }
-
-    #[test]
-    fn partial_input_waits_for_more() {
-        let mut stream = Vec::new();
-        encode_simple(&token(), b"{}", &mut stream);
-        encode_enhanced(&token(), b"{}", 1, 0, &mut stream);
-        let push = Push {
-            token: token(),
-            payload: b"{}".to_vec(),
-            expiration: Some(0),
-            priority: Some(5),
-        };
-        encode_frame(&push, 2, &mut stream);
-        // Every prefix short of a whole notification asks for more; whole ones decode.
-        let mut at = 0;
-        let mut seen = Vec::new();
-        for end in 0..=stream.len() {
-            if let Some((n, used)) = decode(&stream[at..end]).unwrap() {
-                assert_eq!(at + used, end);
-                seen.push(n.command);
-                at = end;
-            }
-        }
-        assert_eq!(seen, [0, 1, 2]);
-        assert_eq!(at, stream.len());
-    }
-
-    #[test]
-    fn what_apns_would_refuse() {
-        let good = Notification {
-            command: 2,
-            identifier: Some(1),
-            token: Some(vec![0; 32]),
-            payload: Some(b"{}".to_vec()),
-            expiration: None,
-            priority: None,
-        };
-        assert_eq!(check(&good), Ok(()));
-        let with = |f: &dyn Fn(&mut Notification)| {
-            let mut n = good.clone();
-            f(&mut n);
-            check(&n)
-        };
-        assert_eq!(with(&|n| n.token = None), Err(Status::MissingToken));
-        assert_eq!(
-            with(&|n| n.token = Some(vec![0; 31])),
-            Err(Status::InvalidTokenSize)
-        );
-        assert_eq!(with(&|n| n.payload = None), Err(Status::MissingPayload));
-        assert_eq!(
-            with(&|n| n.payload = Some(vec![b' '; 2049])),
-            Err(Status::InvalidPayloadSize)
-        );
-        assert_eq!(with(&|n| n.payload = Some(vec![b' '; 2048])), Ok(()));
-        assert_eq!(with(&|n| n.priority = Some(7)), Err(Status::Processing));
-    }
-
-    #[test]
-    fn malformed_streams() {
-        let e = decode(&[9, 1, 2]).unwrap_err();
-        assert_eq!((e.status, e.identifier), (Status::Unknown, 0));
-
-        let mut huge = vec![2];
-        huge.extend_from_slice(&((MAX_FRAME + 1) as u32).to_be_bytes());
-        let e = decode(&huge).unwrap_err();
-        assert_eq!(e.status, Status::InvalidPayloadSize);
-
-        // Identifier item first, then an item longer than the frame.
-        let frame = [2, 0, 0, 0, 9, 3, 0, 4, 0, 0, 0, 42, 1, 0];
-        let e = decode(&frame).unwrap_err();
-        assert_eq!((e.status, e.identifier), (Status::ProtocolError, 42));
+        assert_eq!(&out[..5], &[2, 0, 0, 0, 47]);
+        assert_eq!(&out[45..], &[3, 0, 4, 0, 0, 0, 7]);
     }
 
     #[test]
