@@ -183,7 +183,7 @@ pub fn generate_signing_key() -> anyhow::Result<Vec<u8>> {
 }
 
 /// Signs a provider token, for this module's tests (providers sign their own; the
-/// integration tests in `tests/http2.rs` do too).
+/// integration tests in `tests/it/http2.rs` do too).
 #[cfg(test)]
 pub(crate) fn sign(p8: &[u8], key_id: &str, team_id: &str, iat: u64) -> String {
     let key = PKey::private_key_from_pem(p8).unwrap().ec_key().unwrap();

@@ -3,15 +3,13 @@
 //! invalid token among many, the bytes the seed's PHP script writes, the feedback
 //! service filling `unregistered_tokens`, and `pgpushd emulator --protocol binary`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::support::*;
 use openssl::pkcs12::Pkcs12;
 use openssl::pkey::PKey;
 use openssl::symm::Cipher;

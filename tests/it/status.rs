@@ -1,12 +1,10 @@
 //! `pgpushd status` against a real PostgreSQL: rows in every state, and the numbers the
 //! status shows for them; the command's exit codes.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use pgpushd::outbox::status::{AppCounts, ErrorCount, StatusReport};
 use tokio_postgres::Client;
 

@@ -1,6 +1,5 @@
 //! Shared test support: a real PostgreSQL per test, a scripted transport, and waiting on
 //! conditions with deadlines (never sleeping as synchronisation).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -145,8 +144,6 @@ backoff_max = "200ms"
 #[derive(Clone)]
 pub enum Script {
     Answer(Delivery),
-    /// Never answers (a batch stuck mid-flight).
-    Hang,
 }
 
 /// A transport that records every send and answers `Sent` unless scripted otherwise.
@@ -184,7 +181,6 @@ impl Transport for ScriptedTransport {
             }
             match script {
                 Some(Script::Answer(d)) => d,
-                Some(Script::Hang) => futures::future::pending().await,
                 None => Delivery::Sent {
                     apns_id: Some(uuid::Uuid::new_v4()),
                 },

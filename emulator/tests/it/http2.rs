@@ -951,7 +951,7 @@ async fn certificates_cover_localhost_and_tls_dir_holds_the_ca() {
 }
 
 /// Requests per second one emulator core answers; run in release:
-/// `cargo test --release -p pgpushd-emulator --test http2 throughput -- --ignored --nocapture`.
+/// `cargo test --release -p pgpushd-emulator --test it http2::throughput -- --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement, not a test"]
 fn throughput() {

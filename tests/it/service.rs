@@ -1,15 +1,13 @@
 //! The daemon as a service, spawned as the real binary: systemd notifications, SIGTERM
 //! drain, SIGHUP reload, metrics and health.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 fn spawn(config: &Path, env: &[(&str, &str)]) -> Spawned {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpushd"));

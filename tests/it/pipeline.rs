@@ -1,11 +1,9 @@
 //! The outbox pipeline end to end against a real PostgreSQL, with a scripted transport:
 //! wake-ups, claiming, outcomes, and surviving failures of the database connection.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::support::*;
 use pgpushd::daemon::Daemon;
 use pgpushd::transport::Delivery;
 use tokio_util::sync::CancellationToken;
@@ -139,7 +137,7 @@ async fn rows_of_a_dead_daemon_are_delivered_by_the_next() {
 
     // The first daemon lives on a runtime of its own; shutting that runtime down mid-batch
     // drops its connections as a killed process would (the real binary is SIGKILLed in
-    // tests/binary.rs).
+    // `commands`).
     let stuck = ScriptedTransport::new();
     *stuck.delay.lock().unwrap() = Duration::from_secs(3600);
     let cfg = config(&db.url, "");

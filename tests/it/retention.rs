@@ -3,12 +3,10 @@
 //! rows whatever their age); `settled_at` as the daemon writes it; the task inside the
 //! daemon and across a database restart.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use pgpushd::config::RetentionConfig;
 use pgpushd::daemon::Daemon;
 use pgpushd::retention::{prune_once, Pruned};

@@ -1,14 +1,12 @@
-//! The real `pgpushd` binary, spawned: exit codes, `migrate`, `check-config`, `send`,
+//! The `pgpushd` commands, spawned as the real binary: exit codes, `migrate`, `check-config`, `send`,
 //! `demo`, and a daemon killed with SIGKILL mid-batch.
-
-mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 fn pgpushd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpushd"));

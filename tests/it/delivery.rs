@@ -2,13 +2,11 @@
 //! give ends in the row state the README names, bad rows fail before any request, and
 //! connection trouble mid-flight loses nothing.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use pgpushd::transport::Transport;
 
 async fn setup(

@@ -1,0 +1,15 @@
+//! The integration tests, one binary (the library links once), a module per area. Each
+//! test starts what it needs: a throwaway PostgreSQL cluster (or a database on the server
+//! `PGPUSHD_TEST_DATABASE_URL` names), the emulator, the daemon in process or as the
+//! spawned `pgpushd` binary.
+
+mod binary_protocol;
+mod commands;
+mod delivery;
+mod docs;
+mod pipeline;
+mod retention;
+mod service;
+mod status;
+mod support;
+mod systemd;
