@@ -1,5 +1,5 @@
 //! The documentation cannot drift: `docs/configuration.md` (the reference), the example
-//! config `systemd/pgpushd.toml` and the parser in `src/config.rs` name the same keys in
+//! config `systemd/pgpushd.toml` and the parser in `src/config/` name the same keys in
 //! the same sections, the reference's defaults are the example's values, and every
 //! relative link in `README.md` and `docs/*.md` resolves.
 //!

@@ -285,3 +285,78 @@ async fn a_certificate_the_gateway_refuses_defers_the_app() {
     assert!(client.health().is_err());
     assert!(s.emulator.records().is_empty());
 }
+
+/// An app whose feedback service is `feedback`'s, polled every 50 ms.
+fn with_feedback(mut app: AppConfig, feedback: &BinaryEmulator) -> AppConfig {
+    app.binary.feedback = Some(crate::config::FeedbackConfig {
+        endpoint: Endpoint::Custom {
+            host: "localhost".into(),
+            port: feedback.feedback_addr().unwrap().port(),
+        },
+        interval: Duration::from_millis(50),
+    });
+    app
+}
+
+#[tokio::test]
+async fn feedback_comes_back_through_the_seam_and_a_reload_moves_the_poller() {
+    use crate::apns::Apns;
+    use crate::transport::{Transport, Unregistered};
+    use std::collections::BTreeMap;
+
+    let first = setup(|c| c.feedback_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let auth = first.encrypted_pem(&first.ca);
+    let apps = |app: AppConfig| BTreeMap::from([(app.name.clone(), app)]);
+    let apns: Arc<dyn Transport> = Arc::new(
+        Apns::new(&apps(with_feedback(
+            first.app(auth.clone()),
+            &first.emulator,
+        )))
+        .unwrap(),
+    );
+    let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    first
+        .emulator
+        .add_feedback(&hex::decode(token(7)).unwrap(), at);
+    let reported = tokio::time::timeout(Duration::from_secs(10), apns.unregistered())
+        .await
+        .expect("the feedback reported");
+    assert_eq!(
+        reported,
+        [Unregistered {
+            app: "legacy".into(),
+            device_token: token(7),
+            at,
+        }]
+    );
+
+    // A reload pointing the app at another feedback service (a rotated certificate
+    // would be the same: a changed app is rebuilt) stops the old poller and starts one
+    // for the new service, without waiting for a restart.
+    let second = setup(|c| {
+        c.feedback_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.client_ca_pem = first.ca.cert_pem();
+    })
+    .await;
+    std::fs::copy(
+        second.dir.path().join("ca.pem"),
+        first.dir.path().join("ca2.pem"),
+    )
+    .unwrap();
+    let mut moved = with_feedback(first.app(auth), &second.emulator);
+    moved.ca_file = Some(first.dir.path().join("ca2.pem"));
+    assert_eq!(apns.reload(&apps(moved)).unwrap(), ["legacy"]);
+    let before = first.emulator.stats().feedback_connections;
+    second
+        .emulator
+        .add_feedback(&hex::decode(token(8)).unwrap(), at);
+    let reported = tokio::time::timeout(Duration::from_secs(10), apns.unregistered())
+        .await
+        .expect("the new service's feedback reported");
+    assert_eq!(reported[0].device_token, token(8));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        first.emulator.stats().feedback_connections <= before + 1,
+        "the old poller still polls the old service"
+    );
+}
