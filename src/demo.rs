@@ -15,6 +15,7 @@ use crate::apns::Apns;
 use crate::config::Config;
 use crate::daemon::Daemon;
 use crate::devdb::DevDb;
+use crate::outbox::status::Totals;
 use crate::secret::Secret;
 use crate::{db, outbox};
 
@@ -97,6 +98,7 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
     let insert_started = Instant::now();
     let mut inserted = 0u64;
     while inserted < rows {
+        // The application's INSERT: the one statement pgpushd leaves to its users.
         let n = (rows - inserted).min(100) as i64;
         client
             .execute(
@@ -114,7 +116,11 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
     let deadline = Instant::now() + Duration::from_secs(60 + rows / 500);
     let mut last = (0, 0, rows as i64);
     loop {
-        let (sent, failed, pending) = counts(&client).await?;
+        let Totals {
+            sent,
+            failed,
+            pending,
+        } = Totals::read(&client).await?;
         if (sent, failed, pending) != last {
             writeln!(
                 out,
@@ -151,19 +157,6 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
     emulator.shutdown().await;
     drop(cluster);
     Ok(summary)
-}
-
-async fn counts(client: &tokio_postgres::Client) -> anyhow::Result<(i64, i64, i64)> {
-    let row = client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE status = 'sent'),
-                    count(*) FILTER (WHERE status IN ('failed', 'expired')),
-                    count(*) FILTER (WHERE status = 'pending')
-               FROM pgpushd.outbox",
-            &[],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1), row.get(2)))
 }
 
 /// The config a user would write for this set-up, parsed like any other.

@@ -1,5 +1,6 @@
 //! What the outbox holds: `pgpushd status`'s [`StatusReport`], read in one consistent
-//! snapshot and rendered as aligned text tables, and the daemon's cheap [`Queue`] gauges.
+//! snapshot and rendered as aligned text tables; the daemon's cheap [`Queue`] gauges; the
+//! demo's [`Totals`].
 //!
 //! What each figure costs on a large outbox:
 //! - pending, due and retrying counts and the oldest due row walk the partial index of
@@ -55,6 +56,34 @@ impl Queue {
         Ok(Queue {
             pending: row.get(0),
             oldest_due_age: row.get(1),
+        })
+    }
+}
+
+/// Rows by fate over the whole table (one scan): the demo's progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub sent: i64,
+    /// Failed or expired.
+    pub failed: i64,
+    pub pending: i64,
+}
+
+impl Totals {
+    pub async fn read(client: &Client) -> Result<Totals, tokio_postgres::Error> {
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'sent'),
+                        count(*) FILTER (WHERE status IN ('failed', 'expired')),
+                        count(*) FILTER (WHERE status = 'pending')
+                   FROM pgpushd.outbox",
+                &[],
+            )
+            .await?;
+        Ok(Totals {
+            sent: row.get(0),
+            failed: row.get(1),
+            pending: row.get(2),
         })
     }
 }
