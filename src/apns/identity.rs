@@ -13,7 +13,7 @@ use openssl::pkcs12::Pkcs12;
 use openssl::pkey::{PKey, Private};
 use openssl::x509::X509;
 
-use crate::apns::error::{openssl_reason, LoadError};
+use crate::apns::openssl_reason::openssl_reason;
 use crate::config::CertificateAuth;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,8 @@ pub enum IdentityError {
     MalformedP12 { path: PathBuf, message: String },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
+    #[error("{}: the certificate expired on {not_after}; download a new one from Apple", path.display())]
+    Expired { path: PathBuf, not_after: String },
 }
 
 /// A client identity, ready for the TLS connector.
@@ -77,14 +79,10 @@ impl std::fmt::Debug for ClientIdentity {
 pub(crate) fn load_for_app(
     app: &str,
     auth: &CertificateAuth,
-) -> Result<native_tls::Identity, LoadError> {
-    let id = load(auth).map_err(|source| LoadError::Identity {
-        app: app.to_owned(),
-        source,
-    })?;
+) -> Result<native_tls::Identity, IdentityError> {
+    let id = load(auth)?;
     if id.expired {
-        return Err(LoadError::CertificateExpired {
-            app: app.to_owned(),
+        return Err(IdentityError::Expired {
             path: auth.file.clone(),
             not_after: id.not_after,
         });

@@ -22,6 +22,7 @@ pub mod binary;
 pub mod error;
 pub mod http2;
 pub mod identity;
+pub mod openssl_reason;
 pub mod options;
 pub mod provider_token;
 pub mod push_type;

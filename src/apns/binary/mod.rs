@@ -63,7 +63,10 @@ pub fn tls_connector(config: &AppConfig) -> Result<native_tls::TlsConnector, Loa
             message: "the binary protocol needs certificate auth ([certificate])".into(),
         });
     };
-    let identity = identity::load_for_app(&app, auth)?;
+    let identity = identity::load_for_app(&app, auth).map_err(|source| LoadError::Identity {
+        app: app.clone(),
+        source,
+    })?;
     tls::connector(config.ca_file.as_deref(), Some(identity), &[]).map_err(|message| {
         LoadError::Tls {
             app: app.clone(),

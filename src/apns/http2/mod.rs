@@ -80,7 +80,14 @@ impl Http2App {
                     .with_intervals(options.token_refresh_after, options.token_min_interval);
                 (Some(signer), None)
             }
-            Auth::Certificate(c) => (None, Some(identity::load_for_app(&app, c)?)),
+            Auth::Certificate(c) => {
+                let identity =
+                    identity::load_for_app(&app, c).map_err(|source| LoadError::Identity {
+                        app: app.clone(),
+                        source,
+                    })?;
+                (None, Some(identity))
+            }
         };
         let tls =
             tls::connector(config.ca_file.as_deref(), identity, &["h2"]).map_err(|message| {
