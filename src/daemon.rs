@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::awake::{Keeper, Signals};
 use crate::backoff::backoff;
 use crate::config::{Config, DatabaseConfig, RetentionConfig};
 use crate::db;
@@ -108,6 +109,20 @@ impl Daemon {
             }
             .run(stop.clone()),
         );
+        let awake = watch::Sender::new(false);
+        let signals = Arc::new(Signals::default());
+        tracker.spawn(
+            Keeper {
+                url: db.url.clone(),
+                connect_timeout: db.connect_timeout,
+                settings: self.settings.subscribe(),
+                signals: signals.clone(),
+                awake: awake.clone(),
+                wake: wake.clone(),
+                metrics: self.metrics.clone(),
+            }
+            .run(stop.clone()),
+        );
         tracker.spawn(
             Dispatcher {
                 url: db.url.clone(),
@@ -120,6 +135,8 @@ impl Daemon {
                 heartbeat: self.heartbeat.clone(),
                 database: self.database.clone(),
                 hard_stop: hard_stop.clone(),
+                awake: awake.subscribe(),
+                signals,
             }
             .run(stop.clone()),
         );
@@ -344,6 +361,8 @@ async fn watchdog(
 fn settings_of(config: &Config) -> Settings {
     Settings {
         poll_interval: config.database.poll_interval,
+        awake_poll_interval: config.database.awake_poll_interval,
+        awake_linger: config.database.awake_linger,
         batch_size: config.database.batch_size,
         max_batches_in_flight: config.database.max_batches_in_flight,
         retry: config.retry.clone(),

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use crate::awake::Signals;
 use crate::backoff::backoff;
 use crate::config::RetryConfig;
 use crate::db;
@@ -73,6 +74,9 @@ impl Heartbeat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub poll_interval: Duration,
+    /// The polling interval while awake (see `awake`).
+    pub awake_poll_interval: Duration,
+    pub awake_linger: Duration,
     pub batch_size: usize,
     pub max_batches_in_flight: usize,
     pub retry: RetryConfig,
@@ -93,6 +97,10 @@ pub struct Dispatcher {
     pub database: watch::Sender<Result<(), String>>,
     /// The drain deadline: batches record what was answered and release the rest.
     pub hard_stop: CancellationToken,
+    /// `true` while awake: look every `awake_poll_interval` (see `awake`).
+    pub awake: watch::Receiver<bool>,
+    /// Where claims are reported, for the awake keeper.
+    pub signals: Arc<Signals>,
 }
 
 /// Running totals since start.
@@ -134,6 +142,7 @@ struct BatchContext {
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
     hard_stop: CancellationToken,
+    signals: Arc<Signals>,
 }
 
 impl Dispatcher {
@@ -145,6 +154,7 @@ impl Dispatcher {
             transport: self.transport.clone(),
             metrics: self.metrics.clone(),
             hard_stop: self.hard_stop.clone(),
+            signals: self.signals.clone(),
         });
         let mut settings = self.settings.borrow_and_update().clone();
         let mut idle: Vec<OutboxConn> = Vec::new();
@@ -153,7 +163,12 @@ impl Dispatcher {
         // A wake-up asked for a claim / the last claim came back full.
         let mut look = true;
         let mut backlog = false;
-        let mut next_poll = Instant::now() + settings.poll_interval;
+        let mut awake = *self.awake.borrow_and_update();
+        let poll_every = |s: &Settings, awake: bool| match awake {
+            true => s.awake_poll_interval,
+            false => s.poll_interval,
+        };
+        let mut next_poll = Instant::now() + poll_every(&settings, awake);
         let mut next_due: Option<Instant> = None;
         let mut db_failures = 0u32;
         let mut db_retry_at: Option<Instant> = None;
@@ -167,6 +182,7 @@ impl Dispatcher {
                     idle.pop(),
                     ctx.clone(),
                     settings.clone(),
+                    awake,
                     claimed_tx.clone(),
                 );
                 batches.spawn(batch.instrument(tracing::debug_span!("batch")));
@@ -182,7 +198,7 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(wake_at) => {
                     let now = Instant::now();
                     if now >= next_poll {
-                        next_poll = now + settings.poll_interval;
+                        next_poll = now + poll_every(&settings, awake);
                     }
                     if next_due.is_some_and(|d| now >= d) {
                         next_due = None;
@@ -230,8 +246,12 @@ impl Dispatcher {
                 }
                 Ok(()) = self.settings.changed() => {
                     settings = self.settings.borrow_and_update().clone();
-                    next_poll = Instant::now() + settings.poll_interval;
+                    next_poll = Instant::now() + poll_every(&settings, awake);
                     look = true;
+                }
+                Ok(()) = self.awake.changed() => {
+                    awake = *self.awake.borrow_and_update();
+                    next_poll = Instant::now() + poll_every(&settings, awake);
                 }
             }
         }
@@ -264,6 +284,7 @@ async fn run_batch(
     conn: Option<OutboxConn>,
     ctx: Arc<BatchContext>,
     settings: Settings,
+    awake: bool,
     claimed_tx: mpsc::UnboundedSender<bool>,
 ) -> BatchEnd {
     let mut conn = match conn.filter(|c| !c.is_closed()) {
@@ -279,7 +300,7 @@ async fn run_batch(
             }
         },
     };
-    let result = batch(&mut conn, &ctx, &settings, &claimed_tx).await;
+    let result = batch(&mut conn, &ctx, &settings, awake, &claimed_tx).await;
     if result.is_err() {
         let _ = claimed_tx.send(false);
     }
@@ -300,6 +321,7 @@ async fn batch(
     conn: &mut OutboxConn,
     ctx: &BatchContext,
     settings: &Settings,
+    awake: bool,
     claimed_tx: &mpsc::UnboundedSender<bool>,
 ) -> anyhow::Result<BatchReport> {
     let sql = |what: &'static str| {
@@ -312,6 +334,10 @@ async fn batch(
         .map_err(sql("claiming rows"))?;
     let full = claimed.len() == settings.batch_size;
     let _ = claimed_tx.send(full);
+    ctx.signals.claimed(claimed.len());
+    if awake {
+        ctx.metrics.rows_found_awake.inc_by(claimed.len() as u64);
+    }
     // After a short claim, the next scheduled row (a full one means more are due now).
     let claimed_at = Instant::now();
     let scheduled = match full {

@@ -9,6 +9,8 @@
 //! - [`outbox`]: the SQL: migrations, claim, write-back;
 //! - [`listener`]: the LISTEN connection that wakes the dispatcher;
 //! - [`dispatcher`]: wake -> claim -> send -> record;
+//! - [`awake`]: awake or asleep: when the daemon looks for rows itself and writers skip
+//!   NOTIFY;
 //! - [`outcome`]: what an APNs answer means for a row;
 //! - [`transport`]: the seam between the outbox and APNs (`Notification`, `Delivery`,
 //!   `Unregistered`);
@@ -24,6 +26,7 @@
 //! - [`demo`]: `pgpushd demo`, everything above on one machine.
 
 pub mod apns;
+pub mod awake;
 pub mod backoff;
 pub mod config;
 pub mod daemon;

@@ -104,7 +104,10 @@ impl Listener {
         loop {
             tokio::select! {
                 n = notifications.recv() => match n {
-                    Some(()) => self.wake.notify_one(),
+                    Some(()) => {
+                        self.metrics.notifications.inc();
+                        self.wake.notify_one();
+                    }
                     None => break,
                 },
                 _ = keepalive.tick() => {

@@ -40,6 +40,12 @@ pub struct RowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// `awake` or `asleep`.
+    pub to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabels {
     pub app: String,
 }
@@ -58,6 +64,16 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub oldest_pending_age: Gauge<f64, AtomicU64>,
     pub database_up: Gauge,
+    /// 1 while this daemon is awake: it looks for rows itself and writers skip NOTIFY.
+    pub awake: Gauge,
+    pub wakeup_transitions: Family<TransitionLabels, Counter>,
+    /// Attempts to sleep that found a writer still inside a transaction that may have
+    /// seen the daemon awake (the daemon stays awake and tries again).
+    pub wakeup_barrier_busy: Counter,
+    /// NOTIFYs the listener received.
+    pub notifications: Counter,
+    /// Rows claimed while awake: their writers (most of them) did not notify.
+    pub rows_found_awake: Counter,
     /// The configured apps: rows naming any other app are counted as `unknown`, so a
     /// producer's typo cannot grow the series without bound.
     known_apps: std::sync::RwLock<std::collections::HashSet<String>>,
@@ -89,6 +105,11 @@ impl Metrics {
             queue_depth: Gauge::default(),
             oldest_pending_age: Gauge::default(),
             database_up: Gauge::default(),
+            awake: Gauge::default(),
+            wakeup_transitions: Family::default(),
+            wakeup_barrier_busy: Counter::default(),
+            notifications: Counter::default(),
+            rows_found_awake: Counter::default(),
             known_apps: Default::default(),
             registry: Registry::default(),
         };
@@ -142,6 +163,31 @@ impl Metrics {
             "database_up",
             "1 while the database is reachable and LISTEN is in place",
             m.database_up.clone(),
+        );
+        registry.register(
+            "awake",
+            "1 while the daemon is awake: it looks for new rows itself and writers skip NOTIFY",
+            m.awake.clone(),
+        );
+        registry.register(
+            "wakeup_transitions",
+            "Times the daemon woke up (to=awake) or went to sleep (to=asleep)",
+            m.wakeup_transitions.clone(),
+        );
+        registry.register(
+            "wakeup_barrier_busy",
+            "Attempts to sleep put off by a writer's open transaction",
+            m.wakeup_barrier_busy.clone(),
+        );
+        registry.register(
+            "notifications",
+            "NOTIFYs received by the listener",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "rows_found_awake",
+            "Rows claimed while awake, found without a NOTIFY",
+            m.rows_found_awake.clone(),
         );
         Metrics { registry, ..m }
     }

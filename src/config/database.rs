@@ -26,6 +26,12 @@ pub struct DatabaseConfig {
     pub keepalive_interval: Duration,
     /// Upper bound on connecting and on every maintenance query.
     pub connect_timeout: Duration,
+    /// While awake, how often the daemon looks for new rows itself (writers skip NOTIFY
+    /// then): the latency an awake daemon adds, at most.
+    pub awake_poll_interval: Duration,
+    /// How long the daemon stays awake after the last claim that found rows; zero: never
+    /// awake, writers always notify.
+    pub awake_linger: Duration,
 }
 
 impl DatabaseConfig {
@@ -50,6 +56,10 @@ pub(super) struct DatabaseFile {
     keepalive_interval: Duration,
     #[serde(default = "defaults::connect_timeout", with = "duration")]
     connect_timeout: Duration,
+    #[serde(default = "defaults::awake_poll_interval", with = "duration")]
+    awake_poll_interval: Duration,
+    #[serde(default = "defaults::awake_linger", with = "duration")]
+    awake_linger: Duration,
 }
 
 mod defaults {
@@ -70,9 +80,42 @@ mod defaults {
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(10)
     }
+    pub fn awake_poll_interval() -> Duration {
+        Duration::from_millis(2)
+    }
+    pub fn awake_linger() -> Duration {
+        Duration::from_secs(1)
+    }
 }
 
+/// Looking more often than this costs the database more than any NOTIFY saves.
+const MIN_AWAKE_POLL: Duration = Duration::from_millis(1);
+/// Looking less often than this is sleeping: leave it to NOTIFY.
+const MAX_AWAKE_POLL: Duration = Duration::from_secs(1);
+/// A daemon awake for longer than this after the last row is just polling.
+const MAX_AWAKE_LINGER: Duration = Duration::from_secs(3600);
+
 impl Validator<'_> {
+    fn within(
+        &self,
+        key: &str,
+        value: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
+        if value < min || value > max {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        Ok(value)
+    }
+
     /// `url_override` (from [`DATABASE_URL_ENV`]) wins over the file's `url`.
     pub(super) fn database(
         &self,
@@ -109,6 +152,18 @@ impl Validator<'_> {
             keepalive_interval: self
                 .nonzero("database.keepalive_interval", d.keepalive_interval)?,
             connect_timeout: self.nonzero("database.connect_timeout", d.connect_timeout)?,
+            awake_poll_interval: self.within(
+                "database.awake_poll_interval",
+                d.awake_poll_interval,
+                MIN_AWAKE_POLL,
+                MAX_AWAKE_POLL,
+            )?,
+            awake_linger: self.within(
+                "database.awake_linger",
+                d.awake_linger,
+                Duration::ZERO,
+                MAX_AWAKE_LINGER,
+            )?,
         })
     }
 }

@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "robustness",
         include_str!("../../sql/003_robustness.sql"),
     ),
+    (4, "wakeup", include_str!("../../sql/004_wakeup.sql")),
 ];
 
 /// The version the code expects; the daemon refuses to start on an older schema.

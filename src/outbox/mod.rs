@@ -9,6 +9,7 @@
 pub mod migrate;
 pub mod prune;
 pub mod status;
+pub mod wakeup;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};

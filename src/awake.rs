@@ -1,0 +1,251 @@
+//! Awake or asleep: while the daemon keeps finding rows it looks for new ones itself, every
+//! `awake_poll_interval`, and tells writers so; their trigger then skips NOTIFY, whose
+//! commit-time lock would make the application's commits queue one behind the other.
+//! After `awake_linger` without a row it goes to sleep and relies on NOTIFY again.
+//!
+//! The [`Keeper`] owns the hand-over, on a connection of its own (the SQL and the
+//! protocol are in `outbox::wakeup` and `sql/004_wakeup.sql`):
+//! - asleep → awake when a claim finds rows: it sets the deadline writers read, and keeps
+//!   pushing it ahead while claims keep completing (a daemon that dies or stops claiming
+//!   lets it pass within [`HOLD`]);
+//! - awake → asleep after `awake_linger` without rows: it sets the deadline to zero and
+//!   crosses the barrier (no writer left that may have seen it awake), then asks the
+//!   dispatcher for one last claim. A busy barrier (a writer's transaction still open)
+//!   keeps it awake and looking; it never waits for a writer.
+//!
+//! The dispatcher reports its claims through [`Signals`] and reads [`Keeper::awake`]'s
+//! watch to choose its polling interval.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::backoff;
+use crate::db;
+use crate::dispatcher::Settings;
+use crate::metrics::{Metrics, TransitionLabels};
+use crate::outbox::wakeup;
+use crate::secret::Secret;
+
+/// How far ahead the deadline writers read is set: how long a daemon killed while awake
+/// can keep writers from notifying.
+pub const HOLD: Duration = Duration::from_secs(1);
+/// How often an awake daemon pushes the deadline ahead.
+const EXTEND_EVERY: Duration = Duration::from_millis(250);
+/// At a graceful stop, how long to try the barrier before notifying anyway.
+const STOP_BARRIER_FOR: Duration = Duration::from_secs(1);
+
+/// What the dispatcher tells the keeper: when its claims complete and when they find rows.
+#[derive(Debug)]
+pub struct Signals {
+    start: Instant,
+    last_claim_ms: AtomicU64,
+    last_found_ms: AtomicU64,
+    found: Notify,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Signals {
+            start: Instant::now(),
+            last_claim_ms: AtomicU64::new(0),
+            last_found_ms: AtomicU64::new(0),
+            found: Notify::new(),
+        }
+    }
+}
+
+impl Signals {
+    /// A claim completed and took `rows` rows.
+    pub fn claimed(&self, rows: usize) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_claim_ms.store(now, Ordering::Relaxed);
+        if rows > 0 {
+            self.last_found_ms.store(now, Ordering::Relaxed);
+            self.found.notify_one();
+        }
+    }
+
+    fn since(&self, ms: &AtomicU64) -> Duration {
+        let last = Duration::from_millis(ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+pub struct Keeper {
+    pub url: Secret<String>,
+    pub connect_timeout: Duration,
+    pub settings: watch::Receiver<Settings>,
+    pub signals: Arc<Signals>,
+    /// `true` while awake; the dispatcher polls at `awake_poll_interval` then.
+    pub awake: watch::Sender<bool>,
+    /// Asks the dispatcher for a claim (the last one before sleeping).
+    pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Keeper {
+    /// Runs until `cancel`; a daemon awake then falls asleep properly and wakes the others.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut conn = Conn::new(&self);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.signals.found.notified() => {}
+            }
+            if self.settings.borrow().awake_linger.is_zero() {
+                continue; // never awake: writers always notify
+            }
+            self.transition(true);
+            let stopping = self.stay_awake(&mut conn, &cancel).await;
+            if stopping {
+                self.stop(&mut conn).await;
+                return;
+            }
+            self.transition(false);
+            // The last claim: it sees every row of the writers the barrier waited for.
+            self.wake.notify_one();
+        }
+    }
+
+    /// Keeps the deadline ahead while claims find rows; returns once the barrier is
+    /// crossed (`false`) or at `cancel` (`true`).
+    async fn stay_awake(&self, conn: &mut Conn<'_>, cancel: &CancellationToken) -> bool {
+        let mut extend = true;
+        loop {
+            if extend {
+                if let Err(e) = conn.run(|c| Box::pin(wakeup::stay_awake(c, HOLD))).await {
+                    debug!(error = %e, "cannot extend the awake deadline");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return true,
+                _ = tokio::time::sleep(EXTEND_EVERY) => {}
+            }
+            let linger = self.settings.borrow().awake_linger;
+            if self.signals.since(&self.signals.last_found_ms) < linger {
+                // Only a daemon that is claiming may tell writers it is looking.
+                extend = self.signals.since(&self.signals.last_claim_ms) < HOLD / 2;
+                continue;
+            }
+            match conn.run(|c| Box::pin(wakeup::fall_asleep(c))).await {
+                Ok(true) => return false,
+                Ok(false) => {
+                    self.metrics.wakeup_barrier_busy.inc();
+                    debug!("a writer that may have seen us awake is still open: staying awake");
+                }
+                Err(e) => debug!(error = %e, "cannot go to sleep yet"),
+            }
+            extend = true;
+        }
+    }
+
+    /// A graceful stop while awake: writers notify again, and once the writers that
+    /// skipped it are done, a NOTIFY wakes the other daemons to take their rows.
+    async fn stop(&self, conn: &mut Conn<'_>) {
+        let give_up = Instant::now() + STOP_BARRIER_FOR;
+        loop {
+            match conn.run(|c| Box::pin(wakeup::fall_asleep(c))).await {
+                Ok(true) => break,
+                _ if Instant::now() >= give_up => {
+                    warn!("stopping while a writer's transaction is open; other daemons find its rows at their next poll");
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        if let Err(e) = conn.run(|c| Box::pin(wakeup::notify(c))).await {
+            debug!(error = %e, "cannot wake the other daemons");
+        }
+        self.transition(false);
+    }
+
+    fn transition(&self, awake: bool) {
+        let to = if awake { "awake" } else { "asleep" };
+        debug!(to, "wake-up state");
+        self.awake.send_replace(awake);
+        self.metrics.awake.set(awake as i64);
+        self.metrics
+            .wakeup_transitions
+            .get_or_create(&TransitionLabels { to: to.into() })
+            .inc();
+    }
+}
+
+/// The keeper's connection: (re)connected on use, each statement bounded.
+struct Conn<'k> {
+    keeper: &'k Keeper,
+    client: Option<Client>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+type Statement<'c, T> = futures::future::BoxFuture<'c, Result<T, tokio_postgres::Error>>;
+
+impl<'k> Conn<'k> {
+    fn new(keeper: &'k Keeper) -> Conn<'k> {
+        Conn {
+            keeper,
+            client: None,
+            failures: 0,
+            retry_at: None,
+        }
+    }
+
+    async fn run<T>(
+        &mut self,
+        statement: impl for<'c> FnOnce(&'c Client) -> Statement<'c, T>,
+    ) -> anyhow::Result<T> {
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            anyhow::bail!("waiting to reconnect");
+        }
+        let result = self.try_run(statement).await;
+        match &result {
+            Ok(_) => {
+                if self.failures > 0 {
+                    info!("the wake-up keeper is connected again");
+                }
+                self.failures = 0;
+                self.retry_at = None;
+            }
+            Err(e) => {
+                self.client = None;
+                self.failures += 1;
+                let wait = backoff(
+                    self.failures - 1,
+                    Duration::from_millis(250),
+                    Duration::from_secs(30),
+                );
+                if self.failures == 1 {
+                    warn!(
+                        error = format!("{e:#}"),
+                        "the wake-up keeper lost its database connection; writers notify meanwhile"
+                    );
+                }
+                self.retry_at = Some(Instant::now() + wait);
+            }
+        }
+        result
+    }
+
+    async fn try_run<T>(
+        &mut self,
+        statement: impl for<'c> FnOnce(&'c Client) -> Statement<'c, T>,
+    ) -> anyhow::Result<T> {
+        let timeout = self.keeper.connect_timeout;
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(db::connect(&self.keeper.url, timeout, "wakeup").await?);
+        }
+        let client = self.client.as_ref().expect("connected above");
+        tokio::time::timeout(timeout, statement(client))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))?
+            .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))
+    }
+}
