@@ -199,7 +199,10 @@ mod tests {
         let f = faults();
         let token = "cc".repeat(32);
         f.script(&token, Answer::custom(500, "InternalServerError", 0));
-        f.script_once(&token.to_uppercase(), Answer::custom(403, "ExpiredProviderToken", 0));
+        f.script_once(
+            &token.to_uppercase(),
+            Answer::custom(403, "ExpiredProviderToken", 0),
+        );
         f.script_once(&token, Answer::OK);
         assert_eq!(f.answer_for(&token).unwrap().status, 403);
         assert_eq!(f.answer_for(&token), Some(Answer::OK));
