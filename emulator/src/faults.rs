@@ -1,10 +1,11 @@
 //! Answers that do not depend on the request's validity: scripted answers per device
-//! token, the configured unregistered and bad tokens, random server errors, and latency.
+//! token (standing, or for the next requests only), the configured unregistered and bad
+//! tokens, random server errors, and latency.
 //! All adjustable at run time from any thread; reading them costs a few atomic loads.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use rand::Rng;
@@ -17,7 +18,9 @@ pub(crate) struct Faults {
     error_rate: AtomicU64,
     latency_nanos: AtomicU64,
     scripted: RwLock<HashMap<String, Answer>>,
-    /// Spares the lock when nothing is scripted (the common, fast case).
+    /// Answers for the next requests to a token, one each, before the standing script.
+    once: Mutex<HashMap<String, VecDeque<Answer>>>,
+    /// Spares the locks when nothing is scripted (the common, fast case).
     any_scripted: AtomicBool,
     unregistered: HashSet<String>,
     bad_tokens: HashSet<String>,
@@ -37,6 +40,7 @@ impl Faults {
             error_rate: AtomicU64::new(0),
             latency_nanos: AtomicU64::new(0),
             scripted: RwLock::new(HashMap::new()),
+            once: Mutex::new(HashMap::new()),
             any_scripted: AtomicBool::new(false),
             unregistered: unregistered
                 .iter()
@@ -76,16 +80,40 @@ impl Faults {
         self.any_scripted.store(true, Ordering::Release);
     }
 
+    /// Answer the next request for `token` (once it passes validation) with `answer`,
+    /// then as before; queued after answers already scripted this way.
+    pub fn script_once(&self, token: &str, answer: Answer) {
+        let mut once = self.once.lock().unwrap_or_else(|e| e.into_inner());
+        once.entry(token.to_ascii_lowercase())
+            .or_default()
+            .push_back(answer);
+        self.any_scripted.store(true, Ordering::Release);
+    }
+
     pub fn clear_scripts(&self) {
         let mut scripted = self.scripted.write().unwrap_or_else(|e| e.into_inner());
+        let mut once = self.once.lock().unwrap_or_else(|e| e.into_inner());
         scripted.clear();
+        once.clear();
         self.any_scripted.store(false, Ordering::Release);
     }
 
     /// The answer for a valid request to `token`, if something other than 200:
-    /// a scripted answer first, then a random server error, then the token lists.
+    /// an answer scripted once first, then a standing scripted answer, then a random
+    /// server error, then the token lists.
     pub fn answer_for(&self, token: &str) -> Option<Answer> {
         if self.any_scripted.load(Ordering::Acquire) {
+            let mut once = self.once.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(queue) = once.get_mut(&*lowercase(token)) {
+                let answer = queue.pop_front();
+                if queue.is_empty() {
+                    once.remove(&*lowercase(token));
+                }
+                if answer.is_some() {
+                    return answer;
+                }
+            }
+            drop(once);
             let scripted = self.scripted.read().unwrap_or_else(|e| e.into_inner());
             if let Some(answer) = scripted.get(&*lowercase(token)) {
                 return Some(answer.clone());
@@ -164,6 +192,25 @@ mod tests {
         f.clear_scripts();
         f.set_error_rate(0.0);
         assert_eq!(f.answer_for(&"aa".repeat(32)).unwrap().status, 410);
+    }
+
+    #[test]
+    fn answers_scripted_once_are_used_once_each_before_the_standing_one() {
+        let f = faults();
+        let token = "cc".repeat(32);
+        f.script(&token, Answer::custom(500, "InternalServerError", 0));
+        f.script_once(
+            &token.to_uppercase(),
+            Answer::custom(403, "ExpiredProviderToken", 0),
+        );
+        f.script_once(&token, Answer::OK);
+        assert_eq!(f.answer_for(&token).unwrap().status, 403);
+        assert_eq!(f.answer_for(&token), Some(Answer::OK));
+        assert_eq!(f.answer_for(&token).unwrap().status, 500);
+        assert_eq!(f.answer_for(&token).unwrap().status, 500);
+        f.script_once(&token, Answer::custom(429, "TooManyRequests", 0));
+        f.clear_scripts();
+        assert_eq!(f.answer_for(&token), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! - TLS, ALPN `h2`, client certificates: [`tls`];
 //! - token auth starts connections at one stream and raises the limit after the first
 //!   success, as APNs does: `stream_limit`;
-//! - faults (error rate, latency, scripted answers, GOAWAY, dropped connections, stalls)
+//! - faults (error rate, latency, scripted answers standing or once, GOAWAY, dropped connections, stalls)
 //!   can be set in the config and changed at run time;
 //! - every answer can be observed: [`Emulator::subscribe`], [`Emulator::records`], a
 //!   JSON-lines file, and [`Emulator::stats`];
@@ -321,7 +321,24 @@ impl Emulator {
             .script(token, Answer::custom(status, reason, now_ms));
     }
 
-    /// Forgets every scripted answer.
+    /// Answer only the next valid request for `token` with `status` and `reason` (as
+    /// [`Emulator::script`]), then as before: a transient error, a provider token called
+    /// expired once. Called again before that request, the answers queue up, one request
+    /// each. They come before an answer set with [`Emulator::script`].
+    pub fn script_once(&self, token: &str, status: u16, reason: &str) {
+        if !(200..=599).contains(&status) {
+            warn!(status, "scripted status out of range: ignored");
+            return;
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.shared
+            .faults
+            .script_once(token, Answer::custom(status, reason, now_ms));
+    }
+
+    /// Forgets every scripted answer (standing or once).
     pub fn clear_scripts(&self) {
         self.shared.faults.clear_scripts();
     }

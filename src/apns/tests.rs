@@ -1,16 +1,19 @@
-//! The APNs client end to end against a scripted HTTP/2 server: routing by app, reloads,
-//! token and certificate auth, answers becoming outcomes, refused credentials, lost
-//! connections.
+//! The APNs client end to end against the APNs emulator (`pgpushd-emulator`, written
+//! from Apple's documentation, not from this client): routing by app, reloads, token and
+//! certificate auth, answers becoming outcomes, refused credentials, lost connections.
 
 use super::*;
-use crate::apns::http2::scripted_server::{Action, TestServer, DEADLINE};
-use crate::apns::testutil;
+use crate::apns::testutil::{self, eventually, TestEmulator, DEADLINE};
 use crate::config::{Auth, CertificateAuth, Endpoint, Protocol, TokenAuth};
 use openssl::ec::EcKey;
 use openssl::pkey::Public;
-use std::time::{Duration, UNIX_EPOCH};
+use pgpushd_emulator::{EmulatorAuth, EmulatorConfig};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const TOKEN: &str = "00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0";
+const TOPIC: &str = "com.example.app";
+const KEY_ID: &str = "ABC123DEFG";
+const TEAM_ID: &str = "DEF123GHIJ";
 
 fn options() -> Options {
     Options {
@@ -22,13 +25,13 @@ fn options() -> Options {
     }
 }
 
-fn app_config(server: &TestServer, name: &str, auth: Auth) -> AppConfig {
+fn app_config(server: &TestEmulator, name: &str, auth: Auth) -> AppConfig {
     AppConfig {
         name: name.into(),
-        topic: Some("com.example.app".into()),
+        topic: Some(TOPIC.into()),
         endpoint: Endpoint::Custom {
             host: "localhost".into(),
-            port: server.addr.port(),
+            port: server.port(),
         },
         ca_file: Some(server.ca_file.clone()),
         protocol: Protocol::Http2,
@@ -39,17 +42,39 @@ fn app_config(server: &TestServer, name: &str, auth: Auth) -> AppConfig {
     }
 }
 
-/// A token-auth app with a fresh `.p8` key; returns the key's public half too.
-fn token_app(server: &TestServer, name: &str) -> (AppConfig, EcKey<Public>) {
-    let (pem, public) = provider_token::tests::p8();
+/// A token-auth app signing with the `.p8` key `pem`, written to the server's directory.
+fn token_app_with(server: &TestEmulator, name: &str, pem: &[u8]) -> AppConfig {
     let key_file = server.dir.path().join(format!("AuthKey_{name}.p8"));
     std::fs::write(&key_file, pem).unwrap();
     let auth = Auth::Token(TokenAuth {
         key_file,
-        key_id: "ABC123DEFG".into(),
-        team_id: "DEF123GHIJ".into(),
+        key_id: KEY_ID.into(),
+        team_id: TEAM_ID.into(),
     });
-    (app_config(server, name, auth), public)
+    app_config(server, name, auth)
+}
+
+/// A token-auth app with a fresh `.p8` key.
+fn token_app(server: &TestEmulator, name: &str) -> AppConfig {
+    token_app_with(server, name, &provider_token::tests::p8().0)
+}
+
+/// An emulator under token auth serving [`TOPIC`], and the app `default` whose key it
+/// checks provider tokens against.
+async fn token_emulator(config: EmulatorConfig) -> (TestEmulator, AppConfig, EcKey<Public>) {
+    let (pem, public) = provider_token::tests::p8();
+    let server = TestEmulator::start(EmulatorConfig {
+        auth: EmulatorAuth::Token {
+            public_key_pem: pem.clone(),
+            key_id: KEY_ID.into(),
+            team_id: TEAM_ID.into(),
+        },
+        topic: Some(TOPIC.into()),
+        ..config
+    })
+    .await;
+    let app = token_app_with(&server, "default", &pem);
+    (server, app, public)
 }
 
 fn client(apps: &[AppConfig], options: Options) -> Apns {
@@ -74,9 +99,9 @@ fn row(app: &str, token: &str) -> Notification {
 
 #[tokio::test]
 async fn reload_rebuilds_only_apps_whose_config_or_files_changed() {
-    let server = TestServer::start(|_| Action::ok()).await;
-    let (a, _) = token_app(&server, "a");
-    let (b, _) = token_app(&server, "b");
+    let server = TestEmulator::open().await;
+    let a = token_app(&server, "a");
+    let b = token_app(&server, "b");
     let apps: BTreeMap<_, _> = [a.clone(), b.clone()]
         .into_iter()
         .map(|c| (c.name.clone(), c))
@@ -91,7 +116,7 @@ async fn reload_rebuilds_only_apps_whose_config_or_files_changed() {
         unreachable!()
     };
     std::fs::write(&t.key_file, provider_token::tests::p8().0).unwrap();
-    let (c, _) = token_app(&server, "c");
+    let c = token_app(&server, "c");
     let next: BTreeMap<_, _> = [a, b, c].into_iter().map(|c| (c.name.clone(), c)).collect();
     let mut changed = apns.reload(&next).unwrap();
     changed.sort();
@@ -114,59 +139,86 @@ async fn reload_rebuilds_only_apps_whose_config_or_files_changed() {
     assert!(apns.apps.read().unwrap().contains_key("c"));
 }
 
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 #[tokio::test]
 async fn token_auth_pushes_are_sent_with_one_reused_token() {
-    let server = TestServer::start(|_| Action::ok()).await;
-    let (config, public) = token_app(&server, "default");
+    // The emulator verifies each provider token (ES256 signature by the app's key, `kid`,
+    // `iss`) and, like APNs, refuses a newer token on a connection less than 20 minutes
+    // after the previous one (TooManyProviderTokenUpdates). One connection, and pushes
+    // a second apart: a token minted per push would be refused.
+    let (server, mut config, _) = token_emulator(EmulatorConfig::default()).await;
+    config.connections = 1;
     let apns = client(&[config], options());
+    let mut ids = Vec::new();
     for _ in 0..3 {
         let d = apns.send(&row("default", TOKEN)).await;
-        assert!(matches!(d, Delivery::Sent { apns_id: Some(_) }), "{d:?}");
+        let Delivery::Sent { apns_id: Some(id) } = d else {
+            panic!("{d:?}")
+        };
+        ids.push(id);
+        let sent = unix_secs();
+        eventually(|| unix_secs() > sent).await;
     }
-    let seen = server.seen();
-    assert_eq!(seen.len(), 3);
-    let s = &seen[0];
-    assert_eq!(s.path, format!("/3/device/{TOKEN}"));
-    assert_eq!(s.header("apns-topic"), Some("com.example.app"));
-    assert_eq!(s.header("apns-push-type"), Some("alert"));
-    assert_eq!(s.header("apns-priority"), Some("10"));
-    assert!(s.header("apns-id").is_some());
-    assert_eq!(&s.body[..], br#"{"aps":{"alert":"hello"}}"#);
-    let claims = provider_token::tests::verify(s.bearer().unwrap(), &public);
-    assert_eq!(claims["iss"], "DEF123GHIJ");
-    assert!(seen.iter().all(|x| x.bearer() == s.bearer()));
+    let records = server.records();
+    assert_eq!(records.len(), 3);
+    for (r, id) in records.iter().zip(&ids) {
+        assert_eq!((r.status, r.reason.as_deref()), (200, None));
+        assert_eq!(r.apns_id, id.to_string());
+        assert_eq!(r.device_token, TOKEN);
+        assert_eq!(r.topic.as_deref(), Some(TOPIC));
+        assert_eq!(r.push_type.as_deref(), Some("alert"));
+        assert_eq!(r.priority, Some(10));
+        assert_eq!(&r.payload[..], br#"{"aps":{"alert":"hello"}}"#);
+        assert_eq!(r.connection, 1);
+    }
     assert_eq!(apns.health(), vec![("default".into(), Ok(()))]);
 }
 
 #[tokio::test]
 async fn answers_become_outcomes_and_bad_rows_cost_no_request() {
-    let server = TestServer::start(|seen| match &seen.path[10..] {
-        "aa01" => Action::respond(
-            410,
-            r#"{"reason":"Unregistered","timestamp":1700000000000}"#,
-        ),
-        "aa02" => Action::reason(400, "BadDeviceToken"),
-        "aa03" => Action::reason(429, "TooManyRequests"),
-        "aa04" => Action::reason(503, "ServiceUnavailable"),
-        _ => Action::ok(),
+    let token = |n: u32| format!("{n:064x}");
+    let before = SystemTime::now();
+    let (server, config, _) = token_emulator(EmulatorConfig {
+        unregistered: vec![token(0xaa01)],
+        ..EmulatorConfig::default()
     })
     .await;
-    let (config, _) = token_app(&server, "default");
+    server.script(&token(0xaa02), 400, "BadDeviceToken");
+    server.script(&token(0xaa03), 429, "TooManyRequests");
+    server.script(&token(0xaa04), 503, "ServiceUnavailable");
     let apns = client(&[config], options());
-    assert_eq!(
-        apns.send(&row("default", "aa01")).await,
-        Delivery::Unregistered {
-            reason: "Unregistered: the device token is inactive for the topic (HTTP 410)".into(),
-            at: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    match apns.send(&row("default", &token(0xaa01))).await {
+        Delivery::Unregistered { reason, at } => {
+            assert_eq!(
+                reason,
+                "Unregistered: the device token is inactive for the topic (HTTP 410)"
+            );
+            // The emulator says its unregistered tokens stopped being valid when it started.
+            assert!(
+                at + Duration::from_secs(1) >= before && at <= SystemTime::now(),
+                "{at:?}"
+            );
+            assert_eq!(
+                at.duration_since(UNIX_EPOCH).unwrap().subsec_nanos() % 1_000_000,
+                0,
+                "APNs timestamps are milliseconds"
+            );
         }
-    );
-    assert!(matches!(apns.send(&row("default", "aa02")).await,
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(apns.send(&row("default", &token(0xaa02))).await,
                      Delivery::Rejected { reason } if reason.starts_with("BadDeviceToken: ")));
-    assert!(matches!(apns.send(&row("default", "aa03")).await,
+    assert!(matches!(apns.send(&row("default", &token(0xaa03))).await,
                      Delivery::Retry { reason } if reason.starts_with("TooManyRequests: ")));
-    assert!(matches!(apns.send(&row("default", "aa04")).await,
+    assert!(matches!(apns.send(&row("default", &token(0xaa04))).await,
                      Delivery::Retry { reason } if reason.starts_with("ServiceUnavailable: ")));
-    assert_eq!(server.seen().len(), 4);
+    assert_eq!(server.stats().requests, 4);
 
     let mut bad = row("default", "abc");
     assert!(matches!(apns.send(&bad).await,
@@ -179,14 +231,14 @@ async fn answers_become_outcomes_and_bad_rows_cost_no_request() {
         apns.send(&row("other", TOKEN)).await,
         Delivery::rejected("unknown app \"other\": no [apps.other] section in the config")
     );
-    assert_eq!(server.seen().len(), 4, "bad rows cost no request");
+    assert_eq!(server.stats().requests, 4, "bad rows cost no request");
 }
 
 #[tokio::test]
 async fn refused_credentials_defer_the_app_until_a_probe_succeeds() {
-    let server = TestServer::start(|_| Action::reason(403, "InvalidProviderToken")).await;
-    let (config, _) = token_app(&server, "default");
-    let (other, _) = token_app(&server, "other");
+    let (server, config, _) = token_emulator(EmulatorConfig::default()).await;
+    server.script(TOKEN, 403, "InvalidProviderToken");
+    let other = token_app(&server, "other");
     let apns = client(&[config, other], options());
 
     let first = apns.send(&row("default", TOKEN)).await;
@@ -212,10 +264,10 @@ async fn refused_credentials_defer_the_app_until_a_probe_succeeds() {
         let d = apns.send(&row("default", TOKEN)).await;
         assert!(matches!(d, Delivery::Deferred { .. }), "{d:?}");
     }
-    assert_eq!(server.seen().len(), 1);
+    assert_eq!(server.stats().requests, 1);
 
     // Apple accepts the key again: the next probe after the backoff clears it.
-    server.set_behavior(|_| Action::ok());
+    server.clear_scripts();
     let started = tokio::time::Instant::now();
     loop {
         match apns.send(&row("default", TOKEN)).await {
@@ -225,18 +277,21 @@ async fn refused_credentials_defer_the_app_until_a_probe_succeeds() {
         }
         assert!(started.elapsed() < DEADLINE);
     }
-    assert_eq!(server.seen().len(), 2, "exactly one probe");
+    assert_eq!(server.stats().requests, 2, "exactly one probe");
     assert_eq!(apns.health()[0], ("default".into(), Ok(())));
 }
 
 #[tokio::test]
 async fn a_stale_provider_token_is_replaced_and_the_push_resent() {
-    let server = TestServer::start(|seen| match seen.index {
-        0 => Action::reason(403, "ExpiredProviderToken"),
-        _ => Action::ok(),
+    // Each connection serves one request: the emulator, like APNs, refuses a newer token
+    // on a connection within 20 minutes of the previous one, and the token called
+    // expired here is seconds old. The fresh one goes out on a new connection.
+    let (server, config, _) = token_emulator(EmulatorConfig {
+        goaway_every: Some(1),
+        ..EmulatorConfig::default()
     })
     .await;
-    let (config, public) = token_app(&server, "default");
+    server.script_once(TOKEN, 403, "ExpiredProviderToken");
     let apns = client(
         &[config],
         Options {
@@ -246,17 +301,23 @@ async fn a_stale_provider_token_is_replaced_and_the_push_resent() {
     );
     let d = apns.send(&row("default", TOKEN)).await;
     assert!(matches!(d, Delivery::Sent { .. }), "{d:?}");
-    let seen = server.seen();
-    assert_eq!(seen.len(), 2);
-    assert_ne!(seen[0].bearer(), seen[1].bearer());
-    provider_token::tests::verify(seen[1].bearer().unwrap(), &public);
-    assert_eq!(seen[0].header("apns-id"), seen[1].header("apns-id"));
+    let records = server.records();
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        (records[0].status, records[0].reason.as_deref()),
+        (403, Some("ExpiredProviderToken"))
+    );
+    // The fresh token passed the emulator's checks (signature, kid, iss, age).
+    assert_eq!(records[1].status, 200);
+    assert_ne!(records[0].connection, records[1].connection);
+    // The same push: the client's apns-id both times (else the emulator makes one up).
+    assert_eq!(records[0].apns_id, records[1].apns_id);
 }
 
 #[tokio::test]
 async fn a_young_token_called_stale_defers_instead_of_minting() {
-    let server = TestServer::start(|_| Action::reason(403, "ExpiredProviderToken")).await;
-    let (config, _) = token_app(&server, "default");
+    let (server, config, _) = token_emulator(EmulatorConfig::default()).await;
+    server.script(TOKEN, 403, "ExpiredProviderToken");
     let apns = client(&[config], options());
     match apns.send(&row("default", TOKEN)).await {
         Delivery::Deferred { reason, .. } => {
@@ -264,19 +325,24 @@ async fn a_young_token_called_stale_defers_instead_of_minting() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(server.seen().len(), 1);
+    assert_eq!(server.stats().requests, 1);
 }
 
 #[tokio::test]
 async fn certificate_auth_presents_the_client_certificate() {
-    let server = TestServer::builder()
-        .client_certificates()
-        .start(|_| Action::ok())
-        .await;
+    // The provider's certificate comes from its own CA; the emulator requires a client
+    // certificate signed by it in the TLS handshake.
+    let ca = testutil::Ca::new();
+    let server = TestEmulator::start(EmulatorConfig {
+        auth: EmulatorAuth::ClientCertificate {
+            ca_pem: ca.cert.to_pem().unwrap(),
+        },
+        topic: Some(TOPIC.into()),
+        ..EmulatorConfig::default()
+    })
+    .await;
     let key = testutil::rsa_key();
-    let cert = server
-        .ca
-        .client(&key, "Apple Push Services: com.example.app");
+    let cert = ca.client(&key, "Apple Push Services: com.example.app");
     let encrypted = key
         .private_key_to_pem_pkcs8_passphrase(openssl::symm::Cipher::aes_256_cbc(), b"pw")
         .unwrap();
@@ -291,39 +357,47 @@ async fn certificate_auth_presents_the_client_certificate() {
     let apns = client(&[app_config(&server, "cert", auth)], options());
     let d = apns.send(&row("cert", TOKEN)).await;
     assert!(matches!(d, Delivery::Sent { .. }), "{d:?}");
-    let seen = server.seen();
-    assert_eq!(
-        seen[0].client_cert.as_deref(),
-        Some("Apple Push Services: com.example.app")
-    );
-    assert_eq!(seen[0].header("authorization"), None);
+    let stats = server.stats();
+    assert_eq!((stats.count(200), stats.handshakes_failed), (1, 0));
+    assert_eq!(server.records()[0].topic.as_deref(), Some(TOPIC));
 }
 
+/// Every push in flight, unanswered; then GOAWAY, then the connections drop.
 #[tokio::test]
 async fn goaway_and_drops_mid_flight_lose_nothing() {
-    let server = TestServer::start(|seen| match (seen.conn, seen.index % 7) {
-        (0, 6) => Action::GoAway,
-        (1, 6) => Action::Drop,
-        (0 | 1, _) => Action::Hang,
-        _ => Action::ok(),
+    // Without token auth, so a connection's stream limit is not 1 until a first success
+    // (the client's token is then not checked).
+    let server = TestEmulator::start(EmulatorConfig {
+        topic: Some(TOPIC.into()),
+        latency: Duration::from_secs(3600),
+        ..EmulatorConfig::default()
     })
     .await;
-    let (config, _) = token_app(&server, "default");
-    let apns = client(&[config], options());
+    let apns = client(&[token_app(&server, "default")], options());
     let rows: Vec<_> = (0..100)
         .map(|i| row("default", &format!("{i:064x}")))
         .collect();
-    let all = futures::future::join_all(rows.iter().map(|r| apns.send(r))).await;
+    let sends = futures::future::join_all(rows.iter().map(|r| apns.send(r)));
+    let faults = async {
+        eventually(|| server.stats().requests_in_flight == 100).await;
+        server.set_latency(Duration::ZERO);
+        server.goaway_all();
+        eventually(|| server.stats().goaways_sent >= 1).await;
+        server.drop_connections();
+    };
+    let (all, ()) = tokio::join!(sends, faults);
     for d in all {
         assert!(matches!(d, Delivery::Sent { .. }), "{d:?}");
     }
-    assert!(server.connections() >= 3);
+    let stats = server.stats();
+    assert!(stats.connections_accepted >= 3, "{stats:?}");
+    assert_eq!((stats.count(200), stats.streams_abandoned), (100, 100));
 }
 
 #[tokio::test]
 async fn an_unreachable_endpoint_defers_rows() {
-    let server = TestServer::start(|_| Action::ok()).await;
-    let (mut config, _) = token_app(&server, "default");
+    let server = TestEmulator::open().await;
+    let mut config = token_app(&server, "default");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     config.endpoint = Endpoint::Custom {
         host: "127.0.0.1".into(),
@@ -353,12 +427,8 @@ async fn an_unreachable_endpoint_defers_rows() {
 
 #[tokio::test]
 async fn send_one_reports_the_answer() {
-    let server = TestServer::start(|seen| match seen.index {
-        0 => Action::reason(400, "BadDeviceToken"),
-        _ => Action::ok(),
-    })
-    .await;
-    let (config, _) = token_app(&server, "default");
+    let (server, config, _) = token_emulator(EmulatorConfig::default()).await;
+    server.script_once(TOKEN, 400, "BadDeviceToken");
     let a = send_one(&config, &row("default", TOKEN)).await.unwrap();
     assert_eq!(a.status, 400);
     assert_eq!(a.reason.as_deref(), Some("BadDeviceToken"));
@@ -375,6 +445,7 @@ async fn send_one_reports_the_answer() {
             .starts_with("this push would be refused: BadDeviceToken"),
         "{e}"
     );
+    assert_eq!(server.stats().requests, 2);
 }
 
 #[test]

@@ -1,4 +1,10 @@
-//! Test certificates: a throwaway CA, server and client certificates it signs.
+//! Test certificates: a throwaway CA, server and client certificates it signs; the APNs
+//! emulator the client's tests run against; waiting on a condition.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgpushd_emulator::{Emulator, EmulatorConfig};
 
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
@@ -103,5 +109,72 @@ impl Ca {
             .unwrap();
         b.sign(&self.key, MessageDigest::sha256()).unwrap();
         b.build()
+    }
+}
+
+/// How long a test waits for a condition before failing.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Waits until `cond` holds, checking every few milliseconds; panics after [`DEADLINE`].
+pub async fn eventually(cond: impl Fn() -> bool) {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .expect("the condition the test waits for");
+}
+
+/// The APNs emulator, with its CA written to a file for the client's `ca_file`: the
+/// client trusts it the way it trusts any private CA, verification on.
+pub struct TestEmulator {
+    pub emulator: Emulator,
+    pub ca_file: PathBuf,
+    /// Holds `ca_file` and anything else a test writes.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEmulator {
+    pub async fn start(config: EmulatorConfig) -> TestEmulator {
+        let emulator = Emulator::start(config).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, emulator.ca_pem()).unwrap();
+        TestEmulator {
+            emulator,
+            ca_file,
+            dir,
+        }
+    }
+
+    /// An open emulator (no authentication, any topic).
+    pub async fn open() -> TestEmulator {
+        TestEmulator::start(EmulatorConfig::default()).await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.emulator.addr().port()
+    }
+
+    /// Client settings that trust the emulator: host `localhost`, its CA, short timeouts.
+    pub fn connect_options(&self) -> crate::apns::http2::connection::ConnectOptions {
+        crate::apns::http2::connection::ConnectOptions {
+            host: "localhost".into(),
+            port: self.port(),
+            tls: crate::apns::tls::connector(Some(&self.ca_file), None, &["h2"]).unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl std::ops::Deref for TestEmulator {
+    type Target = Emulator;
+    fn deref(&self) -> &Emulator {
+        &self.emulator
     }
 }

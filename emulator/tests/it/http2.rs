@@ -701,6 +701,37 @@ async fn scripted_answers_and_token_lists() {
 }
 
 #[tokio::test]
+async fn answers_scripted_once_answer_one_request_each() {
+    let emulator = Emulator::start(open_config()).await.unwrap();
+    let mut client = connect(&emulator).await.unwrap();
+    let t = token(4);
+    emulator.script(&t, 500, "InternalServerError");
+    emulator.script_once(&t, 403, "ExpiredProviderToken");
+    emulator.script_once(&t, 410, "Unregistered");
+    let first = client.post(req(&t)).await.unwrap();
+    assert_eq!(first.outcome(), (403, Some("ExpiredProviderToken")));
+    let second = client.post(req(&t)).await.unwrap();
+    assert_eq!(second.outcome(), (410, Some("Unregistered")));
+    assert!(second.body["timestamp"].is_u64());
+    // Then the standing script again, and other tokens are not affected.
+    let third = client.post(req(&t)).await.unwrap();
+    assert_eq!(third.outcome(), (500, Some("InternalServerError")));
+    assert_eq!(client.post(req(&token(5))).await.unwrap().status, 200);
+    // Validation still comes first, and does not use up the answer.
+    emulator.clear_scripts();
+    emulator.script_once(&t, 503, "ServiceUnavailable");
+    let invalid = client
+        .post(req(&t).header("apns-priority", "3"))
+        .await
+        .unwrap();
+    assert_eq!(invalid.outcome(), (400, Some("BadPriority")));
+    let scripted = client.post(req(&t)).await.unwrap();
+    assert_eq!(scripted.outcome(), (503, Some("ServiceUnavailable")));
+    assert_eq!(client.post(req(&t)).await.unwrap().status, 200);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn error_rate_answers_random_server_errors() {
     let emulator = Emulator::start(EmulatorConfig {
         error_rate: 1.0,

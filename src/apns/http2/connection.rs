@@ -402,85 +402,83 @@ async fn keep_alive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apns::http2::scripted_server::{eventually, Action, RawFrame, TestServer};
+    use crate::apns::http2::raw_peer::{RawFrame, RawPeer};
+    use crate::apns::testutil::{eventually, TestEmulator};
+    use pgpushd_emulator::EmulatorConfig;
 
-    fn request(server: &TestServer, path: &str) -> http::Request<()> {
+    /// A device token the emulator accepts (64 hex digits).
+    fn token(n: u32) -> String {
+        format!("{n:064x}")
+    }
+
+    /// A valid push to `token` on `port` (the emulator answers an empty body 400).
+    fn request(port: u16, token: &str) -> http::Request<()> {
         let mut r = http::Request::new(());
         *r.method_mut() = http::Method::POST;
-        *r.uri_mut() = format!("https://localhost:{}{path}", server.addr.port())
+        *r.uri_mut() = format!("https://localhost:{port}/3/device/{token}")
             .parse()
             .unwrap();
         r
     }
 
-    fn options(server: &TestServer) -> ConnectOptions {
-        server.connect_options()
+    fn body() -> Bytes {
+        Bytes::from_static(b"{}")
     }
 
     #[tokio::test]
     async fn answers_come_back_with_status_id_and_body() {
-        let server = TestServer::start(|seen| {
-            if seen.path.ends_with("/bad") {
-                Action::respond(400, r#"{"reason":"BadDeviceToken"}"#)
-            } else {
-                Action::ok()
-            }
-        })
-        .await;
-        let conn = Connection::connect(&options(&server), &CancellationToken::new())
+        let server = TestEmulator::open().await;
+        server.script(&token(0xbad), 400, "BadDeviceToken");
+        let conn = Connection::connect(&server.connect_options(), &CancellationToken::new())
             .await
             .unwrap();
         let a = conn
-            .send(request(&server, "/3/device/aa"), Bytes::from_static(b"{}"))
+            .send(request(server.port(), &token(1)), body())
             .await
             .unwrap();
         assert_eq!(a.status, 200);
         assert!(a.apns_id.is_some());
         let a = conn
-            .send(request(&server, "/3/device/bad"), Bytes::from_static(b"{}"))
+            .send(request(server.port(), &token(0xbad)), body())
             .await
             .unwrap();
         assert_eq!(a.status, 400);
         assert_eq!(&a.body[..], br#"{"reason":"BadDeviceToken"}"#);
-        let seen = server.seen();
-        assert_eq!(seen.len(), 2);
-        assert_eq!(&seen[0].body[..], b"{}");
+        let records = server.records();
+        assert_eq!(records.len(), 2);
+        assert_eq!(&records[0].payload[..], b"{}");
+        assert_eq!(records[1].apns_id.as_str(), a.apns_id.as_deref().unwrap());
         assert!(conn.usable());
         assert_eq!(conn.in_flight(), 0);
     }
 
     #[tokio::test]
     async fn many_requests_share_one_connection() {
-        let server = TestServer::start(|seen| {
-            // One slow request must not hold up the others.
-            if seen.index == 0 {
-                Action::Hang
-            } else {
-                Action::ok()
-            }
-        })
-        .await;
-        let mut opts = options(&server);
+        let server = TestEmulator::open().await;
+        let mut opts = server.connect_options();
         opts.request_timeout = Duration::from_millis(1500);
         let conn = Arc::new(
             Connection::connect(&opts, &CancellationToken::new())
                 .await
                 .unwrap(),
         );
+        // One slow request must not hold up the others.
+        server.set_latency(Duration::from_secs(3600));
         let slow = {
             let conn = conn.clone();
-            let r = request(&server, "/3/device/00");
-            tokio::spawn(async move { conn.send(r, Bytes::new()).await })
+            let r = request(server.port(), &token(0));
+            tokio::spawn(async move { conn.send(r, body()).await })
         };
-        server.wait_for(|s| !s.is_empty()).await;
+        eventually(|| server.stats().requests_in_flight == 1).await;
+        server.set_latency(Duration::ZERO);
         let started = tokio::time::Instant::now();
         let all = futures::future::join_all(
-            (0..500).map(|_| conn.send(request(&server, "/3/device/aa"), Bytes::new())),
+            (0..500).map(|i| conn.send(request(server.port(), &token(i + 1)), body())),
         )
         .await;
         assert!(all.iter().all(|a| a.as_ref().unwrap().status == 200));
         assert!(started.elapsed() < opts.request_timeout);
-        assert_eq!(server.connections(), 1);
+        assert_eq!(server.stats().connections_accepted, 1);
         assert_eq!(
             slow.await.unwrap(),
             Err(RequestError::Timeout(opts.request_timeout))
@@ -489,48 +487,65 @@ mod tests {
 
     #[tokio::test]
     async fn the_servers_stream_limit_is_respected() {
-        let server = TestServer::builder()
-            .max_concurrent_streams(3)
-            .start(|_| Action::ok())
-            .await;
-        let conn = Connection::connect(&options(&server), &CancellationToken::new())
-            .await
-            .unwrap();
-        let all = futures::future::join_all(
-            (0..50).map(|_| conn.send(request(&server, "/3/device/aa"), Bytes::new())),
-        )
-        .await;
-        assert!(all.iter().all(|a| a.as_ref().unwrap().status == 200));
-        assert!(
-            server.max_concurrent_seen() <= 3,
-            "{}",
-            server.max_concurrent_seen()
-        );
-    }
-
-    #[tokio::test]
-    async fn goaway_fails_unanswered_requests_as_not_processed() {
-        let server = TestServer::start(|seen| match seen.index {
-            0..=3 => Action::Hang,
-            _ => Action::GoAway,
+        let server = TestEmulator::start(EmulatorConfig {
+            max_streams: 3,
+            latency: Duration::from_millis(20),
+            ..EmulatorConfig::default()
         })
         .await;
+        let conn = Connection::connect(&server.connect_options(), &CancellationToken::new())
+            .await
+            .unwrap();
+        let most = AtomicUsize::new(0);
+        let done = CancellationToken::new();
+        let watch = async {
+            while !done.is_cancelled() {
+                let now = server.stats().requests_in_flight as usize;
+                most.fetch_max(now, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        let sends = async {
+            let all = futures::future::join_all(
+                (0..50).map(|i| conn.send(request(server.port(), &token(i)), body())),
+            )
+            .await;
+            done.cancel();
+            all
+        };
+        let (all, ()) = tokio::join!(sends, watch);
+        // A stream beyond the limit would have been refused (REFUSED_STREAM): not a 200.
+        assert!(all.iter().all(|a| a.as_ref().unwrap().status == 200));
+        let most = most.load(Ordering::Relaxed);
+        assert!((1..=3).contains(&most), "{most} in flight at once");
+        assert_eq!(server.stats().streams_refused, 0);
+    }
+
+    /// GOAWAY, then the connection closes with the requests unanswered.
+    #[tokio::test]
+    async fn goaway_fails_unanswered_requests_as_not_processed() {
+        let server = TestEmulator::open().await;
         let conn = Arc::new(
-            Connection::connect(&options(&server), &CancellationToken::new())
+            Connection::connect(&server.connect_options(), &CancellationToken::new())
                 .await
                 .unwrap(),
         );
-        let results = futures::future::join_all(
-            (0..5).map(|_| conn.send(request(&server, "/3/device/aa"), Bytes::new())),
-        )
-        .await;
+        server.set_latency(Duration::from_secs(3600));
+        let sends = futures::future::join_all(
+            (0..5).map(|i| conn.send(request(server.port(), &token(i)), body())),
+        );
+        let goaway = async {
+            eventually(|| server.stats().requests_in_flight == 5).await;
+            server.goaway_all();
+            eventually(|| server.stats().goaways_sent == 1).await;
+            server.drop_connections();
+        };
+        let (results, ()) = tokio::join!(sends, goaway);
         for r in results {
             assert!(matches!(r, Err(RequestError::NotProcessed(_))), "{r:?}");
         }
         assert!(!conn.usable());
-        let after = conn
-            .send(request(&server, "/3/device/aa"), Bytes::new())
-            .await;
+        let after = conn.send(request(server.port(), &token(9)), body()).await;
         assert!(
             matches!(after, Err(RequestError::NotProcessed(_))),
             "{after:?}"
@@ -538,30 +553,29 @@ mod tests {
     }
 
     /// Streams above GOAWAY's last-stream-id were never processed; the one below was and
-    /// gets no such pass.
+    /// gets no such pass. (A raw peer: a server sends such a GOAWAY only when it stops
+    /// at once, and neither h2's server nor the emulator does.)
     #[tokio::test]
     async fn goaway_below_a_stream_fails_it_as_not_processed() {
-        let server = TestServer::builder()
-            .raw(|_, count| match count {
-                3 => vec![RawFrame::GoAway {
-                    last_stream_id: 1,
-                    code: 0,
-                }],
-                _ => vec![],
-            })
-            .start(|_| Action::Hang)
-            .await;
-        let mut opts = options(&server);
+        let server = RawPeer::start(|_, count| match count {
+            3 => vec![RawFrame::GoAway {
+                last_stream_id: 1,
+                code: 0,
+            }],
+            _ => vec![],
+        })
+        .await;
+        let mut opts = server.connect_options();
         opts.request_timeout = Duration::from_millis(500);
         let conn = Connection::connect(&opts, &CancellationToken::new())
             .await
             .unwrap();
-        let first = conn.send(request(&server, "/3/device/aa"), Bytes::new());
+        let first = conn.send(request(opts.port, "aa"), Bytes::new());
         let others = async {
-            server.wait_for(|s| s.len() == 1).await;
+            server.wait_for_requests(1).await;
             tokio::join!(
-                conn.send(request(&server, "/3/device/bb"), Bytes::new()),
-                conn.send(request(&server, "/3/device/cc"), Bytes::new()),
+                conn.send(request(opts.port, "bb"), Bytes::new()),
+                conn.send(request(opts.port, "cc"), Bytes::new()),
             )
         };
         let (first, (b, c)) = tokio::join!(first, others);
@@ -575,23 +589,22 @@ mod tests {
         assert!(!conn.usable());
     }
 
+    /// (A raw peer: the emulator refuses a stream only from a client that opens more
+    /// than the limit, which this one never does.)
     #[tokio::test]
     async fn refused_streams_are_not_processed() {
-        let server = TestServer::builder()
-            .raw(|stream_id, _| {
-                vec![RawFrame::RstStream {
-                    stream_id,
-                    code: 7, // REFUSED_STREAM
-                }]
-            })
-            .start(|_| Action::Hang)
-            .await;
-        let conn = Connection::connect(&options(&server), &CancellationToken::new())
+        let server = RawPeer::start(|stream_id, _| {
+            vec![RawFrame::RstStream {
+                stream_id,
+                code: 7, // REFUSED_STREAM
+            }]
+        })
+        .await;
+        let opts = server.connect_options();
+        let conn = Connection::connect(&opts, &CancellationToken::new())
             .await
             .unwrap();
-        let r = conn
-            .send(request(&server, "/3/device/aa"), Bytes::new())
-            .await;
+        let r = conn.send(request(opts.port, "aa"), Bytes::new()).await;
         assert_eq!(
             r,
             Err(RequestError::NotProcessed(
@@ -606,18 +619,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_connection_fails_requests_as_not_processed() {
-        let server = TestServer::start(|seen| match seen.index {
-            0 => Action::Hang,
-            _ => Action::Drop,
-        })
-        .await;
-        let conn = Connection::connect(&options(&server), &CancellationToken::new())
+        let server = TestEmulator::open().await;
+        let conn = Connection::connect(&server.connect_options(), &CancellationToken::new())
             .await
             .unwrap();
-        let (a, b) = tokio::join!(
-            conn.send(request(&server, "/3/device/aa"), Bytes::new()),
-            conn.send(request(&server, "/3/device/bb"), Bytes::new()),
-        );
+        server.set_latency(Duration::from_secs(3600));
+        let sends = async {
+            tokio::join!(
+                conn.send(request(server.port(), &token(1)), body()),
+                conn.send(request(server.port(), &token(2)), body()),
+            )
+        };
+        let drop = async {
+            eventually(|| server.stats().requests_in_flight == 2).await;
+            server.drop_connections();
+        };
+        let ((a, b), ()) = tokio::join!(sends, drop);
         assert!(matches!(a, Err(RequestError::NotProcessed(_))), "{a:?}");
         assert!(matches!(b, Err(RequestError::NotProcessed(_))), "{b:?}");
         tokio::time::timeout(Duration::from_secs(5), conn.retired())
@@ -627,18 +644,22 @@ mod tests {
 
     #[tokio::test]
     async fn an_unanswered_ping_kills_the_connection() {
-        let server = TestServer::start(|_| Action::Freeze).await;
-        let mut opts = options(&server);
+        let server = TestEmulator::open().await;
+        let mut opts = server.connect_options();
         opts.ping_interval = Duration::from_millis(100);
         opts.ping_timeout = Duration::from_millis(200);
         opts.request_timeout = Duration::from_secs(30);
         let conn = Connection::connect(&opts, &CancellationToken::new())
             .await
             .unwrap();
+        // Served once, so the server is past its handshake (a stall set during the
+        // handshake does not take), then it hangs: no answers, no PING acks, the socket
+        // stays open.
+        let r = conn.send(request(server.port(), &token(0)), body()).await;
+        assert_eq!(r.unwrap().status, 200);
+        server.stall(true);
         let started = tokio::time::Instant::now();
-        let r = conn
-            .send(request(&server, "/3/device/aa"), Bytes::new())
-            .await;
+        let r = conn.send(request(server.port(), &token(1)), body()).await;
         assert!(matches!(r, Err(RequestError::NotProcessed(_))), "{r:?}");
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(!conn.usable());
@@ -646,8 +667,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_answering_pings_stays() {
-        let server = TestServer::start(|_| Action::ok()).await;
-        let mut opts = options(&server);
+        let server = TestEmulator::open().await;
+        let mut opts = server.connect_options();
         opts.ping_interval = Duration::from_millis(20);
         opts.ping_timeout = Duration::from_millis(500);
         let conn = Connection::connect(&opts, &CancellationToken::new())
@@ -655,28 +676,42 @@ mod tests {
             .unwrap();
         eventually(|| conn.pongs() >= 5).await;
         assert!(conn.usable());
-        let r = conn
-            .send(request(&server, "/3/device/aa"), Bytes::new())
-            .await;
+        let r = conn.send(request(server.port(), &token(1)), body()).await;
         assert_eq!(r.unwrap().status, 200);
     }
 
     #[tokio::test]
     async fn tls_is_verified_against_the_ca_file() {
-        let server = TestServer::start(|_| Action::ok()).await;
-        let mut opts = options(&server);
+        let server = TestEmulator::open().await;
+        let mut opts = server.connect_options();
         opts.tls = crate::apns::tls::connector(None, None, &["h2"]).unwrap(); // system roots only
         let e = Connection::connect(&opts, &CancellationToken::new())
             .await
             .unwrap_err();
         assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
 
-        let mut opts = options(&server);
-        opts.host = "127.0.0.1".into(); // the certificate is for "localhost" only
+        // Another CA's file: the emulator's certificate does not chain to it.
+        let other = TestEmulator::open().await;
+        let mut opts = server.connect_options();
+        opts.tls = crate::apns::tls::connector(Some(&other.ca_file), None, &["h2"]).unwrap();
         let e = Connection::connect(&opts, &CancellationToken::new())
             .await
             .unwrap_err();
         assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
+
+        // A name the certificate does not carry ("127.1" reaches 127.0.0.1; the
+        // certificate names localhost, 127.0.0.1 and ::1).
+        let mut opts = server.connect_options();
+        opts.host = "127.1".into();
+        let e = Connection::connect(&opts, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
+
+        let conn = Connection::connect(&server.connect_options(), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(conn.usable());
     }
 
     #[tokio::test]
@@ -684,8 +719,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let server = TestServer::start(|_| Action::ok()).await;
-        let mut opts = options(&server);
+        let server = TestEmulator::open().await;
+        let mut opts = server.connect_options();
         opts.port = port;
         let e = Connection::connect(&opts, &CancellationToken::new())
             .await
@@ -708,14 +743,15 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_drops_the_connection() {
-        let server = TestServer::start(|_| Action::Hang).await;
+        let server = TestEmulator::open().await;
+        server.set_latency(Duration::from_secs(3600));
         let shutdown = CancellationToken::new();
-        let conn = Connection::connect(&options(&server), &shutdown)
+        let conn = Connection::connect(&server.connect_options(), &shutdown)
             .await
             .unwrap();
-        let send = conn.send(request(&server, "/3/device/aa"), Bytes::new());
+        let send = conn.send(request(server.port(), &token(1)), body());
         let stop = async {
-            server.wait_for(|s| !s.is_empty()).await;
+            eventually(|| server.stats().requests_in_flight == 1).await;
             shutdown.cancel();
         };
         let (r, ()) = tokio::join!(send, stop);

@@ -23,10 +23,10 @@ use crate::transport::{short_token, Delivery, Notification};
 
 pub mod connection;
 pub mod pool;
+#[cfg(test)]
+pub(crate) mod raw_peer;
 pub mod request;
 pub mod response;
-#[cfg(test)]
-pub(crate) mod scripted_server;
 mod send_one;
 
 pub use send_one::{send_one, OneAnswer};

@@ -282,9 +282,9 @@ async fn supervise(inner: Arc<Inner>, i: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apns::http2::scripted_server::{eventually, Action, TestServer};
+    use crate::apns::testutil::{eventually, TestEmulator};
 
-    fn options(server: &TestServer, connections: usize) -> PoolOptions {
+    fn options(server: &TestEmulator, connections: usize) -> PoolOptions {
         PoolOptions {
             connect: server.connect_options(),
             connections,
@@ -294,8 +294,9 @@ mod tests {
         }
     }
 
-    fn request(server: &TestServer, token: &str) -> impl Fn() -> http::Request<()> {
-        let uri: http::Uri = format!("https://localhost:{}/3/device/{token}", server.addr.port())
+    /// A push to device `n` (64 hex digits, as the emulator wants them).
+    fn request(server: &TestEmulator, n: usize) -> impl Fn() -> http::Request<()> {
+        let uri: http::Uri = format!("https://localhost:{}/3/device/{n:064x}", server.port())
             .parse()
             .unwrap();
         move || {
@@ -306,36 +307,49 @@ mod tests {
         }
     }
 
+    fn body() -> Bytes {
+        Bytes::from_static(b"{}")
+    }
+
     async fn send_many(
         pool: &Pool,
-        server: &TestServer,
+        server: &TestEmulator,
         n: usize,
     ) -> Vec<Result<Answer, PoolError>> {
-        futures::future::join_all((0..n).map(|i| {
-            pool.send(
-                request(server, &format!("{i:04x}")),
-                Bytes::from_static(b"{}"),
-            )
-        }))
-        .await
+        futures::future::join_all((0..n).map(|i| pool.send(request(server, i), body()))).await
+    }
+
+    /// Sends `n` requests while the server holds every one unanswered; once all `n` are
+    /// in flight, runs `fault` (answering promptly from then on).
+    async fn send_through(
+        pool: &Pool,
+        server: &TestEmulator,
+        n: usize,
+        fault: impl std::future::Future<Output = ()>,
+    ) -> Vec<Result<Answer, PoolError>> {
+        server.set_latency(Duration::from_secs(3600));
+        let faulty = async {
+            eventually(|| server.stats().requests_in_flight == n as u64).await;
+            server.set_latency(Duration::ZERO);
+            fault.await;
+        };
+        let (results, ()) = tokio::join!(send_many(pool, server, n), faulty);
+        results
     }
 
     #[tokio::test]
     async fn connections_open_lazily_and_share_the_load() {
-        let server = TestServer::start(|seen| {
-            if seen.index < 2 {
-                Action::Hang
-            } else {
-                Action::ok()
-            }
-        })
-        .await;
+        let server = TestEmulator::open().await;
         let mut opts = options(&server, 2);
         opts.connect.request_timeout = Duration::from_millis(1000);
         let pool = Pool::new("default", opts);
-        assert_eq!(server.connections(), 0);
+        assert_eq!(server.stats().connections_accepted, 0);
         // The first request starts every connection; it waits for the first one up.
-        let first = pool.send(request(&server, "aa"), Bytes::new()).await;
+        server.set_latency(Duration::from_secs(3600));
+        let (first, ()) = tokio::join!(pool.send(request(&server, 0xaa), body()), async {
+            eventually(|| server.stats().requests_in_flight == 1).await;
+            server.set_latency(Duration::ZERO);
+        });
         assert_eq!(first, Err(PoolError::Timeout(Duration::from_millis(1000))));
         let all_up = || {
             pool.inner
@@ -349,86 +363,100 @@ mod tests {
             .iter()
             .filter(|r| matches!(r, Ok(a) if a.status == 200))
             .count();
-        assert_eq!(ok, 199);
-        assert_eq!(server.connections(), 2);
-        let seen = server.seen();
-        let on_second = seen.iter().filter(|s| s.conn == 1).count();
-        assert!(
-            on_second > 40 && on_second < 160,
-            "{on_second} of 201 on one connection"
-        );
+        assert_eq!(ok, 200);
+        assert_eq!(server.stats().connections_accepted, 2);
+        let records = server.records();
+        assert_eq!(records.len(), 200);
+        for conn in [1, 2] {
+            let on_it = records.iter().filter(|r| r.connection == conn).count();
+            assert!(
+                on_it > 40 && on_it < 160,
+                "{on_it} of 200 on connection {conn}"
+            );
+        }
         assert_eq!(pool.health(), Ok(()));
     }
 
+    /// GOAWAY, then the connection closes with requests unanswered.
     #[tokio::test]
     async fn goaway_mid_flight_loses_nothing() {
-        let server = TestServer::start(|seen| match (seen.conn, seen.index) {
-            (0, 0..=8) => Action::Hang,
-            (0, _) => Action::GoAway,
-            _ => Action::ok(),
+        let server = TestEmulator::open().await;
+        let pool = Pool::new("default", options(&server, 1));
+        let results = send_through(&pool, &server, 30, async {
+            server.goaway_all();
+            eventually(|| server.stats().goaways_sent == 1).await;
+            server.drop_connections();
         })
         .await;
-        let pool = Pool::new("default", options(&server, 1));
-        let results = send_many(&pool, &server, 30).await;
         for r in &results {
             assert_eq!(r.as_ref().map(|a| a.status), Ok(200));
         }
-        assert!(server.connections() >= 2);
+        assert!(server.stats().connections_accepted >= 2);
     }
 
     #[tokio::test]
     async fn a_dropped_connection_mid_flight_loses_nothing() {
-        let server = TestServer::start(|seen| match (seen.conn, seen.index) {
-            (0, 0..=4) => Action::Hang,
-            (0, _) => Action::Drop,
-            _ => Action::ok(),
-        })
-        .await;
+        let server = TestEmulator::open().await;
         let pool = Pool::new("default", options(&server, 2));
-        let results = send_many(&pool, &server, 20).await;
+        let results = send_through(&pool, &server, 20, async { server.drop_connections() }).await;
         for r in &results {
             assert_eq!(r.as_ref().map(|a| a.status), Ok(200));
         }
+        assert!(server.stats().connections_accepted >= 3);
     }
 
     #[tokio::test]
     async fn a_connection_that_stops_answering_pings_is_replaced() {
-        let server = TestServer::start(|seen| match seen.conn {
-            0 => Action::Freeze,
-            _ => Action::ok(),
-        })
-        .await;
+        let server = TestEmulator::open().await;
         let mut opts = options(&server, 1);
         opts.connect.ping_interval = Duration::from_millis(50);
         opts.connect.ping_timeout = Duration::from_millis(200);
         opts.connect.request_timeout = Duration::from_secs(15);
         let pool = Pool::new("default", opts);
+        // The first connection hangs: no answers, no PING acks, the socket stays open.
+        server.stall(true);
         let started = Instant::now();
-        let answer = pool
-            .send(request(&server, "aa"), Bytes::new())
-            .await
-            .unwrap();
-        assert_eq!(answer.status, 200);
-        assert_eq!(server.connections(), 2);
+        let (answer, ()) = tokio::join!(pool.send(request(&server, 0xaa), body()), async {
+            eventually(|| server.stats().connections_accepted == 2).await;
+            server.stall(false);
+        });
+        assert_eq!(answer.unwrap().status, 200);
+        // Usually 2; a third when the second connection was still in its handshake when
+        // the stall ended (the emulator's stall then keeps it) and was replaced in turn.
+        assert!(server.stats().connections_accepted >= 2);
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[tokio::test]
     async fn resends_are_bounded() {
-        let server = TestServer::start(|_| Action::Drop).await;
+        let server = TestEmulator::open().await;
+        server.set_latency(Duration::from_secs(3600));
         let pool = Pool::new("default", options(&server, 1));
-        match pool.send(request(&server, "aa"), Bytes::new()).await {
+        // Every connection is dropped as soon as a request is on it.
+        let dropper = async {
+            loop {
+                eventually(|| server.stats().requests_in_flight >= 1).await;
+                server.drop_connections();
+                eventually(|| server.stats().requests_in_flight == 0).await;
+            }
+        };
+        let result = tokio::select! {
+            result = pool.send(request(&server, 0xaa), body()) => result,
+            never = dropper => never,
+        };
+        match result {
             Err(PoolError::Unanswered { attempts: 4, last }) => {
                 assert!(last.contains("connection lost"), "{last}")
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(server.seen().len(), 4);
+        eventually(|| server.stats().streams_abandoned == 4).await;
+        assert_eq!(server.stats().requests, 0);
     }
 
     #[tokio::test]
     async fn an_unreachable_server_makes_the_pool_unavailable() {
-        let server = TestServer::start(|_| Action::ok()).await;
+        let server = TestEmulator::open().await;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut opts = options(&server, 2);
         opts.connect.port = listener.local_addr().unwrap().port();
@@ -436,7 +464,7 @@ mod tests {
         opts.reconnect_base = Duration::from_secs(60);
         opts.reconnect_max = Duration::from_secs(60);
         let pool = Pool::new("default", opts);
-        match pool.send(request(&server, "aa"), Bytes::new()).await {
+        match pool.send(request(&server, 0xaa), body()).await {
             Err(PoolError::Unavailable {
                 reason,
                 retry_after,
@@ -450,11 +478,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(pool.health().unwrap_err().starts_with("cannot connect"));
+        assert_eq!(server.stats().connections_accepted, 0);
     }
 
     #[tokio::test]
     async fn a_short_outage_is_ridden_out() {
-        let server = TestServer::start(|_| Action::ok()).await;
+        let server = TestEmulator::open().await;
         // A port where nothing listens yet; the server comes up there in a moment.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -462,13 +491,13 @@ mod tests {
         let mut opts = options(&server, 1);
         opts.connect.port = port;
         let pool = Pool::new("default", opts);
-        let (result, ()) = tokio::join!(pool.send(request(&server, "aa"), Bytes::new()), async {
+        let (result, ()) = tokio::join!(pool.send(request(&server, 0xaa), body()), async {
             eventually(|| pool.health().is_err()).await;
             // Forward the port to the real server.
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
                 .await
                 .unwrap();
-            let target = server.addr;
+            let target = server.addr();
             tokio::spawn(async move {
                 while let Ok((mut a, _)) = listener.accept().await {
                     let mut b = tokio::net::TcpStream::connect(target).await.unwrap();
@@ -484,11 +513,9 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_pool_closes_its_connections() {
-        let server = TestServer::start(|_| Action::ok()).await;
+        let server = TestEmulator::open().await;
         let pool = Pool::new("default", options(&server, 1));
-        pool.send(request(&server, "aa"), Bytes::new())
-            .await
-            .unwrap();
+        pool.send(request(&server, 0xaa), body()).await.unwrap();
         let conn = match &*pool.inner.slots[0].lock().unwrap() {
             Slot::Up(c) => c.clone(),
             _ => panic!("the slot is up"),
@@ -497,5 +524,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), conn.retired())
             .await
             .unwrap();
+        eventually(|| server.stats().connections_open == 0).await;
     }
 }
