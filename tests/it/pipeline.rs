@@ -145,9 +145,18 @@ async fn rows_of_a_dead_daemon_are_delivered_by_the_next() {
         let stuck = stuck.clone();
         move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
-            let _ = rt.block_on(async {
-                let d = Daemon::new(cfg, stuck);
-                tokio::time::timeout(Duration::from_secs(2), d.run(CancellationToken::new())).await
+            rt.block_on(async {
+                let d = Daemon::new(cfg, stuck.clone());
+                // Until it is mid-batch (a busy machine may take a while to get there).
+                let mid_batch = async {
+                    while stuck.count() == 0 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = d.run(CancellationToken::new()) => {}
+                    _ = tokio::time::timeout(Duration::from_secs(30), mid_batch) => {}
+                }
             });
             rt.shutdown_background();
         }
