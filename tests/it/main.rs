@@ -13,3 +13,4 @@ mod service;
 mod status;
 mod support;
 mod systemd;
+mod wakeup;
