@@ -50,10 +50,21 @@ impl Workdir {
     /// The daemon's config for this run: the shipped defaults for batching, in-flight
     /// batches and connections; only what must point at this set-up is written.
     pub fn daemon_config(&self, db_url: &str, endpoint: &str) -> anyhow::Result<PathBuf> {
+        self.daemon_config_with(db_url, endpoint, "")
+    }
+
+    /// The same, with `database` keys added to `[database]`.
+    pub fn daemon_config_with(
+        &self,
+        db_url: &str,
+        endpoint: &str,
+        database: &str,
+    ) -> anyhow::Result<PathBuf> {
         let text = format!(
             r#"[database]
 url = "{db_url}"
 poll_interval = "5s"
+{database}
 
 [apps.default]
 topic = "{TOPIC}"

@@ -233,63 +233,88 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Producer {
-    pub tps_no_trigger: f64,
-    pub tps_trigger: f64,
+    /// The bare table: no trigger, no daemon.
+    pub tps_bare: f64,
+    /// The trigger installed and the daemon running and delivering, as shipped.
+    pub tps: f64,
+    /// The same with `awake_linger = "0s"`: every INSERT notifies (before schema 4).
+    pub tps_notify_always: f64,
     /// Transactions the database committed per second beyond the producers' own: the
-    /// daemon's claims (one transaction per wake-up that found rows).
-    pub daemon_txns_per_s_no_trigger: f64,
-    pub daemon_txns_per_s_trigger: f64,
-    pub cpu_no_trigger: CpuUse,
-    pub cpu_trigger: CpuUse,
+    /// daemon's claims, with the shipped settings and with NOTIFY always.
+    pub daemon_txns_per_s: f64,
+    pub daemon_txns_per_s_notify_always: f64,
+    /// The daemon's transactions per second while nothing arrives (asleep).
+    pub idle_daemon_txns_per_s: f64,
+    pub cpu_bare: CpuUse,
+    pub cpu: CpuUse,
+    pub cpu_notify_always: CpuUse,
 }
 
-/// 8 writers of single-row INSERTs in autocommit for `duration`, without and then with
-/// the NOTIFY trigger, the daemon running throughout.
+/// 8 writers of single-row INSERTs in autocommit for `duration`: on the bare table (no
+/// trigger, no daemon), then with the trigger and the daemon running and delivering, as
+/// shipped and with NOTIFY on every INSERT; and the daemon's idle cost.
 pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Producer> {
     db::empty(&env.client).await?;
     let emulator = procs::start_emulator(env.work, Duration::ZERO, None)?;
-    let config = env.work.daemon_config(&env.url, &emulator.endpoint)?;
-    let daemon = procs::start_daemon(env.work, &config)?;
-    db::wait_listening(&env.client, Duration::from_secs(30)).await?;
-    let watched = Watched {
-        daemon: Some(daemon.pid()),
+    let watched = |daemon: Option<&procs::Proc>| Watched {
+        daemon: daemon.map(|d| d.pid()),
         emulator: Some(emulator.proc.pid()),
         postmaster: env.postmaster,
     };
 
     env.client.batch_execute(db::DROP_TRIGGER).await?;
-    let result = async {
+    let bare = async {
+        let watched = watched(None);
         procs::wait_quiet(QUIET_WAIT).await;
         let before = watched.mark();
-        let commits_before = commits(&env.client).await?;
-        let no_trigger = writers(&env.url, 8, duration).await?;
-        let cpu_no_trigger = watched.since(&before, false);
-        let daemon_no_trigger =
-            daemon_txns(&env.client, commits_before, no_trigger, duration).await?;
-        db::wait_drained(&env.client, Duration::from_secs(120)).await?;
-        env.client.batch_execute(db::CREATE_TRIGGER).await?;
-        procs::wait_quiet(QUIET_WAIT).await;
-        let before = watched.mark();
-        let commits_before = commits(&env.client).await?;
-        let trigger = writers(&env.url, 8, duration).await?;
-        let cpu_trigger = watched.since(&before, false);
-        let daemon_trigger = daemon_txns(&env.client, commits_before, trigger, duration).await?;
-        db::wait_drained(&env.client, Duration::from_secs(120)).await?;
-        anyhow::Ok(Producer {
-            tps_no_trigger: no_trigger,
-            tps_trigger: trigger,
-            daemon_txns_per_s_no_trigger: daemon_no_trigger,
-            daemon_txns_per_s_trigger: daemon_trigger,
-            cpu_no_trigger,
-            cpu_trigger,
-        })
+        let tps = writers(&env.url, 8, duration).await?;
+        anyhow::Ok((tps, watched.since(&before, false)))
     }
     .await;
-    // Whatever happened, leave the schema as migrated.
-    let _ = env.client.batch_execute(db::CREATE_TRIGGER).await;
-    daemon.stop()?;
+    env.client.batch_execute(db::CREATE_TRIGGER).await?;
+    let (tps_bare, cpu_bare) = bare?;
+    db::empty(&env.client).await?;
+
+    // With the daemon: as shipped, then with NOTIFY on every INSERT.
+    let mut with_daemon = Vec::new();
+    for database in ["", "awake_linger = \"0s\""] {
+        let config = env
+            .work
+            .daemon_config_with(&env.url, &emulator.endpoint, database)?;
+        let daemon = procs::start_daemon(env.work, &config)?;
+        db::wait_listening(&env.client, Duration::from_secs(30)).await?;
+        let watched = watched(Some(&daemon));
+        procs::wait_quiet(QUIET_WAIT).await;
+        let before = watched.mark();
+        let commits_before = commits(&env.client).await?;
+        let tps = writers(&env.url, 8, duration).await?;
+        let cpu = watched.since(&before, false);
+        let txns = daemon_txns(&env.client, commits_before, tps, duration).await?;
+        db::wait_drained(&env.client, Duration::from_secs(120)).await?;
+        // Idle: well past the linger, nothing arriving.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle_before = commits(&env.client).await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let idle = daemon_txns(&env.client, idle_before, 0.0, Duration::from_secs(5)).await?;
+        daemon.stop()?;
+        db::empty(&env.client).await?;
+        with_daemon.push((tps, cpu, txns, idle));
+    }
     emulator.proc.stop()?;
-    result
+    let (tps, cpu, daemon_txns_per_s, idle_daemon_txns_per_s) = with_daemon.remove(0);
+    let (tps_notify_always, cpu_notify_always, daemon_txns_per_s_notify_always, _) =
+        with_daemon.remove(0);
+    Ok(Producer {
+        tps_bare,
+        tps,
+        tps_notify_always,
+        daemon_txns_per_s,
+        daemon_txns_per_s_notify_always,
+        idle_daemon_txns_per_s,
+        cpu_bare,
+        cpu,
+        cpu_notify_always,
+    })
 }
 
 /// Transactions committed in this database so far (pg_stat_database).
