@@ -106,6 +106,9 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
         going_away: false,
         refused_any: false,
     };
+    // A stall, GOAWAY or drop asked for during the handshake was consumed by `dropped`:
+    // have the loop compare the state now with the state at the start.
+    control.mark_changed();
     state.run(h2, control, at_start, cancel).await;
     debug!("connection closed");
 }
