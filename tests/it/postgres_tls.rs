@@ -329,4 +329,18 @@ async fn the_server_keeps_our_connection_alive_with_keepalives() {
             .unwrap();
         assert_eq!(row.get::<_, String>(0), value, "{name}");
     }
+    // The URL's own options come after ours: its tcp_keepalives_* win.
+    let url = Secret::new(format!(
+        "{}&options=-c%20tcp_keepalives_idle%3D45",
+        cluster.url("postgres")
+    ));
+    let client = db::connect(&url, TIMEOUT, "test").await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_idle'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "45");
 }
