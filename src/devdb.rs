@@ -31,6 +31,8 @@ pub struct DevDb {
     fsync: bool,
     /// (uid, gid) the server runs as, when we are root.
     run_as: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
+    /// `ssl = on` with `server.crt` and `server.key` in the cluster's directory.
+    tls: bool,
     server: Option<Child>,
 }
 
@@ -42,6 +44,31 @@ impl DevDb {
 
     /// `fsync = true` for benchmarks that should pay what production pays.
     pub fn start_with(fsync: bool) -> anyhow::Result<DevDb> {
+        let mut db = DevDb::init(fsync)?;
+        db.start_server()?;
+        Ok(db)
+    }
+
+    /// A cluster with `ssl = on`, serving this certificate (PEM, with any intermediates
+    /// after it) and key (PEM). Its URLs still say `sslmode=disable`; replace that to
+    /// connect with TLS.
+    pub fn start_tls(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<DevDb> {
+        let mut db = DevDb::init(false)?;
+        for (name, content) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = db.dir.path().join(name);
+            fs::write(&path, content).with_context(|| format!("writing {name}"))?;
+            // The server refuses a key others can read.
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = db.run_as {
+                nix::unistd::chown(&path, Some(uid), Some(gid))?;
+            }
+        }
+        db.tls = true;
+        db.start_server()?;
+        Ok(db)
+    }
+
+    fn init(fsync: bool) -> anyhow::Result<DevDb> {
         let bindir = find_bindir()?;
         let dir = tempfile::Builder::new()
             .prefix("pgpushd-devdb-")
@@ -53,16 +80,16 @@ impl DevDb {
                 .context("handing the cluster directory to the postgres user")?;
             fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
         }
-        let mut db = DevDb {
+        let db = DevDb {
             dir,
             bindir,
             port: free_port()?,
             fsync,
             run_as,
+            tls: false,
             server: None,
         };
         db.initdb()?;
-        db.start_server()?;
         Ok(db)
     }
 
@@ -111,8 +138,21 @@ impl DevDb {
             nix::unistd::chown(&self.log_path(), Some(uid), Some(gid))?;
         }
         let fsync = if self.fsync { "on" } else { "off" };
-        let child = self
-            .command("postgres")
+        let mut cmd = self.command("postgres");
+        if self.tls {
+            cmd.args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!(
+                    "ssl_cert_file={}",
+                    self.dir.path().join("server.crt").display()
+                ))
+                .arg("-c")
+                .arg(format!(
+                    "ssl_key_file={}",
+                    self.dir.path().join("server.key").display()
+                ));
+        }
+        let child = cmd
             .arg("-D")
             .arg(self.data_dir())
             .args(["-p", &self.port.to_string()])

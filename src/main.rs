@@ -135,6 +135,15 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            // So is the database's root certificate file: missing, it would be a reconnect
+            // loop.
+            let problems = config.database.check_tls_files();
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("pgpushd: {}: {p}", a.config.display());
+                }
+                return ExitCode::from(exit::CONFIG);
+            }
             // Credentials are configuration too: a bad key exits 78 before any socket opens.
             let transport = match pgpushd::apns::Apns::new(&config.apps) {
                 Ok(t) => Arc::new(t),
@@ -194,7 +203,13 @@ fn check_config(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let problems = pgpushd::apns::check(&config);
+    let mut problems: Vec<String> = config
+        .database
+        .check_tls_files()
+        .into_iter()
+        .map(|p| format!("{}: {p}", path.display()))
+        .collect();
+    problems.extend(pgpushd::apns::check(&config));
     if problems.is_empty() {
         println!("{}: OK ({} app(s))", path.display(), config.apps.len());
         ExitCode::SUCCESS

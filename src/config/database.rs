@@ -39,6 +39,23 @@ impl DatabaseConfig {
     pub fn listen_url(&self) -> &Secret<String> {
         self.listen_url.as_ref().unwrap_or(&self.url)
     }
+
+    /// What connecting will read from disk, checked now: each URL's root certificate
+    /// file (`sslrootcert`, `PGSSLROOTCERT` or `~/.postgresql/root.crt`, as its `sslmode`
+    /// needs). Loading the config reads no file, so `check-config` and `run` call this;
+    /// each problem is `key: message`, the message naming the file.
+    pub fn check_tls_files(&self) -> Vec<String> {
+        [
+            ("database.url", Some(&self.url)),
+            ("database.listen_url", self.listen_url.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(key, url)| {
+            let e = crate::db::check_tls_files(url?.expose()).err()?;
+            Some(format!("{key}: {e:#}"))
+        })
+        .collect()
+    }
 }
 
 #[derive(Deserialize)]

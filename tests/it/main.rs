@@ -8,6 +8,7 @@ mod commands;
 mod delivery;
 mod docs;
 mod pipeline;
+mod postgres_tls;
 mod retention;
 mod service;
 mod status;
