@@ -99,8 +99,12 @@ impl Keeper {
                 _ = cancel.cancelled() => return,
                 _ = self.signals.found.notified() => {}
             }
-            if self.settings.borrow().awake_linger.is_zero() {
+            let linger = self.settings.borrow().awake_linger;
+            if linger.is_zero() {
                 continue; // never awake: writers always notify
+            }
+            if self.signals.since(&self.signals.last_found_ms) >= linger {
+                continue; // a permit left by a claim from before the last sleep
             }
             self.transition(true);
             let stopping = self.stay_awake(&mut conn, &cancel).await;
