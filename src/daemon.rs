@@ -146,6 +146,12 @@ impl Daemon {
             db.clone(),
             stop.clone(),
         ));
+        // Rows it reported sent and then found undelivered (a late binary error packet).
+        tracker.spawn(crate::undelivered::run(
+            self.transport.clone(),
+            db.clone(),
+            stop.clone(),
+        ));
         if let Some(listener) = metrics_listener {
             let sources = Arc::new(metrics::Sources {
                 metrics: self.metrics.clone(),

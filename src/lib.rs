@@ -17,6 +17,8 @@
 //! - [`apns`]: the APNs client: `apns::http2` (the provider API) beside `apns::binary`
 //!   (the retired binary protocol), what both use at `apns/`;
 //! - [`unregistered`]: recording tokens the transport reports unregistered on its own;
+//! - [`undelivered`]: setting back to pending the rows the transport reported sent and
+//!   then found undelivered (a late binary error packet);
 //! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`metrics`]: Prometheus `/metrics` and `/healthz`;
 //! - [`systemd`]: sd_notify (READY, WATCHDOG, STATUS, RELOADING, STOPPING);
@@ -42,4 +44,5 @@ pub mod retention;
 pub mod secret;
 pub mod systemd;
 pub mod transport;
+pub mod undelivered;
 pub mod unregistered;

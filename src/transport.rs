@@ -6,7 +6,9 @@
 //! maps its protocol's answers onto the same few cases and the dispatcher stays
 //! protocol-agnostic. What a push service reports on its own, outside any answer (the
 //! binary protocol's feedback service), comes back through the seam as well, as
-//! [`Unregistered`] tokens that the daemon records in the outbox.
+//! [`Unregistered`] tokens that the daemon records in the outbox, and so do rows reported
+//! sent that turned out not to be ([`Undelivered`]: a late binary error packet), which
+//! the daemon sets back to `pending`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -78,6 +80,19 @@ pub struct Unregistered {
     pub at: SystemTime,
 }
 
+/// A row the transport reported `Sent` that, it learned later, was not delivered after
+/// all: the binary protocol's gateway refused an earlier notification on the connection
+/// after the later ones' settle windows had passed, and discarded them. The daemon sets
+/// the row back to `pending` (once its batch has committed it as `sent`), and it is sent
+/// again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undelivered {
+    /// The row's id.
+    pub id: i64,
+    /// Why, for its `last_error`.
+    pub reason: String,
+}
+
 /// Sends notifications. One call is one attempt for one row; the dispatcher runs many
 /// calls at once, so implementations multiplex them (HTTP/2 streams, pipelined frames).
 pub trait Transport: Send + Sync + 'static {
@@ -107,6 +122,13 @@ pub trait Transport: Send + Sync + 'static {
     /// first call starts whatever polls for them: a report is only taken from the
     /// service once someone will record it.
     fn unregistered(&self) -> BoxFuture<'_, Vec<Unregistered>> {
+        Box::pin(futures::future::pending())
+    }
+
+    /// Waits for the next rows the transport reported `Sent` and now knows were not
+    /// delivered (see [`Undelivered`]); never completes for a transport whose answers
+    /// are final (HTTP/2's are).
+    fn undelivered(&self) -> BoxFuture<'_, Vec<Undelivered>> {
         Box::pin(futures::future::pending())
     }
 }

@@ -145,6 +145,7 @@ impl EmulatorArgs {
             invalid_tokens: self.bad_token,
             feedback_tokens: self.unregistered,
             keep_records: 0,
+            error_delay: std::time::Duration::ZERO,
         })
     }
 }

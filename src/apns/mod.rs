@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{AppConfig, Config, Protocol};
-use crate::transport::{Delivery, Notification, Transport, Unregistered};
+use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
 
 pub mod binary;
 pub mod error;
@@ -43,6 +43,32 @@ pub struct Apns {
     apps: RwLock<BTreeMap<String, Arc<Loaded>>>,
     options: Options,
     feedback: Feedback,
+    /// Rows the binary apps reported sent and then found undelivered.
+    undelivered: Reports<Undelivered>,
+}
+
+/// A channel whose receiving end is taken by one caller at a time.
+struct Reports<T> {
+    sender: mpsc::UnboundedSender<Vec<T>>,
+    receiver: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<T>>>,
+}
+
+impl<T> Reports<T> {
+    fn new() -> Reports<T> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        Reports {
+            sender,
+            receiver: tokio::sync::Mutex::new(receiver),
+        }
+    }
+
+    async fn next(&self) -> Vec<T> {
+        match self.receiver.lock().await.recv().await {
+            Some(reports) => reports,
+            // `self` holds a sender: the channel never closes while it lives.
+            None => futures::future::pending().await,
+        }
+    }
 }
 
 /// An app and what it was built from, to tell on reload whether anything changed.
@@ -106,14 +132,17 @@ enum Client {
 }
 
 impl Client {
-    fn new(config: &AppConfig, options: &Options) -> Result<Client, LoadError> {
+    fn new(
+        config: &AppConfig,
+        options: &Options,
+        undelivered: &mpsc::UnboundedSender<Vec<Undelivered>>,
+    ) -> Result<Client, LoadError> {
         match config.protocol {
             Protocol::Http2 => {
                 Http2App::new(config, options).map(|app| Client::Http2(Box::new(app)))
             }
-            Protocol::Binary => {
-                BinaryApp::new(config, options).map(|app| Client::Binary(Box::new(app)))
-            }
+            Protocol::Binary => BinaryApp::new(config, options, undelivered.clone())
+                .map(|app| Client::Binary(Box::new(app))),
         }
     }
 
@@ -156,14 +185,19 @@ impl Apns {
         apps: &BTreeMap<String, AppConfig>,
         options: Options,
     ) -> Result<Apns, LoadError> {
+        let undelivered = Reports::new();
         let apps = apps
             .iter()
-            .map(|(name, config)| Ok((name.clone(), Arc::new(load(config, &options)?))))
+            .map(|(name, config)| {
+                let loaded = load(config, &options, &undelivered.sender)?;
+                Ok((name.clone(), Arc::new(loaded)))
+            })
             .collect::<Result<_, LoadError>>()?;
         Ok(Apns {
             apps: RwLock::new(apps),
             options,
             feedback: Feedback::new(),
+            undelivered,
         })
     }
 
@@ -181,7 +215,7 @@ impl Apns {
                 Some(old) if old.fingerprint == fingerprint => old.clone(),
                 _ => {
                     changed.push(name.clone());
-                    Arc::new(load(config, &self.options)?)
+                    Arc::new(load(config, &self.options, &self.undelivered.sender)?)
                 }
             };
             next.insert(name.clone(), app);
@@ -220,6 +254,12 @@ impl Apns {
             // `self` holds a sender: the channel never closes while it lives.
             None => futures::future::pending().await,
         }
+    }
+
+    /// Rows reported sent that were not delivered after all: see
+    /// [`Transport::undelivered`].
+    pub async fn undelivered(&self) -> Vec<Undelivered> {
+        self.undelivered.next().await
     }
 
     /// Per app: `Err` while APNs refuses its credentials or no connection can be had.
@@ -270,25 +310,38 @@ impl Transport for Apns {
     fn unregistered(&self) -> BoxFuture<'_, Vec<Unregistered>> {
         Box::pin(Apns::unregistered(self))
     }
+
+    fn undelivered(&self) -> BoxFuture<'_, Vec<Undelivered>> {
+        Box::pin(Apns::undelivered(self))
+    }
 }
 
 /// Loads every key and certificate of every app, as `pgpushd check-config` does; one line
 /// per problem, none when all is well.
 pub fn check(config: &Config) -> Vec<String> {
     let options = Options::default();
+    let (undelivered, _) = mpsc::unbounded_channel();
     config
         .apps
         .values()
-        .filter_map(|app| Client::new(app, &options).err().map(|e| e.to_string()))
+        .filter_map(|app| {
+            Client::new(app, &options, &undelivered)
+                .err()
+                .map(|e| e.to_string())
+        })
         .collect()
 }
 
-fn load(config: &AppConfig, options: &Options) -> Result<Loaded, LoadError> {
+fn load(
+    config: &AppConfig,
+    options: &Options,
+    undelivered: &mpsc::UnboundedSender<Vec<Undelivered>>,
+) -> Result<Loaded, LoadError> {
     // Fingerprint first: a file replaced between the two reads is then seen as changed
     // at the next reload rather than missed.
     let fingerprint = Fingerprint::of(config);
     Ok(Loaded {
-        client: Client::new(config, options)?,
+        client: Client::new(config, options, undelivered)?,
         fingerprint,
         poller: Mutex::new(None),
     })

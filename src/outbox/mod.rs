@@ -18,7 +18,7 @@ use tokio_postgres::{Client, GenericClient, Statement};
 use uuid::Uuid;
 
 use crate::outcome::RowUpdate;
-use crate::transport::{Notification, Unregistered};
+use crate::transport::{Notification, Undelivered, Unregistered};
 
 /// The NOTIFY channel the insert trigger signals.
 pub const CHANNEL: &str = "pgpushd_outbox";
@@ -272,6 +272,45 @@ pub async fn record_unregistered(
     client
         .execute(UNREGISTER, &[&apps, &device_tokens, &ats])
         .await
+}
+
+// Rows a transport reported sent and then found undelivered (a late binary error packet):
+// pending again, due now, the attempt not counted (the gateway discarded it unread). Only
+// rows still `sent`: a row the transport reported before its batch committed is locked by
+// that batch, and the UPDATE waits for the commit (READ COMMITTED then re-reads the row:
+// `sent` now, it is revived; a batch that rolled back left it `pending` anyway). The
+// NOTIFY wakes the dispatcher, as an INSERT would.
+const REVIVE: &str = "
+UPDATE pgpushd.outbox AS o
+   SET status = 'pending', send_after = clock_timestamp(), sent_at = NULL,
+       settled_at = NULL, last_error = v.reason
+  FROM unnest($1::bigint[], $2::text[]) AS v(id, reason)
+ WHERE o.id = v.id AND o.status = 'sent'";
+
+/// Sets rows reported `sent` back to `pending` (see [`Undelivered`]); rows no longer
+/// `sent` are left alone. Waits for a batch still holding one of them to commit. Returns
+/// how many were revived.
+pub async fn revive_undelivered(
+    client: &impl GenericClient,
+    rows: &[Undelivered],
+) -> Result<u64, tokio_postgres::Error> {
+    // Sorted, so two revivals cannot deadlock on each other.
+    let mut keyed: BTreeMap<i64, &str> = BTreeMap::new();
+    for r in rows {
+        keyed.entry(r.id).or_insert(&r.reason);
+    }
+    if keyed.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i64> = keyed.keys().copied().collect();
+    let reasons: Vec<String> = keyed.values().map(|r| r.replace('\0', "")).collect();
+    let revived = client.execute(REVIVE, &[&ids, &reasons]).await?;
+    if revived > 0 {
+        client
+            .execute("SELECT pg_notify($1, '')", &[&CHANNEL])
+            .await?;
+    }
+    Ok(revived)
 }
 
 /// The payload as JSON, or why it cannot be.

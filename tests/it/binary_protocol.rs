@@ -248,6 +248,55 @@ async fn gateway_shutdowns_mid_flight_lose_nothing() {
     assert!(taken.values().all(|n| *n == 1), "none taken twice");
 }
 
+/// Issue 9: the gateway refuses row 10 but says so only after every row's settle window
+/// (the emulator's `error_delay`), so all 20 rows were reported and committed `sent`. It
+/// discarded rows 11..=20: the late error packet must bring those rows back to `pending`
+/// and get them delivered. Before, they stayed `sent` and never reached the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_a_late_error_packet_reveals_undelivered_are_sent_again() {
+    let db = TestDb::new().await;
+    let bad = token(10);
+    let setup = Setup::new(|c| {
+        c.feedback_listen = None;
+        c.invalid_tokens = vec![bad.clone()];
+        c.error_delay = Duration::from_millis(1500); // binary_settle is 500ms
+    })
+    .await;
+    let toml = setup
+        .app_toml(Identity::EncryptedPem)
+        .replace("connections = 2", "connections = 1");
+    let daemon = start_binary(config(&db.url, &toml));
+    let client = db.client().await;
+    insert_rows(&client, 1, 20).await;
+    wait_for("every row but the refused one taken", DEADLINE, || async {
+        (taken(&setup.emulator).len() == 19).then_some(())
+    })
+    .await;
+    wait_for_status(&client, "sent", 20, DEADLINE).await;
+    daemon.stop().await;
+
+    let taken = taken(&setup.emulator);
+    assert!(!taken.contains_key(&bad));
+    assert!(
+        taken.values().all(|n| *n == 1),
+        "each taken once: {taken:?}"
+    );
+    // The revived rows were sent twice (the first time discarded); the refused one's
+    // refusal came too late to record: it stays sent, as documented.
+    let rows = client
+        .query(
+            "SELECT device_token, attempts FROM pgpushd.outbox WHERE status = 'sent' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    for r in rows {
+        let (t, attempts): (String, i32) = (r.get(0), r.get(1));
+        let revived = t > bad;
+        assert_eq!(attempts, if revived { 2 } else { 1 }, "{t}");
+    }
+}
+
 /// The seed's push.php, byte for byte: a TLS connection presenting `ck.pem` with its
 /// passphrase, then
 /// `chr(0) . pack('n', 32) . pack('H*', $deviceToken) . pack('n', strlen($payload)) . $payload`.

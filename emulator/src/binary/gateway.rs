@@ -142,6 +142,16 @@ async fn accept(shared: &Shared, tcp: TcpStream) -> anyhow::Result<SslStream<Tcp
 async fn refuse(shared: &Shared, tls: &mut SslStream<TcpStream>, refusal: Refusal, unread: usize) {
     let discarded = &shared.counters.discarded_bytes;
     discarded.fetch_add(unread as u64, Relaxed);
+    if refusal.status != Status::Shutdown && !shared.error_delay.is_zero() {
+        // The `error_delay` fault: a gateway slow to report the refusal.
+        let _ = tokio::time::timeout(shared.error_delay, async {
+            let mut sink = [0; 8192];
+            while let Ok(n @ 1..) = tls.read(&mut sink).await {
+                discarded.fetch_add(n as u64, Relaxed);
+            }
+        })
+        .await;
+    }
     if tls
         .write_all(&frame::error_response(refusal.status, refusal.identifier))
         .await

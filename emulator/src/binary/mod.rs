@@ -7,7 +7,9 @@
 //!   (reading notifications, writing error responses and feedback tuples) are
 //!   [`frame`]'s;
 //! - the first refused notification gets the 6-byte error response, and the connection
-//!   closes: whatever the client wrote after it is discarded, as at Apple;
+//!   closes: whatever the client wrote after it is discarded, as at Apple; a fault,
+//!   `error_delay`, holds the response back (reading and discarding meanwhile), as a
+//!   gateway slow to report a refusal: a client's settle window may pass before it;
 //! - status 10 (shutdown) naming the last notification taken, to every connection, on
 //!   [`BinaryEmulator::shutdown_connections`] and when the emulator stops;
 //! - the feedback service (`feedback`) hands out its tuples once, then forgets them.
@@ -21,7 +23,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -59,6 +61,10 @@ pub struct BinaryEmulatorConfig {
     pub feedback_tokens: Vec<String>,
     /// How many of the latest records [`BinaryEmulator::records`] keeps.
     pub keep_records: usize,
+    /// A fault: how long after refusing a notification the error response is written.
+    /// Meanwhile what the client sends is read and discarded (its TCP stack acknowledges
+    /// it), as by a gateway slow to report; zero (the default): at once.
+    pub error_delay: Duration,
 }
 
 impl BinaryEmulatorConfig {
@@ -73,6 +79,7 @@ impl BinaryEmulatorConfig {
             invalid_tokens: Vec::new(),
             feedback_tokens: Vec::new(),
             keep_records: 10_000,
+            error_delay: Duration::ZERO,
         }
     }
 }
@@ -146,6 +153,8 @@ struct Shared {
     counters: Counters,
     /// Bumped by `shutdown_connections`.
     shutdowns: watch::Sender<u64>,
+    /// See [`BinaryEmulatorConfig::error_delay`].
+    error_delay: Duration,
 }
 
 impl Shared {
@@ -236,6 +245,7 @@ impl BinaryEmulator {
             recorder,
             counters: Counters::default(),
             shutdowns: watch::Sender::new(0),
+            error_delay: config.error_delay,
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();

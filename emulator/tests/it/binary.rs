@@ -202,6 +202,40 @@ async fn the_first_refused_notification_gets_the_error_packet_and_the_rest_is_di
     assert_eq!(s.emulator.stats().refused, [(8, 1)].into());
 }
 
+/// The `error_delay` fault: the error response comes that long after the refusal, and
+/// what the client writes meanwhile is discarded all the same.
+#[tokio::test]
+async fn a_delayed_error_response_comes_late_and_still_discards_what_followed() {
+    let delay = Duration::from_millis(400);
+    let s = setup(|c| {
+        c.invalid_tokens = vec![hex::encode(token(2))];
+        c.error_delay = delay;
+    })
+    .await;
+    let mut tls = s.gateway().await;
+    let mut out = Vec::new();
+    for (i, id) in [(1, 101), (2, 102), (3, 103)] {
+        frame(&token(i), PAYLOAD, id, &mut out);
+    }
+    let started = std::time::Instant::now();
+    tls.write_all(&out).await.unwrap();
+    tokio::time::sleep(delay / 4).await;
+    let mut later = Vec::new();
+    frame(&token(4), PAYLOAD, 104, &mut later);
+    tls.write_all(&later).await.unwrap();
+    let answer = read_to_end(&mut tls).await;
+    assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+    assert_eq!(answer, error_response(8, 102));
+    let taken: Vec<_> = s
+        .emulator
+        .records()
+        .iter()
+        .map(|r| (r.identifier, r.status))
+        .collect();
+    assert_eq!(taken, [(Some(101), 0), (Some(102), 8)]);
+    assert!(s.emulator.stats().discarded_bytes > 0);
+}
+
 #[tokio::test]
 async fn format_errors_and_command_0_failures() {
     let s = setup(|_| {}).await;

@@ -6,26 +6,46 @@
 //! them, the connection's identifiers -> pending notifications, in write order.
 //!
 //! The protocol never says "accepted", so a notification's `Outcome` is decided thus:
-//! - **sent** once the settle window (`binary_settle`) has passed since it was written
-//!   and flushed with no error packet on the connection; or as soon as an error packet names a
-//!   notification written after it (the gateway handles them in order); or when status 10
-//!   (shutdown) names it or a later one as the last it took;
+//! - **sent** once the settle window (`binary_settle`) has passed since the gateway's TCP
+//!   stack acknowledged its bytes, with no error packet on the connection; or as soon as
+//!   an error packet names a notification written after it (the gateway handles them in
+//!   order); or when status 10 (shutdown) names it or a later one as the last it took;
 //! - **refused** with the status of the error packet that names it;
 //! - **resend** when it was written after the refused one (the gateway discards those),
 //!   or the connection ended before its settle window passed (it may or may not have
 //!   been delivered: sending it again makes delivery at least once, as everywhere else).
 //!
-//! An error packet that arrives after the settle window of the notification it names
-//! comes too late: that notification was already counted as sent. This is logged, and
-//! everything written after it is still resent. A longer settle window makes that less
-//! likely and every notification slower to count as sent.
+//! **Acknowledged.** The settle clock starts when the peer has acknowledged the bytes,
+//! not when they entered the kernel's send buffer: bytes stuck there (a gateway that
+//! stopped reading, a path that went dead) never reached the gateway, and a window that
+//! ran out over them would call undelivered notifications sent. On Linux
+//! `ioctl(TIOCOUTQ)` (`SIOCOUTQ`) says how many bytes written to the socket the peer has
+//! not acknowledged. The TLS layer makes plaintext offsets useless there (record headers,
+//! tags, handshake and post-handshake messages), so the offsets are counted below TLS: a
+//! wrapper around the `TcpStream` counts every byte the socket took, and a notification
+//! ends, at the latest, at the count read once the write carrying it was flushed through
+//! TLS. It is acknowledged once `written - unacknowledged` reaches that offset (polled
+//! every [`ACK_POLL`] while notifications wait; the count is read before the ioctl, so a
+//! race only ever under-counts). Elsewhere, and on in-memory test streams, the window
+//! starts at the flush, as before.
+//!
+//! **Late error packets.** An error packet may name a notification whose window already
+//! passed: it and everything written after it were reported sent, but the gateway dropped
+//! what followed the refused one. So the connection keeps the notifications it reported
+//! sent for a while ([`HISTORY_AGE`], at most [`HISTORY_MAX`]): those written after the
+//! named one are reported [`Undelivered`] (their rows go back to `pending` and are sent
+//! again); the named one keeps `sent`, its refusal too late to record, and the log says
+//! so. A packet naming something older than the history revives the whole history.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -33,11 +53,42 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::frame::{self, ErrorPacket, Push, Status, ERROR_PACKET_LEN};
+use crate::transport::Undelivered;
 
 /// Bytes framed before they are written; more queued notifications go in the next write.
 const MAX_WRITE: usize = 256 * 1024;
 
+/// While notifications wait for the peer's acknowledgement, how often to ask the kernel.
+pub(crate) const ACK_POLL: Duration = Duration::from_millis(5);
+
+/// How long notifications reported sent are remembered, for a late error packet ...
+pub(crate) const HISTORY_AGE: Duration = Duration::from_secs(60);
+/// ... and at most how many (16 bytes each).
+pub(crate) const HISTORY_MAX: usize = 65_536;
+
+/// TCP keepalive on gateway and feedback connections: the first probe after this much
+/// silence (well under the 2-5 minutes after which NATs and firewalls forget a flow, so
+/// an idle connection's mapping stays alive) ...
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// ... then every this often ...
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ... and the connection is dead after this many unanswered: a vanished peer is noticed
+/// within about a minute instead of never.
+pub(crate) const KEEPALIVE_RETRIES: u32 = 3;
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// TCP to `host:port` with keepalive on: what both the gateway and the feedback service
+/// connect over.
+pub(crate) async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
+    Ok(tcp)
+}
 
 /// How to reach the gateway.
 #[derive(Clone)]
@@ -47,8 +98,11 @@ pub(crate) struct ConnectOptions {
     pub tls: native_tls::TlsConnector,
     /// Upper bound on TCP connect and the TLS handshake together.
     pub connect_timeout: Duration,
-    /// How long after it was written a notification without an error packet counts as sent.
+    /// How long after its bytes were acknowledged a notification without an error packet
+    /// counts as sent.
     pub settle: Duration,
+    /// Where rows reported sent and then found undelivered (a late error packet) go.
+    pub undelivered: mpsc::UnboundedSender<Vec<Undelivered>>,
 }
 
 /// What became of one submitted notification on this connection.
@@ -70,6 +124,7 @@ pub(crate) struct Connection {
 
 struct Submission {
     push: Push,
+    row: i64,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -90,20 +145,37 @@ struct State {
     end_reason: Mutex<Option<String>>,
     /// When a notification was last submitted.
     last_used: Mutex<Instant>,
+    /// Bytes the socket took (below TLS); `None` on streams that are not TCP sockets.
+    written: Option<Arc<AtomicU64>>,
+    undelivered: Option<mpsc::UnboundedSender<Vec<Undelivered>>>,
 }
 
-/// The pending notifications, oldest first.
+/// The pending notifications, oldest first, and those lately reported sent.
 struct Inflight {
     next_identifier: u32,
     entries: VecDeque<Entry>,
+    /// Reported sent, oldest first: what a late error packet may reveal undelivered.
+    history: VecDeque<Settled>,
     closed: bool,
 }
 
 struct Entry {
     identifier: u32,
-    /// When the write carrying it was flushed; `None` while it is being written.
-    flushed_at: Option<Instant>,
+    row: i64,
+    /// Where its bytes end in the TCP stream, at the latest (the socket's count once the
+    /// write carrying it was flushed); `None` while it is being written.
+    ends_at: Option<u64>,
+    /// When the peer had acknowledged its bytes (without a socket: when they were
+    /// flushed): its settle window starts.
+    acked_at: Option<Instant>,
     reply: oneshot::Sender<Outcome>,
+}
+
+/// A notification reported sent.
+struct Settled {
+    identifier: u32,
+    row: i64,
+    at: Instant,
 }
 
 impl Inflight {
@@ -113,6 +185,22 @@ impl Inflight {
         self.next_identifier = self.next_identifier.checked_add(1).unwrap_or(1);
         id
     }
+
+    fn remember(&mut self, identifier: u32, row: i64, now: Instant) {
+        self.history.push_back(Settled {
+            identifier,
+            row,
+            at: now,
+        });
+        while self.history.len() > HISTORY_MAX
+            || self
+                .history
+                .front()
+                .is_some_and(|h| h.at + HISTORY_AGE < now)
+        {
+            self.history.pop_front();
+        }
+    }
 }
 
 /// How the reader saw the connection end.
@@ -121,24 +209,102 @@ enum Ending {
     Closed(String),
 }
 
+/// The TCP socket under TLS, counting the bytes it takes: the stream offsets the peer's
+/// acknowledgements are compared with.
+struct Counted {
+    tcp: TcpStream,
+    written: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// How far the peer has acknowledged the bytes written to a socket. Only the reader task
+/// uses it, and it holds half of the stream that owns the socket: the descriptor stays
+/// open while it asks.
+struct AckProbe {
+    fd: RawFd,
+    written: Arc<AtomicU64>,
+}
+
+impl AckProbe {
+    /// The stream offset the peer has acknowledged; `None` when the kernel cannot say.
+    fn acked(&self) -> Option<u64> {
+        // Read before asking: bytes written in between only make the answer smaller.
+        let written = self.written.load(Ordering::SeqCst);
+        unacknowledged(self.fd).map(|unacked| written.saturating_sub(unacked))
+    }
+}
+
+/// Bytes written to the TCP socket `fd` and not yet acknowledged by the peer.
+#[cfg(target_os = "linux")]
+fn unacknowledged(fd: RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one int; `fd` is open (see
+    // `AckProbe`).
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (r == 0).then(|| u64::try_from(n).unwrap_or(0))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged(_fd: RawFd) -> Option<u64> {
+    None
+}
+
 impl Connection {
-    /// TCP, then TLS (no ALPN: the gateway predates it), then the two tasks.
+    /// TCP (keepalive on), then TLS (no ALPN: the gateway predates it), then the two tasks.
     pub(crate) async fn connect(
         opts: &ConnectOptions,
         shutdown: &CancellationToken,
     ) -> Result<Connection, String> {
         let addr = format!("{}:{}", opts.host, opts.port);
+        let written = Arc::new(AtomicU64::new(0));
         let connect = async {
-            let tcp = TcpStream::connect((opts.host.as_str(), opts.port))
+            let tcp = connect_tcp(&opts.host, opts.port)
                 .await
                 .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
             let _ = tcp.set_nodelay(true);
+            let fd = tcp.as_raw_fd();
+            let counted = Counted {
+                tcp,
+                written: written.clone(),
+            };
             tokio_native_tls::TlsConnector::from(opts.tls.clone())
-                .connect(&opts.host, tcp)
+                .connect(&opts.host, counted)
                 .await
+                .map(|tls| (tls, fd))
                 .map_err(|e| format!("TLS handshake with {addr} failed: {e}"))
         };
-        let tls = tokio::time::timeout(opts.connect_timeout, connect)
+        let (tls, fd) = tokio::time::timeout(opts.connect_timeout, connect)
             .await
             .map_err(|_| {
                 format!(
@@ -148,19 +314,34 @@ impl Connection {
             })??;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         info!(conn = id, peer = %addr, "connected to the APNs gateway (binary protocol)");
+        let probe = AckProbe {
+            fd,
+            written: written.clone(),
+        };
         Ok(Connection::start(
             tls,
-            id,
-            opts.settle,
-            shutdown.child_token(),
+            Link {
+                id,
+                settle: opts.settle,
+                kill: shutdown.child_token(),
+                probe: Some(probe),
+                undelivered: Some(opts.undelivered.clone()),
+            },
         ))
     }
 
-    /// Runs the protocol over any stream (tests use in-memory ones).
-    fn start<S>(stream: S, id: u64, settle: Duration, kill: CancellationToken) -> Connection
+    /// Runs the protocol over any stream (tests use in-memory ones, without a probe).
+    fn start<S>(stream: S, link: Link) -> Connection
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        let Link {
+            id,
+            settle,
+            kill,
+            probe,
+            undelivered,
+        } = link;
         let (reader, writer) = tokio::io::split(stream);
         let (submit, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State {
@@ -169,6 +350,7 @@ impl Connection {
             inflight: Mutex::new(Inflight {
                 next_identifier: 1,
                 entries: VecDeque::new(),
+                history: VecDeque::new(),
                 closed: false,
             }),
             dead: kill,
@@ -178,9 +360,11 @@ impl Connection {
             productive: AtomicBool::new(false),
             end_reason: Mutex::new(None),
             last_used: Mutex::new(Instant::now()),
+            written: probe.as_ref().map(|p| p.written.clone()),
+            undelivered,
         });
         tokio::spawn(write_loop(writer, rx, state.clone()));
-        tokio::spawn(read_loop(reader, state.clone()));
+        tokio::spawn(read_loop(reader, state.clone(), probe));
         Connection { id, submit, state }
     }
 
@@ -208,16 +392,16 @@ impl Connection {
         self.state.last_used.lock().unwrap().elapsed()
     }
 
-    /// Queues `push`; the receiver gets its outcome. `Err` gives it back when the
-    /// connection no longer takes notifications.
-    pub(crate) fn submit(&self, push: Push) -> Result<oneshot::Receiver<Outcome>, Push> {
+    /// Queues `push`, the frame of outbox row `row`; the receiver gets its outcome. `Err`
+    /// gives it back when the connection no longer takes notifications.
+    pub(crate) fn submit(&self, push: Push, row: i64) -> Result<oneshot::Receiver<Outcome>, Push> {
         if !self.is_alive() {
             return Err(push);
         }
         *self.state.last_used.lock().unwrap() = Instant::now();
         let (reply, outcome) = oneshot::channel();
         self.submit
-            .send(Submission { push, reply })
+            .send(Submission { push, row, reply })
             .map_err(|e| e.0.push)?;
         Ok(outcome)
     }
@@ -234,6 +418,15 @@ impl Connection {
             self.state.dead.cancel();
         }
     }
+}
+
+/// What a connection's tasks are started with, besides the stream.
+struct Link {
+    id: u64,
+    settle: Duration,
+    kill: CancellationToken,
+    probe: Option<AckProbe>,
+    undelivered: Option<mpsc::UnboundedSender<Vec<Undelivered>>>,
 }
 
 async fn write_loop<S: AsyncWrite>(
@@ -261,7 +454,9 @@ async fn write_loop<S: AsyncWrite>(
                 frame::encode_frame(&s.push, identifier, &mut buf);
                 inflight.entries.push_back(Entry {
                     identifier,
-                    flushed_at: None,
+                    row: s.row,
+                    ends_at: None,
+                    acked_at: None,
                     reply: s.reply,
                 });
                 next = if buf.len() < MAX_WRITE {
@@ -280,13 +475,19 @@ async fn write_loop<S: AsyncWrite>(
         };
         match written {
             Ok(()) => {
+                // Every byte of this write is in the socket now: it ends at or before
+                // the socket's count. Without a socket, the flush starts the window.
+                let ends_at = state.written.as_ref().map(|w| w.load(Ordering::SeqCst));
                 let now = Instant::now();
                 let mut inflight = state.inflight.lock().unwrap();
                 for e in inflight.entries.iter_mut().rev() {
-                    if e.flushed_at.is_some() {
+                    if e.ends_at.is_some() {
                         break;
                     }
-                    e.flushed_at = Some(now);
+                    e.ends_at = Some(ends_at.unwrap_or(0));
+                    if ends_at.is_none() {
+                        e.acked_at = Some(now);
+                    }
                 }
                 drop(inflight);
                 state.flushed.notify_one();
@@ -310,12 +511,17 @@ fn resend_closed() -> Outcome {
     Outcome::Resend("the connection closed before it was written".into())
 }
 
-async fn read_loop<S: AsyncRead>(mut reader: ReadHalf<S>, state: Arc<State>) {
+async fn read_loop<S: AsyncRead>(
+    mut reader: ReadHalf<S>,
+    state: Arc<State>,
+    probe: Option<AckProbe>,
+) {
     let mut packet = [0u8; ERROR_PACKET_LEN];
     let mut have = 0;
     let mut write_grace: Option<Instant> = None;
     let ending = loop {
         let next_settle = state.next_settle();
+        let awaiting_ack = probe.is_some() && state.awaiting_ack();
         let flushed = state.flushed.notified();
         tokio::select! {
             biased;
@@ -337,6 +543,10 @@ async fn read_loop<S: AsyncRead>(mut reader: ReadHalf<S>, state: Arc<State>) {
                 break Ending::Closed(why.unwrap_or_else(|| "shutting down".into()));
             }
             _ = sleep_until(next_settle), if next_settle.is_some() => state.settle(Instant::now()),
+            _ = tokio::time::sleep(ACK_POLL), if awaiting_ack => {
+                let acked = probe.as_ref().and_then(AckProbe::acked);
+                state.acknowledged(acked, Instant::now());
+            }
             _ = flushed => {}
             _ = state.write_failed.cancelled(), if write_grace.is_none() => {
                 // The gateway may have refused something and closed: its error packet
@@ -366,18 +576,43 @@ impl State {
         inflight
             .entries
             .front()
-            .and_then(|e| e.flushed_at)
+            .and_then(|e| e.acked_at)
             .map(|at| at + self.settle)
+    }
+
+    /// Whether a written notification waits for the peer's acknowledgement.
+    fn awaiting_ack(&self) -> bool {
+        let inflight = self.inflight.lock().unwrap();
+        inflight
+            .entries
+            .iter()
+            .any(|e| e.ends_at.is_some() && e.acked_at.is_none())
+    }
+
+    /// The peer acknowledged the stream up to `acked` (`None`: the kernel cannot say,
+    /// so everything written counts as acknowledged): those notifications' windows start.
+    fn acknowledged(&self, acked: Option<u64>, now: Instant) {
+        let mut inflight = self.inflight.lock().unwrap();
+        for e in inflight.entries.iter_mut() {
+            if e.acked_at.is_some() {
+                continue;
+            }
+            match e.ends_at {
+                Some(end) if acked.is_none_or(|a| end <= a) => e.acked_at = Some(now),
+                _ => break,
+            }
+        }
     }
 
     /// Every notification whose settle window has passed is sent.
     fn settle(&self, now: Instant) {
         let mut inflight = self.inflight.lock().unwrap();
         while let Some(e) = inflight.entries.front() {
-            match e.flushed_at {
+            match e.acked_at {
                 Some(at) if at + self.settle <= now => {
                     let e = inflight.entries.pop_front().expect("front exists");
                     let _ = e.reply.send(Outcome::Sent);
+                    inflight.remember(e.identifier, e.row, now);
                     self.productive.store(true, Ordering::Relaxed);
                 }
                 _ => break,
@@ -391,6 +626,7 @@ impl State {
         let mut inflight = self.inflight.lock().unwrap();
         inflight.closed = true;
         let entries = std::mem::take(&mut inflight.entries);
+        let history = std::mem::take(&mut inflight.history);
         drop(inflight);
         let reason = match &ending {
             Ending::Packet(p) => format!(
@@ -409,11 +645,8 @@ impl State {
             Ending::Packet(p) => {
                 self.productive.store(true, Ordering::Relaxed);
                 let named = entries.iter().position(|e| e.identifier == p.identifier);
-                if named.is_none() && p.status != Status::Shutdown {
-                    warn!(conn = self.id, status = %p.status, identifier = p.identifier,
-                          settle = ?self.settle,
-                          "an error packet names a notification already counted as sent \
-                           (it came after the settle window; consider a longer binary_settle)");
+                if named.is_none() {
+                    self.revive(&history, p);
                 }
                 let why_resend = match p.status {
                     Status::Shutdown => "the gateway shut the connection down before taking it",
@@ -433,7 +666,7 @@ impl State {
             }
             Ending::Closed(why) => {
                 for e in entries {
-                    let settled = e.flushed_at.is_some_and(|at| at + self.settle <= now);
+                    let settled = e.acked_at.is_some_and(|at| at + self.settle <= now);
                     let outcome = match settled {
                         true => Outcome::Sent,
                         false => Outcome::Resend(why.clone()),
@@ -441,6 +674,59 @@ impl State {
                     let _ = e.reply.send(outcome);
                 }
                 info!(conn = self.id, reason = %why, pending, "APNs gateway connection closed");
+            }
+        }
+    }
+
+    /// An error packet names a notification already reported sent (or one older than
+    /// the history): what was reported sent after it was discarded, not delivered.
+    fn revive(&self, history: &VecDeque<Settled>, p: ErrorPacket) {
+        let named = history.iter().position(|h| h.identifier == p.identifier);
+        let from = match named {
+            Some(k) => k + 1,
+            // Older than what is remembered (or 0, "none"): all of it came after.
+            None if history.front().is_some_and(|h| p.identifier < h.identifier) => 0,
+            // Never issued on this connection (nothing to map it to), or nothing reported
+            // sent at all.
+            None => history.len(),
+        };
+        if p.status != Status::Shutdown {
+            let row = named.map(|k| history[k].row);
+            warn!(conn = self.id, status = %p.status, identifier = p.identifier, row,
+                  settle = ?self.settle,
+                  "an error packet names a notification already counted as sent (it came \
+                   after the settle window; consider a longer binary_settle): its row stays \
+                   sent, those written after it are sent again");
+        }
+        let revived: Vec<Undelivered> = history
+            .iter()
+            .skip(from)
+            .map(|h| Undelivered {
+                id: h.row,
+                reason: format!(
+                    "reported sent, then the gateway's error packet ({}) for an earlier \
+                     notification showed it was discarded; sending it again",
+                    p.status
+                ),
+            })
+            .collect();
+        if revived.is_empty() {
+            return;
+        }
+        warn!(
+            conn = self.id,
+            rows = revived.len(),
+            "notifications reported sent were discarded by the gateway: reviving their rows"
+        );
+        match &self.undelivered {
+            Some(reports) if reports.send(revived.clone()).is_ok() => {}
+            _ => {
+                let rows: Vec<i64> = revived.iter().map(|u| u.id).collect();
+                warn!(
+                    conn = self.id,
+                    ?rows,
+                    "nobody takes undelivered rows: they stay sent"
+                );
             }
         }
     }
@@ -464,9 +750,29 @@ mod tests {
 
     /// A connection over an in-memory pipe; the other end plays the gateway.
     fn pipe() -> (Connection, DuplexStream) {
-        let (client, server) = tokio::io::duplex(1 << 20);
-        let conn = Connection::start(client, 1, SETTLE, CancellationToken::new());
+        let (conn, server, _) = pipe_reporting();
         (conn, server)
+    }
+
+    /// [`pipe`], and where the connection reports rows undelivered after all.
+    fn pipe_reporting() -> (
+        Connection,
+        DuplexStream,
+        mpsc::UnboundedReceiver<Vec<Undelivered>>,
+    ) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (undelivered, reports) = mpsc::unbounded_channel();
+        let conn = Connection::start(
+            client,
+            Link {
+                id: 1,
+                settle: SETTLE,
+                kill: CancellationToken::new(),
+                probe: None,
+                undelivered: Some(undelivered),
+            },
+        );
+        (conn, server, reports)
     }
 
     fn frame_len(buf: &[u8]) -> usize {
@@ -507,7 +813,7 @@ mod tests {
     async fn a_notification_is_sent_once_its_settle_window_passes() {
         let (conn, mut server) = pipe();
         let started = Instant::now();
-        let outcome = conn.submit(push(1)).unwrap();
+        let outcome = conn.submit(push(1), 1).unwrap();
         assert_eq!(read_frames(&mut server, 1).await, [1]);
         assert_eq!(outcome.await.unwrap(), Outcome::Sent);
         assert!(started.elapsed() >= SETTLE);
@@ -517,7 +823,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_error_packet_settles_before_refuses_it_and_resends_after() {
         let (conn, mut server) = pipe();
-        let outcomes: Vec<_> = (1..=5).map(|i| conn.submit(push(i)).unwrap()).collect();
+        let outcomes: Vec<_> = (1..=5)
+            .map(|i| conn.submit(push(i), i64::from(i)).unwrap())
+            .collect();
         assert_eq!(read_frames(&mut server, 5).await, [1, 2, 3, 4, 5]);
         let packet = ErrorPacket {
             status: Status::InvalidToken,
@@ -541,7 +849,7 @@ mod tests {
         );
         assert!(!conn.is_alive());
         assert!(
-            conn.submit(push(9)).is_err(),
+            conn.submit(push(9), 9).is_err(),
             "a dead connection takes nothing"
         );
     }
@@ -549,7 +857,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_names_the_last_one_taken() {
         let (conn, mut server) = pipe();
-        let outcomes: Vec<_> = (1..=3).map(|i| conn.submit(push(i)).unwrap()).collect();
+        let outcomes: Vec<_> = (1..=3)
+            .map(|i| conn.submit(push(i), i64::from(i)).unwrap())
+            .collect();
         read_frames(&mut server, 3).await;
         let packet = ErrorPacket {
             status: Status::Shutdown,
@@ -567,10 +877,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lost_connection_resends_what_had_not_settled() {
         let (conn, mut server) = pipe();
-        let early = conn.submit(push(1)).unwrap();
+        let early = conn.submit(push(1), 1).unwrap();
         read_frames(&mut server, 1).await;
         assert_eq!(early.await.unwrap(), Outcome::Sent);
-        let late = conn.submit(push(2)).unwrap();
+        let late = conn.submit(push(2), 2).unwrap();
         read_frames(&mut server, 1).await;
         drop(server);
         match late.await.unwrap() {
@@ -583,10 +893,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_late_error_packet_still_resends_what_followed() {
         let (conn, mut server) = pipe();
-        let first = conn.submit(push(1)).unwrap();
+        let first = conn.submit(push(1), 1).unwrap();
         read_frames(&mut server, 1).await;
         assert_eq!(first.await.unwrap(), Outcome::Sent);
-        let second = conn.submit(push(2)).unwrap();
+        let second = conn.submit(push(2), 2).unwrap();
         read_frames(&mut server, 1).await;
         let packet = ErrorPacket {
             status: Status::InvalidToken,
@@ -600,7 +910,9 @@ mod tests {
     async fn many_notifications_share_writes_and_settle_together() {
         let (conn, mut server) = pipe();
         let started = Instant::now();
-        let outcomes: Vec<_> = (0..200).map(|i| conn.submit(push(i)).unwrap()).collect();
+        let outcomes: Vec<_> = (0..200)
+            .map(|i| conn.submit(push(i), i64::from(i)).unwrap())
+            .collect();
         let ids = read_frames(&mut server, 200).await;
         assert_eq!(ids, (1..=200).collect::<Vec<_>>());
         for o in outcomes {
@@ -613,10 +925,199 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn killing_a_connection_hands_everything_back() {
         let (conn, mut server) = pipe();
-        let outcome = conn.submit(push(1)).unwrap();
+        let outcome = conn.submit(push(1), 1).unwrap();
         read_frames(&mut server, 1).await;
         conn.kill("stalled");
         assert_eq!(outcome.await.unwrap(), Outcome::Resend("stalled".into()));
         assert!(!conn.productive());
+    }
+
+    /// Issue 9: the gateway dropped what followed the refused notification, including
+    /// what had already been reported sent: those rows are reported undelivered (before,
+    /// nothing was: they stayed `sent`, never delivered).
+    #[tokio::test(start_paused = true)]
+    async fn a_late_error_packet_revives_what_followed_it_and_was_reported_sent() {
+        let (conn, mut server, mut reports) = pipe_reporting();
+        let outcomes: Vec<_> = (1..=4)
+            .map(|i| conn.submit(push(i), 100 + i64::from(i)).unwrap())
+            .collect();
+        assert_eq!(read_frames(&mut server, 4).await, [1, 2, 3, 4]);
+        for o in outcomes {
+            assert_eq!(o.await.unwrap(), Outcome::Sent);
+        }
+        let pending = conn.submit(push(5), 105).unwrap();
+        read_frames(&mut server, 1).await;
+        let packet = ErrorPacket {
+            status: Status::Processing,
+            identifier: 2,
+        };
+        server.write_all(&packet.encode()).await.unwrap();
+        assert!(matches!(pending.await.unwrap(), Outcome::Resend(_)));
+        let revived = reports.recv().await.expect("a report");
+        assert_eq!(revived.iter().map(|u| u.id).collect::<Vec<_>>(), [103, 104]);
+        assert!(
+            revived[0].reason.contains("processing error"),
+            "{}",
+            revived[0].reason
+        );
+        assert!(reports.try_recv().is_err(), "one report");
+    }
+
+    /// A shutdown naming a notification reported sent: those after it were not taken.
+    /// One older than the history (here 0, "none") revives all of it.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_shutdown_revives_what_it_did_not_take() {
+        for (named, want) in [(1, vec![102, 103]), (0, vec![101, 102, 103]), (3, vec![])] {
+            let (conn, mut server, mut reports) = pipe_reporting();
+            let outcomes: Vec<_> = (1..=3)
+                .map(|i| conn.submit(push(i), 100 + i64::from(i)).unwrap())
+                .collect();
+            read_frames(&mut server, 3).await;
+            for o in outcomes {
+                assert_eq!(o.await.unwrap(), Outcome::Sent);
+            }
+            let packet = ErrorPacket {
+                status: Status::Shutdown,
+                identifier: named,
+            };
+            server.write_all(&packet.encode()).await.unwrap();
+            while conn.is_alive() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let got: Vec<i64> = reports
+                .try_recv()
+                .unwrap_or_default()
+                .iter()
+                .map(|u| u.id)
+                .collect();
+            assert_eq!(got, want, "shutdown naming {named}");
+        }
+    }
+
+    /// The history forgets what is older than a minute.
+    #[tokio::test(start_paused = true)]
+    async fn the_history_is_bounded_by_age() {
+        let (conn, mut server, mut reports) = pipe_reporting();
+        let old = conn.submit(push(1), 101).unwrap();
+        read_frames(&mut server, 1).await;
+        assert_eq!(old.await.unwrap(), Outcome::Sent);
+        tokio::time::sleep(HISTORY_AGE).await;
+        let recent = conn.submit(push(2), 102).unwrap();
+        read_frames(&mut server, 1).await;
+        assert_eq!(recent.await.unwrap(), Outcome::Sent);
+        assert_eq!(conn.state.inflight.lock().unwrap().history.len(), 1);
+        let packet = ErrorPacket {
+            status: Status::InvalidToken,
+            identifier: 1,
+        };
+        server.write_all(&packet.encode()).await.unwrap();
+        // 1 is forgotten, so older than the history: everything remembered is revived.
+        let got: Vec<i64> = reports.recv().await.unwrap().iter().map(|u| u.id).collect();
+        assert_eq!(got, [102]);
+    }
+
+    /// A TLS gateway on loopback with a tiny receive buffer that, after the handshake,
+    /// reads nothing until `resume` fires, then everything: its kernel acknowledges a few
+    /// kilobytes, and the rest sits unacknowledged in the client's send buffer.
+    async fn stalled_gateway() -> (ConnectOptions, oneshot::Sender<()>) {
+        use pgpushd_emulator::tls::CertificateAuthority;
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let issued = ca
+            .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
+            .unwrap();
+        let identity = native_tls::Identity::from_pkcs8(&issued.cert_pem, &issued.key_pem).unwrap();
+        let acceptor =
+            tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).unwrap());
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        socket.listen(1).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (resume, resumed) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let _ = resumed.await;
+            let mut sink = vec![0; 64 * 1024];
+            while let Ok(1..) = tls.read(&mut sink).await {}
+        });
+        let (undelivered, _) = mpsc::unbounded_channel();
+        let tls = native_tls::TlsConnector::builder()
+            .add_root_certificate(native_tls::Certificate::from_pem(&ca.cert_pem()).unwrap())
+            .build()
+            .unwrap();
+        let opts = ConnectOptions {
+            host: "localhost".into(),
+            port,
+            tls,
+            connect_timeout: Duration::from_secs(10),
+            settle: SETTLE,
+            undelivered,
+        };
+        (opts, resume)
+    }
+
+    fn big_push(i: u8) -> Push {
+        Push {
+            payload: format!(r#"{{"aps":{{"alert":"{}"}}}}"#, "x".repeat(2000)).into_bytes(),
+            ..push(i)
+        }
+    }
+
+    /// Issue 9: bytes the gateway's TCP stack has not acknowledged have not reached it.
+    /// Before, the window started once they were in the local kernel's buffer, and all 60
+    /// notifications (120 KB, far more than the stalled peer's window) counted as sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notifications_the_gateway_has_not_acknowledged_do_not_settle() {
+        let (opts, resume) = stalled_gateway().await;
+        let conn = Connection::connect(&opts, &CancellationToken::new())
+            .await
+            .unwrap();
+        let mut outcomes: Vec<_> = (0..60)
+            .map(|i| conn.submit(big_push(i), i64::from(i)).unwrap())
+            .collect();
+        tokio::time::sleep(SETTLE * 5).await;
+        let mut sent = 0;
+        for o in &mut outcomes {
+            match o.try_recv() {
+                Ok(Outcome::Sent) => sent += 1,
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            sent < 20,
+            "{sent} of 60 counted sent while the gateway read nothing"
+        );
+        assert!(conn.is_alive());
+        // Once the gateway reads, its stack acknowledges the rest, and they settle.
+        resume.send(()).unwrap();
+        for o in outcomes.into_iter().skip(sent) {
+            let o = tokio::time::timeout(Duration::from_secs(10), o)
+                .await
+                .unwrap();
+            assert_eq!(o.unwrap(), Outcome::Sent);
+        }
+    }
+
+    /// Issue 9: gateway and feedback connections have TCP keepalive on, probing well
+    /// before a NAT forgets the flow.
+    #[tokio::test]
+    async fn connections_have_tcp_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tcp = connect_tcp("127.0.0.1", port).await.unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
+        assert!(KEEPALIVE_IDLE < Duration::from_secs(120));
+        assert!(super::super::pool::MAX_IDLE <= Duration::from_secs(90));
     }
 }

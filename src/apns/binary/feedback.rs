@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -77,7 +76,7 @@ impl FeedbackPoller {
         let bytes = tokio::time::timeout(VISIT_TIMEOUT, async {
             let tcp = tokio::time::timeout(
                 self.connect_timeout,
-                TcpStream::connect((self.host.as_str(), self.port)),
+                super::connection::connect_tcp(&self.host, self.port),
             )
             .await
             .map_err(|_| anyhow::anyhow!("connecting timed out"))?

@@ -19,13 +19,14 @@ pub(crate) mod pool;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::apns::error::LoadError;
 use crate::apns::options::Options;
 use crate::apns::{identity, tls};
 use crate::config::{AppConfig, Auth, Endpoint, Environment};
-use crate::transport::{short_token, Delivery, Notification};
+use crate::transport::{short_token, Delivery, Notification, Undelivered};
 
 use connection::{ConnectOptions, Outcome};
 use feedback::FeedbackPoller;
@@ -88,8 +89,13 @@ pub(crate) struct BinaryApp {
 }
 
 impl BinaryApp {
-    /// Loads the certificate and sets up TLS; connects on the first notification.
-    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<BinaryApp, LoadError> {
+    /// Loads the certificate and sets up TLS; connects on the first notification. Rows
+    /// reported sent and later found undelivered (a late error packet) go to `undelivered`.
+    pub(crate) fn new(
+        config: &AppConfig,
+        options: &Options,
+        undelivered: mpsc::UnboundedSender<Vec<Undelivered>>,
+    ) -> Result<BinaryApp, LoadError> {
         let tls = tls_connector(config)?;
         let (host, port) = gateway(&config.endpoint);
         let settle = config.binary.settle;
@@ -112,6 +118,7 @@ impl BinaryApp {
                 tls,
                 connect_timeout: options.connect_timeout,
                 settle,
+                undelivered,
             },
             config.connections,
             options.reconnect_base,
@@ -151,13 +158,13 @@ impl BinaryApp {
                 return Delivery::Rejected { reason };
             }
         };
-        let delivery = self.exchange(push).await;
+        let delivery = self.exchange(push, n.id).await;
         debug!(app = %self.name, id = n.id, token = short_token(&n.device_token),
                outcome = ?delivery, "push attempt (binary)");
         delivery
     }
 
-    async fn exchange(&self, push: Push) -> Delivery {
+    async fn exchange(&self, push: Push, row: i64) -> Delivery {
         let tries = self.max_resends + 1;
         let mut counted = 0;
         let mut last = String::new();
@@ -177,7 +184,7 @@ impl BinaryApp {
                     }
                 }
             };
-            let outcome = match conn.submit(push.clone()) {
+            let outcome = match conn.submit(push.clone(), row) {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     last = "the connection closed before it was written".into();

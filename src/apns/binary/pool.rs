@@ -19,10 +19,12 @@ use super::connection::{ConnectOptions, Connection};
 use crate::backoff::backoff;
 
 /// A connection unused this long is replaced rather than used. Nothing on an idle
-/// connection tells a live gateway from one a NAT or firewall silently forgot, and on a
-/// dead connection the first notifications would outlast their settle window unanswered
-/// and count as sent.
-const MAX_IDLE: Duration = Duration::from_secs(5 * 60);
+/// connection tells a live gateway from one a NAT or firewall silently forgot (TCP
+/// keepalive, probing after 30 s, narrows that but some middleboxes ignore it), and a
+/// dead connection would swallow the first notifications written to it. NATs and
+/// firewalls commonly forget a quiet flow after 2 to 5 minutes (some sooner): a minute
+/// stays under all of those, and costs one TLS handshake per idle minute at most.
+pub(crate) const MAX_IDLE: Duration = Duration::from_secs(60);
 
 /// No connection now; try again in `after`.
 #[derive(Debug, Clone, PartialEq)]

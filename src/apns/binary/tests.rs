@@ -78,7 +78,11 @@ impl Setup {
             reconnect_max: Duration::from_millis(200),
             ..Options::default()
         };
-        Arc::new(BinaryApp::new(&self.app(auth), &options).unwrap_or_else(|e| panic!("{e}")))
+        let (undelivered, _) = tokio::sync::mpsc::unbounded_channel();
+        Arc::new(
+            BinaryApp::new(&self.app(auth), &options, undelivered)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 }
 
