@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::apns::reason::Reason;
 use crate::outcome::RowStatus;
 use crate::transport::Transport;
 
@@ -184,16 +185,16 @@ impl Metrics {
 }
 
 /// Apple's reason word in a `last_error` ("gave up after 3 attempts: 503
-/// ServiceUnavailable" -> `ServiceUnavailable`), so the label's values stay few.
+/// ServiceUnavailable" -> `ServiceUnavailable`), or `other`. Only the reasons Apple
+/// documents ([`Reason::KNOWN`]) become labels: a server (or a proxy in the way) that
+/// answers words of its own cannot grow the series without bound.
 pub fn reason_label(last_error: &str) -> String {
+    static NAMES: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| Reason::KNOWN.iter().map(|r| r.to_string()).collect());
     last_error
         .split(|c: char| !c.is_ascii_alphanumeric())
-        .find(|w| {
-            w.len() >= 4
-                && w.chars().next().is_some_and(|c| c.is_ascii_uppercase())
-                && w.chars().any(|c| c.is_ascii_lowercase())
-        })
-        .map_or_else(|| "other".to_owned(), |w| w.chars().take(48).collect())
+        .find_map(|w| NAMES.iter().find(|name| *name == w))
+        .map_or_else(|| "other".to_owned(), Clone::clone)
 }
 
 /// What `/healthz` and the read-on-scrape metrics read besides [`Metrics`]: the live
@@ -330,6 +331,39 @@ mod tests {
             reason_label("unknown app \"x\": no [apps.x] section"),
             "other"
         );
+    }
+
+    #[test]
+    fn reasons_apple_never_listed_are_other() {
+        // A server (or a proxy in the way) answering a reason of its own invention must
+        // not grow the series: only Apple's known words become labels.
+        assert_eq!(reason_label("400 MadeUpReasonNumber7351"), "other");
+        assert_eq!(
+            reason_label("gave up after 2 attempts: 500 WhateverTheProxySays"),
+            "other"
+        );
+        assert_eq!(
+            reason_label("Connection reset; 503 ServiceUnavailable"),
+            "ServiceUnavailable"
+        );
+        let m = Metrics::new();
+        m.set_apps(&["default".to_owned()]);
+        for n in 0..100 {
+            m.row(
+                "default",
+                RowStatus::Failed,
+                true,
+                Some(&format!("400 InventedReason{n}")),
+            );
+        }
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"pgpushd_rows_total{app="default",outcome="failed",reason="other"} 100"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("InventedReason"), "{text}");
     }
 
     #[test]
