@@ -52,7 +52,7 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Show the outbox: rows by app and status, the oldest due row, common errors,
     /// unregistered tokens.
-    Status(ConfigArg),
+    Status(StatusArgs),
     /// Send one push without the database and print APNs's answer.
     Send(SendArgs),
     /// Run a local APNs emulator.
@@ -75,6 +75,15 @@ struct ConfigArg {
         default_value = "/etc/pgpushd/pgpushd.toml"
     )]
     config: PathBuf,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Show device tokens whole (by default only their first 8 hex digits, as the logs).
+    #[arg(long)]
+    full_tokens: bool,
 }
 
 #[derive(Args)]
@@ -159,10 +168,10 @@ async fn dispatch(command: Command) -> ExitCode {
             Err(code) => return code,
         },
         Command::CheckConfig(a) => return check_config(&a.config),
-        Command::Status(a) => match load(&a.config) {
+        Command::Status(a) => match load(&a.config.config) {
             Ok(config) => pgpushd::outbox::status::fetch(&config.database)
                 .await
-                .map(|status| print!("{status}")),
+                .map(|status| print!("{}", status.display(a.full_tokens))),
             Err(code) => return code,
         },
         Command::Send(a) => match load(&a.config.config) {

@@ -4,15 +4,22 @@
 //! scrape, after refreshing the values that are read rather than counted (connections,
 //! app health). `/healthz` answers 200 while the database and every app are usable, 503
 //! with the reasons otherwise.
+//!
+//! The listener survives clients that connect and never speak: a connection must send
+//! its request head within [`Limits::header_read_timeout`] (also between requests on a
+//! kept-alive one), at most [`Limits::max_connections`] are served at once (the excess
+//! is closed at once and counted in `pgpushd_metrics_connections_refused_total`), and
+//! failing `accept`s (EMFILE) back off instead of spinning.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,10 +28,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::apns::reason::Reason;
 use crate::outcome::RowStatus;
 use crate::transport::Transport;
 
@@ -74,6 +82,9 @@ pub struct Metrics {
     pub notifications: Counter,
     /// Rows claimed while awake: their writers (most of them) did not notify.
     pub rows_found_awake: Counter,
+    /// Connections to the metrics listener closed at once because
+    /// [`Limits::max_connections`] were being served.
+    pub metrics_connections_refused: Counter,
     /// The configured apps: rows naming any other app are counted as `unknown`, so a
     /// producer's typo cannot grow the series without bound.
     known_apps: std::sync::RwLock<std::collections::HashSet<String>>,
@@ -110,6 +121,7 @@ impl Metrics {
             wakeup_barrier_busy: Counter::default(),
             notifications: Counter::default(),
             rows_found_awake: Counter::default(),
+            metrics_connections_refused: Counter::default(),
             known_apps: Default::default(),
             registry: Registry::default(),
         };
@@ -189,6 +201,11 @@ impl Metrics {
             "Rows claimed while awake, found without a NOTIFY",
             m.rows_found_awake.clone(),
         );
+        registry.register(
+            "metrics_connections_refused",
+            "Connections to the metrics listener closed at once: too many were open",
+            m.metrics_connections_refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -230,16 +247,16 @@ impl Metrics {
 }
 
 /// Apple's reason word in a `last_error` ("gave up after 3 attempts: 503
-/// ServiceUnavailable" -> `ServiceUnavailable`), so the label's values stay few.
+/// ServiceUnavailable" -> `ServiceUnavailable`), or `other`. Only the reasons Apple
+/// documents ([`Reason::KNOWN`]) become labels: a server (or a proxy in the way) that
+/// answers words of its own cannot grow the series without bound.
 pub fn reason_label(last_error: &str) -> String {
+    static NAMES: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| Reason::KNOWN.iter().map(|r| r.to_string()).collect());
     last_error
         .split(|c: char| !c.is_ascii_alphanumeric())
-        .find(|w| {
-            w.len() >= 4
-                && w.chars().next().is_some_and(|c| c.is_ascii_uppercase())
-                && w.chars().any(|c| c.is_ascii_lowercase())
-        })
-        .map_or_else(|| "other".to_owned(), |w| w.chars().take(48).collect())
+        .find_map(|w| NAMES.iter().find(|name| *name == w))
+        .map_or_else(|| "other".to_owned(), Clone::clone)
 }
 
 /// What `/healthz` and the read-on-scrape metrics read besides [`Metrics`]: the live
@@ -327,28 +344,94 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("metrics: cannot listen on {addr}: {e}"))
 }
 
+/// What the metrics listener allows its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; the excess is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// How long a connection may take to send a request head, the first or the next on a
+    /// kept-alive connection; then it is closed.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// A few Prometheus servers and health checkers need a handful of connections; a
+    /// scrape sends its request head at once.
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The longest pause after a failed `accept` (EMFILE, ENFILE, ENOBUFS...): the failure
+/// repeats until a descriptor is freed, and retrying at once would spin.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Serves with the default [`Limits`] until `cancel`.
 pub async fn serve(listener: TcpListener, sources: Arc<Sources>, cancel: CancellationToken) {
+    serve_with(listener, sources, cancel, Limits::default()).await
+}
+
+pub async fn serve_with(
+    listener: TcpListener,
+    sources: Arc<Sources>,
+    cancel: CancellationToken,
+    limits: Limits,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut accept_failures = 0u32;
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    accept_failures = 0;
+                    a
+                }
                 Err(e) => {
-                    warn!(error = %e, "metrics: accept failed");
-                    continue;
+                    let wait = crate::backoff::nominal(
+                        accept_failures,
+                        Duration::from_millis(10),
+                        ACCEPT_BACKOFF_MAX,
+                    );
+                    accept_failures = accept_failures.saturating_add(1);
+                    warn!(error = %e, retry_in = ?wait, "metrics: accept failed");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            sources.metrics.metrics_connections_refused.inc();
+            debug!(%peer, limit = limits.max_connections, "metrics: too many connections, closing");
+            drop(stream);
+            continue;
+        };
         let sources = sources.clone();
+        let cancel = cancel.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let response = sources.answer(req.uri().path());
                 async move { Ok::<_, Infallible>(response) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 debug!(%peer, error = %e, "metrics connection ended");
             }
         });
@@ -379,6 +462,39 @@ mod tests {
     }
 
     #[test]
+    fn reasons_apple_never_listed_are_other() {
+        // A server (or a proxy in the way) answering a reason of its own invention must
+        // not grow the series: only Apple's known words become labels.
+        assert_eq!(reason_label("400 MadeUpReasonNumber7351"), "other");
+        assert_eq!(
+            reason_label("gave up after 2 attempts: 500 WhateverTheProxySays"),
+            "other"
+        );
+        assert_eq!(
+            reason_label("Connection reset; 503 ServiceUnavailable"),
+            "ServiceUnavailable"
+        );
+        let m = Metrics::new();
+        m.set_apps(&["default".to_owned()]);
+        for n in 0..100 {
+            m.row(
+                "default",
+                RowStatus::Failed,
+                true,
+                Some(&format!("400 InventedReason{n}")),
+            );
+        }
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"pgpushd_rows_total{app="default",outcome="failed",reason="other"} 100"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("InventedReason"), "{text}");
+    }
+
+    #[test]
     fn rows_are_counted_by_outcome_and_encoded() {
         let m = Metrics::new();
         m.set_apps(&["default".to_owned()]);
@@ -401,5 +517,106 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"app="unknown",outcome="failed""#), "{text}");
+    }
+
+    /// A transport with no apps, which is never asked to send.
+    struct NoApps;
+
+    impl Transport for NoApps {
+        fn send<'a>(
+            &'a self,
+            _: &'a crate::transport::Notification,
+        ) -> futures::future::BoxFuture<'a, crate::transport::Delivery> {
+            unreachable!("no rows in these tests")
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await?;
+        Ok(answer)
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_idle_connections_neither_blocks_the_listener_nor_lasts() {
+        use tokio::io::AsyncReadExt;
+        use tokio::time::{timeout, Instant};
+
+        let limits = Limits {
+            max_connections: 8,
+            header_read_timeout: Duration::from_millis(500),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_database, database) = watch::channel(Ok(()));
+        let (_listening, listening) = watch::channel(true);
+        let metrics = Arc::new(Metrics::new());
+        let sources = Arc::new(Sources {
+            metrics: metrics.clone(),
+            transport: Arc::new(NoApps),
+            database,
+            listening,
+        });
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve_with(listener, sources, cancel.clone(), limits));
+
+        // Twice the cap of connections that never send a byte.
+        let flooded = Instant::now();
+        let mut idle = Vec::new();
+        for _ in 0..2 * limits.max_connections {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // The excess is closed at once, and counted.
+        let refused = async {
+            while metrics.metrics_connections_refused.get() < limits.max_connections as u64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        timeout(Duration::from_secs(5), refused)
+            .await
+            .expect("the connections past the cap are refused");
+
+        // /healthz answers within a second or two: as soon as the header timeout frees
+        // the idle connections' slots.
+        let answer = async {
+            loop {
+                match get(addr, "/healthz").await {
+                    Ok(a) if a.starts_with("HTTP/1.1 200") => return a,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        };
+        let answer = timeout(Duration::from_secs(2), answer)
+            .await
+            .expect("/healthz answers despite the flood");
+        assert!(answer.ends_with("ok\n"), "{answer}");
+        assert!(flooded.elapsed() < Duration::from_secs(3));
+
+        // Every idle connection has been closed by now (the header timeout), never sent
+        // anything and is at its end.
+        for mut c in idle {
+            let mut buf = [0u8; 64];
+            let n = timeout(Duration::from_secs(2), c.read(&mut buf))
+                .await
+                .expect("an idle connection is closed after the header timeout")
+                .unwrap_or(0);
+            assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+        }
+        // The flood's excess, and perhaps a /healthz try made while the cap was full.
+        let text = metrics.encode();
+        let refused: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("pgpushd_metrics_connections_refused_total "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(refused >= limits.max_connections as u64, "{text}");
+        cancel.cancel();
+        server.await.unwrap();
     }
 }

@@ -217,6 +217,9 @@ pub(crate) fn server_tls_with_alpn(
     client_ca: Option<&[u8]>,
     alpn: Option<&'static [u8]>,
 ) -> anyhow::Result<ServerTls> {
+    if let Some(dir) = tls_dir {
+        check_tls_dir(dir)?;
+    }
     let ca = match tls_dir {
         Some(dir) if dir.join("ca.pem").exists() && dir.join("ca.key").exists() => {
             let read = |f: &str| {
@@ -238,7 +241,6 @@ pub(crate) fn server_tls_with_alpn(
     let server = ca.issue_server(&["localhost"], &ips)?;
     let ca_pem = ca.cert_pem();
     if let Some(dir) = tls_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         write_file(&dir.join("ca.pem"), &ca_pem, 0o644)?;
         write_file(&dir.join("ca.key"), &ca.key_pem(), 0o600)?;
         write_file(&dir.join("server.pem"), &server.cert_pem, 0o644)?;
@@ -274,6 +276,47 @@ pub(crate) fn server_tls_with_alpn(
         acceptor: builder.build(),
         ca_pem,
     })
+}
+
+/// `--tls-dir` holds the CA key the emulator reuses and the keys it writes: a directory
+/// another user owns, or one its group or others may write to, would let someone else
+/// swap the CA clients trust, or read a key through a file they planted. Such a
+/// directory is refused; a missing one is created for this user alone (0700).
+pub(crate) fn check_tls_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create the TLS directory {}", dir.display()))?;
+    }
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("cannot use the TLS directory {}", dir.display()))?;
+    ensure!(
+        meta.is_dir(),
+        "the TLS directory {} is not a directory",
+        dir.display()
+    );
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    ensure!(
+        meta.uid() == me,
+        "refusing the TLS directory {}: it belongs to uid {}, not to this user (uid {me}); \
+         another user could replace the CA and keys in it. Use a directory of your own",
+        dir.display(),
+        meta.uid()
+    );
+    let mode = meta.mode() & 0o7777;
+    ensure!(
+        mode & 0o022 == 0,
+        "refusing the TLS directory {}: its group or others may write to it (mode {mode:04o}); \
+         they could replace the CA and keys in it. Run `chmod go-w {}` or use another directory",
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Writes with `mode` from the start, so a key is never readable by others.

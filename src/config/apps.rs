@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::duration;
-use super::validate::Validator;
+use super::validate::{Validator, DAY, MINUTE};
 use super::ConfigError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -207,7 +207,11 @@ impl Validator<'_> {
         )?;
         Ok(AppConfig {
             connections: self.positive(&key("connections"), a.connections, 64)?,
-            request_timeout: self.nonzero(&key("request_timeout"), a.request_timeout)?,
+            request_timeout: self.bounded(
+                &key("request_timeout"),
+                a.request_timeout,
+                10 * MINUTE,
+            )?,
             ca_file: a.ca_file.map(|p| self.file_path(p)),
             topic: a.topic,
             endpoint,
@@ -292,12 +296,14 @@ impl Validator<'_> {
             return Ok(BinaryConfig::default());
         }
         let settle = match a.settle {
-            Some(s) => self.nonzero(&key("binary_settle"), s)?,
+            Some(s) => self.bounded(&key("binary_settle"), s, MINUTE)?,
             None => defaults::binary_settle(),
         };
-        let interval = a
-            .feedback_interval
-            .unwrap_or_else(defaults::feedback_interval);
+        let interval = match a.feedback_interval {
+            // "0s" is allowed: it turns the poller off.
+            Some(i) => self.at_most(&key("feedback_interval"), i, 7 * DAY)?,
+            None => defaults::feedback_interval(),
+        };
         let feedback_endpoint = match (&a.feedback_endpoint, endpoint) {
             (Some(text), _) => {
                 let (host, port) = parse_endpoint_with_port(text, FEEDBACK_PORT)

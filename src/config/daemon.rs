@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::duration;
-use super::validate::Validator;
+use super::validate::{Validator, HOUR};
 use super::ConfigError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +37,7 @@ fn default_shutdown_timeout() -> Duration {
 impl Validator<'_> {
     pub(super) fn daemon(&self, d: DaemonFile) -> Result<DaemonConfig, ConfigError> {
         Ok(DaemonConfig {
-            shutdown_timeout: self.nonzero("daemon.shutdown_timeout", d.shutdown_timeout)?,
+            shutdown_timeout: self.bounded("daemon.shutdown_timeout", d.shutdown_timeout, HOUR)?,
         })
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::duration;
-use super::validate::Validator;
+use super::validate::{Validator, HOUR, MINUTE};
 use super::{ConfigError, DATABASE_URL_ENV};
 use crate::secret::Secret;
 
@@ -159,16 +159,23 @@ impl Validator<'_> {
         Ok(DatabaseConfig {
             url: Secret::new(url),
             listen_url: d.listen_url.map(Secret::new),
-            poll_interval: self.nonzero("database.poll_interval", d.poll_interval)?,
+            poll_interval: self.bounded("database.poll_interval", d.poll_interval, HOUR)?,
             batch_size: self.positive("database.batch_size", d.batch_size, 10_000)?,
             max_batches_in_flight: self.positive(
                 "database.max_batches_in_flight",
                 d.max_batches_in_flight,
                 64,
             )?,
-            keepalive_interval: self
-                .nonzero("database.keepalive_interval", d.keepalive_interval)?,
-            connect_timeout: self.nonzero("database.connect_timeout", d.connect_timeout)?,
+            keepalive_interval: self.bounded(
+                "database.keepalive_interval",
+                d.keepalive_interval,
+                HOUR,
+            )?,
+            connect_timeout: self.bounded(
+                "database.connect_timeout",
+                d.connect_timeout,
+                10 * MINUTE,
+            )?,
             awake_poll_interval: self.within(
                 "database.awake_poll_interval",
                 d.awake_poll_interval,

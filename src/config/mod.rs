@@ -130,16 +130,51 @@ impl Config {
     }
 }
 
-/// `toml`'s message names the key; add the line so the user finds it.
+/// `toml`'s message does not always name the key (a value serde refused, like a
+/// duration too large to represent): add the line, and the key when the error points
+/// at a value, so the user finds it.
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim_end();
     match e.span() {
         Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {message}")
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            match key_at(text, start) {
+                Some(key) => format!("line {line}: {key}: {message}"),
+                None => format!("line {line}: {message}"),
+            }
         }
         None => message.to_owned(),
     }
+}
+
+/// `section.key` when `offset` is in the value of a `key = value` line, as far as a
+/// line-by-line reading can tell (the last `[section]` header above it).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = text[line_start..offset].split_once('=')?;
+    let key = key.trim();
+    let is_bare_key = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    };
+    if !is_bare_key(key) {
+        return None;
+    }
+    let section = text[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        let name = l
+            .strip_prefix('[')?
+            .split(']')
+            .next()?
+            .trim_start_matches('[');
+        Some(name.trim().to_owned())
+    });
+    Some(match section {
+        Some(section) if !section.is_empty() => format!("{section}.{key}"),
+        _ => key.to_owned(),
+    })
 }
 
 impl Validator<'_> {

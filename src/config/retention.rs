@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::duration;
-use super::validate::Validator;
+use super::validate::{Validator, DAY};
 use super::ConfigError;
 
 /// `[retention]`: how long settled rows stay in the outbox. Each age is optional and
@@ -79,7 +79,7 @@ impl Validator<'_> {
             failed: age("failed", r.failed)?,
             expired: age("expired", r.expired)?,
             interval: match r.interval {
-                Some(i) => self.nonzero("retention.interval", i)?,
+                Some(i) => self.bounded("retention.interval", i, DAY)?,
                 None => default.interval,
             },
             batch_size: match r.batch_size {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::duration;
-use super::validate::Validator;
+use super::validate::{Validator, DAY};
 use super::ConfigError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +15,9 @@ pub struct RetryConfig {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
 }
+
+/// The longest wait between two attempts of a row.
+const MAX_BACKOFF: Duration = Duration::from_secs(30 * DAY.as_secs());
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,10 +57,8 @@ mod defaults {
 impl Validator<'_> {
     pub(super) fn retry(&self, r: RetryFile) -> Result<RetryConfig, ConfigError> {
         let max_attempts = self.positive("retry.max_attempts", r.max_attempts, 1_000)? as u32;
-        let backoff_base = self.nonzero("retry.backoff_base", r.backoff_base)?;
-        if r.backoff_max > Duration::from_secs(30 * 86_400) {
-            return Err(self.invalid("retry.backoff_max", "must be at most 30 days"));
-        }
+        let backoff_base = self.bounded("retry.backoff_base", r.backoff_base, MAX_BACKOFF)?;
+        self.at_most("retry.backoff_max", r.backoff_max, MAX_BACKOFF)?;
         if r.backoff_max < backoff_base {
             return Err(self.invalid(
                 "retry.backoff_max",

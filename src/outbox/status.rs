@@ -11,6 +11,12 @@
 //!   expired rows, plus the pending rows carrying an error;
 //! - unregistered tokens: a count per app (a scan of that narrow table) and the newest
 //!   few through its `unregistered_at` index.
+//!
+//! Legacy rows may hold `'infinity'` or `'-infinity'` timestamps (the CHECK of schema
+//! version 3 is `NOT VALID`): every age is computed in SQL only for finite values, an
+//! infinite one becomes `Duration::MAX` (shown as such), and a row scheduled at
+//! `'infinity'`, which never falls due, is counted apart. Device tokens are shown
+//! shortened ([`short_token`]) unless [`StatusReport::display`] is asked for them whole.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,6 +28,7 @@ use tokio_postgres::{Client, IsolationLevel};
 use crate::config::DatabaseConfig;
 use crate::db;
 use crate::outbox::migrate;
+use crate::transport::short_token;
 
 /// How many of the most common errors are shown.
 pub const TOP_ERRORS: usize = 10;
@@ -97,6 +104,8 @@ pub struct StatusReport {
     pub oldest_due: Option<OldestDue>,
     /// How long until the next scheduled (or retried) row falls due.
     pub next_scheduled: Option<Duration>,
+    /// Pending rows whose `send_after` is `'infinity'` (legacy rows): never due.
+    pub never_due: i64,
     /// The most common `last_error`s of rows failed or expired in the last
     /// [`ERROR_WINDOW`] and of pending rows waiting to be retried, most frequent first.
     pub errors: Vec<ErrorCount>,
@@ -124,7 +133,7 @@ pub struct OldestDue {
     pub id: i64,
     pub app: String,
     pub attempts: i32,
-    /// How long it has been due.
+    /// How long it has been due; `Duration::MAX` for a `send_after` of `'-infinity'`.
     pub overdue: Duration,
 }
 
@@ -170,16 +179,22 @@ SELECT app,
  WHERE status <> 'pending'
  GROUP BY app";
 
-// Exactly the claim's order, so the first entry of the partial index answers it.
+// Exactly the claim's order, so the first entry of the partial index answers it. A
+// send_after of '-infinity' sorts first; `now() - '-infinity'` is an error before
+// PostgreSQL 17, hence the CASE (and `seconds` maps the infinite float to Duration::MAX).
 const OLDEST_DUE: &str = "
-SELECT id, app, attempts, extract(epoch FROM now() - send_after)::float8
+SELECT id, app, attempts,
+       CASE WHEN isfinite(send_after) THEN extract(epoch FROM now() - send_after)::float8
+            ELSE 'Infinity'::float8 END
   FROM pgpushd.outbox
  WHERE status = 'pending' AND send_after <= now()
  ORDER BY send_after, id
  LIMIT 1";
 
+// The next finite send_after; rows at 'infinity' never fall due and are counted apart.
 const NEXT_SCHEDULED: &str = "
-SELECT extract(epoch FROM min(send_after) - now())::float8
+SELECT extract(epoch FROM min(send_after) FILTER (WHERE send_after < 'infinity') - now())::float8,
+       count(*) FILTER (WHERE send_after = 'infinity')
   FROM pgpushd.outbox
  WHERE status = 'pending' AND send_after > now()";
 
@@ -198,13 +213,21 @@ SELECT status, app, last_error, count(*)
  LIMIT $2";
 
 const UNREGISTERED: &str = "
-SELECT app, count(*), extract(epoch FROM now() - max(unregistered_at))::float8
+SELECT app, count(*),
+       CASE WHEN isfinite(max(unregistered_at))
+            THEN extract(epoch FROM now() - max(unregistered_at))::float8
+            WHEN max(unregistered_at) > now() THEN 0
+            ELSE 'Infinity'::float8 END
   FROM pgpushd.unregistered_tokens
  GROUP BY app
  ORDER BY app";
 
 const NEWEST_UNREGISTERED_SQL: &str = "
-SELECT app, device_token, extract(epoch FROM now() - unregistered_at)::float8
+SELECT app, device_token,
+       CASE WHEN isfinite(unregistered_at)
+            THEN extract(epoch FROM now() - unregistered_at)::float8
+            WHEN unregistered_at > now() THEN 0
+            ELSE 'Infinity'::float8 END
   FROM pgpushd.unregistered_tokens
  ORDER BY unregistered_at DESC
  LIMIT $1";
@@ -239,11 +262,9 @@ impl StatusReport {
             attempts: r.get(2),
             overdue: seconds(r.get(3)),
         });
-        let next_scheduled = txn
-            .query_one(NEXT_SCHEDULED, &[])
-            .await?
-            .get::<_, Option<f64>>(0)
-            .map(seconds);
+        let next = txn.query_one(NEXT_SCHEDULED, &[]).await?;
+        let next_scheduled = next.get::<_, Option<f64>>(0).map(seconds);
+        let never_due = next.get(1);
         let window = ERROR_WINDOW.as_secs() as i64;
         let errors = txn
             .query(ERRORS, &[&window, &(TOP_ERRORS as i64)])
@@ -281,6 +302,7 @@ impl StatusReport {
             apps: apps.into_values().collect(),
             oldest_due,
             next_scheduled,
+            never_due,
             errors,
             unregistered,
             newest_unregistered,
@@ -306,16 +328,41 @@ fn entry(apps: &mut BTreeMap<String, AppCounts>, app: String) -> &mut AppCounts 
     })
 }
 
+/// Seconds from SQL as a `Duration`: negative (or NaN) is 0, and what no `Duration` can
+/// hold (an infinite timestamp's age) is `Duration::MAX`.
 fn seconds(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 // ---- rendering -------------------------------------------------------------------------
 
+impl StatusReport {
+    /// The report as text, with device tokens whole (`full_tokens`) or shortened to their
+    /// first 8 hex digits, as the logs show them (`Display` shortens them).
+    pub fn display(&self, full_tokens: bool) -> impl fmt::Display + '_ {
+        Rendered {
+            report: self,
+            full_tokens,
+        }
+    }
+}
+
+struct Rendered<'a> {
+    report: &'a StatusReport,
+    full_tokens: bool,
+}
+
 impl fmt::Display for StatusReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.display(false).fmt(f)
+    }
+}
+
+impl fmt::Display for Rendered<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (report, full_tokens) = (self.report, self.full_tokens);
         writeln!(f, "Rows by app and status")?;
-        if self.apps.is_empty() {
+        if report.apps.is_empty() {
             writeln!(f, "  (the outbox is empty)")?;
         } else {
             let mut total = AppCounts {
@@ -323,7 +370,7 @@ impl fmt::Display for StatusReport {
                 ..AppCounts::default()
             };
             let mut rows = Vec::new();
-            for a in &self.apps {
+            for a in &report.apps {
                 total.pending += a.pending;
                 total.due += a.due;
                 total.retrying += a.retrying;
@@ -332,7 +379,7 @@ impl fmt::Display for StatusReport {
                 total.expired += a.expired;
                 rows.push(counts_row(a));
             }
-            if self.apps.len() > 1 {
+            if report.apps.len() > 1 {
                 rows.push(counts_row(&total));
             }
             table(
@@ -344,20 +391,31 @@ impl fmt::Display for StatusReport {
             )?;
         }
         writeln!(f)?;
-        match &self.oldest_due {
+        match &report.oldest_due {
             Some(o) => writeln!(
                 f,
-                "Oldest due row:  id {} (app {}, {} attempt(s)), due for {}",
+                "Oldest due row:  id {} (app {}, {} attempt(s)), {}",
                 o.id,
                 o.app,
                 o.attempts,
-                age(o.overdue)
+                if o.overdue == Duration::MAX {
+                    "due since -infinity".to_owned()
+                } else {
+                    format!("due for {}", age(o.overdue))
+                }
             )?,
             None => writeln!(f, "Oldest due row:  none, nothing is waiting to be sent")?,
         }
-        match self.next_scheduled {
+        match report.next_scheduled {
             Some(d) => writeln!(f, "Next scheduled:  due in {}", age(d))?,
             None => writeln!(f, "Next scheduled:  none")?,
+        }
+        if report.never_due > 0 {
+            writeln!(
+                f,
+                "Never due:       {} pending row(s) with send_after = infinity",
+                report.never_due
+            )?;
         }
         writeln!(f)?;
         writeln!(
@@ -365,10 +423,10 @@ impl fmt::Display for StatusReport {
             "Most common errors (failed or expired in the last {} hours, or pending a retry)",
             ERROR_WINDOW.as_secs() / 3600
         )?;
-        if self.errors.is_empty() {
+        if report.errors.is_empty() {
             writeln!(f, "  (none)")?;
         } else {
-            let rows: Vec<Vec<String>> = self
+            let rows: Vec<Vec<String>> = report
                 .errors
                 .iter()
                 .map(|e| {
@@ -384,20 +442,27 @@ impl fmt::Display for StatusReport {
         }
         writeln!(f)?;
         writeln!(f, "Unregistered tokens")?;
-        if self.unregistered.is_empty() {
+        if report.unregistered.is_empty() {
             writeln!(f, "  (none)")?;
         } else {
-            let rows: Vec<Vec<String>> = self
+            let rows: Vec<Vec<String>> = report
                 .unregistered
                 .iter()
                 .map(|u| vec![u.app.clone(), u.tokens.to_string(), ago(u.newest)])
                 .collect();
             table(f, &["APP", "TOKENS", "NEWEST"], &rows)?;
             writeln!(f)?;
-            let rows: Vec<Vec<String>> = self
+            let rows: Vec<Vec<String>> = report
                 .newest_unregistered
                 .iter()
-                .map(|t| vec![t.app.clone(), t.device_token.clone(), ago(t.ago)])
+                .map(|t| {
+                    let token = if full_tokens {
+                        &t.device_token
+                    } else {
+                        short_token(&t.device_token)
+                    };
+                    vec![t.app.clone(), token.to_owned(), ago(t.ago)]
+                })
                 .collect();
             table(f, &["APP", "NEWEST TOKENS", "UNREGISTERED"], &rows)?;
         }
@@ -468,7 +533,10 @@ pub fn age(d: Duration) -> String {
         3600.. => 60,
         _ => 1,
     };
-    let rounded = (secs + unit / 2) / unit * unit;
+    if d == Duration::MAX {
+        return "forever".into();
+    }
+    let rounded = secs.saturating_add(unit / 2) / unit * unit;
     if rounded == 0 {
         return "0s".into();
     }
@@ -477,6 +545,9 @@ pub fn age(d: Duration) -> String {
 }
 
 fn ago(d: Duration) -> String {
+    if d == Duration::MAX {
+        return "at -infinity".into();
+    }
     format!("{} ago", age(d))
 }
 
@@ -528,6 +599,7 @@ mod tests {
             ],
             oldest_due: None,
             next_scheduled: Some(Duration::from_secs(300)),
+            never_due: 0,
             errors: vec![ErrorCount {
                 status: "failed".into(),
                 app: "default".into(),

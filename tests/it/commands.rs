@@ -59,6 +59,32 @@ fn a_bad_config_exits_78_naming_file_and_key() {
 }
 
 #[test]
+fn a_duration_past_its_bound_exits_78_naming_file_and_key() {
+    // Before the bounds, check-config said OK and `run` started with a poll interval of
+    // 584 billion years, one `Instant + d` away from a panic.
+    let dir = tempfile::tempdir().unwrap();
+    for (key, value) in [
+        ("poll_interval", "584000000000y"),
+        ("connect_timeout", "99999999999999999999999y"),
+    ] {
+        let path = write_config(
+            dir.path(),
+            &format!("[database]\nurl = \"postgres://x@127.0.0.1:1/db\"\n{key} = \"{value}\"\n"),
+        );
+        for command in ["check-config", "run"] {
+            let (code, _, stderr) = output(pgpushd().arg(command).arg("--config").arg(&path));
+            assert_eq!(code, 78, "{command} {key}: {stderr}");
+            assert!(
+                stderr.contains(&format!("{}: ", path.display()))
+                    && stderr.contains(&format!("database.{key}: ")),
+                "{command} {key}: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}
+
+#[test]
 fn bad_credentials_are_reported_by_file_and_problem_without_key_material() {
     use openssl::ec::{EcGroup, EcKey};
     use openssl::nid::Nid;

@@ -331,9 +331,94 @@ async fn feedback_is_handed_out_once() {
     assert!(now - u64::from(tuples[0].0) < 60);
     assert_eq!(tuples[1], (1_700_000_000, token(6).to_vec()));
     assert_eq!(s.emulator.pending_feedback(), 0);
+    // Forgotten once the client, having read everything, closes.
+    drop(tls);
+    wait_until("the tuples are counted as handed out", || {
+        s.emulator.stats().feedback_tuples == 2
+    })
+    .await;
 
     let mut again = s.connect_to(addr, true).await.unwrap();
     assert!(read_to_end(&mut again).await.is_empty());
     let stats = s.emulator.stats();
     assert_eq!((stats.feedback_connections, stats.feedback_tuples), (2, 2));
+}
+
+/// The raw TCP stream under a client's TLS.
+fn tcp_of(tls: &TlsStream<TcpStream>) -> &TcpStream {
+    tls.get_ref().get_ref().get_ref()
+}
+
+#[tokio::test]
+async fn feedback_survives_a_client_that_disconnects_without_reading() {
+    let tokens: Vec<String> = (1..=3).map(|i| hex::encode(token(i))).collect();
+    let s = setup(|c| c.feedback_tokens = tokens).await;
+    let addr = s.emulator.feedback_addr().unwrap();
+
+    // The tuples (and the server's close_notify) reach this client's socket; it reads
+    // none of them and goes away, which resets the connection.
+    let tls = s.connect_to(addr, true).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let arrived = async {
+        while tcp_of(&tls).peek(&mut buf).await.unwrap() < 3 * 38 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, arrived)
+        .await
+        .expect("the tuples are sent");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tls);
+
+    wait_until("the tuples are back in the queue", || {
+        s.emulator.pending_feedback() == 3
+    })
+    .await;
+    let mut again = s.connect_to(addr, true).await.unwrap();
+    let tuples = feedback_tuples(&read_to_end(&mut again).await);
+    let got: Vec<Vec<u8>> = tuples.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(got, [token(1), token(2), token(3)].map(|t| t.to_vec()));
+    drop(again);
+    wait_until("the tuples are handed out", || {
+        s.emulator.stats().feedback_tuples == 3
+    })
+    .await;
+    assert_eq!(s.emulator.pending_feedback(), 0);
+}
+
+#[tokio::test]
+async fn feedback_survives_a_client_that_stops_reading_until_the_timeout() {
+    // More tuples than the sockets' buffers hold, so writing them blocks on a client
+    // that does not read, until the service's 10 s timeout.
+    let n = 60_000u32;
+    let token_of = |i: u32| {
+        let mut t = [0u8; 32];
+        t[..4].copy_from_slice(&i.to_be_bytes());
+        t
+    };
+    let tokens: Vec<String> = (0..n).map(|i| hex::encode(token_of(i))).collect();
+    let s = setup(|c| c.feedback_tokens = tokens).await;
+    let addr = s.emulator.feedback_addr().unwrap();
+
+    let stalled = s.connect_to(addr, true).await.unwrap();
+    let mut buf = [0u8; 16];
+    tcp_of(&stalled).peek(&mut buf).await.unwrap();
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s.emulator.pending_feedback() != n as usize {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the tuples never came back: {} pending",
+            s.emulator.pending_feedback()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stalled);
+
+    let mut again = s.connect_to(addr, true).await.unwrap();
+    let tuples = feedback_tuples(&read_to_end(&mut again).await);
+    assert_eq!(tuples.len(), n as usize);
+    let mut got: Vec<Vec<u8>> = tuples.into_iter().map(|(_, t)| t).collect();
+    got.sort();
+    let want: Vec<Vec<u8>> = (0..n).map(|i| token_of(i).to_vec()).collect();
+    assert!(got == want, "tuples lost or duplicated");
 }

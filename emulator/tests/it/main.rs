@@ -3,4 +3,5 @@
 //! of the protocol.
 
 mod binary;
+mod cli;
 mod http2;

@@ -1,0 +1,108 @@
+//! The `pgpushd-emulator` command, spawned: what it refuses before it listens.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `pgpushd-emulator --tls-dir DIR` on a free port; it must exit by itself within
+/// a few seconds (a refused directory), else it is killed and the test fails.
+fn run_with_tls_dir(dir: &Path) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpushd-emulator"))
+        .args(["--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > give_up {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the emulator started with --tls-dir {}:\n{}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn chmod(dir: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn a_tls_dir_others_may_write_is_refused() {
+    for mode in [0o777, 0o775, 0o757] {
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), mode);
+        let (code, stderr) = run_with_tls_dir(dir.path());
+        assert!(code.is_some_and(|c| c != 0), "{code:?} {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "refusing the TLS directory {}: its group or others may write to it (mode {mode:04o})",
+                dir.path().display()
+            )),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("ca.key").exists());
+    }
+}
+
+#[test]
+fn a_tls_dir_of_another_user_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    // As root, give the directory away; otherwise "/" belongs to another user (root).
+    let theirs = if std::fs::metadata(dir.path()).unwrap().uid() == 0 {
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        dir.path().to_owned()
+    } else {
+        Path::new("/").to_owned()
+    };
+    let owner = std::fs::metadata(&theirs).unwrap().uid();
+    let (code, stderr) = run_with_tls_dir(&theirs);
+    assert!(code.is_some_and(|c| c != 0), "{code:?} {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "refusing the TLS directory {}: it belongs to uid {owner}, not to this user",
+            theirs.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_tls_dir_is_created_for_this_user_alone() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("apns");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpushd-emulator"))
+        .args(["--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while !dir.join("server.key").exists() && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(dir.join("ca.pem").exists() && dir.join("server.key").exists());
+}
