@@ -106,6 +106,9 @@ pub struct StatusReport {
     pub next_scheduled: Option<Duration>,
     /// Pending rows whose `send_after` is `'infinity'` (legacy rows): never due.
     pub never_due: i64,
+    /// How long a daemon is still awake by the deadline writers read (they skip NOTIFY
+    /// meanwhile); `None`: asleep, writers notify.
+    pub awake_for: Option<Duration>,
     /// The most common `last_error`s of rows failed or expired in the last
     /// [`ERROR_WINDOW`] and of pending rows waiting to be retried, most frequent first.
     pub errors: Vec<ErrorCount>,
@@ -297,12 +300,14 @@ impl StatusReport {
                 ago: seconds(r.get(2)),
             })
             .collect();
+        let awake_for = super::wakeup::awake_for(&txn).await?;
         txn.commit().await?;
         Ok(StatusReport {
             apps: apps.into_values().collect(),
             oldest_due,
             next_scheduled,
             never_due,
+            awake_for,
             errors,
             unregistered,
             newest_unregistered,
@@ -409,6 +414,14 @@ impl fmt::Display for Rendered<'_> {
         match report.next_scheduled {
             Some(d) => writeln!(f, "Next scheduled:  due in {}", age(d))?,
             None => writeln!(f, "Next scheduled:  none")?,
+        }
+        match report.awake_for {
+            Some(d) => writeln!(
+                f,
+                "Wake-up:         a daemon is awake (for {} more unless it finds rows): writers skip NOTIFY",
+                age(d)
+            )?,
+            None => writeln!(f, "Wake-up:         asleep: writers NOTIFY")?,
         }
         if report.never_due > 0 {
             writeln!(
@@ -600,6 +613,7 @@ mod tests {
             oldest_due: None,
             next_scheduled: Some(Duration::from_secs(300)),
             never_due: 0,
+            awake_for: None,
             errors: vec![ErrorCount {
                 status: "failed".into(),
                 app: "default".into(),
@@ -619,6 +633,7 @@ Rows by app and status
 
 Oldest due row:  none, nothing is waiting to be sent
 Next scheduled:  due in 5m
+Wake-up:         asleep: writers NOTIFY
 
 Most common errors (failed or expired in the last 24 hours, or pending a retry)
   COUNT  STATUS  APP      ERROR

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use super::CHANNEL;
 
@@ -49,7 +49,9 @@ pub async fn notify(client: &Client) -> Result<(), tokio_postgres::Error> {
 }
 
 /// How long a daemon is still awake by the deadline writers read; `None` when asleep.
-pub async fn awake_for(client: &Client) -> Result<Option<Duration>, tokio_postgres::Error> {
+pub async fn awake_for(
+    client: &impl GenericClient,
+) -> Result<Option<Duration>, tokio_postgres::Error> {
     let row = client
         .query_one(
             "SELECT coalesce(pg_sequence_last_value('pgpushd.awake_until'), 0)

@@ -152,6 +152,12 @@ async fn writers_skip_notify_while_a_daemon_is_awake_and_notify_again_once_it_sl
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     wait_for_status(&c, "sent", 101, QUICKLY).await;
+    // `pgpushd status` says so.
+    let mut s = plain_client(&db.url).await;
+    let report = pgpushd::outbox::status::StatusReport::read(&mut s)
+        .await
+        .unwrap();
+    assert!(report.awake_for.is_some(), "status: {report}");
     assert!(
         heard.count() <= 3,
         "{} NOTIFYs for 100 INSERTs while awake",
@@ -162,6 +168,10 @@ async fn writers_skip_notify_while_a_daemon_is_awake_and_notify_again_once_it_sl
     // Asleep again after the linger: the next INSERT notifies, and is delivered although
     // the poll is an hour away.
     d.wait_awake(false).await;
+    let report = pgpushd::outbox::status::StatusReport::read(&mut s)
+        .await
+        .unwrap();
+    assert_eq!(report.awake_for, None);
     let before = heard.count();
     insert_one(&c, 102).await;
     wait_for_status(&c, "sent", 102, QUICKLY).await;
