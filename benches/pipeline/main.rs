@@ -180,7 +180,9 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 "producer_daemon_txns_per_s_notify_always",
                 p.daemon_txns_per_s_notify_always,
             );
-            samples.add("idle_daemon_txns_per_s", p.idle_daemon_txns_per_s);
+            samples.add("idle_daemon_claims_per_s", p.idle_daemon_claims_per_s);
+            samples.add("producer_notifications", p.notifications);
+            samples.add("producer_rows_found_awake", p.rows_found_awake);
             // The daemon's own transactions meanwhile (claims, next-due look-ups).
             samples.add("producer_daemon_txns_per_s", p.daemon_txns_per_s);
             this.insert("producer", serde_json::to_value(&p)?);

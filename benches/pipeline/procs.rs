@@ -50,16 +50,19 @@ impl Workdir {
     /// The daemon's config for this run: the shipped defaults for batching, in-flight
     /// batches and connections; only what must point at this set-up is written.
     pub fn daemon_config(&self, db_url: &str, endpoint: &str) -> anyhow::Result<PathBuf> {
-        self.daemon_config_with(db_url, endpoint, "")
+        self.daemon_config_with(db_url, endpoint, "", None)
     }
 
-    /// The same, with `database` keys added to `[database]`.
+    /// The same, with `database` keys added to `[database]`, and metrics served on
+    /// `metrics` when given.
     pub fn daemon_config_with(
         &self,
         db_url: &str,
         endpoint: &str,
         database: &str,
+        metrics: Option<std::net::SocketAddr>,
     ) -> anyhow::Result<PathBuf> {
+        let metrics = metrics.map_or(String::new(), |a| format!("[metrics]\nlisten = \"{a}\"\n"));
         let text = format!(
             r#"[database]
 url = "{db_url}"
@@ -75,7 +78,8 @@ ca_file = "{ca}"
 key_file = "{key}"
 key_id = "{KEY_ID}"
 team_id = "{TEAM_ID}"
-"#,
+
+{metrics}"#,
             ca = self.ca_file().display(),
             key = self.key_file().display(),
         );
@@ -83,6 +87,30 @@ team_id = "{TEAM_ID}"
         fs::write(&path, text)?;
         Ok(path)
     }
+}
+
+/// A free loopback port's address (for the daemon's metrics).
+pub fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// One counter or gauge from the daemon's `/metrics` (HTTP/1.0, no client library).
+pub fn scrape(addr: std::net::SocketAddr, series: &str) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no {series} in the daemon's metrics"))
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.

@@ -243,8 +243,12 @@ pub struct Producer {
     /// daemon's claims, with the shipped settings and with NOTIFY always.
     pub daemon_txns_per_s: f64,
     pub daemon_txns_per_s_notify_always: f64,
-    /// The daemon's transactions per second while nothing arrives (asleep).
-    pub idle_daemon_txns_per_s: f64,
+    /// The daemon's claims per second while nothing arrives (asleep), from its metrics.
+    pub idle_daemon_claims_per_s: f64,
+    /// NOTIFYs the daemon received, and rows it found awake without one, while the
+    /// producers inserted (shipped settings).
+    pub notifications: f64,
+    pub rows_found_awake: f64,
     pub cpu_bare: CpuUse,
     pub cpu: CpuUse,
     pub cpu_notify_always: CpuUse,
@@ -278,9 +282,10 @@ pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Produ
     // With the daemon: as shipped, then with NOTIFY on every INSERT.
     let mut with_daemon = Vec::new();
     for database in ["", "awake_linger = \"0s\""] {
-        let config = env
-            .work
-            .daemon_config_with(&env.url, &emulator.endpoint, database)?;
+        let metrics = procs::free_addr()?;
+        let config =
+            env.work
+                .daemon_config_with(&env.url, &emulator.endpoint, database, Some(metrics))?;
         let daemon = procs::start_daemon(env.work, &config)?;
         db::wait_listening(&env.client, Duration::from_secs(30)).await?;
         let watched = watched(Some(&daemon));
@@ -291,18 +296,21 @@ pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Produ
         let cpu = watched.since(&before, false);
         let txns = daemon_txns(&env.client, commits_before, tps, duration).await?;
         db::wait_drained(&env.client, Duration::from_secs(120)).await?;
+        let heard = procs::scrape(metrics, "pgpushd_notifications_total")?;
+        let found = procs::scrape(metrics, "pgpushd_rows_found_awake_total")?;
         // Idle: well past the linger, nothing arriving.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let idle_before = commits(&env.client).await?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let idle = daemon_txns(&env.client, idle_before, 0.0, Duration::from_secs(5)).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_before = procs::scrape(metrics, "pgpushd_batches_total")?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle = (procs::scrape(metrics, "pgpushd_batches_total")? - idle_before) / 10.0;
         daemon.stop()?;
         db::empty(&env.client).await?;
-        with_daemon.push((tps, cpu, txns, idle));
+        with_daemon.push((tps, cpu, txns, idle, heard, found));
     }
     emulator.proc.stop()?;
-    let (tps, cpu, daemon_txns_per_s, idle_daemon_txns_per_s) = with_daemon.remove(0);
-    let (tps_notify_always, cpu_notify_always, daemon_txns_per_s_notify_always, _) =
+    let (tps, cpu, daemon_txns_per_s, idle_daemon_claims_per_s, notifications, rows_found_awake) =
+        with_daemon.remove(0);
+    let (tps_notify_always, cpu_notify_always, daemon_txns_per_s_notify_always, ..) =
         with_daemon.remove(0);
     Ok(Producer {
         tps_bare,
@@ -310,7 +318,9 @@ pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Produ
         tps_notify_always,
         daemon_txns_per_s,
         daemon_txns_per_s_notify_always,
-        idle_daemon_txns_per_s,
+        idle_daemon_claims_per_s,
+        notifications,
+        rows_found_awake,
         cpu_bare,
         cpu,
         cpu_notify_always,
