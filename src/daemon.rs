@@ -22,6 +22,7 @@ use crate::listener::Listener;
 use crate::metrics::{self, Metrics};
 use crate::outbox::migrate;
 use crate::outbox::status::Queue;
+use crate::reports;
 use crate::systemd::{self, Notifier};
 use crate::transport::Transport;
 
@@ -140,14 +141,16 @@ impl Daemon {
             }
             .run(stop.clone()),
         );
-        // Tokens the transport reports unregistered on its own (binary feedback).
-        tracker.spawn(crate::unregistered::run(
+        // What the transport reports on its own: tokens unregistered (binary feedback),
+        // rows reported sent and then found undelivered (a late binary error packet).
+        tracker.spawn(reports::run(
+            &reports::UNREGISTERED,
             self.transport.clone(),
             db.clone(),
             stop.clone(),
         ));
-        // Rows it reported sent and then found undelivered (a late binary error packet).
-        tracker.spawn(crate::undelivered::run(
+        tracker.spawn(reports::run(
+            &reports::UNDELIVERED,
             self.transport.clone(),
             db.clone(),
             stop.clone(),

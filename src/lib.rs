@@ -16,9 +16,8 @@
 //!   `Unregistered`);
 //! - [`apns`]: the APNs client: `apns::http2` (the provider API) beside `apns::binary`
 //!   (the retired binary protocol), what both use at `apns/`;
-//! - [`unregistered`]: recording tokens the transport reports unregistered on its own;
-//! - [`undelivered`]: setting back to pending the rows the transport reported sent and
-//!   then found undelivered (a late binary error packet);
+//! - [`reports`]: writing what the transport reports on its own (unregistered tokens,
+//!   rows found undelivered after all) to the outbox;
 //! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`metrics`]: Prometheus `/metrics` and `/healthz`;
 //! - [`systemd`]: sd_notify (READY, WATCHDOG, STATUS, RELOADING, STOPPING);
@@ -40,9 +39,8 @@ pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod outcome;
+pub mod reports;
 pub mod retention;
 pub mod secret;
 pub mod systemd;
 pub mod transport;
-pub mod undelivered;
-pub mod unregistered;
