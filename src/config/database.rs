@@ -109,30 +109,8 @@ mod defaults {
 const MIN_AWAKE_POLL: Duration = Duration::from_millis(1);
 /// Looking less often than this is sleeping: leave it to NOTIFY.
 const MAX_AWAKE_POLL: Duration = Duration::from_secs(1);
-/// A daemon awake for longer than this after the last row is just polling.
-const MAX_AWAKE_LINGER: Duration = Duration::from_secs(3600);
 
 impl Validator<'_> {
-    fn within(
-        &self,
-        key: &str,
-        value: Duration,
-        min: Duration,
-        max: Duration,
-    ) -> Result<Duration, ConfigError> {
-        if value < min || value > max {
-            return Err(self.invalid(
-                key,
-                format!(
-                    "must be between {} and {}",
-                    humantime::format_duration(min),
-                    humantime::format_duration(max)
-                ),
-            ));
-        }
-        Ok(value)
-    }
-
     /// `url_override` (from [`DATABASE_URL_ENV`]) wins over the file's `url`.
     pub(super) fn database(
         &self,
@@ -176,18 +154,13 @@ impl Validator<'_> {
                 d.connect_timeout,
                 10 * MINUTE,
             )?,
-            awake_poll_interval: self.within(
-                "database.awake_poll_interval",
-                d.awake_poll_interval,
-                MIN_AWAKE_POLL,
-                MAX_AWAKE_POLL,
-            )?,
-            awake_linger: self.within(
-                "database.awake_linger",
-                d.awake_linger,
-                Duration::ZERO,
-                MAX_AWAKE_LINGER,
-            )?,
+            awake_poll_interval: match d.awake_poll_interval {
+                short if short < MIN_AWAKE_POLL => {
+                    return Err(self.invalid("database.awake_poll_interval", "must be at least 1ms"))
+                }
+                d => self.at_most("database.awake_poll_interval", d, MAX_AWAKE_POLL)?,
+            },
+            awake_linger: self.at_most("database.awake_linger", d.awake_linger, HOUR)?,
         })
     }
 }
@@ -209,5 +182,29 @@ mod tests {
             e.contains("database.url") && e.contains("unknown sslmode"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_awake_keys_have_bounds() {
+        let with = |keys: &str| parse(&format!("[database]\nurl = \"postgres://u@h/d\"\n{keys}\n"));
+        let c = with("").unwrap();
+        assert_eq!(
+            c.database.awake_poll_interval,
+            std::time::Duration::from_millis(2)
+        );
+        assert_eq!(c.database.awake_linger, std::time::Duration::from_secs(1));
+        assert!(with("awake_linger = \"0s\"")
+            .unwrap()
+            .database
+            .awake_linger
+            .is_zero());
+        for (keys, message) in [
+            ("awake_poll_interval = \"500us\"", "must be at least 1ms"),
+            ("awake_poll_interval = \"2s\"", "must be at most 1s"),
+            ("awake_linger = \"2h\"", "must be at most 1h"),
+        ] {
+            let e = with(keys).unwrap_err().to_string();
+            assert!(e.contains(message), "{keys}: {e}");
+        }
     }
 }
