@@ -13,10 +13,9 @@
 //!   dispatcher for one last claim. A busy barrier (a writer's transaction still open)
 //!   keeps it awake and looking; it never waits for a writer.
 //!
-//! The dispatcher reports its claims through [`Signals`] and reads [`Keeper::awake`]'s
-//! watch to choose its polling interval.
+//! The dispatcher reports its claims through [`ClaimSignals`] and reads
+//! [`Keeper::awake`]'s watch to choose its polling interval.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::backoff;
 use crate::db;
-use crate::dispatcher::Settings;
+use crate::dispatcher::{ClaimSignals, Settings};
 use crate::metrics::{Metrics, TransitionLabels};
 use crate::outbox::wakeup;
 use crate::secret::Secret;
@@ -41,48 +40,11 @@ const EXTEND_EVERY: Duration = Duration::from_millis(250);
 /// At a graceful stop, how long to try the barrier before notifying anyway.
 const STOP_BARRIER_FOR: Duration = Duration::from_secs(1);
 
-/// What the dispatcher tells the keeper: when its claims complete and when they find rows.
-#[derive(Debug)]
-pub struct Signals {
-    start: Instant,
-    last_claim_ms: AtomicU64,
-    last_found_ms: AtomicU64,
-    found: Notify,
-}
-
-impl Default for Signals {
-    fn default() -> Self {
-        Signals {
-            start: Instant::now(),
-            last_claim_ms: AtomicU64::new(0),
-            last_found_ms: AtomicU64::new(0),
-            found: Notify::new(),
-        }
-    }
-}
-
-impl Signals {
-    /// A claim completed and took `rows` rows.
-    pub fn claimed(&self, rows: usize) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.last_claim_ms.store(now, Ordering::Relaxed);
-        if rows > 0 {
-            self.last_found_ms.store(now, Ordering::Relaxed);
-            self.found.notify_one();
-        }
-    }
-
-    fn since(&self, ms: &AtomicU64) -> Duration {
-        let last = Duration::from_millis(ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-}
-
 pub struct Keeper {
     pub url: Secret<String>,
     pub connect_timeout: Duration,
     pub settings: watch::Receiver<Settings>,
-    pub signals: Arc<Signals>,
+    pub signals: Arc<ClaimSignals>,
     /// `true` while awake; the dispatcher polls at `awake_poll_interval` then.
     pub awake: watch::Sender<bool>,
     /// Asks the dispatcher for a claim (the last one before sleeping).

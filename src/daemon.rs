@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::awake::{Keeper, Signals};
+use crate::awake::Keeper;
 use crate::backoff::backoff;
 use crate::config::{Config, DatabaseConfig, RetentionConfig};
 use crate::db;
-use crate::dispatcher::{Dispatcher, Heartbeat, Progress, Settings};
+use crate::dispatcher::{ClaimSignals, Dispatcher, Heartbeat, Progress, Settings};
 use crate::listener::Listener;
 use crate::metrics::{self, Metrics};
 use crate::outbox::migrate;
@@ -111,7 +111,7 @@ impl Daemon {
             .run(stop.clone()),
         );
         let awake = watch::Sender::new(false);
-        let signals = Arc::new(Signals::default());
+        let signals = Arc::new(ClaimSignals::default());
         tracker.spawn(
             Keeper {
                 url: db.url.clone(),

@@ -24,7 +24,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use crate::awake::Signals;
 use crate::backoff::backoff;
 use crate::config::RetryConfig;
 use crate::db;
@@ -70,6 +69,44 @@ impl Heartbeat {
     }
 }
 
+/// What the dispatcher tells the awake keeper (`awake`): when its claims complete and
+/// when they find rows.
+#[derive(Debug)]
+pub struct ClaimSignals {
+    start: Instant,
+    pub(crate) last_claim_ms: AtomicU64,
+    pub(crate) last_found_ms: AtomicU64,
+    pub(crate) found: Notify,
+}
+
+impl Default for ClaimSignals {
+    fn default() -> Self {
+        ClaimSignals {
+            start: Instant::now(),
+            last_claim_ms: AtomicU64::new(0),
+            last_found_ms: AtomicU64::new(0),
+            found: Notify::new(),
+        }
+    }
+}
+
+impl ClaimSignals {
+    /// A claim completed and took `rows` rows.
+    pub fn claimed(&self, rows: usize) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_claim_ms.store(now, Ordering::Relaxed);
+        if rows > 0 {
+            self.last_found_ms.store(now, Ordering::Relaxed);
+            self.found.notify_one();
+        }
+    }
+
+    pub(crate) fn since(&self, ms: &AtomicU64) -> Duration {
+        let last = Duration::from_millis(ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
 /// What a reload may change (see `daemon`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -100,7 +137,7 @@ pub struct Dispatcher {
     /// `true` while awake: look every `awake_poll_interval` (see `awake`).
     pub awake: watch::Receiver<bool>,
     /// Where claims are reported, for the awake keeper.
-    pub signals: Arc<Signals>,
+    pub signals: Arc<ClaimSignals>,
 }
 
 /// Running totals since start.
@@ -142,7 +179,7 @@ struct BatchContext {
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
     hard_stop: CancellationToken,
-    signals: Arc<Signals>,
+    signals: Arc<ClaimSignals>,
 }
 
 impl Dispatcher {
