@@ -110,6 +110,10 @@ pub enum RequestError {
     /// No stream was free within the wait: the request never left (not processed).
     #[error("no HTTP/2 stream free within {0:?}")]
     NoStream(Duration),
+    /// The request never left: the connection closed or went away before its body went
+    /// out. Sending it elsewhere costs nothing.
+    #[error("{0}")]
+    NotSent(String),
     /// The stream failed otherwise (reset by the server, protocol error).
     #[error("{0}")]
     Stream(String),
@@ -381,7 +385,7 @@ impl Connection {
         stream_wait: Duration,
     ) -> Result<Answer, RequestError> {
         if !self.usable() {
-            return Err(RequestError::NotProcessed(
+            return Err(RequestError::NotSent(
                 "the connection was closing".to_owned(),
             ));
         }
@@ -430,7 +434,7 @@ impl Connection {
             tokio::pin!(freed);
             freed.as_mut().enable();
             if !self.usable() {
-                return Err(RequestError::NotProcessed(
+                return Err(RequestError::NotSent(
                     "the connection was closing".to_owned(),
                 ));
             }
@@ -496,7 +500,7 @@ impl Connection {
         if e.is_go_away() || e.is_io() || self.shared.kill.is_cancelled() {
             self.retire("connection lost");
         }
-        RequestError::NotProcessed(format!("failed before the request was sent: {e}"))
+        RequestError::NotSent(format!("failed before the request was sent: {e}"))
     }
 
     /// A failure of stream `id` after the whole request went out.
@@ -893,10 +897,7 @@ mod tests {
         }
         assert!(!conn.usable());
         let after = conn.send(request(server.port(), &token(9)), body()).await;
-        assert!(
-            matches!(after, Err(RequestError::NotProcessed(_))),
-            "{after:?}"
-        );
+        assert!(matches!(after, Err(RequestError::NotSent(_))), "{after:?}");
     }
 
     /// Streams above GOAWAY's last-stream-id were never processed; the one below was and
@@ -1201,8 +1202,9 @@ mod tests {
     }
 
     /// Answers that come after their requests timed out (the stream reset, then
-    /// forgotten by h2) must not add up to h2's limit of locally reset streams, which
-    /// kills the connection with everything on it: the connection retires first.
+    /// forgotten by h2) count toward h2's limit of locally reset streams, which kills
+    /// the connection with everything on it: the connection retires gracefully, still
+    /// running, after it gave up on [`RESET_BUDGET`] streams.
     #[tokio::test]
     async fn late_answers_to_timed_out_requests_do_not_kill_the_connection() {
         const WAVE: u32 = 100;

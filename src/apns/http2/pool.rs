@@ -116,8 +116,10 @@ impl Pool {
     ) -> Result<Answer, PoolError> {
         let mut last = String::new();
         let attempts = self.inner.opts.max_resends + 1;
-        for attempt in 0..attempts {
-            let deadline = Instant::now() + self.inner.opts.stream_wait;
+        let mut tries = 0;
+        // Waiting for a connection and a stream, across tries that never left.
+        let mut deadline = Instant::now() + self.inner.opts.stream_wait;
+        loop {
             let conn = self.acquire(deadline).await?;
             let wait = deadline.saturating_duration_since(Instant::now());
             match conn.send_within(make(), body.clone(), wait).await {
@@ -125,16 +127,29 @@ impl Pool {
                 Err(RequestError::NoStream(_)) => {
                     return Err(PoolError::Busy(self.inner.opts.stream_wait))
                 }
+                // It never left: another connection, no try spent, within the wait.
+                Err(RequestError::NotSent(why)) => {
+                    debug!(app = %self.inner.app, conn = conn.id(), reason = %why,
+                           "request not sent; trying another connection");
+                    if Instant::now() >= deadline {
+                        return Err(PoolError::Busy(self.inner.opts.stream_wait));
+                    }
+                    tokio::task::yield_now().await;
+                }
                 Err(RequestError::NotProcessed(why)) => {
-                    debug!(app = %self.inner.app, conn = conn.id(), attempt, reason = %why,
+                    debug!(app = %self.inner.app, conn = conn.id(), tries, reason = %why,
                            "request not processed; sending it again");
                     last = why;
+                    tries += 1;
+                    if tries == attempts {
+                        return Err(PoolError::Unanswered { attempts, last });
+                    }
+                    deadline = Instant::now() + self.inner.opts.stream_wait;
                 }
                 Err(RequestError::Timeout(after)) => return Err(PoolError::Timeout(after)),
                 Err(RequestError::Stream(why)) => return Err(PoolError::Stream(why)),
             }
         }
-        Err(PoolError::Unanswered { attempts, last })
     }
 
     /// Connections up and usable now.
