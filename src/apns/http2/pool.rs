@@ -114,7 +114,6 @@ impl Pool {
         make: impl Fn() -> http::Request<()>,
         body: Bytes,
     ) -> Result<Answer, PoolError> {
-        let mut last = String::new();
         let attempts = self.inner.opts.max_resends + 1;
         let mut tries = 0;
         // Waiting for a connection and a stream, across tries that never left.
@@ -139,10 +138,12 @@ impl Pool {
                 Err(RequestError::NotProcessed(why)) => {
                     debug!(app = %self.inner.app, conn = conn.id(), tries, reason = %why,
                            "request not processed; sending it again");
-                    last = why;
                     tries += 1;
                     if tries == attempts {
-                        return Err(PoolError::Unanswered { attempts, last });
+                        return Err(PoolError::Unanswered {
+                            attempts,
+                            last: why,
+                        });
                     }
                     deadline = Instant::now() + self.inner.opts.stream_wait;
                 }
