@@ -18,6 +18,10 @@ pub struct Options {
     pub reconnect_max: Duration,
     /// Sends of a request the server never processed, beyond the first.
     pub max_resends: u32,
+    /// How long an HTTP/2 request waits for a connection and a stream before it gives up
+    /// without having left (the row is deferred, no attempt counted). `request_timeout`
+    /// runs from when it has its stream.
+    pub stream_wait: Duration,
     /// Backoff of an app whose credentials APNs refuses.
     pub credentials_backoff_base: Duration,
     pub credentials_backoff_max: Duration,
@@ -34,6 +38,7 @@ impl Default for Options {
             reconnect_base: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(60),
             max_resends: 3,
+            stream_wait: Duration::from_secs(10),
             credentials_backoff_base: Duration::from_secs(10),
             credentials_backoff_max: Duration::from_secs(5 * 60),
             token_refresh_after: provider_token::REFRESH_AFTER,

@@ -4,6 +4,7 @@
 //! spawned `pgpushd` binary.
 
 mod binary_protocol;
+mod churn;
 mod commands;
 mod delivery;
 mod docs;

@@ -113,6 +113,7 @@ impl Http2App {
                 reconnect_base: options.reconnect_base,
                 reconnect_max: options.reconnect_max,
                 max_resends: options.max_resends,
+                stream_wait: options.stream_wait,
             },
         );
         Ok(Http2App {
@@ -226,6 +227,11 @@ impl Http2App {
             }) => Err(Delivery::Deferred {
                 reason: format!("APNs is unreachable: {reason}"),
                 after: retry_after.max(MIN_DEFER),
+            }),
+            // It never left: no attempt, and the row comes back soon.
+            Err(PoolError::Busy(wait)) => Err(Delivery::Deferred {
+                reason: format!("APNs connections are busy: no HTTP/2 stream free within {wait:?}"),
+                after: MIN_DEFER,
             }),
             Err(e) => Err(Delivery::retry(e.to_string())),
         }

@@ -1,10 +1,14 @@
 //! An app's connections: `connections` long-lived HTTP/2 connections, each kept up by its
 //! own supervisor task, requests spread over them by fewest requests in flight.
 //!
-//! A connection that dies or is told to go away is replaced at once if it had lived a
-//! while, else after a capped, jittered backoff, so a flapping server is not hammered
-//! and a healthy connection lives for hours. A request the server never processed is
-//! sent again on another connection, a bounded number of times.
+//! A connection that worked (it answered a request or a PING, or lived a while) is
+//! replaced at once when it dies or is told to go away, however short its life: a busy
+//! APNs front end sends a graceful GOAWAY every few hundred requests, and that is no
+//! trouble. Its successor opens as soon as the GOAWAY arrives, while its streams drain.
+//! Only a connection that cannot be opened, or dies before answering anything, counts as
+//! trouble: its slot waits a capped, jittered backoff, so a flapping server is not
+//! hammered, and requests go to the other connections meanwhile. A request the server
+//! never processed is sent again on another connection, a bounded number of times.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -20,7 +24,8 @@ use super::connection::{ConnectOptions, Connection, RequestError};
 use super::response::Answer;
 use crate::backoff::backoff;
 
-/// A connection that lived this long ended normally; its successor opens at once.
+/// A connection that lived this long ended normally even if it answered nothing (an idle
+/// one); its successor opens at once.
 const STABLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
@@ -32,6 +37,9 @@ pub struct PoolOptions {
     pub reconnect_max: Duration,
     /// How often a request the server never processed is sent again.
     pub max_resends: u32,
+    /// How long a request waits for a connection and a stream on it before it gives up
+    /// (it never left: [`PoolError::Busy`]). The request timeout starts after.
+    pub stream_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -49,6 +57,9 @@ pub enum PoolError {
     Timeout(Duration),
     #[error("{0}")]
     Stream(String),
+    /// No stream was free in time: the request never left, so it was no attempt.
+    #[error("no HTTP/2 stream free within {0:?}")]
+    Busy(Duration),
 }
 
 #[derive(Clone)]
@@ -103,22 +114,43 @@ impl Pool {
         make: impl Fn() -> http::Request<()>,
         body: Bytes,
     ) -> Result<Answer, PoolError> {
-        let mut last = String::new();
         let attempts = self.inner.opts.max_resends + 1;
-        for attempt in 0..attempts {
-            let conn = self.acquire().await?;
-            match conn.send(make(), body.clone()).await {
+        let mut tries = 0;
+        // Waiting for a connection and a stream, across tries that never left.
+        let mut deadline = Instant::now() + self.inner.opts.stream_wait;
+        loop {
+            let conn = self.acquire(deadline).await?;
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match conn.send_within(make(), body.clone(), wait).await {
                 Ok(answer) => return Ok(answer),
+                Err(RequestError::NoStream(_)) => {
+                    return Err(PoolError::Busy(self.inner.opts.stream_wait))
+                }
+                // It never left: another connection, no try spent, within the wait.
+                Err(RequestError::NotSent(why)) => {
+                    debug!(app = %self.inner.app, conn = conn.id(), reason = %why,
+                           "request not sent; trying another connection");
+                    if Instant::now() >= deadline {
+                        return Err(PoolError::Busy(self.inner.opts.stream_wait));
+                    }
+                    tokio::task::yield_now().await;
+                }
                 Err(RequestError::NotProcessed(why)) => {
-                    debug!(app = %self.inner.app, conn = conn.id(), attempt, reason = %why,
+                    debug!(app = %self.inner.app, conn = conn.id(), tries, reason = %why,
                            "request not processed; sending it again");
-                    last = why;
+                    tries += 1;
+                    if tries == attempts {
+                        return Err(PoolError::Unanswered {
+                            attempts,
+                            last: why,
+                        });
+                    }
+                    deadline = Instant::now() + self.inner.opts.stream_wait;
                 }
                 Err(RequestError::Timeout(after)) => return Err(PoolError::Timeout(after)),
                 Err(RequestError::Stream(why)) => return Err(PoolError::Stream(why)),
             }
         }
-        Err(PoolError::Unanswered { attempts, last })
     }
 
     /// Connections up and usable now.
@@ -143,11 +175,10 @@ impl Pool {
     }
 
     /// The connection for the next request: the usable one with the fewest requests in
-    /// flight; waits for one that is being opened, up to the request timeout.
-    async fn acquire(&self) -> Result<Arc<Connection>, PoolError> {
+    /// flight; waits for one that is being opened, up to `deadline`.
+    async fn acquire(&self, deadline: Instant) -> Result<Arc<Connection>, PoolError> {
         let inner = &self.inner;
         self.start();
-        let deadline = Instant::now() + inner.opts.connect.request_timeout;
         loop {
             let changed = inner.changed.notified();
             tokio::pin!(changed);
@@ -250,14 +281,19 @@ async fn supervise(inner: Arc<Inner>, i: usize) {
                 if inner.shutdown.is_cancelled() {
                     return;
                 }
-                if up.elapsed() >= STABLE {
+                let lived = up.elapsed();
+                // A graceful GOAWAY past stream 0: the server took requests on it.
+                let graceful = conn
+                    .goaway()
+                    .is_some_and(|g| g.code == 0 && g.last_stream_id > 0);
+                if conn.answers() > 0 || conn.pongs() > 0 || graceful || lived >= STABLE {
                     failures = 0;
-                    info!(app = %inner.app, slot = i, "replacing the APNs connection");
+                    info!(app = %inner.app, slot = i, answered = conn.answers(), ?lived,
+                          goaway = ?conn.goaway(), "replacing the APNs connection");
                     continue;
                 }
                 format!(
-                    "the APNs connection closed {:?} after it opened",
-                    up.elapsed()
+                    "the APNs connection closed {lived:?} after it opened, having answered nothing"
                 )
             }
             Err(e) => e.to_string(),
@@ -283,6 +319,7 @@ async fn supervise(inner: Arc<Inner>, i: usize) {
 mod tests {
     use super::*;
     use crate::apns::testutil::{eventually, TestEmulator};
+    use pgpushd_emulator::EmulatorConfig;
 
     fn options(server: &TestEmulator, connections: usize) -> PoolOptions {
         PoolOptions {
@@ -291,6 +328,7 @@ mod tests {
             reconnect_base: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(200),
             max_resends: 3,
+            stream_wait: Duration::from_secs(10),
         }
     }
 
@@ -525,5 +563,38 @@ mod tests {
             .await
             .unwrap();
         eventually(|| server.stats().connections_open == 0).await;
+    }
+
+    /// A server sending a graceful GOAWAY every 50 requests: each connection answered,
+    /// so it is replaced at once, not after a backoff (a minute here).
+    #[tokio::test]
+    async fn a_connection_that_answered_is_replaced_at_once() {
+        let server = TestEmulator::start(EmulatorConfig {
+            goaway_every: Some(50),
+            ..EmulatorConfig::default()
+        })
+        .await;
+        let mut opts = options(&server, 2);
+        opts.reconnect_base = Duration::from_secs(60);
+        opts.reconnect_max = Duration::from_secs(60);
+        let pool = Pool::new("default", opts);
+        let started = Instant::now();
+        for wave in 0..10 {
+            let results = futures::future::join_all(
+                (0..100).map(|i| pool.send(request(&server, wave * 100 + i), body())),
+            )
+            .await;
+            for r in &results {
+                assert_eq!(r.as_ref().map(|a| a.status), Ok(200), "wave {wave}");
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let goaways = server.stats().goaways_sent;
+        assert!(goaways >= 5, "{goaways} GOAWAYs");
+        assert_eq!(pool.health(), Ok(()));
     }
 }

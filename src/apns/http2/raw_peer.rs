@@ -1,10 +1,10 @@
 //! A peer that speaks HTTP/2 frames by hand, for what neither h2's server nor the APNs
 //! emulator ever sends: a GOAWAY whose last-stream-id is below streams it has seen, a
-//! REFUSED_STREAM on a connection that keeps its stream limit. Everything else the
+//! REFUSED_STREAM on a connection that keeps its stream limit, answers that come late. Everything else the
 //! client's tests check against the emulator (`testutil::TestEmulator`).
 //!
 //! TLS with a throwaway CA (trusted by the client through `ca_file`, never by skipping
-//! checks) and ALPN `h2`; it answers SETTINGS and PING and never answers a request.
+//! checks) and ALPN `h2`; it answers SETTINGS and PING and answers a request only as a test scripts it.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -24,8 +24,20 @@ use crate::apns::tls;
 /// A frame written in answer to a request's HEADERS.
 #[derive(Debug, Clone, Copy)]
 pub enum RawFrame {
-    GoAway { last_stream_id: u32, code: u32 },
-    RstStream { stream_id: u32, code: u32 },
+    GoAway {
+        last_stream_id: u32,
+        code: u32,
+    },
+    RstStream {
+        stream_id: u32,
+        code: u32,
+    },
+    /// An answer `:status 200` with END_STREAM on `stream_id`.
+    Ok200 {
+        stream_id: u32,
+    },
+    /// Closes the connection (after writing what came before).
+    Close,
 }
 
 /// `(stream id, requests so far)` of each HEADERS frame -> frames to write.
@@ -171,6 +183,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         RawFrame::RstStream { stream_id, code } => {
                             frame(3, 0, stream_id, &code.to_be_bytes())
+                        }
+                        // HEADERS, END_STREAM | END_HEADERS; HPACK static entry 8.
+                        RawFrame::Ok200 { stream_id } => frame(1, 0x5, stream_id, &[0x88]),
+                        RawFrame::Close => {
+                            io.flush().await?;
+                            return Ok(());
                         }
                     };
                     io.write_all(&bytes).await?;

@@ -1,0 +1,195 @@
+//! Rows through the real APNs transport to an independent HTTP/2 server that churns as a
+//! busy Apple front end does (`tests/fixtures/churn_apns.py`, Python's `h2`): a graceful
+//! GOAWAY every 100 requests on a connection, 5% of answers 500/503/429, at most 50
+//! streams. Every row must settle within three times the fault-free time, measured in the
+//! same test against the same server with its faults off.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const ROWS: u64 = 2000;
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/churn_apns.py");
+
+fn python_h2() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import h2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "SKIPPED: `python3 -c \"import h2\"` failed; the churn tests need Python's h2 \
+             package (pip install h2)"
+        );
+    }
+    ok
+}
+
+/// The Python server, killed when dropped (its stdin closing stops it too).
+struct ChurnServer {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for ChurnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CA and a certificate for localhost, written to `dir`; the CA's path.
+fn certificates(dir: &std::path::Path) -> std::path::PathBuf {
+    let ca = pgpushd_emulator::tls::CertificateAuthority::generate("churn test CA").unwrap();
+    let issued = ca
+        .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), &issued.cert_pem).unwrap();
+    std::fs::write(dir.join("server.key"), &issued.key_pem).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    ca_file
+}
+
+fn start_server(dir: &std::path::Path, args: &[&str]) -> ChurnServer {
+    let mut child = Command::new("python3")
+        .arg(FIXTURE)
+        .arg("--cert")
+        .arg(dir.join("server.pem"))
+        .arg("--key")
+        .arg(dir.join("server.key"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("PORT ")
+        .unwrap_or_else(|| panic!("the churn server said {line:?}"))
+        .parse()
+        .unwrap();
+    ChurnServer { child, port }
+}
+
+/// Runs `ROWS` rows through a daemon against a server started with `args`; how long
+/// until every row settled, and the rows sent.
+async fn settle_all(args: &[&str], deadline: Duration) -> (Duration, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = certificates(dir.path());
+    let server = start_server(dir.path(), args);
+    let key_file = dir.path().join("AuthKey.p8");
+    std::fs::write(
+        &key_file,
+        pgpushd_emulator::jwt::generate_signing_key().unwrap(),
+    )
+    .unwrap();
+    let app_toml = format!(
+        r#"
+[apps.default]
+topic = "{TOPIC}"
+endpoint = "https://localhost:{port}"
+ca_file = "{ca}"
+connections = 2
+request_timeout = "5s"
+
+[apps.default.token]
+key_file = "{key}"
+key_id = "{KEY_ID}"
+team_id = "{TEAM_ID}"
+"#,
+        port = server.port,
+        ca = ca_file.display(),
+        key = key_file.display(),
+    );
+    let db = TestDb::new().await;
+    let cfg = config(&db.url, &app_toml);
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let client = db.client().await;
+    let started = Instant::now();
+    insert_rows(&client, 1, ROWS).await;
+    wait_for("every row settled", deadline, || async {
+        (count(&client, "pending").await == 0).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    daemon.stop().await;
+    let sent = count(&client, "sent").await;
+    for row in client
+        .query(
+            "SELECT left(last_error, 160), attempts, count(*) FROM pgpushd.outbox
+              WHERE status <> 'sent' GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 5",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        eprintln!(
+            "not sent: {} x{} ({} attempts)",
+            row.get::<_, Option<String>>(0).unwrap_or_default(),
+            row.get::<_, i64>(2),
+            row.get::<_, i32>(1)
+        );
+    }
+    drop(server);
+    (took, sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_churning_server_settles_every_row_within_three_times_the_fault_free_time() {
+    if !python_h2() {
+        return;
+    }
+    let (calm, sent) = settle_all(&["--max-streams", "50"], Duration::from_secs(60)).await;
+    assert_eq!(sent, ROWS as i64);
+    let (churn, sent) = settle_all(
+        &[
+            "--max-streams",
+            "50",
+            "--goaway-every",
+            "100",
+            "--fault-rate",
+            "0.05",
+        ],
+        (calm * 3).max(Duration::from_secs(2)) + Duration::from_secs(30),
+    )
+    .await;
+    let ratio = churn.as_secs_f64() / calm.as_secs_f64();
+    eprintln!("churn: fault-free {calm:?}, churning {churn:?}, ratio {ratio:.2}, {sent} sent");
+    // With max_attempts 3, a row fails only after three faults in a row (1 in 8,000).
+    assert!(sent >= ROWS as i64 - 5, "{sent} of {ROWS} sent");
+    assert!(
+        churn <= (calm * 3).max(Duration::from_secs(1)),
+        "fault-free {calm:?}, churning {churn:?}: {ratio:.2} times"
+    );
+}
+
+/// Streams reset by the server and connections cut in the middle of a frame: every row
+/// still settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_and_cut_connections_settle_every_row() {
+    if !python_h2() {
+        return;
+    }
+    let (_, sent) = settle_all(
+        &[
+            "--max-streams",
+            "50",
+            "--reset-rate",
+            "0.03",
+            "--cut-every",
+            "300",
+        ],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(sent >= ROWS as i64 - 20, "{sent} of {ROWS} sent");
+}
