@@ -92,23 +92,10 @@ async fn settle_all(args: &[&str], deadline: Duration) -> (Duration, i64) {
         pgpushd_emulator::jwt::generate_signing_key().unwrap(),
     )
     .unwrap();
-    let app_toml = format!(
-        r#"
-[apps.default]
-topic = "{TOPIC}"
-endpoint = "https://localhost:{port}"
-ca_file = "{ca}"
-connections = 2
-request_timeout = "5s"
-
-[apps.default.token]
-key_file = "{key}"
-key_id = "{KEY_ID}"
-team_id = "{TEAM_ID}"
-"#,
-        port = server.port,
-        ca = ca_file.display(),
-        key = key_file.display(),
+    let app_toml = token_app_toml(
+        &format!("https://localhost:{}", server.port),
+        &ca_file,
+        &key_file,
     );
     let db = TestDb::new().await;
     let cfg = config(&db.url, &app_toml);

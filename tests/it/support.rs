@@ -263,6 +263,28 @@ pub const TOPIC: &str = "com.example.app";
 pub const KEY_ID: &str = "ABC123DEFG";
 pub const TEAM_ID: &str = "DEF123GHIJ";
 
+/// TOML for `[apps.default]` with token auth (`KEY_ID`, `TEAM_ID`, topic `TOPIC`)
+/// against `endpoint`, trusting `ca_file`.
+pub fn token_app_toml(endpoint: &str, ca_file: &Path, key_file: &Path) -> String {
+    format!(
+        r#"
+[apps.default]
+topic = "{TOPIC}"
+endpoint = "{endpoint}"
+ca_file = "{ca}"
+connections = 2
+request_timeout = "5s"
+
+[apps.default.token]
+key_file = "{key}"
+key_id = "{KEY_ID}"
+team_id = "{TEAM_ID}"
+"#,
+        ca = ca_file.display(),
+        key = key_file.display(),
+    )
+}
+
 impl ApnsSetup {
     pub async fn new(tweak: impl FnOnce(&mut pgpushd_emulator::EmulatorConfig)) -> ApnsSetup {
         let dir = tempfile::tempdir().unwrap();
@@ -282,24 +304,7 @@ impl ApnsSetup {
         let emulator = pgpushd_emulator::Emulator::start(cfg).await.unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, emulator.ca_pem()).unwrap();
-        let app_toml = format!(
-            r#"
-[apps.default]
-topic = "{TOPIC}"
-endpoint = "{endpoint}"
-ca_file = "{ca}"
-connections = 2
-request_timeout = "5s"
-
-[apps.default.token]
-key_file = "{key}"
-key_id = "{KEY_ID}"
-team_id = "{TEAM_ID}"
-"#,
-            endpoint = emulator.endpoint(),
-            ca = ca_file.display(),
-            key = key_file.display(),
-        );
+        let app_toml = token_app_toml(&emulator.endpoint(), &ca_file, &key_file);
         ApnsSetup {
             emulator,
             dir,
