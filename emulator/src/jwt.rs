@@ -32,7 +32,7 @@ pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
 const CACHED_TOKENS: usize = 4;
 
 /// The key provider tokens must be signed with, and the ids they must name.
-pub(crate) struct TokenKey {
+pub struct TokenKey {
     key: EcKey<Public>,
     key_id: String,
     team_id: String,

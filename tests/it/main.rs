@@ -15,4 +15,5 @@ mod service;
 mod status;
 mod support;
 mod systemd;
+mod untrusted;
 mod wakeup;

@@ -5,3 +5,4 @@
 mod binary;
 mod cli;
 mod http2;
+mod untrusted;
