@@ -5,4 +5,5 @@
 mod binary;
 mod cli;
 mod http2;
+mod node_apn;
 mod untrusted;
