@@ -229,7 +229,7 @@ async fn answers_become_outcomes_and_bad_rows_cost_no_request() {
                      Delivery::Rejected { reason } if reason.starts_with("BadPriority: ")));
     assert_eq!(
         apns.send(&row("other", TOKEN)).await,
-        Delivery::rejected("unknown app \"other\": no [apps.other] section in the config")
+        Delivery::retry("unknown app \"other\": no [apps.other] section in this daemon's config")
     );
     assert_eq!(server.stats().requests, 4, "bad rows cost no request");
 }
