@@ -87,7 +87,7 @@ fn row(app: &str, token: &str) -> Notification {
         id: 7,
         app: app.into(),
         device_token: token.into(),
-        payload: serde_json::json!({"aps": {"alert": "hello"}}),
+        payload: serde_json::json!({"aps": {"alert": "hello"}}).to_string(),
         push_type: "alert".into(),
         priority: Some(10),
         collapse_id: None,

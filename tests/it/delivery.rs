@@ -324,6 +324,45 @@ async fn a_row_for_an_app_this_config_lacks_waits_for_a_daemon_that_has_it() {
     );
 }
 
+/// The payload reaches APNs as PostgreSQL holds it: numbers beyond 64 bits and decimals
+/// longer than an f64's are not rounded on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_reach_apns_byte_for_byte_as_postgresql_holds_them() {
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload) VALUES ($1, $2::text::jsonb)",
+            &[
+                &token(1),
+                &r#"{"aps":{"alert":"x"},"big":123456789012345678901234567890,"pi":3.14159265358979323846264338327950288}"#,
+            ],
+        )
+        .await
+        .unwrap();
+    wait_for_status(&client, "sent", 1, Duration::from_secs(10)).await;
+    daemon.stop().await;
+    let stored: String = client
+        .query_one("SELECT payload::text FROM pgpushd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        stored.contains("123456789012345678901234567890"),
+        "{stored}"
+    );
+    assert!(
+        stored.contains("3.14159265358979323846264338327950288"),
+        "{stored}"
+    );
+    let records = apns.emulator.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        std::str::from_utf8(&records[0].payload).unwrap(),
+        stored,
+        "the body is not PostgreSQL's text"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_mid_flight_loses_nothing() {
     let (_db, _apns, daemon, client) = setup(|c| c.goaway_every = Some(50)).await;
