@@ -251,9 +251,13 @@ async fn send(config: &Config, a: SendArgs) -> anyhow::Result<()> {
         .get(&a.app)
         .ok_or_else(|| anyhow::anyhow!("no [apps.{}] section in the config", a.app))?;
     let payload = match (a.alert, a.payload) {
-        (Some(text), _) => serde_json::json!({"aps": {"alert": text}}),
-        (None, Some(json)) => serde_json::from_str(&json)
-            .map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?,
+        (Some(text), _) => serde_json::json!({"aps": {"alert": text}}).to_string(),
+        // Sent as given, as a row's text is.
+        (None, Some(json)) => {
+            pgpushd::transport::payload_kind(&json)
+                .map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;
+            json
+        }
         (None, None) => unreachable!("clap requires one"),
     };
     let n = pgpushd::transport::Notification {

@@ -142,7 +142,7 @@ mod tests {
             id: 7,
             app: "default".into(),
             device_token: "ab".repeat(32),
-            payload: serde_json::json!({"aps": {"alert": "hi"}}),
+            payload: serde_json::json!({"aps": {"alert": "hi"}}).to_string(),
             push_type: "alert".into(),
             priority: None,
             collapse_id: None,

@@ -25,8 +25,10 @@ pub struct Notification {
     pub app: String,
     /// Lower-case hex, as the device reported it (not necessarily 64 digits).
     pub device_token: String,
-    /// The complete APNs payload, a JSON object.
-    pub payload: serde_json::Value,
+    /// The complete APNs payload, a JSON object, as its text: for a claimed row,
+    /// PostgreSQL's (`payload::text`). It is sent byte for byte, never re-serialized, so
+    /// no number is rounded on the way (see [`payload_kind`]).
+    pub payload: String,
     pub push_type: String,
     pub priority: Option<i16>,
     pub collapse_id: Option<String>,
@@ -131,6 +133,22 @@ pub trait Transport: Send + Sync + 'static {
     fn undelivered(&self) -> BoxFuture<'_, Vec<Undelivered>> {
         Box::pin(futures::future::pending())
     }
+}
+
+/// What kind of JSON value a payload's text holds, reading it without converting its
+/// numbers (so none is rounded or out of range): `Ok(None)` for an object, as APNs wants,
+/// `Ok(Some(kind))` for anything else ("an array", ...), `Err` when it is not JSON.
+pub fn payload_kind(text: &str) -> Result<Option<&'static str>, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| e.to_string())?;
+    // Valid JSON: only JSON's whitespace can come before the value's first byte.
+    Ok(match text.trim_start().as_bytes().first() {
+        Some(b'{') => None,
+        Some(b'[') => Some("an array"),
+        Some(b'"') => Some("a string"),
+        Some(b't' | b'f') => Some("a boolean"),
+        Some(b'n') => Some("null"),
+        _ => Some("a number"),
+    })
 }
 
 /// The first 8 hex digits of a device token: enough to find it, too little to use it.

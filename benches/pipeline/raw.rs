@@ -99,7 +99,7 @@ async fn exchange(
         id: seq as i64,
         app: "default".into(),
         device_token: db::token(seq),
-        payload: db::payload(seq),
+        payload: db::payload(seq).to_string(),
         push_type: "alert".into(),
         priority: None,
         collapse_id: None,

@@ -272,13 +272,16 @@ impl Apns {
             .collect()
     }
 
-    /// One attempt for one row.
+    /// One attempt for one row. A row for an app this config lacks is a transient
+    /// failure, not the row's: during a rolling upgrade another daemon (or this one,
+    /// after a reload) may have the app, so the row backs off and fails only after
+    /// `max_attempts`.
     pub async fn deliver(&self, n: &Notification) -> Delivery {
         let loaded = self.apps.read().unwrap().get(&n.app).cloned();
         match loaded {
             Some(loaded) => loaded.client.deliver(n).await,
-            None => Delivery::rejected(format!(
-                "unknown app {:?}: no [apps.{}] section in the config",
+            None => Delivery::retry(format!(
+                "unknown app {:?}: no [apps.{}] section in this daemon's config",
                 n.app, n.app
             )),
         }

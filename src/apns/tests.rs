@@ -87,7 +87,7 @@ fn row(app: &str, token: &str) -> Notification {
         id: 7,
         app: app.into(),
         device_token: token.into(),
-        payload: serde_json::json!({"aps": {"alert": "hello"}}),
+        payload: serde_json::json!({"aps": {"alert": "hello"}}).to_string(),
         push_type: "alert".into(),
         priority: Some(10),
         collapse_id: None,
@@ -229,7 +229,7 @@ async fn answers_become_outcomes_and_bad_rows_cost_no_request() {
                      Delivery::Rejected { reason } if reason.starts_with("BadPriority: ")));
     assert_eq!(
         apns.send(&row("other", TOKEN)).await,
-        Delivery::rejected("unknown app \"other\": no [apps.other] section in the config")
+        Delivery::retry("unknown app \"other\": no [apps.other] section in this daemon's config")
     );
     assert_eq!(server.stats().requests, 4, "bad rows cost no request");
 }

@@ -313,17 +313,14 @@ pub async fn revive_undelivered(
     Ok(revived)
 }
 
-/// The payload as JSON, or why it cannot be.
-fn parse_payload(text: &str) -> (serde_json::Value, Option<String>) {
-    match serde_json::from_str(text) {
-        Ok(v) => (v, None),
-        Err(e) => (
-            serde_json::Value::Null,
-            Some(format!(
-                "BadPayload: the payload cannot be read as JSON here: {e}"
-            )),
-        ),
-    }
+/// The payload's text, kept as PostgreSQL wrote it (it is sent byte for byte), and why
+/// the row cannot be sent if its JSON cannot be read here. Parsed only to check it; the
+/// parse is dropped.
+fn parse_payload(text: String) -> (String, Option<String>) {
+    let unreadable = serde_json::from_str::<serde_json::Value>(&text)
+        .err()
+        .map(|e| format!("BadPayload: the payload cannot be read as JSON here: {e}"));
+    (text, unreadable)
 }
 
 fn millis(d: Duration) -> i64 {

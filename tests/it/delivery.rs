@@ -175,7 +175,6 @@ async fn bad_rows_fail_before_any_request_and_block_nothing() {
         ("odd-length token", format!("('{}', '{{}}', 'alert', 'default', NULL, NULL, NULL)", "abc"), "BadDeviceToken"),
         ("non-hex token", format!("('{}', '{{}}', 'alert', 'default', NULL, NULL, NULL)", "zz".repeat(32)), "BadDeviceToken"),
         ("payload too large", format!("('{}', '{{\"aps\":{{\"alert\":\"{big}\"}}}}', 'alert', 'default', NULL, NULL, NULL)", token(901)), "PayloadTooLarge"),
-        ("unknown app", format!("('{}', '{{}}', 'alert', 'nosuch', NULL, NULL, NULL)", token(902)), "unknown app"),
         ("unknown push type", format!("('{}', '{{}}', 'shout', 'default', NULL, NULL, NULL)", token(903)), "push type"),
         ("voip to a plain topic", format!("('{}', '{{}}', 'voip', 'default', NULL, 'com.example.app', NULL)", token(904)), "topic"),
         ("background at priority 10", format!("('{}', '{{}}', 'background', 'default', 10, NULL, NULL)", token(905)), "priority"),
@@ -227,6 +226,140 @@ async fn bad_rows_fail_before_any_request_and_block_nothing() {
         apns.emulator.records().len(),
         bad.len(),
         "the emulator saw requests for bad rows"
+    );
+}
+
+/// A row's status, last_error and attempts, by its token.
+async fn row_state(client: &tokio_postgres::Client, token: &str) -> (String, String, i32) {
+    let row = client
+        .query_one(
+            "SELECT status, coalesce(last_error, ''), attempts FROM pgpushd.outbox
+              WHERE device_token = $1",
+            &[&token],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// Mid rolling upgrade, a row may name an app only the upgraded daemons' config has: the
+/// others keep it pending (an attempt counted, backing off) rather than fail it, and it
+/// fails only after `max_attempts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_for_an_app_this_config_lacks_waits_for_a_daemon_that_has_it() {
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let client = db.client().await;
+    // An old daemon: no [apps.newapp]; a long backoff so the first attempt stays visible.
+    let mut old = config(&db.url, &apns.app_toml);
+    old.retry.backoff_base = Duration::from_secs(600);
+    old.retry.backoff_max = Duration::from_secs(600);
+    let daemon = start(old.clone(), ApnsSetup::transport(&old));
+    let new_token = token(1);
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (app, device_token, payload)
+             VALUES ('newapp', $1, '{\"aps\":{\"alert\":\"hi\"}}')",
+            &[&new_token],
+        )
+        .await
+        .unwrap();
+    insert_rows(&client, 2, 1).await; // a row for an app it has goes out meanwhile
+    wait_for_status(&client, "sent", 1, Duration::from_secs(10)).await;
+    wait_for("the first attempt", Duration::from_secs(10), || async {
+        (row_state(&client, &new_token).await.2 > 0).then_some(())
+    })
+    .await;
+    daemon.stop().await;
+    let (row_status, last_error, attempts) = row_state(&client, &new_token).await;
+    assert_eq!(row_status, "pending", "{last_error}");
+    assert!(
+        last_error.contains("no [apps.newapp] section in this daemon's config"),
+        "{last_error}"
+    );
+    assert_eq!(attempts, 1);
+    assert!(apns
+        .emulator
+        .records()
+        .iter()
+        .all(|r| r.device_token != new_token));
+
+    // An upgraded daemon, whose config has the app, delivers it (once due: the backoff
+    // is cut short here rather than waited out).
+    client
+        .execute("UPDATE pgpushd.outbox SET send_after = now()", &[])
+        .await
+        .unwrap();
+    let both = format!(
+        "{}{}",
+        apns.app_toml,
+        apns.app_toml.replace("apps.default", "apps.newapp")
+    );
+    let new = config(&db.url, &both);
+    let daemon = start(new.clone(), ApnsSetup::transport(&new));
+    wait_for_status(&client, "sent", 2, Duration::from_secs(10)).await;
+    daemon.stop().await;
+    assert_eq!(row_state(&client, &new_token).await.2, 2);
+
+    // With no daemon that has it, the row fails after max_attempts, like any transient
+    // failure.
+    let lost_token = token(3);
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (app, device_token, payload) VALUES ('nosuch', $1, '{}')",
+            &[&lost_token],
+        )
+        .await
+        .unwrap();
+    let plain = config(&db.url, &apns.app_toml);
+    let daemon = start(plain.clone(), ApnsSetup::transport(&plain));
+    wait_for_status(&client, "failed", 1, Duration::from_secs(10)).await;
+    daemon.stop().await;
+    let (_, last_error, attempts) = row_state(&client, &lost_token).await;
+    assert_eq!(attempts, 3);
+    assert!(
+        last_error.starts_with("gave up after 3 attempts")
+            && last_error.contains("no [apps.nosuch] section in this daemon's config"),
+        "{last_error}"
+    );
+}
+
+/// The payload reaches APNs as PostgreSQL holds it: numbers beyond 64 bits and decimals
+/// longer than an f64's are not rounded on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_reach_apns_byte_for_byte_as_postgresql_holds_them() {
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload) VALUES ($1, $2::text::jsonb)",
+            &[
+                &token(1),
+                &r#"{"aps":{"alert":"x"},"big":123456789012345678901234567890,"pi":3.14159265358979323846264338327950288}"#,
+            ],
+        )
+        .await
+        .unwrap();
+    wait_for_status(&client, "sent", 1, Duration::from_secs(10)).await;
+    daemon.stop().await;
+    let stored: String = client
+        .query_one("SELECT payload::text FROM pgpushd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        stored.contains("123456789012345678901234567890"),
+        "{stored}"
+    );
+    assert!(
+        stored.contains("3.14159265358979323846264338327950288"),
+        "{stored}"
+    );
+    let records = apns.emulator.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        std::str::from_utf8(&records[0].payload).unwrap(),
+        stored,
+        "the body is not PostgreSQL's text"
     );
 }
 

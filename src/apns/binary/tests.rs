@@ -95,7 +95,7 @@ fn row(id: i64, token: &str) -> Notification {
         id,
         app: "legacy".into(),
         device_token: token.into(),
-        payload: serde_json::json!({"aps": {"alert": "hello"}}),
+        payload: serde_json::json!({"aps": {"alert": "hello"}}).to_string(),
         push_type: "alert".into(),
         priority: Some(10),
         collapse_id: None,
@@ -132,6 +132,35 @@ async fn an_encrypted_pem_delivers_command_2_frames() {
     assert_eq!((r.priority, r.expiration), (Some(10), Some(1_900_000_000)));
     assert_eq!(r.payload_json().unwrap()["aps"]["alert"], "hello");
     assert_eq!(client.health(), Ok(()));
+}
+
+#[test]
+fn the_payload_item_is_the_rows_text_byte_for_byte() {
+    // PostgreSQL's text for a jsonb payload, as the claim reads it.
+    let text = r#"{"pi": 3.14159265358979323846264338327950288, "aps": {"alert": "x"}, "big": 123456789012345678901234567890}"#;
+    let mut n = row(1, &token(1));
+    n.payload = text.into();
+    assert_eq!(build(&n).unwrap().payload, text.as_bytes());
+    // The limit counts those bytes, spaces included.
+    let sized = |total: usize| format!(r#"{{"x": "{}", "aps": {{}}}}"#, "a".repeat(total - 20));
+    n.payload = sized(frame::MAX_PAYLOAD);
+    assert_eq!(build(&n).unwrap().payload.len(), frame::MAX_PAYLOAD);
+    n.payload = sized(frame::MAX_PAYLOAD + 1);
+    assert_eq!(
+        build(&n).unwrap_err(),
+        "PayloadTooLarge: the payload is 2049 bytes; the binary protocol takes at most 2048"
+    );
+}
+
+#[tokio::test]
+async fn the_gateway_gets_the_rows_text() {
+    let s = setup(|_| {}).await;
+    let client = s.client(s.encrypted_pem(&s.ca));
+    let text = r#"{"aps": {"alert": "x"}, "big": 123456789012345678901234567890}"#;
+    let mut n = row(1, &token(1));
+    n.payload = text.into();
+    assert_eq!(client.deliver(&n).await, Delivery::Sent { apns_id: None });
+    assert_eq!(&s.emulator.records()[0].payload[..], text.as_bytes());
 }
 
 #[tokio::test]
@@ -219,13 +248,13 @@ async fn rows_the_protocol_cannot_carry_fail_before_sending() {
     let client = s.client(s.encrypted_pem(&s.ca));
     let mut bad = vec![row(1, "abcd"), row(2, &"zz".repeat(32))];
     let mut big = row(3, &token(3));
-    big.payload = serde_json::json!({"aps": {"alert": "x".repeat(2100)}});
+    big.payload = serde_json::json!({"aps": {"alert": "x".repeat(2100)}}).to_string();
     bad.push(big);
     let mut low = row(4, &token(4));
     low.priority = Some(1);
     bad.push(low);
     let mut not_object = row(5, &token(5));
-    not_object.payload = serde_json::json!([1]);
+    not_object.payload = "[1]".into();
     bad.push(not_object);
     let want = [
         "BadDeviceToken",

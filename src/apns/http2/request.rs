@@ -29,7 +29,7 @@ pub struct ApnsRequest {
     pub uri: http::Uri,
     /// Every `apns-*` header; `authorization` is added per attempt (the JWT may change).
     pub headers: HeaderMap,
-    /// The payload as compact JSON.
+    /// The row's payload text, byte for byte.
     pub body: Bytes,
     /// Also sent as `apns-id`, so our logs and Apple's name the same push.
     pub apns_id: Uuid,
@@ -206,29 +206,27 @@ fn topic(n: &Notification, app: &AppConfig, push_type: PushType) -> Result<Strin
     Ok(topic)
 }
 
+/// The body: the row's payload text as it is (never re-serialized, so no number is
+/// rounded), once it is a JSON object within the push type's limit, counted in the bytes
+/// sent.
 fn payload(n: &Notification, push_type: PushType) -> Result<Bytes, String> {
-    if !n.payload.is_object() {
-        let kind = match &n.payload {
-            serde_json::Value::Null => "null",
-            serde_json::Value::Bool(_) => "a boolean",
-            serde_json::Value::Number(_) => "a number",
-            serde_json::Value::String(_) => "a string",
-            serde_json::Value::Array(_) => "an array",
-            serde_json::Value::Object(_) => unreachable!(),
-        };
-        return Err(format!(
-            "the payload is {kind}, not a JSON object like {{\"aps\": {{...}}}}"
-        ));
+    match crate::transport::payload_kind(&n.payload) {
+        Ok(None) => {}
+        Ok(Some(kind)) => {
+            return Err(format!(
+                "the payload is {kind}, not a JSON object like {{\"aps\": {{...}}}}"
+            ))
+        }
+        Err(e) => return Err(format!("BadPayload: the payload is not JSON: {e}")),
     }
-    let body = serde_json::to_vec(&n.payload).expect("a JSON value serializes");
     let limit = push_type.max_payload();
-    if body.len() > limit {
+    if n.payload.len() > limit {
         return Err(format!(
             "PayloadTooLarge: payload is {} bytes, the limit for {push_type} pushes is {limit}",
-            body.len()
+            n.payload.len()
         ));
     }
-    Ok(Bytes::from(body))
+    Ok(Bytes::copy_from_slice(n.payload.as_bytes()))
 }
 
 #[cfg(test)]
@@ -262,7 +260,7 @@ mod tests {
             id: 1,
             app: "default".into(),
             device_token: TOKEN.into(),
-            payload: json!({"aps": {"alert": "hi"}}),
+            payload: json!({"aps": {"alert": "hi"}}).to_string(),
             push_type: "alert".into(),
             priority: None,
             collapse_id: None,
@@ -464,19 +462,19 @@ mod tests {
     #[test]
     fn payloads_must_be_objects() {
         let mut n = row();
-        n.payload = json!(["aps"]);
+        n.payload = json!(["aps"]).to_string();
         assert_eq!(
             build_err(&n),
             "the payload is an array, not a JSON object like {\"aps\": {...}}"
         );
-        n.payload = json!("hi");
+        n.payload = json!("hi").to_string();
         assert!(build_err(&n).starts_with("the payload is a string"));
     }
 
     #[test]
     fn payload_limits_by_push_type() {
         // {"aps":{},"x":""} is 17 bytes plus the filler.
-        let sized = |total: usize| json!({"aps": {}, "x": "a".repeat(total - 17)});
+        let sized = |total: usize| json!({"aps": {}, "x": "a".repeat(total - 17)}).to_string();
         let mut n = row();
         n.payload = sized(4096);
         assert_eq!(build_ok(&n).body.len(), 4096);
@@ -494,6 +492,43 @@ mod tests {
             build_err(&n),
             "PayloadTooLarge: payload is 5121 bytes, the limit for voip pushes is 5120"
         );
+    }
+
+    /// PostgreSQL's text for a jsonb payload, as the claim reads it.
+    const PG_TEXT: &str = r#"{"pi": 3.14159265358979323846264338327950288, "aps": {"alert": "x"}, "big": 123456789012345678901234567890}"#;
+
+    #[test]
+    fn the_body_is_the_rows_text_byte_for_byte() {
+        let mut n = row();
+        n.payload = PG_TEXT.into();
+        assert_eq!(&build_ok(&n).body[..], PG_TEXT.as_bytes());
+    }
+
+    #[test]
+    fn the_limit_counts_the_bytes_sent() {
+        // PostgreSQL's text has a space after each ':' and ',': those bytes count;
+        // {"x": "", "aps": {}} is 20 bytes plus the filler.
+        let sized = |total: usize| format!(r#"{{"x": "{}", "aps": {{}}}}"#, "a".repeat(total - 20));
+        let mut n = row();
+        n.payload = sized(4096);
+        assert_eq!(build_ok(&n).body.len(), 4096);
+        n.payload = sized(4097);
+        assert_eq!(
+            build_err(&n),
+            "PayloadTooLarge: payload is 4097 bytes, the limit for alert pushes is 4096"
+        );
+    }
+
+    #[test]
+    fn payloads_that_are_not_json() {
+        let mut n = row();
+        n.payload = r#"{"aps": "#.into();
+        assert!(build_err(&n).starts_with("BadPayload: the payload is not JSON: "));
+        // Beyond f64 is still JSON: not ours to refuse here.
+        n.payload = r#"{"aps": {}, "n": 1e400}"#.into();
+        assert_eq!(&build_ok(&n).body[..], br#"{"aps": {}, "n": 1e400}"#);
+        n.payload = " 12 ".into();
+        assert!(build_err(&n).starts_with("the payload is a number"));
     }
 
     #[test]
