@@ -12,6 +12,7 @@
 //!
 //! Apple retired the protocol on 2021-03-31; gateways and emulators that speak it remain.
 
+mod acknowledged;
 pub mod connection;
 pub mod feedback;
 pub mod frame;

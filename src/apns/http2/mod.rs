@@ -22,6 +22,7 @@ use crate::config::{AppConfig, Auth};
 use crate::transport::{short_token, Delivery, Notification};
 
 pub mod connection;
+mod frame_watch;
 pub mod pool;
 #[cfg(test)]
 pub(crate) mod raw_peer;
