@@ -34,6 +34,9 @@ SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.
  LIMIT $1
    FOR UPDATE OF o SKIP LOCKED";
 
+// A legacy row (written before schema version 3's CHECK) may hold an infinite
+// send_after; the CHECK applies to every UPDATE's new row version, so the row must never
+// get it back, or the whole batch's UPDATE fails. It gets its created_at instead.
 const RECORD: &str = "
 UPDATE pgpushd.outbox AS o
    SET status     = v.status,
@@ -42,8 +45,11 @@ UPDATE pgpushd.outbox AS o
        apns_id    = coalesce(v.apns_id, o.apns_id),
        sent_at    = CASE WHEN v.status = 'sent' THEN clock_timestamp() ELSE o.sent_at END,
        settled_at = CASE WHEN v.status = 'pending' THEN NULL ELSE clock_timestamp() END,
-       send_after = CASE WHEN v.retry_ms IS NULL THEN o.send_after
-                         ELSE clock_timestamp() + v.retry_ms * interval '1 millisecond' END
+       send_after = CASE WHEN v.retry_ms IS NOT NULL
+                              THEN clock_timestamp() + v.retry_ms * interval '1 millisecond'
+                         WHEN isfinite(o.send_after) THEN o.send_after
+                         WHEN isfinite(o.created_at) THEN o.created_at
+                         ELSE clock_timestamp() END
   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::bool[])
        AS v(id, status, last_error, apns_id, retry_ms, attempted)
  WHERE o.id = v.id";
