@@ -12,8 +12,9 @@
 //! each batch stops waiting: it records the rows already answered and releases the rest
 //! untouched.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -66,6 +67,78 @@ impl Heartbeat {
     pub fn age(&self) -> Duration {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// After this many failed writes of a row's outcome (the first after its one send, the
+/// others from memory), the row is held (not claimed) for [`HOLD_UNRECORDED`].
+pub const MAX_OUTCOME_WRITE_FAILURES: u32 = 3;
+/// How long a row whose outcome keeps failing to be recorded is left unclaimed.
+pub const HOLD_UNRECORDED: Duration = Duration::from_secs(600);
+/// At most this many unrecorded outcomes are remembered; past it, rows are resent.
+const MAX_UNRECORDED: usize = 10_000;
+
+/// Outcomes that were answered but could not be recorded (issue 9): the rows were sent,
+/// and stay pending. The next claim of such a row records the remembered outcome instead
+/// of sending it again; after [`MAX_OUTCOME_WRITE_FAILURES`] failed writes the row is held
+/// out of the claims for [`HOLD_UNRECORDED`]. In memory and bounded: a restart forgets it
+/// (at least once delivery, as before), and past [`MAX_UNRECORDED`] rows are resent.
+#[derive(Default)]
+struct Unrecorded {
+    rows: Mutex<HashMap<i64, Remembered>>,
+}
+
+struct Remembered {
+    update: RowUpdate,
+    failures: u32,
+    held_until: Option<Instant>,
+}
+
+impl Unrecorded {
+    /// The rows not to claim now.
+    fn held(&self) -> Vec<i64> {
+        let now = Instant::now();
+        let rows = self.rows.lock().unwrap();
+        rows.iter()
+            .filter(|(_, r)| r.held_until.is_some_and(|t| t > now))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The answer already had for row `id`, if its recording failed.
+    fn answer(&self, id: i64) -> Option<RowUpdate> {
+        self.rows.lock().unwrap().get(&id).map(|r| r.update.clone())
+    }
+
+    fn recorded(&self, ids: impl Iterator<Item = i64>) {
+        let mut rows = self.rows.lock().unwrap();
+        if !rows.is_empty() {
+            for id in ids {
+                rows.remove(&id);
+            }
+        }
+    }
+
+    /// Remembers outcomes that could not be written; returns the rows now held.
+    fn failed<'u>(&self, updates: impl Iterator<Item = &'u RowUpdate>) -> Vec<i64> {
+        let mut rows = self.rows.lock().unwrap();
+        let mut held = Vec::new();
+        for u in updates {
+            if !rows.contains_key(&u.id) && rows.len() >= MAX_UNRECORDED {
+                continue;
+            }
+            let r = rows.entry(u.id).or_insert_with(|| Remembered {
+                update: u.clone(),
+                failures: 0,
+                held_until: None,
+            });
+            r.failures += 1;
+            if r.failures >= MAX_OUTCOME_WRITE_FAILURES {
+                r.held_until = Some(Instant::now() + HOLD_UNRECORDED);
+                held.push(u.id);
+            }
+        }
+        held
     }
 }
 
@@ -180,6 +253,7 @@ struct BatchContext {
     metrics: Arc<Metrics>,
     hard_stop: CancellationToken,
     signals: Arc<ClaimSignals>,
+    unrecorded: Unrecorded,
 }
 
 impl Dispatcher {
@@ -192,6 +266,7 @@ impl Dispatcher {
             metrics: self.metrics.clone(),
             hard_stop: self.hard_stop.clone(),
             signals: self.signals.clone(),
+            unrecorded: Unrecorded::default(),
         });
         let mut settings = self.settings.borrow_and_update().clone();
         let mut idle: Vec<OutboxConn> = Vec::new();
@@ -366,7 +441,7 @@ async fn batch(
     };
     let txn = conn.begin().await.map_err(sql("beginning a batch"))?;
     let claimed = txn
-        .claim(settings.batch_size)
+        .claim(settings.batch_size, &ctx.unrecorded.held())
         .await
         .map_err(sql("claiming rows"))?;
     let full = claimed.len() == settings.batch_size;
@@ -406,10 +481,34 @@ async fn batch(
     }
     let abandoned = sends.len();
     drop(sends);
-    let (rows, updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
-    txn.commit(&updates, &claimed)
-        .await
-        .map_err(sql("recording outcomes"))?;
+    let (mut rows, mut updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
+    let unwritten = match txn.commit(&updates, &claimed).await {
+        Ok(unwritten) => unwritten,
+        Err(e) => {
+            // Sent, and nothing recorded: remember the answers rather than resend.
+            outcomes_not_recorded(ctx, &updates, &db::describe(&e));
+            return Err(sql("recording outcomes")(e));
+        }
+    };
+    let mut retry_unwritten = None;
+    if !unwritten.is_empty() {
+        let refused: Vec<RowUpdate> = updates
+            .iter()
+            .filter(|u| unwritten.iter().any(|(id, _)| *id == u.id))
+            .cloned()
+            .collect();
+        let held = outcomes_not_recorded(ctx, &refused, &unwritten[0].1);
+        if held.len() < refused.len() {
+            // Record the rest from memory soon.
+            retry_unwritten = Some(Instant::now() + Duration::from_secs(1));
+        }
+        (rows, updates) = rows
+            .into_iter()
+            .zip(updates)
+            .filter(|(_, u)| !unwritten.iter().any(|(id, _)| *id == u.id))
+            .unzip();
+    }
+    ctx.unrecorded.recorded(updates.iter().map(|u| u.id));
     for (c, u) in rows.iter().zip(&updates) {
         ctx.metrics.row(
             &c.notification.app,
@@ -438,6 +537,7 @@ async fn batch(
         .iter()
         .filter_map(|u| u.retry_in.map(|d| committed_at + d))
         .chain(scheduled)
+        .chain(retry_unwritten)
         .min();
     if report.claimed > 0 {
         debug!(
@@ -452,9 +552,35 @@ async fn batch(
     Ok(report)
 }
 
-/// One row's fate: not sent at all (expired, unregistered token), or one attempt.
+/// Remembers answered outcomes the database did not record, counts and logs them;
+/// returns the rows now held out of the claims.
+fn outcomes_not_recorded(ctx: &BatchContext, updates: &[RowUpdate], error: &str) -> Vec<i64> {
+    if updates.is_empty() {
+        return Vec::new();
+    }
+    ctx.metrics
+        .outcome_write_failures
+        .inc_by(updates.len() as u64);
+    let ids: Vec<i64> = updates.iter().map(|u| u.id).collect();
+    let held = ctx.unrecorded.failed(updates.iter());
+    warn!(
+        ?ids,
+        error, "outcomes answered but not recorded; recording them from memory next, not resending"
+    );
+    if !held.is_empty() {
+        tracing::error!(ids = ?held, failures = MAX_OUTCOME_WRITE_FAILURES, hold = ?HOLD_UNRECORDED,
+                        "outcomes keep failing to be recorded; not claiming these rows for a while");
+    }
+    held
+}
+
+/// One row's fate: not sent at all (expired, unregistered token, an answer already had
+/// whose recording failed), or one attempt.
 async fn settle(c: &Claimed, ctx: &BatchContext, retry: &RetryConfig) -> RowUpdate {
     let n = &c.notification;
+    if let Some(answered) = ctx.unrecorded.answer(n.id) {
+        return answered;
+    }
     if c.expired {
         return RowUpdate::expired(n);
     }

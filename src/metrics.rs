@@ -68,6 +68,8 @@ pub struct Metrics {
     pub app_healthy: Family<AppLabels, Gauge>,
     pub batches: Counter,
     pub batch_failures: Counter,
+    /// Rows answered whose outcome the database refused to record (see `dispatcher`).
+    pub outcome_write_failures: Counter,
     pub listener_reconnects: Counter,
     pub queue_depth: Gauge,
     pub oldest_pending_age: Gauge<f64, AtomicU64>,
@@ -112,6 +114,7 @@ impl Metrics {
             app_healthy: Family::default(),
             batches: Counter::default(),
             batch_failures: Counter::default(),
+            outcome_write_failures: Counter::default(),
             listener_reconnects: Counter::default(),
             queue_depth: Gauge::default(),
             oldest_pending_age: Gauge::default(),
@@ -155,6 +158,11 @@ impl Metrics {
             "batch_failures",
             "Batches that failed on a database error (their rows stay pending)",
             m.batch_failures.clone(),
+        );
+        registry.register(
+            "outcome_write_failures",
+            "Rows answered whose outcome could not be recorded, per failed write",
+            m.outcome_write_failures.clone(),
         );
         registry.register(
             "listener_reconnects",

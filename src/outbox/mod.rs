@@ -30,6 +30,7 @@ SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.
                WHERE u.app = o.app AND u.device_token = lower(o.device_token)) AS unregistered
   FROM pgpushd.outbox o
  WHERE o.status = 'pending' AND o.send_after <= now()
+   AND o.id <> ALL ($2::bigint[])
  ORDER BY o.send_after, o.id
  LIMIT $1
    FOR UPDATE OF o SKIP LOCKED";
@@ -140,10 +141,15 @@ pub struct Batch<'c> {
 
 impl Batch<'_> {
     /// Locks up to `limit` due rows, oldest `send_after` first, skipping rows other
-    /// batches or daemons hold.
-    pub async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+    /// batches or daemons hold and the rows in `held` (whose outcome could not be
+    /// recorded, see `dispatcher`).
+    pub async fn claim(
+        &self,
+        limit: usize,
+        held: &[i64],
+    ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self.txn.query(self.claim, &[&limit]).await?;
+        let rows = self.txn.query(self.claim, &[&limit, &held]).await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -177,17 +183,52 @@ impl Batch<'_> {
     }
 
     /// Writes every outcome with one UPDATE (plus one INSERT for newly unregistered
-    /// tokens), then commits.
+    /// tokens), then commits. When that UPDATE fails (a row the database refuses: a
+    /// trigger, a constraint), each row is written alone, so that one row cannot keep the
+    /// others from being recorded: the rows that still fail are returned, with why, and
+    /// stay as they were (pending). An `Err` recorded nothing.
     pub async fn commit(
         self,
         updates: &[RowUpdate],
         claimed: &[Claimed],
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
+        let mut unwritten = Vec::new();
         if !updates.is_empty() {
-            write_updates(&self.txn, self.record, updates).await?;
-            write_unregistered(&self.txn, self.unregister, updates, claimed).await?;
+            self.txn.batch_execute("SAVEPOINT outcomes").await?;
+            let written = match write_updates(&self.txn, self.record, updates).await {
+                Ok(()) => updates.to_vec(),
+                Err(e) => {
+                    if self
+                        .txn
+                        .batch_execute("ROLLBACK TO SAVEPOINT outcomes")
+                        .await
+                        .is_err()
+                    {
+                        return Err(e);
+                    }
+                    let mut written = Vec::with_capacity(updates.len());
+                    for u in updates {
+                        self.txn.batch_execute("SAVEPOINT outcome").await?;
+                        match write_updates(&self.txn, self.record, std::slice::from_ref(u)).await {
+                            Ok(()) => {
+                                self.txn.batch_execute("RELEASE SAVEPOINT outcome").await?;
+                                written.push(u.clone());
+                            }
+                            Err(e) => {
+                                self.txn
+                                    .batch_execute("ROLLBACK TO SAVEPOINT outcome")
+                                    .await?;
+                                unwritten.push((u.id, crate::db::describe(&e)));
+                            }
+                        }
+                    }
+                    written
+                }
+            };
+            write_unregistered(&self.txn, self.unregister, &written, claimed).await?;
         }
-        self.txn.commit().await
+        self.txn.commit().await?;
+        Ok(unwritten)
     }
 }
 

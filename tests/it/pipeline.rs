@@ -470,3 +470,52 @@ async fn rows_the_daemon_cannot_read_or_time_fail_alone() {
         Some("outbox_send_after_must_be_finite")
     );
 }
+
+#[tokio::test]
+async fn a_row_whose_outcome_cannot_be_recorded_is_not_resent_forever() {
+    use pgpushd::dispatcher::MAX_OUTCOME_WRITE_FAILURES;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // The database refuses every UPDATE of row 3.
+    client
+        .batch_execute(
+            "CREATE FUNCTION pg_temp_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'row % refused by the test', OLD.id; END $$;
+             CREATE TRIGGER refuse_3 BEFORE UPDATE ON pgpushd.outbox
+                FOR EACH ROW WHEN (OLD.id = 3) EXECUTE FUNCTION pg_temp_refuse();",
+        )
+        .await
+        .unwrap();
+    let transport = ScriptedTransport::new();
+    let mut cfg = config(&db.url, "");
+    cfg.database.poll_interval = Duration::from_millis(100);
+    let daemon = Daemon::new(cfg, transport.clone());
+    let metrics = daemon.metrics().clone();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    insert_rows(&client, 1, 5).await;
+    // The other rows are recorded despite row 3.
+    wait_for_status(&client, "sent", 4, Duration::from_secs(10)).await;
+    let failures = u64::from(MAX_OUTCOME_WRITE_FAILURES);
+    wait_for(
+        "the failed writes counted",
+        Duration::from_secs(20),
+        || async { (metrics.outcome_write_failures.get() >= failures).then_some(()) },
+    )
+    .await;
+    // Held now: polled every 100ms, it is neither sent nor written again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metrics.outcome_write_failures.get(), failures);
+    let sends_of_3 = transport.sent_ids().iter().filter(|&&id| id == 3).count() as u64;
+    assert!(
+        (1..=failures + 1).contains(&sends_of_3),
+        "row 3 sent {sends_of_3} times"
+    );
+    assert_eq!(transport.count() as u64, 4 + sends_of_3);
+    assert_eq!(count(&client, "pending").await, 1);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
