@@ -29,7 +29,7 @@ use crate::backoff::backoff;
 use crate::config::RetryConfig;
 use crate::db;
 use crate::metrics::Metrics;
-use crate::outbox::{Claimed, OutboxConn};
+use crate::outbox::{Bounds, Claimed, OutboxConn};
 use crate::outcome::{RowStatus, RowUpdate};
 use crate::secret::Secret;
 use crate::transport::{Delivery, Transport};
@@ -42,10 +42,17 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// When the dispatcher loop last turned, for the systemd watchdog: a wedged loop stops
 /// beating and gets the process restarted.
+/// It also knows the batches' open transactions: one open longer than its bound (see
+/// [`Heartbeat::stuck_batch`]) is stuck, which `/healthz` and the watchdog report.
 #[derive(Debug)]
 pub struct Heartbeat {
     start: Instant,
     last_ms: AtomicU64,
+    /// When each open batch transaction began, by batch number.
+    open: Mutex<HashMap<u64, Instant>>,
+    next_batch: AtomicU64,
+    /// A batch open longer than this is stuck; 0 until the dispatcher sets it.
+    stuck_after_ms: AtomicU64,
 }
 
 impl Default for Heartbeat {
@@ -53,7 +60,22 @@ impl Default for Heartbeat {
         Heartbeat {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            open: Mutex::default(),
+            next_batch: AtomicU64::new(0),
+            stuck_after_ms: AtomicU64::new(0),
         }
+    }
+}
+
+/// A batch's transaction, counted open for as long as this lives.
+struct OpenBatch<'h> {
+    heartbeat: &'h Heartbeat,
+    number: u64,
+}
+
+impl Drop for OpenBatch<'_> {
+    fn drop(&mut self) {
+        self.heartbeat.open.lock().unwrap().remove(&self.number);
     }
 }
 
@@ -67,6 +89,32 @@ impl Heartbeat {
     pub fn age(&self) -> Duration {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last)
+    }
+
+    /// How long the oldest open batch transaction has been open, when that is past the
+    /// bound (`max_batch_duration` and a grace): its task is wedged, since the batch
+    /// abandons itself at `max_batch_duration`.
+    pub fn stuck_batch(&self) -> Option<Duration> {
+        let bound = Duration::from_millis(self.stuck_after_ms.load(Ordering::Relaxed));
+        if bound.is_zero() {
+            return None;
+        }
+        let oldest = self.open.lock().unwrap().values().min()?.elapsed();
+        (oldest > bound).then_some(oldest)
+    }
+
+    fn stuck_after(&self, bound: Duration) {
+        let ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.stuck_after_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn open_batch(&self) -> OpenBatch<'_> {
+        let number = self.next_batch.fetch_add(1, Ordering::Relaxed);
+        self.open.lock().unwrap().insert(number, Instant::now());
+        OpenBatch {
+            heartbeat: self,
+            number,
+        }
     }
 }
 
@@ -108,6 +156,20 @@ impl Unrecorded {
     /// The answer already had for row `id`, if its recording failed.
     fn answer(&self, id: i64) -> Option<RowUpdate> {
         self.rows.lock().unwrap().get(&id).map(|r| r.update.clone())
+    }
+
+    /// Remembers answers whose batch was abandoned: not a failed write.
+    fn remember(&self, updates: &[RowUpdate]) {
+        let mut rows = self.rows.lock().unwrap();
+        for u in updates {
+            if rows.len() < MAX_UNRECORDED || rows.contains_key(&u.id) {
+                rows.entry(u.id).or_insert_with(|| Remembered {
+                    update: u.clone(),
+                    failures: 0,
+                    held_until: None,
+                });
+            }
+        }
     }
 
     fn recorded(&self, ids: impl Iterator<Item = i64>) {
@@ -189,6 +251,8 @@ pub struct Settings {
     pub awake_linger: Duration,
     pub batch_size: usize,
     pub max_batches_in_flight: usize,
+    /// The longest a batch may hold its transaction; then it is abandoned.
+    pub max_batch_duration: Duration,
     pub retry: RetryConfig,
 }
 
@@ -254,6 +318,7 @@ struct BatchContext {
     hard_stop: CancellationToken,
     signals: Arc<ClaimSignals>,
     unrecorded: Unrecorded,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Dispatcher {
@@ -267,6 +332,7 @@ impl Dispatcher {
             hard_stop: self.hard_stop.clone(),
             signals: self.signals.clone(),
             unrecorded: Unrecorded::default(),
+            heartbeat: self.heartbeat.clone(),
         });
         let mut settings = self.settings.borrow_and_update().clone();
         let mut idle: Vec<OutboxConn> = Vec::new();
@@ -287,6 +353,8 @@ impl Dispatcher {
 
         loop {
             self.heartbeat.beat();
+            self.heartbeat
+                .stuck_after(settings.max_batch_duration + 2 * self.connect_timeout);
             let db_ready = db_retry_at.is_none_or(|t| Instant::now() >= t);
             while db_ready && (look || backlog) && batches.len() < settings.max_batches_in_flight {
                 look = false;
@@ -439,7 +507,13 @@ async fn batch(
     let sql = |what: &'static str| {
         move |e: tokio_postgres::Error| anyhow::anyhow!("{what}: {}", db::describe(&e))
     };
-    let txn = conn.begin().await.map_err(sql("beginning a batch"))?;
+    let _open = ctx.heartbeat.open_batch();
+    let bounds = Bounds {
+        statement: ctx.connect_timeout,
+        idle: settings.max_batch_duration + ctx.connect_timeout,
+    };
+    let deadline = Instant::now() + settings.max_batch_duration;
+    let txn = conn.begin(bounds).await.map_err(sql("beginning a batch"))?;
     let claimed = txn
         .claim(settings.batch_size, &ctx.unrecorded.held())
         .await
@@ -477,12 +551,44 @@ async fn batch(
                       "drain deadline: recording the answered rows, releasing the rest untouched");
                 break;
             }
+            _ = tokio::time::sleep_until(deadline) => {
+                // Held too long: give every row back untouched. The answers already had
+                // are remembered, so their rows are recorded at their next claim, not
+                // resent.
+                let unanswered = sends.len();
+                drop(sends);
+                let answered: Vec<RowUpdate> = settled.into_iter().map(|(_, u)| u).collect();
+                ctx.unrecorded.remember(&answered);
+                warn!(claimed = claimed.len(), answered = answered.len(), unanswered,
+                      max_batch_duration = ?settings.max_batch_duration,
+                      "batch held its transaction past max_batch_duration: abandoned, its rows released untouched");
+                tokio::time::timeout(ctx.connect_timeout, txn.rollback())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("rolling back an abandoned batch: no answer within {:?}", ctx.connect_timeout))?
+                    .map_err(sql("rolling back an abandoned batch"))?;
+                ctx.metrics.batches_abandoned.inc();
+                return Ok(BatchReport {
+                    claimed: claimed.len(),
+                    abandoned: claimed.len(),
+                    next_due: Some(Instant::now() + Duration::from_secs(1)),
+                    ..BatchReport::default()
+                });
+            }
         }
     }
     let abandoned = sends.len();
     drop(sends);
     let (mut rows, mut updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
-    let unwritten = match txn.commit(&updates, &claimed).await {
+    // The server bounds each statement; this bounds a connection that went silent.
+    let commit = tokio::time::timeout(2 * ctx.connect_timeout, txn.commit(&updates, &claimed));
+    let Ok(committed) = commit.await else {
+        outcomes_not_recorded(ctx, &updates, "no answer to the commit");
+        anyhow::bail!(
+            "recording outcomes: no answer within {:?}",
+            2 * ctx.connect_timeout
+        );
+    };
+    let unwritten = match committed {
         Ok(unwritten) => unwritten,
         Err(e) => {
             // Sent, and nothing recorded: remember the answers rather than resend.
@@ -613,5 +719,29 @@ impl<'m> InFlight<'m> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.apns_in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_open_past_its_bound_is_stuck() {
+        let h = Heartbeat::default();
+        let open = h.open_batch();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(h.stuck_batch(), None, "no bound yet");
+        h.stuck_after(Duration::from_secs(100));
+        assert_eq!(h.stuck_batch(), None);
+        let _later = h.open_batch();
+        tokio::time::advance(Duration::from_secs(41)).await;
+        assert_eq!(
+            h.stuck_batch(),
+            Some(Duration::from_secs(101)),
+            "the oldest"
+        );
+        drop(open);
+        assert_eq!(h.stuck_batch(), None);
     }
 }

@@ -110,8 +110,9 @@ impl OutboxConn {
         self.client.is_closed()
     }
 
-    /// Opens the transaction a batch lives in.
-    pub async fn begin(&mut self) -> Result<Batch<'_>, tokio_postgres::Error> {
+    /// Opens the transaction a batch lives in, bounded on the server's side by
+    /// `bounds`.
+    pub async fn begin(&mut self, bounds: Bounds) -> Result<Batch<'_>, tokio_postgres::Error> {
         let OutboxConn {
             client,
             claim,
@@ -119,14 +120,32 @@ impl OutboxConn {
             unregister,
             next_due,
         } = self;
+        let txn = client.transaction().await?;
+        txn.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {statement}; SET LOCAL lock_timeout = {statement};
+             SET LOCAL idle_in_transaction_session_timeout = {idle}",
+            statement = millis(bounds.statement).max(1),
+            idle = millis(bounds.idle).max(1),
+        ))
+        .await?;
         Ok(Batch {
-            txn: client.transaction().await?,
+            txn,
             claim,
             record,
             unregister,
             next_due,
         })
     }
+}
+
+/// The server-side bounds of a batch's transaction (issue 9): every statement of the
+/// claim and the commit (`statement_timeout`, `lock_timeout`), and how long the session
+/// may sit idle in the transaction before PostgreSQL ends it
+/// (`idle_in_transaction_session_timeout`), should the daemon's own bound not act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub statement: Duration,
+    pub idle: Duration,
 }
 
 /// One open claim transaction. Dropping it without [`Batch::commit`] releases its rows
@@ -180,6 +199,11 @@ impl Batch<'_> {
     pub async fn next_due(&self) -> Result<Option<Duration>, tokio_postgres::Error> {
         let secs: Option<f64> = self.txn.query_one(self.next_due, &[]).await?.get(0);
         Ok(secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()))
+    }
+
+    /// Rolls back: every claimed row is released untouched, nothing is recorded.
+    pub async fn rollback(self) -> Result<(), tokio_postgres::Error> {
+        self.txn.rollback().await
     }
 
     /// Writes every outcome with one UPDATE (plus one INSERT for newly unregistered

@@ -519,3 +519,55 @@ async fn a_row_whose_outcome_cannot_be_recorded_is_not_resent_forever() {
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_held_past_max_batch_duration_is_abandoned_and_its_rows_released() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    *transport.delay.lock().unwrap() = Duration::from_secs(30);
+    let mut cfg = config(&db.url, "");
+    cfg.database.max_batch_duration = Duration::from_secs(1);
+    // Never awake, so nothing claims the released rows again for a second.
+    cfg.database.awake_linger = Duration::ZERO;
+    let daemon = Daemon::new(cfg, transport.clone());
+    let metrics = daemon.metrics().clone();
+    let progress = daemon.progress();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    wait_for_listener(&client).await;
+    insert_rows(&client, 1, 3).await;
+    wait_for("the rows sent", Duration::from_secs(5), || async {
+        (transport.count() >= 3).then_some(())
+    })
+    .await;
+    // The sends hang for 30s; the batch gives its rows back after about 1s.
+    wait_for("the rows released", Duration::from_secs(5), || async {
+        let free = client
+            .query(
+                "SELECT id FROM pgpushd.outbox WHERE status = 'pending' AND attempts = 0
+                   FOR UPDATE SKIP LOCKED",
+                &[],
+            )
+            .await
+            .unwrap();
+        (free.len() == 3).then_some(())
+    })
+    .await;
+    wait_for(
+        "the batch counted abandoned",
+        Duration::from_secs(5),
+        || async {
+            (metrics.batches_abandoned.get() >= 1 && progress.borrow().released >= 3).then_some(())
+        },
+    )
+    .await;
+    // Once the transport answers again, the rows are delivered.
+    *transport.delay.lock().unwrap() = Duration::ZERO;
+    wait_for_status(&client, "sent", 3, Duration::from_secs(10)).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
