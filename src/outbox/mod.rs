@@ -218,9 +218,13 @@ impl Batch<'_> {
     ) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
         let mut unwritten = Vec::new();
         if !updates.is_empty() {
-            self.txn.batch_execute("SAVEPOINT outcomes").await?;
-            let written = match write_updates(&self.txn, self.record, updates).await {
-                Ok(()) => updates.to_vec(),
+            // Pipelined: the savepoint costs no round trip of its own.
+            let first = futures::future::try_join(
+                self.txn.batch_execute("SAVEPOINT outcomes"),
+                write_updates(&self.txn, self.record, updates),
+            );
+            let written = match first.await {
+                Ok(_) => updates.to_vec(),
                 Err(e) => {
                     if self
                         .txn
