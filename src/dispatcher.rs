@@ -492,7 +492,7 @@ async fn run_batch(
 
 async fn connect(ctx: &BatchContext) -> anyhow::Result<OutboxConn> {
     let client = db::connect(&ctx.url, ctx.connect_timeout, "batch").await?;
-    OutboxConn::new(client)
+    OutboxConn::new(client, ctx.connect_timeout)
         .await
         .map_err(|e| anyhow::anyhow!("preparing the outbox queries: {}", db::describe(&e)))
 }

@@ -96,14 +96,28 @@ pub struct OutboxConn {
 }
 
 impl OutboxConn {
-    pub async fn new(client: Client) -> Result<OutboxConn, tokio_postgres::Error> {
-        Ok(OutboxConn {
+    /// Prepares the statements, each bounded by `statement_timeout` and `lock_timeout`
+    /// (preparing locks the outbox: a session holding it exclusively must not stall the
+    /// batch). Prepared statements outlive the transaction they were prepared in.
+    pub async fn new(
+        client: Client,
+        statement_timeout: Duration,
+    ) -> Result<OutboxConn, tokio_postgres::Error> {
+        client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}",
+                ms = millis(statement_timeout).max(1)
+            ))
+            .await?;
+        let conn = OutboxConn {
             claim: client.prepare(CLAIM).await?,
             record: client.prepare(RECORD).await?,
             unregister: client.prepare(UNREGISTER).await?,
             next_due: client.prepare(NEXT_DUE).await?,
             client,
-        })
+        };
+        conn.client.batch_execute("COMMIT").await?;
+        Ok(conn)
     }
 
     pub fn is_closed(&self) -> bool {

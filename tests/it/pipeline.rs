@@ -571,3 +571,52 @@ async fn a_batch_held_past_max_batch_duration_is_abandoned_and_its_rows_released
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_claim_stuck_behind_a_lock_gives_up_after_lock_timeout() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    insert_rows(&client, 1, 3).await;
+    // Another session holds the outbox exclusively (a migration, a careless ALTER).
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let transport = ScriptedTransport::new();
+    // connect_timeout is 2s in the test config: the batch's lock_timeout.
+    let mut cfg = config(&db.url, "");
+    cfg.database.poll_interval = Duration::from_millis(200);
+    let daemon = Daemon::new(cfg, transport.clone());
+    let metrics = daemon.metrics().clone();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    wait_for(
+        "the claim to give up on the lock",
+        Duration::from_secs(10),
+        || async { (metrics.batch_failures.get() >= 1).then_some(()) },
+    )
+    .await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    wait_for_status(&client, "sent", 3, Duration::from_secs(40)).await;
+    // Again, with the batches' connections ready: now the claim itself waits.
+    let before = metrics.batch_failures.get();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    wait_for(
+        "the claim to give up on the lock again",
+        Duration::from_secs(10),
+        || async { (metrics.batch_failures.get() > before).then_some(()) },
+    )
+    .await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    insert_rows(&client, 4, 1).await;
+    wait_for_status(&client, "sent", 4, Duration::from_secs(40)).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
