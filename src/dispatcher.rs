@@ -125,6 +125,9 @@ pub const MAX_OUTCOME_WRITE_FAILURES: u32 = 3;
 pub const HOLD_UNRECORDED: Duration = Duration::from_secs(600);
 /// At most this many unrecorded outcomes are remembered; past it, rows are resent.
 const MAX_UNRECORDED: usize = 10_000;
+/// A remembered outcome is forgotten this long after it was answered (the row may have
+/// been recorded by another daemon since, and revived): its row is sent again then.
+const FORGET_UNRECORDED: Duration = Duration::from_secs(3600);
 
 /// Outcomes that were answered but could not be recorded (issue 9): the rows were sent,
 /// and stay pending. The next claim of such a row records the remembered outcome instead
@@ -137,6 +140,7 @@ struct Unrecorded {
 }
 
 struct Remembered {
+    since: Instant,
     update: RowUpdate,
     failures: u32,
     held_until: Option<Instant>,
@@ -146,7 +150,8 @@ impl Unrecorded {
     /// The rows not to claim now.
     fn held(&self) -> Vec<i64> {
         let now = Instant::now();
-        let rows = self.rows.lock().unwrap();
+        let mut rows = self.rows.lock().unwrap();
+        rows.retain(|_, r| r.since + FORGET_UNRECORDED > now);
         rows.iter()
             .filter(|(_, r)| r.held_until.is_some_and(|t| t > now))
             .map(|(id, _)| *id)
@@ -164,6 +169,7 @@ impl Unrecorded {
         for u in updates {
             if rows.len() < MAX_UNRECORDED || rows.contains_key(&u.id) {
                 rows.entry(u.id).or_insert_with(|| Remembered {
+                    since: Instant::now(),
                     update: u.clone(),
                     failures: 0,
                     held_until: None,
@@ -190,6 +196,7 @@ impl Unrecorded {
                 continue;
             }
             let r = rows.entry(u.id).or_insert_with(|| Remembered {
+                since: Instant::now(),
                 update: u.clone(),
                 failures: 0,
                 held_until: None,
@@ -725,6 +732,44 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::Notification;
+
+    #[tokio::test(start_paused = true)]
+    async fn unrecorded_outcomes_are_held_after_repeated_failures_then_forgotten() {
+        let n = Notification {
+            id: 7,
+            app: "default".into(),
+            device_token: "ab".into(),
+            payload: serde_json::json!({}),
+            push_type: "alert".into(),
+            priority: None,
+            collapse_id: None,
+            topic: None,
+            expires_at: None,
+            attempts: 0,
+        };
+        let u = RowUpdate::expired(&n);
+        let memory = Unrecorded::default();
+        for _ in 1..MAX_OUTCOME_WRITE_FAILURES {
+            assert!(memory.failed([&u].into_iter()).is_empty());
+            assert_eq!(memory.answer(7), Some(u.clone()));
+        }
+        assert_eq!(memory.failed([&u].into_iter()), [7]);
+        assert_eq!(memory.held(), [7]);
+        tokio::time::advance(HOLD_UNRECORDED).await;
+        assert!(memory.held().is_empty(), "claimed again after the hold");
+        assert_eq!(
+            memory.answer(7),
+            Some(u.clone()),
+            "and recorded from memory"
+        );
+        tokio::time::advance(FORGET_UNRECORDED).await;
+        assert!(memory.held().is_empty());
+        assert_eq!(memory.answer(7), None, "forgotten");
+        memory.failed([&u].into_iter());
+        memory.recorded([7].into_iter());
+        assert_eq!(memory.answer(7), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_open_past_its_bound_is_stuck() {
