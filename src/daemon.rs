@@ -161,6 +161,10 @@ impl Daemon {
                 transport: self.transport.clone(),
                 database: self.database.subscribe(),
                 listening: self.listening.subscribe(),
+                stuck_batch: {
+                    let heartbeat = self.heartbeat.clone();
+                    Arc::new(move || heartbeat.stuck_batch())
+                },
             });
             info!(listen = %listener.local_addr()?, "metrics at /metrics, health at /healthz");
             tracker.spawn(metrics::serve(listener, sources, stop.clone()));
@@ -342,7 +346,8 @@ async fn queue_stats(
         .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))
 }
 
-/// WATCHDOG=1 every half period, only while the dispatcher loop keeps turning.
+/// WATCHDOG=1 every half period, only while the dispatcher loop keeps turning and no batch
+/// is stuck in its transaction.
 async fn watchdog(
     heartbeat: Arc<Heartbeat>,
     period: Duration,
@@ -356,7 +361,12 @@ async fn watchdog(
             _ = tick.tick() => {}
         }
         let age = heartbeat.age();
-        if age < period / 2 {
+        if let Some(open) = heartbeat.stuck_batch() {
+            warn!(
+                ?open,
+                "a batch has held its transaction past max_batch_duration; withholding the watchdog ping"
+            );
+        } else if age < period / 2 {
             notifier.watchdog();
         } else {
             warn!(
@@ -374,6 +384,7 @@ fn settings_of(config: &Config) -> Settings {
         awake_linger: config.database.awake_linger,
         batch_size: config.database.batch_size,
         max_batches_in_flight: config.database.max_batches_in_flight,
+        max_batch_duration: config.database.max_batch_duration,
         retry: config.retry.clone(),
     }
 }

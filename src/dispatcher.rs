@@ -12,8 +12,9 @@
 //! each batch stops waiting: it records the rows already answered and releases the rest
 //! untouched.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -28,7 +29,7 @@ use crate::backoff::backoff;
 use crate::config::RetryConfig;
 use crate::db;
 use crate::metrics::Metrics;
-use crate::outbox::{Claimed, OutboxConn};
+use crate::outbox::{Bounds, Claimed, OutboxConn};
 use crate::outcome::{RowStatus, RowUpdate};
 use crate::secret::Secret;
 use crate::transport::{Delivery, Transport};
@@ -41,10 +42,17 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// When the dispatcher loop last turned, for the systemd watchdog: a wedged loop stops
 /// beating and gets the process restarted.
+/// It also knows the batches' open transactions: one open longer than its bound (see
+/// [`Heartbeat::stuck_batch`]) is stuck, which `/healthz` and the watchdog report.
 #[derive(Debug)]
 pub struct Heartbeat {
     start: Instant,
     last_ms: AtomicU64,
+    /// When each open batch transaction began, by batch number.
+    open: Mutex<HashMap<u64, Instant>>,
+    next_batch: AtomicU64,
+    /// A batch open longer than this is stuck; 0 until the dispatcher sets it.
+    stuck_after_ms: AtomicU64,
 }
 
 impl Default for Heartbeat {
@@ -52,7 +60,22 @@ impl Default for Heartbeat {
         Heartbeat {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            open: Mutex::default(),
+            next_batch: AtomicU64::new(0),
+            stuck_after_ms: AtomicU64::new(0),
         }
+    }
+}
+
+/// A batch's transaction, counted open for as long as this lives.
+struct OpenBatch<'h> {
+    heartbeat: &'h Heartbeat,
+    number: u64,
+}
+
+impl Drop for OpenBatch<'_> {
+    fn drop(&mut self) {
+        self.heartbeat.open.lock().unwrap().remove(&self.number);
     }
 }
 
@@ -66,6 +89,125 @@ impl Heartbeat {
     pub fn age(&self) -> Duration {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last)
+    }
+
+    /// How long the oldest open batch transaction has been open, when that is past the
+    /// bound (`max_batch_duration` and a grace): its task is wedged, since the batch
+    /// abandons itself at `max_batch_duration`.
+    pub fn stuck_batch(&self) -> Option<Duration> {
+        let bound = Duration::from_millis(self.stuck_after_ms.load(Ordering::Relaxed));
+        if bound.is_zero() {
+            return None;
+        }
+        let oldest = self.open.lock().unwrap().values().min()?.elapsed();
+        (oldest > bound).then_some(oldest)
+    }
+
+    fn stuck_after(&self, bound: Duration) {
+        let ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.stuck_after_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn open_batch(&self) -> OpenBatch<'_> {
+        let number = self.next_batch.fetch_add(1, Ordering::Relaxed);
+        self.open.lock().unwrap().insert(number, Instant::now());
+        OpenBatch {
+            heartbeat: self,
+            number,
+        }
+    }
+}
+
+/// After this many failed writes of a row's outcome (the first after its one send, the
+/// others from memory), the row is held (not claimed) for [`HOLD_UNRECORDED`].
+pub const MAX_OUTCOME_WRITE_FAILURES: u32 = 3;
+/// How long a row whose outcome keeps failing to be recorded is left unclaimed.
+pub const HOLD_UNRECORDED: Duration = Duration::from_secs(600);
+/// At most this many unrecorded outcomes are remembered; past it, rows are resent.
+const MAX_UNRECORDED: usize = 10_000;
+/// A remembered outcome is forgotten this long after it was answered (the row may have
+/// been recorded by another daemon since, and revived): its row is sent again then.
+const FORGET_UNRECORDED: Duration = Duration::from_secs(3600);
+
+/// Outcomes that were answered but could not be recorded (issue 9): the rows were sent,
+/// and stay pending. The next claim of such a row records the remembered outcome instead
+/// of sending it again; after [`MAX_OUTCOME_WRITE_FAILURES`] failed writes the row is held
+/// out of the claims for [`HOLD_UNRECORDED`]. In memory and bounded: a restart forgets it
+/// (at least once delivery, as before), and past [`MAX_UNRECORDED`] rows are resent.
+#[derive(Default)]
+struct Unrecorded {
+    rows: Mutex<HashMap<i64, Remembered>>,
+}
+
+struct Remembered {
+    since: Instant,
+    update: RowUpdate,
+    failures: u32,
+    held_until: Option<Instant>,
+}
+
+impl Unrecorded {
+    /// The rows not to claim now.
+    fn held(&self) -> Vec<i64> {
+        let now = Instant::now();
+        let mut rows = self.rows.lock().unwrap();
+        rows.retain(|_, r| r.since + FORGET_UNRECORDED > now);
+        rows.iter()
+            .filter(|(_, r)| r.held_until.is_some_and(|t| t > now))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The answer already had for row `id`, if its recording failed.
+    fn answer(&self, id: i64) -> Option<RowUpdate> {
+        self.rows.lock().unwrap().get(&id).map(|r| r.update.clone())
+    }
+
+    /// Remembers answers whose batch was abandoned: not a failed write.
+    fn remember(&self, updates: &[RowUpdate]) {
+        let mut rows = self.rows.lock().unwrap();
+        for u in updates {
+            if rows.len() < MAX_UNRECORDED || rows.contains_key(&u.id) {
+                rows.entry(u.id).or_insert_with(|| Remembered {
+                    since: Instant::now(),
+                    update: u.clone(),
+                    failures: 0,
+                    held_until: None,
+                });
+            }
+        }
+    }
+
+    fn recorded(&self, ids: impl Iterator<Item = i64>) {
+        let mut rows = self.rows.lock().unwrap();
+        if !rows.is_empty() {
+            for id in ids {
+                rows.remove(&id);
+            }
+        }
+    }
+
+    /// Remembers outcomes that could not be written; returns the rows now held.
+    fn failed<'u>(&self, updates: impl Iterator<Item = &'u RowUpdate>) -> Vec<i64> {
+        let mut rows = self.rows.lock().unwrap();
+        let mut held = Vec::new();
+        for u in updates {
+            if !rows.contains_key(&u.id) && rows.len() >= MAX_UNRECORDED {
+                continue;
+            }
+            let r = rows.entry(u.id).or_insert_with(|| Remembered {
+                since: Instant::now(),
+                update: u.clone(),
+                failures: 0,
+                held_until: None,
+            });
+            r.failures += 1;
+            if r.failures >= MAX_OUTCOME_WRITE_FAILURES {
+                r.held_until = Some(Instant::now() + HOLD_UNRECORDED);
+                held.push(u.id);
+            }
+        }
+        held
     }
 }
 
@@ -116,6 +258,8 @@ pub struct Settings {
     pub awake_linger: Duration,
     pub batch_size: usize,
     pub max_batches_in_flight: usize,
+    /// The longest a batch may hold its transaction; then it is abandoned.
+    pub max_batch_duration: Duration,
     pub retry: RetryConfig,
 }
 
@@ -180,6 +324,8 @@ struct BatchContext {
     metrics: Arc<Metrics>,
     hard_stop: CancellationToken,
     signals: Arc<ClaimSignals>,
+    unrecorded: Unrecorded,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Dispatcher {
@@ -192,6 +338,8 @@ impl Dispatcher {
             metrics: self.metrics.clone(),
             hard_stop: self.hard_stop.clone(),
             signals: self.signals.clone(),
+            unrecorded: Unrecorded::default(),
+            heartbeat: self.heartbeat.clone(),
         });
         let mut settings = self.settings.borrow_and_update().clone();
         let mut idle: Vec<OutboxConn> = Vec::new();
@@ -212,6 +360,8 @@ impl Dispatcher {
 
         loop {
             self.heartbeat.beat();
+            self.heartbeat
+                .stuck_after(settings.max_batch_duration + 2 * self.connect_timeout);
             let db_ready = db_retry_at.is_none_or(|t| Instant::now() >= t);
             while db_ready && (look || backlog) && batches.len() < settings.max_batches_in_flight {
                 look = false;
@@ -349,7 +499,7 @@ async fn run_batch(
 
 async fn connect(ctx: &BatchContext) -> anyhow::Result<OutboxConn> {
     let client = db::connect(&ctx.url, ctx.connect_timeout, "batch").await?;
-    OutboxConn::new(client)
+    OutboxConn::new(client, ctx.connect_timeout)
         .await
         .map_err(|e| anyhow::anyhow!("preparing the outbox queries: {}", db::describe(&e)))
 }
@@ -364,9 +514,15 @@ async fn batch(
     let sql = |what: &'static str| {
         move |e: tokio_postgres::Error| anyhow::anyhow!("{what}: {}", db::describe(&e))
     };
-    let txn = conn.begin().await.map_err(sql("beginning a batch"))?;
+    let _open = ctx.heartbeat.open_batch();
+    let bounds = Bounds {
+        statement: ctx.connect_timeout,
+        idle: settings.max_batch_duration + ctx.connect_timeout,
+    };
+    let deadline = Instant::now() + settings.max_batch_duration;
+    let txn = conn.begin(bounds).await.map_err(sql("beginning a batch"))?;
     let claimed = txn
-        .claim(settings.batch_size)
+        .claim(settings.batch_size, &ctx.unrecorded.held())
         .await
         .map_err(sql("claiming rows"))?;
     let full = claimed.len() == settings.batch_size;
@@ -402,14 +558,70 @@ async fn batch(
                       "drain deadline: recording the answered rows, releasing the rest untouched");
                 break;
             }
+            _ = tokio::time::sleep_until(deadline) => {
+                // Held too long: give every row back untouched. The answers already had
+                // are remembered, so their rows are recorded at their next claim, not
+                // resent.
+                let unanswered = sends.len();
+                drop(sends);
+                let answered: Vec<RowUpdate> = settled.into_iter().map(|(_, u)| u).collect();
+                ctx.unrecorded.remember(&answered);
+                warn!(claimed = claimed.len(), answered = answered.len(), unanswered,
+                      max_batch_duration = ?settings.max_batch_duration,
+                      "batch held its transaction past max_batch_duration: abandoned, its rows released untouched");
+                tokio::time::timeout(ctx.connect_timeout, txn.rollback())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("rolling back an abandoned batch: no answer within {:?}", ctx.connect_timeout))?
+                    .map_err(sql("rolling back an abandoned batch"))?;
+                ctx.metrics.batches_abandoned.inc();
+                return Ok(BatchReport {
+                    claimed: claimed.len(),
+                    abandoned: claimed.len(),
+                    next_due: Some(Instant::now() + Duration::from_secs(1)),
+                    ..BatchReport::default()
+                });
+            }
         }
     }
     let abandoned = sends.len();
     drop(sends);
-    let (rows, updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
-    txn.commit(&updates, &claimed)
-        .await
-        .map_err(sql("recording outcomes"))?;
+    let (mut rows, mut updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
+    // The server bounds each statement; this bounds a connection that went silent.
+    let commit = tokio::time::timeout(2 * ctx.connect_timeout, txn.commit(&updates, &claimed));
+    let Ok(committed) = commit.await else {
+        outcomes_not_recorded(ctx, &updates, "no answer to the commit");
+        anyhow::bail!(
+            "recording outcomes: no answer within {:?}",
+            2 * ctx.connect_timeout
+        );
+    };
+    let unwritten = match committed {
+        Ok(unwritten) => unwritten,
+        Err(e) => {
+            // Sent, and nothing recorded: remember the answers rather than resend.
+            outcomes_not_recorded(ctx, &updates, &db::describe(&e));
+            return Err(sql("recording outcomes")(e));
+        }
+    };
+    let mut retry_unwritten = None;
+    if !unwritten.is_empty() {
+        let refused: Vec<RowUpdate> = updates
+            .iter()
+            .filter(|u| unwritten.iter().any(|(id, _)| *id == u.id))
+            .cloned()
+            .collect();
+        let held = outcomes_not_recorded(ctx, &refused, &unwritten[0].1);
+        if held.len() < refused.len() {
+            // Record the rest from memory soon.
+            retry_unwritten = Some(Instant::now() + Duration::from_secs(1));
+        }
+        (rows, updates) = rows
+            .into_iter()
+            .zip(updates)
+            .filter(|(_, u)| !unwritten.iter().any(|(id, _)| *id == u.id))
+            .unzip();
+    }
+    ctx.unrecorded.recorded(updates.iter().map(|u| u.id));
     for (c, u) in rows.iter().zip(&updates) {
         ctx.metrics.row(
             &c.notification.app,
@@ -438,6 +650,7 @@ async fn batch(
         .iter()
         .filter_map(|u| u.retry_in.map(|d| committed_at + d))
         .chain(scheduled)
+        .chain(retry_unwritten)
         .min();
     if report.claimed > 0 {
         debug!(
@@ -452,9 +665,35 @@ async fn batch(
     Ok(report)
 }
 
-/// One row's fate: not sent at all (expired, unregistered token), or one attempt.
+/// Remembers answered outcomes the database did not record, counts and logs them;
+/// returns the rows now held out of the claims.
+fn outcomes_not_recorded(ctx: &BatchContext, updates: &[RowUpdate], error: &str) -> Vec<i64> {
+    if updates.is_empty() {
+        return Vec::new();
+    }
+    ctx.metrics
+        .outcome_write_failures
+        .inc_by(updates.len() as u64);
+    let ids: Vec<i64> = updates.iter().map(|u| u.id).collect();
+    let held = ctx.unrecorded.failed(updates.iter());
+    warn!(
+        ?ids,
+        error, "outcomes answered but not recorded; recording them from memory next, not resending"
+    );
+    if !held.is_empty() {
+        tracing::error!(ids = ?held, failures = MAX_OUTCOME_WRITE_FAILURES, hold = ?HOLD_UNRECORDED,
+                        "outcomes keep failing to be recorded; not claiming these rows for a while");
+    }
+    held
+}
+
+/// One row's fate: not sent at all (expired, unregistered token, an answer already had
+/// whose recording failed), or one attempt.
 async fn settle(c: &Claimed, ctx: &BatchContext, retry: &RetryConfig) -> RowUpdate {
     let n = &c.notification;
+    if let Some(answered) = ctx.unrecorded.answer(n.id) {
+        return answered;
+    }
     if c.expired {
         return RowUpdate::expired(n);
     }
@@ -487,5 +726,67 @@ impl<'m> InFlight<'m> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.apns_in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Notification;
+
+    #[tokio::test(start_paused = true)]
+    async fn unrecorded_outcomes_are_held_after_repeated_failures_then_forgotten() {
+        let n = Notification {
+            id: 7,
+            app: "default".into(),
+            device_token: "ab".into(),
+            payload: serde_json::json!({}),
+            push_type: "alert".into(),
+            priority: None,
+            collapse_id: None,
+            topic: None,
+            expires_at: None,
+            attempts: 0,
+        };
+        let u = RowUpdate::expired(&n);
+        let memory = Unrecorded::default();
+        for _ in 1..MAX_OUTCOME_WRITE_FAILURES {
+            assert!(memory.failed([&u].into_iter()).is_empty());
+            assert_eq!(memory.answer(7), Some(u.clone()));
+        }
+        assert_eq!(memory.failed([&u].into_iter()), [7]);
+        assert_eq!(memory.held(), [7]);
+        tokio::time::advance(HOLD_UNRECORDED).await;
+        assert!(memory.held().is_empty(), "claimed again after the hold");
+        assert_eq!(
+            memory.answer(7),
+            Some(u.clone()),
+            "and recorded from memory"
+        );
+        tokio::time::advance(FORGET_UNRECORDED).await;
+        assert!(memory.held().is_empty());
+        assert_eq!(memory.answer(7), None, "forgotten");
+        memory.failed([&u].into_iter());
+        memory.recorded([7].into_iter());
+        assert_eq!(memory.answer(7), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_open_past_its_bound_is_stuck() {
+        let h = Heartbeat::default();
+        let open = h.open_batch();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(h.stuck_batch(), None, "no bound yet");
+        h.stuck_after(Duration::from_secs(100));
+        assert_eq!(h.stuck_batch(), None);
+        let _later = h.open_batch();
+        tokio::time::advance(Duration::from_secs(41)).await;
+        assert_eq!(
+            h.stuck_batch(),
+            Some(Duration::from_secs(101)),
+            "the oldest"
+        );
+        drop(open);
+        assert_eq!(h.stuck_batch(), None);
     }
 }

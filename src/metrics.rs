@@ -68,6 +68,10 @@ pub struct Metrics {
     pub app_healthy: Family<AppLabels, Gauge>,
     pub batches: Counter,
     pub batch_failures: Counter,
+    /// Rows answered whose outcome the database refused to record (see `dispatcher`).
+    pub outcome_write_failures: Counter,
+    /// Batches rolled back for holding their transaction past `max_batch_duration`.
+    pub batches_abandoned: Counter,
     pub listener_reconnects: Counter,
     pub queue_depth: Gauge,
     pub oldest_pending_age: Gauge<f64, AtomicU64>,
@@ -112,6 +116,8 @@ impl Metrics {
             app_healthy: Family::default(),
             batches: Counter::default(),
             batch_failures: Counter::default(),
+            outcome_write_failures: Counter::default(),
+            batches_abandoned: Counter::default(),
             listener_reconnects: Counter::default(),
             queue_depth: Gauge::default(),
             oldest_pending_age: Gauge::default(),
@@ -155,6 +161,16 @@ impl Metrics {
             "batch_failures",
             "Batches that failed on a database error (their rows stay pending)",
             m.batch_failures.clone(),
+        );
+        registry.register(
+            "outcome_write_failures",
+            "Rows answered whose outcome could not be recorded, per failed write",
+            m.outcome_write_failures.clone(),
+        );
+        registry.register(
+            "batches_abandoned",
+            "Batches rolled back for holding their transaction past max_batch_duration (rows released untouched)",
+            m.batches_abandoned.clone(),
         );
         registry.register(
             "listener_reconnects",
@@ -268,7 +284,13 @@ pub struct Sources {
     pub database: watch::Receiver<Result<(), String>>,
     /// `true` while the listener's LISTEN is in place.
     pub listening: watch::Receiver<bool>,
+    /// How long the oldest batch transaction has been open, when past its bound (a
+    /// stuck batch, see `dispatcher::Heartbeat::stuck_batch`).
+    pub stuck_batch: StuckBatch,
 }
+
+/// Reads whether a batch is stuck, and for how long.
+pub type StuckBatch = Arc<dyn Fn() -> Option<std::time::Duration> + Send + Sync>;
 
 impl Sources {
     fn refresh(&self) {
@@ -296,6 +318,12 @@ impl Sources {
         }
         if !*self.listening.borrow() {
             problems.push("database: the LISTEN connection is down".to_owned());
+        }
+        if let Some(open) = (self.stuck_batch)() {
+            problems.push(format!(
+                "database: a batch has held its transaction for {}s, past max_batch_duration",
+                open.as_secs()
+            ));
         }
         for (app, h) in self.transport.health() {
             if let Err(e) = h {
@@ -520,6 +548,24 @@ mod tests {
     }
 
     /// A transport with no apps, which is never asked to send.
+    #[test]
+    fn a_stuck_batch_makes_the_daemon_unhealthy() {
+        let (_database, database) = watch::channel(Ok(()));
+        let (_listening, listening) = watch::channel(true);
+        let sources = Sources {
+            metrics: Arc::new(Metrics::new()),
+            transport: Arc::new(NoApps),
+            database,
+            listening,
+            stuck_batch: Arc::new(|| Some(Duration::from_secs(400))),
+        };
+        let problems = sources.health().unwrap_err();
+        assert!(
+            problems.len() == 1 && problems[0].contains("400s"),
+            "{problems:?}"
+        );
+    }
+
     struct NoApps;
 
     impl Transport for NoApps {
@@ -562,6 +608,7 @@ mod tests {
             transport: Arc::new(NoApps),
             database,
             listening,
+            stuck_batch: Arc::new(|| None),
         });
         let cancel = CancellationToken::new();
         let server = tokio::spawn(serve_with(listener, sources, cancel.clone(), limits));

@@ -32,6 +32,9 @@ pub struct DatabaseConfig {
     /// How long the daemon stays awake after the last claim that found rows; zero: never
     /// awake, writers always notify.
     pub awake_linger: Duration,
+    /// The longest a batch may hold its transaction (claim to commit); past it the batch
+    /// is abandoned: rolled back, its rows released untouched.
+    pub max_batch_duration: Duration,
 }
 
 impl DatabaseConfig {
@@ -77,6 +80,8 @@ pub(super) struct DatabaseFile {
     awake_poll_interval: Duration,
     #[serde(default = "defaults::awake_linger", with = "duration")]
     awake_linger: Duration,
+    #[serde(default = "defaults::max_batch_duration", with = "duration")]
+    max_batch_duration: Duration,
 }
 
 mod defaults {
@@ -102,6 +107,9 @@ mod defaults {
     }
     pub fn awake_linger() -> Duration {
         Duration::from_secs(1)
+    }
+    pub fn max_batch_duration() -> Duration {
+        Duration::from_secs(300)
     }
 }
 
@@ -161,6 +169,11 @@ impl Validator<'_> {
                 d => self.at_most("database.awake_poll_interval", d, MAX_AWAKE_POLL)?,
             },
             awake_linger: self.at_most("database.awake_linger", d.awake_linger, HOUR)?,
+            max_batch_duration: self.bounded(
+                "database.max_batch_duration",
+                d.max_batch_duration,
+                HOUR,
+            )?,
         })
     }
 }
@@ -202,6 +215,8 @@ mod tests {
             ("awake_poll_interval = \"500us\"", "must be at least 1ms"),
             ("awake_poll_interval = \"2s\"", "must be at most 1s"),
             ("awake_linger = \"2h\"", "must be at most 1h"),
+            ("max_batch_duration = \"2h\"", "must be at most 1h"),
+            ("max_batch_duration = \"0s\"", "must be longer than zero"),
         ] {
             let e = with(keys).unwrap_err().to_string();
             assert!(e.contains(message), "{keys}: {e}");

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/003_robustness.sql"),
     ),
     (4, "wakeup", include_str!("../../sql/004_wakeup.sql")),
+    (
+        5,
+        "finite_send_after",
+        include_str!("../../sql/005_finite_send_after.sql"),
+    ),
 ];
 
 /// The version the code expects; the daemon refuses to start on an older schema.

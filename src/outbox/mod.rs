@@ -30,10 +30,14 @@ SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.
                WHERE u.app = o.app AND u.device_token = lower(o.device_token)) AS unregistered
   FROM pgpushd.outbox o
  WHERE o.status = 'pending' AND o.send_after <= now()
+   AND o.id <> ALL ($2::bigint[])
  ORDER BY o.send_after, o.id
  LIMIT $1
    FOR UPDATE OF o SKIP LOCKED";
 
+// A legacy row (written before schema version 3's CHECK) may hold an infinite
+// send_after; the CHECK applies to every UPDATE's new row version, so the row must never
+// get it back, or the whole batch's UPDATE fails. It gets its created_at instead.
 const RECORD: &str = "
 UPDATE pgpushd.outbox AS o
    SET status     = v.status,
@@ -42,8 +46,11 @@ UPDATE pgpushd.outbox AS o
        apns_id    = coalesce(v.apns_id, o.apns_id),
        sent_at    = CASE WHEN v.status = 'sent' THEN clock_timestamp() ELSE o.sent_at END,
        settled_at = CASE WHEN v.status = 'pending' THEN NULL ELSE clock_timestamp() END,
-       send_after = CASE WHEN v.retry_ms IS NULL THEN o.send_after
-                         ELSE clock_timestamp() + v.retry_ms * interval '1 millisecond' END
+       send_after = CASE WHEN v.retry_ms IS NOT NULL
+                              THEN clock_timestamp() + v.retry_ms * interval '1 millisecond'
+                         WHEN isfinite(o.send_after) THEN o.send_after
+                         WHEN isfinite(o.created_at) THEN o.created_at
+                         ELSE clock_timestamp() END
   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::bool[])
        AS v(id, status, last_error, apns_id, retry_ms, attempted)
  WHERE o.id = v.id";
@@ -89,22 +96,37 @@ pub struct OutboxConn {
 }
 
 impl OutboxConn {
-    pub async fn new(client: Client) -> Result<OutboxConn, tokio_postgres::Error> {
-        Ok(OutboxConn {
+    /// Prepares the statements, each bounded by `statement_timeout` and `lock_timeout`
+    /// (preparing locks the outbox: a session holding it exclusively must not stall the
+    /// batch). Prepared statements outlive the transaction they were prepared in.
+    pub async fn new(
+        client: Client,
+        statement_timeout: Duration,
+    ) -> Result<OutboxConn, tokio_postgres::Error> {
+        client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}",
+                ms = millis(statement_timeout).max(1)
+            ))
+            .await?;
+        let conn = OutboxConn {
             claim: client.prepare(CLAIM).await?,
             record: client.prepare(RECORD).await?,
             unregister: client.prepare(UNREGISTER).await?,
             next_due: client.prepare(NEXT_DUE).await?,
             client,
-        })
+        };
+        conn.client.batch_execute("COMMIT").await?;
+        Ok(conn)
     }
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
 
-    /// Opens the transaction a batch lives in.
-    pub async fn begin(&mut self) -> Result<Batch<'_>, tokio_postgres::Error> {
+    /// Opens the transaction a batch lives in, bounded on the server's side by
+    /// `bounds`.
+    pub async fn begin(&mut self, bounds: Bounds) -> Result<Batch<'_>, tokio_postgres::Error> {
         let OutboxConn {
             client,
             claim,
@@ -112,14 +134,32 @@ impl OutboxConn {
             unregister,
             next_due,
         } = self;
+        let txn = client.transaction().await?;
+        txn.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {statement}; SET LOCAL lock_timeout = {statement};
+             SET LOCAL idle_in_transaction_session_timeout = {idle}",
+            statement = millis(bounds.statement).max(1),
+            idle = millis(bounds.idle).max(1),
+        ))
+        .await?;
         Ok(Batch {
-            txn: client.transaction().await?,
+            txn,
             claim,
             record,
             unregister,
             next_due,
         })
     }
+}
+
+/// The server-side bounds of a batch's transaction (issue 9): every statement of the
+/// claim and the commit (`statement_timeout`, `lock_timeout`), and how long the session
+/// may sit idle in the transaction before PostgreSQL ends it
+/// (`idle_in_transaction_session_timeout`), should the daemon's own bound not act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub statement: Duration,
+    pub idle: Duration,
 }
 
 /// One open claim transaction. Dropping it without [`Batch::commit`] releases its rows
@@ -134,10 +174,15 @@ pub struct Batch<'c> {
 
 impl Batch<'_> {
     /// Locks up to `limit` due rows, oldest `send_after` first, skipping rows other
-    /// batches or daemons hold.
-    pub async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+    /// batches or daemons hold and the rows in `held` (whose outcome could not be
+    /// recorded, see `dispatcher`).
+    pub async fn claim(
+        &self,
+        limit: usize,
+        held: &[i64],
+    ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self.txn.query(self.claim, &[&limit]).await?;
+        let rows = self.txn.query(self.claim, &[&limit, &held]).await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -170,18 +215,62 @@ impl Batch<'_> {
         Ok(secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()))
     }
 
+    /// Rolls back: every claimed row is released untouched, nothing is recorded.
+    pub async fn rollback(self) -> Result<(), tokio_postgres::Error> {
+        self.txn.rollback().await
+    }
+
     /// Writes every outcome with one UPDATE (plus one INSERT for newly unregistered
-    /// tokens), then commits.
+    /// tokens), then commits. When that UPDATE fails (a row the database refuses: a
+    /// trigger, a constraint), each row is written alone, so that one row cannot keep the
+    /// others from being recorded: the rows that still fail are returned, with why, and
+    /// stay as they were (pending). An `Err` recorded nothing.
     pub async fn commit(
         self,
         updates: &[RowUpdate],
         claimed: &[Claimed],
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
+        let mut unwritten = Vec::new();
         if !updates.is_empty() {
-            write_updates(&self.txn, self.record, updates).await?;
-            write_unregistered(&self.txn, self.unregister, updates, claimed).await?;
+            // Pipelined: the savepoint costs no round trip of its own.
+            let first = futures::future::try_join(
+                self.txn.batch_execute("SAVEPOINT outcomes"),
+                write_updates(&self.txn, self.record, updates),
+            );
+            let written = match first.await {
+                Ok(_) => updates.to_vec(),
+                Err(e) => {
+                    if self
+                        .txn
+                        .batch_execute("ROLLBACK TO SAVEPOINT outcomes")
+                        .await
+                        .is_err()
+                    {
+                        return Err(e);
+                    }
+                    let mut written = Vec::with_capacity(updates.len());
+                    for u in updates {
+                        self.txn.batch_execute("SAVEPOINT outcome").await?;
+                        match write_updates(&self.txn, self.record, std::slice::from_ref(u)).await {
+                            Ok(()) => {
+                                self.txn.batch_execute("RELEASE SAVEPOINT outcome").await?;
+                                written.push(u.clone());
+                            }
+                            Err(e) => {
+                                self.txn
+                                    .batch_execute("ROLLBACK TO SAVEPOINT outcome")
+                                    .await?;
+                                unwritten.push((u.id, crate::db::describe(&e)));
+                            }
+                        }
+                    }
+                    written
+                }
+            };
+            write_unregistered(&self.txn, self.unregister, &written, claimed).await?;
         }
-        self.txn.commit().await
+        self.txn.commit().await?;
+        Ok(unwritten)
     }
 }
 

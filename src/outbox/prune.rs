@@ -16,7 +16,11 @@ use crate::outcome::RowStatus;
 /// expired rows `send_after`, when they last fell due, i.e. their final attempt.
 const STAMP_UNSETTLED: &str = "
 UPDATE pgpushd.outbox
-   SET settled_at = coalesce(sent_at, greatest(send_after, created_at))
+   SET settled_at = coalesce(sent_at, CASE WHEN isfinite(send_after)
+                                           THEN greatest(send_after, created_at)
+                                           ELSE created_at END),
+       -- A legacy infinite send_after would violate schema 3's CHECK (see RECORD).
+       send_after = CASE WHEN isfinite(send_after) THEN send_after ELSE created_at END
  WHERE id IN (SELECT id FROM pgpushd.outbox
                WHERE status <> 'pending' AND settled_at IS NULL
                LIMIT $1

@@ -36,6 +36,18 @@ pub const TOP_ERRORS: usize = 10;
 pub const NEWEST_UNREGISTERED: usize = 5;
 /// The window for "recent" errors.
 pub const ERROR_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// `pgpushd status` shows the batch transactions open longer than this.
+pub const LONG_BATCH: Duration = Duration::from_secs(60);
+
+/// The batches' open transactions, from `pg_stat_activity`: the sessions the daemon
+/// names `pgpushd-batch` (see `db::connect`; a URL that sets its own `application_name`
+/// hides them). Sessions of other roles show without `xact_start` unless the reader has
+/// `pg_read_all_stats`.
+const LONG_BATCHES: &str = "
+SELECT count(*), extract(epoch FROM max(clock_timestamp() - xact_start))::float8
+  FROM pg_stat_activity
+ WHERE application_name = 'pgpushd-batch'
+   AND xact_start < clock_timestamp() - $1::float8 * interval '1 second'";
 
 /// The two gauges the daemon refreshes every few seconds (metrics, systemd's STATUS).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -116,6 +128,11 @@ pub struct StatusReport {
     pub unregistered: Vec<UnregisteredApp>,
     /// The most recently unregistered tokens, newest first.
     pub newest_unregistered: Vec<UnregisteredToken>,
+    /// Batch transactions (any daemon's) open longer than `long_batch_after`.
+    pub long_batches: i64,
+    /// How long the oldest of them has been open.
+    pub longest_batch: Option<Duration>,
+    pub long_batch_after: Duration,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -239,6 +256,15 @@ impl StatusReport {
     /// Reads every figure in one read-only, repeatable-read transaction, so they agree
     /// with each other.
     pub async fn read(client: &mut Client) -> Result<StatusReport, tokio_postgres::Error> {
+        Self::read_with(client, LONG_BATCH).await
+    }
+
+    /// [`StatusReport::read`], counting batch transactions open longer than
+    /// `long_batch_after`.
+    pub async fn read_with(
+        client: &mut Client,
+        long_batch_after: Duration,
+    ) -> Result<StatusReport, tokio_postgres::Error> {
         let txn = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
@@ -301,6 +327,11 @@ impl StatusReport {
             })
             .collect();
         let awake_for = super::wakeup::awake_for(&txn).await?;
+        let long = txn
+            .query_one(LONG_BATCHES, &[&long_batch_after.as_secs_f64()])
+            .await?;
+        let long_batches: i64 = long.get(0);
+        let longest_batch = long.get::<_, Option<f64>>(1).map(seconds);
         txn.commit().await?;
         Ok(StatusReport {
             apps: apps.into_values().collect(),
@@ -311,6 +342,9 @@ impl StatusReport {
             errors,
             unregistered,
             newest_unregistered,
+            long_batches,
+            longest_batch,
+            long_batch_after,
         })
     }
 }
@@ -422,6 +456,19 @@ impl fmt::Display for Rendered<'_> {
                 age(d)
             )?,
             None => writeln!(f, "Wake-up:         asleep: writers NOTIFY")?,
+        }
+        match (report.long_batches, report.longest_batch) {
+            (n, Some(longest)) if n > 0 => writeln!(
+                f,
+                "Long batches:    {n} batch transaction(s) (pgpushd-batch) open longer than {}s, the oldest for {}",
+                report.long_batch_after.as_secs(),
+                age(longest)
+            )?,
+            _ => writeln!(
+                f,
+                "Long batches:    none open longer than {}s",
+                report.long_batch_after.as_secs()
+            )?,
         }
         if report.never_due > 0 {
             writeln!(
@@ -622,6 +669,9 @@ mod tests {
             }],
             unregistered: vec![],
             newest_unregistered: vec![],
+            long_batches: 0,
+            longest_batch: None,
+            long_batch_after: LONG_BATCH,
         };
         let text = status.to_string();
         let expected = "\
@@ -634,6 +684,7 @@ Rows by app and status
 Oldest due row:  none, nothing is waiting to be sent
 Next scheduled:  due in 5m
 Wake-up:         asleep: writers NOTIFY
+Long batches:    none open longer than 60s
 
 Most common errors (failed or expired in the last 24 hours, or pending a retry)
   COUNT  STATUS  APP      ERROR

@@ -8,6 +8,7 @@ mod churn;
 mod commands;
 mod delivery;
 mod docs;
+mod legacy;
 mod pipeline;
 mod postgres_tls;
 mod retention;

@@ -470,3 +470,153 @@ async fn rows_the_daemon_cannot_read_or_time_fail_alone() {
         Some("outbox_send_after_must_be_finite")
     );
 }
+
+#[tokio::test]
+async fn a_row_whose_outcome_cannot_be_recorded_is_not_resent_forever() {
+    use pgpushd::dispatcher::MAX_OUTCOME_WRITE_FAILURES;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // The database refuses every UPDATE of row 3.
+    client
+        .batch_execute(
+            "CREATE FUNCTION pg_temp_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'row % refused by the test', OLD.id; END $$;
+             CREATE TRIGGER refuse_3 BEFORE UPDATE ON pgpushd.outbox
+                FOR EACH ROW WHEN (OLD.id = 3) EXECUTE FUNCTION pg_temp_refuse();",
+        )
+        .await
+        .unwrap();
+    let transport = ScriptedTransport::new();
+    let mut cfg = config(&db.url, "");
+    cfg.database.poll_interval = Duration::from_millis(100);
+    let daemon = Daemon::new(cfg, transport.clone());
+    let metrics = daemon.metrics().clone();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    insert_rows(&client, 1, 5).await;
+    // The other rows are recorded despite row 3.
+    wait_for_status(&client, "sent", 4, Duration::from_secs(10)).await;
+    let failures = u64::from(MAX_OUTCOME_WRITE_FAILURES);
+    wait_for(
+        "the failed writes counted",
+        Duration::from_secs(20),
+        || async { (metrics.outcome_write_failures.get() >= failures).then_some(()) },
+    )
+    .await;
+    // Held now: polled every 100ms, it is neither sent nor written again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metrics.outcome_write_failures.get(), failures);
+    let sends_of_3 = transport.sent_ids().iter().filter(|&&id| id == 3).count() as u64;
+    assert!(
+        (1..=failures + 1).contains(&sends_of_3),
+        "row 3 sent {sends_of_3} times"
+    );
+    assert_eq!(transport.count() as u64, 4 + sends_of_3);
+    assert_eq!(count(&client, "pending").await, 1);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_held_past_max_batch_duration_is_abandoned_and_its_rows_released() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    *transport.delay.lock().unwrap() = Duration::from_secs(30);
+    let mut cfg = config(&db.url, "");
+    cfg.database.max_batch_duration = Duration::from_secs(1);
+    // Never awake, so nothing claims the released rows again for a second.
+    cfg.database.awake_linger = Duration::ZERO;
+    let daemon = Daemon::new(cfg, transport.clone());
+    let metrics = daemon.metrics().clone();
+    let progress = daemon.progress();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    wait_for_listener(&client).await;
+    insert_rows(&client, 1, 3).await;
+    wait_for("the rows sent", Duration::from_secs(5), || async {
+        (transport.count() >= 3).then_some(())
+    })
+    .await;
+    // The sends hang for 30s; the batch gives its rows back after about 1s.
+    wait_for("the rows released", Duration::from_secs(5), || async {
+        let free = client
+            .query(
+                "SELECT id FROM pgpushd.outbox WHERE status = 'pending' AND attempts = 0
+                   FOR UPDATE SKIP LOCKED",
+                &[],
+            )
+            .await
+            .unwrap();
+        (free.len() == 3).then_some(())
+    })
+    .await;
+    wait_for(
+        "the batch counted abandoned",
+        Duration::from_secs(5),
+        || async {
+            (metrics.batches_abandoned.get() >= 1 && progress.borrow().released >= 3).then_some(())
+        },
+    )
+    .await;
+    // Once the transport answers again, the rows are delivered.
+    *transport.delay.lock().unwrap() = Duration::ZERO;
+    wait_for_status(&client, "sent", 3, Duration::from_secs(10)).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_claim_stuck_behind_a_lock_gives_up_after_lock_timeout() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    insert_rows(&client, 1, 3).await;
+    // Another session holds the outbox exclusively (a migration, a careless ALTER).
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let transport = ScriptedTransport::new();
+    // connect_timeout is 2s in the test config: the batch's lock_timeout.
+    let mut cfg = config(&db.url, "");
+    cfg.database.poll_interval = Duration::from_millis(200);
+    let daemon = Daemon::new(cfg, transport.clone());
+    let metrics = daemon.metrics().clone();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    wait_for(
+        "the claim to give up on the lock",
+        Duration::from_secs(10),
+        || async { (metrics.batch_failures.get() >= 1).then_some(()) },
+    )
+    .await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    wait_for_status(&client, "sent", 3, Duration::from_secs(40)).await;
+    // Again, with the batches' connections ready: now the claim itself waits.
+    let before = metrics.batch_failures.get();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    wait_for(
+        "the claim to give up on the lock again",
+        Duration::from_secs(10),
+        || async { (metrics.batch_failures.get() > before).then_some(()) },
+    )
+    .await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    insert_rows(&client, 4, 1).await;
+    wait_for_status(&client, "sent", 4, Duration::from_secs(40)).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -404,3 +404,34 @@ async fn the_status_shortens_device_tokens_unless_asked() {
     assert!(full.contains(&format!("  default  {token}  ")), "{full}");
     assert_eq!(s.display(false).to_string(), short);
 }
+
+#[tokio::test]
+async fn the_status_shows_batch_transactions_open_too_long() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    // A batch's session (as the daemon names it) with a transaction open, and one idle.
+    let url = pgpushd::secret::Secret::new(db.url.clone());
+    let batch = || pgpushd::db::connect(&url, Duration::from_secs(10), "batch");
+    let open = batch().await.unwrap();
+    let idle = batch().await.unwrap();
+    idle.batch_execute("SELECT 1").await.unwrap();
+    let s = StatusReport::read(&mut client).await.unwrap();
+    assert_eq!(s.long_batches, 0);
+    assert!(
+        s.to_string()
+            .contains("Long batches:    none open longer than 60s"),
+        "{s}"
+    );
+    open.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let s = StatusReport::read_with(&mut client, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(s.long_batches, 1);
+    assert!(s.longest_batch.unwrap() >= Duration::from_secs(1));
+    let text = s.to_string();
+    assert!(
+        text.contains("Long batches:    1 batch transaction(s) (pgpushd-batch) open longer than 1s, the oldest for"),
+        "{text}"
+    );
+}
