@@ -740,7 +740,7 @@ mod tests {
             id: 7,
             app: "default".into(),
             device_token: "ab".into(),
-            payload: serde_json::json!({}),
+            payload: "{}".into(),
             push_type: "alert".into(),
             priority: None,
             collapse_id: None,

@@ -308,8 +308,25 @@ async fn metrics_agree_with_the_table_and_healthz_reports_refused_credentials() 
     })
     .await;
 
-    let (status, body) = http_get(port, "/metrics");
-    assert_eq!(status, 200);
+    // Rows are counted just after their batch commits: wait for the last batch's.
+    let value = |body: &str, needle: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let body = wait_for("every row counted", Duration::from_secs(20), || async {
+        let (status, body) = http_get(port, "/metrics");
+        let counted = value(
+            &body,
+            r#"pgpushd_rows_total{app="default",outcome="sent",reason="none"}"#,
+        ) + value(
+            &body,
+            r#"pgpushd_rows_total{app="default",outcome="failed",reason="BadDeviceToken"}"#,
+        );
+        (status == 200 && counted as i64 == 100).then_some(body)
+    })
+    .await;
     let metric = |needle: &str| -> f64 {
         body.lines()
             .find(|l| l.starts_with(needle))
