@@ -33,7 +33,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::frame_watch::FrameWatch;
+pub use super::frame_watch::GoAway;
+use super::frame_watch::{FrameWatch, Watcher};
 use super::response::Answer;
 
 /// Bodies are small JSON objects; anything larger is cut here.
@@ -118,7 +119,7 @@ pub enum RequestError {
 }
 
 /// State shared by the connection handle and its tasks.
-pub(super) struct Shared {
+struct Shared {
     in_flight: AtomicUsize,
     /// Answers received so far: the PING task pings only when this stands still.
     answers: AtomicU64,
@@ -135,16 +136,19 @@ pub(super) struct Shared {
     /// Streams our requests hold: kept within the server's limit, so h2 never queues one.
     streams: AtomicUsize,
     /// A stream was freed, or the server's SETTINGS (its stream limit) were applied.
-    pub(super) freed: tokio::sync::Notify,
+    freed: tokio::sync::Notify,
     id: u64,
     peer: String,
 }
 
-/// What the server's GOAWAY said.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GoAway {
-    pub last_stream_id: u32,
-    pub code: u32,
+impl Watcher for Shared {
+    fn went_away(&self, frame: GoAway) {
+        Shared::went_away(self, frame)
+    }
+
+    fn settings_applied(&self) {
+        self.freed.notify_waiters()
+    }
 }
 
 impl Shared {
@@ -155,7 +159,7 @@ impl Shared {
         }
     }
 
-    pub(super) fn went_away(&self, frame: GoAway) {
+    fn went_away(&self, frame: GoAway) {
         let mut goaway = self.goaway.lock().unwrap();
         // A later GOAWAY never raises the last stream id (RFC 9113, 6.8).
         let last_stream_id = goaway.map_or(frame.last_stream_id, |g| {

@@ -8,7 +8,20 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::connection::{GoAway, Shared};
+/// What the server's GOAWAY said.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GoAway {
+    pub last_stream_id: u32,
+    pub code: u32,
+}
+
+/// Who hears what the watch sees (the connection's shared state).
+pub(super) trait Watcher: Send + Sync + 'static {
+    /// The server sent a GOAWAY.
+    fn went_away(&self, frame: GoAway);
+    /// Our SETTINGS ACK went out: h2 has applied the server's SETTINGS.
+    fn settings_applied(&self);
+}
 
 /// The connection's bytes, watched as they pass (h2 keeps these to itself): the server's
 /// GOAWAY and its last-stream-id as it is read, and our SETTINGS ACK as it is written, by
@@ -16,7 +29,7 @@ use super::connection::{GoAway, Shared};
 /// headers are parsed: 9 bytes each, and the first 8 bytes of a GOAWAY's payload.
 pub(super) struct FrameWatch<S> {
     io: S,
-    shared: Arc<Shared>,
+    shared: Arc<dyn Watcher>,
     read: Frames,
     written: Frames,
 }
@@ -95,7 +108,7 @@ impl Frames {
 }
 
 impl<S> FrameWatch<S> {
-    pub(super) fn new(io: S, shared: Arc<Shared>) -> FrameWatch<S> {
+    pub(super) fn new(io: S, shared: Arc<dyn Watcher>) -> FrameWatch<S> {
         FrameWatch {
             io,
             shared,
@@ -139,7 +152,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameWatch<S> {
             let shared = &this.shared;
             this.written.pass(&buf[..n], |seen| {
                 if let Seen::SettingsAck = seen {
-                    shared.freed.notify_waiters()
+                    shared.settings_applied()
                 }
             });
         }
