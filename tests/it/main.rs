@@ -13,6 +13,7 @@ mod pipeline;
 mod postgres_tls;
 mod retention;
 mod service;
+mod soak;
 mod status;
 mod support;
 mod systemd;
