@@ -27,7 +27,7 @@ fn token(n: u8) -> String {
     format!("{n:02x}").repeat(32)
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -35,7 +35,7 @@ fn now_secs() -> u64 {
 }
 
 /// A provider token (ES256 JWT) signed with the `.p8` key `p8`, as a provider makes one.
-fn sign(p8: &[u8], key_id: &str, team_id: &str, iat: u64) -> String {
+pub(crate) fn sign(p8: &[u8], key_id: &str, team_id: &str, iat: u64) -> String {
     let key = PKey::private_key_from_pem(p8).unwrap().ec_key().unwrap();
     let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"ES256","kid":"{key_id}"}}"#));
     let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"iss":"{team_id}","iat":{iat}}}"#));

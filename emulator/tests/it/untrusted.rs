@@ -4,17 +4,15 @@
 //! - request validation (path, method, headers, payload);
 //! - provider tokens (JWT): a mutated token is never accepted.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use http::{HeaderName, HeaderValue, Method, Request};
-use openssl::ecdsa::EcdsaSig;
-use openssl::pkey::PKey;
 use pgpushd_emulator::binary::frame;
 use pgpushd_emulator::jwt::TokenKey;
 use pgpushd_emulator::validate::{self, AuthMode, Policy};
 use proptest::prelude::*;
+
+use crate::http2::{now_secs, sign};
 
 /// A well-formed command-2 frame: token, payload, identifier, expiration, priority.
 fn command_2(token: &[u8], payload: &[u8], id: u32) -> Vec<u8> {
@@ -112,31 +110,12 @@ proptest! {
 const KEY_ID: &str = "ABC123DEFG";
 const TEAM_ID: &str = "DEF123GHIJ";
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// A provider token signed with `p8`, as a provider makes one.
-fn sign(p8: &[u8], iat: u64) -> String {
-    let key = PKey::private_key_from_pem(p8).unwrap().ec_key().unwrap();
-    let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"ES256","kid":"{KEY_ID}"}}"#));
-    let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"iss":"{TEAM_ID}","iat":{iat}}}"#));
-    let input = format!("{header}.{claims}");
-    let sig = EcdsaSig::sign(&openssl::sha::sha256(input.as_bytes()), &key).unwrap();
-    let mut raw = sig.r().to_vec_padded(32).unwrap();
-    raw.extend(sig.s().to_vec_padded(32).unwrap());
-    format!("{input}.{}", URL_SAFE_NO_PAD.encode(raw))
-}
-
 #[test]
 fn provider_tokens_random_or_mutated_are_refused_without_panicking() {
     let p8 = pgpushd_emulator::jwt::generate_signing_key().unwrap();
     let key = TokenKey::from_pem(&p8, KEY_ID, TEAM_ID).unwrap();
-    let good = sign(&p8, now());
-    assert!(key.verify(good.as_bytes(), now()).is_ok());
+    let good = sign(&p8, KEY_ID, TEAM_ID, now_secs());
+    assert!(key.verify(good.as_bytes(), now_secs()).is_ok());
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(2000));
     runner
         .run(
@@ -145,7 +124,7 @@ fn provider_tokens_random_or_mutated_are_refused_without_panicking() {
                 proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
             ),
             |(random, flips)| {
-                let _ = key.verify(&random, now());
+                let _ = key.verify(&random, now_secs());
                 let mut bad = good.clone().into_bytes();
                 for (at, byte) in flips {
                     let at = at % bad.len();
@@ -162,7 +141,7 @@ fn provider_tokens_random_or_mutated_are_refused_without_panicking() {
                                 URL_SAFE_NO_PAD.decode(a).ok() == URL_SAFE_NO_PAD.decode(b).ok()
                             });
                     if !same {
-                        prop_assert!(key.verify(&bad, now()).is_err());
+                        prop_assert!(key.verify(&bad, now_secs()).is_err());
                     }
                 }
                 Ok(())
