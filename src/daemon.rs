@@ -17,7 +17,7 @@ use crate::awake::Keeper;
 use crate::backoff::backoff;
 use crate::config::{Config, DatabaseConfig, RetentionConfig};
 use crate::db;
-use crate::dispatcher::{ClaimSignals, Dispatcher, Heartbeat, Progress, Settings};
+use crate::dispatcher::{ClaimSignals, Dispatcher, Heartbeat, Progress, Settings, HEARTBEAT_EVERY};
 use crate::listener::Listener;
 use crate::metrics::{self, Metrics};
 use crate::outbox::migrate;
@@ -62,7 +62,10 @@ impl Daemon {
             settings: watch::Sender::new(settings),
             database: watch::Sender::new(Ok(())),
             metrics,
-            heartbeat: Arc::new(Heartbeat::default()),
+            // The watchdog pings every half period, when the loop beat within it.
+            heartbeat: Arc::new(Heartbeat::beating_every(
+                systemd::watchdog_interval().map_or(HEARTBEAT_EVERY, |period| period / 4),
+            )),
             notifier: Notifier::from_env(),
             ready: Default::default(),
         }

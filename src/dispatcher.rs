@@ -37,7 +37,8 @@ use crate::transport::{Delivery, Transport};
 /// Waits after database errors: from a quarter second up to this.
 const MAX_DB_RETRY_WAIT: Duration = Duration::from_secs(30);
 
-/// The loop turns at least this often, so its [`Heartbeat`] proves it is alive.
+/// The loop turns at least this often (or as often as its [`Heartbeat`] asks, when that
+/// is more often), so the heartbeat proves it is alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// When the dispatcher loop last turned, for the systemd watchdog: a wedged loop stops
@@ -46,6 +47,8 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// [`Heartbeat::stuck_batch`]) is stuck, which `/healthz` and the watchdog report.
 #[derive(Debug)]
 pub struct Heartbeat {
+    /// How often the loop beats.
+    every: Duration,
     start: Instant,
     last_ms: AtomicU64,
     /// When each open batch transaction began, by batch number.
@@ -57,13 +60,7 @@ pub struct Heartbeat {
 
 impl Default for Heartbeat {
     fn default() -> Self {
-        Heartbeat {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            open: Mutex::default(),
-            next_batch: AtomicU64::new(0),
-            stuck_after_ms: AtomicU64::new(0),
-        }
+        Heartbeat::beating_every(HEARTBEAT_EVERY)
     }
 }
 
@@ -80,6 +77,19 @@ impl Drop for OpenBatch<'_> {
 }
 
 impl Heartbeat {
+    /// A heartbeat for a watchdog that checks `age()` against `every` or more: the loop
+    /// beats that often (at most [`HEARTBEAT_EVERY`], at least every 10 ms).
+    pub fn beating_every(every: Duration) -> Heartbeat {
+        Heartbeat {
+            every: every.clamp(Duration::from_millis(10), HEARTBEAT_EVERY),
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            open: Mutex::default(),
+            next_batch: AtomicU64::new(0),
+            stuck_after_ms: AtomicU64::new(0),
+        }
+    }
+
     fn beat(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -378,7 +388,7 @@ impl Dispatcher {
             if let Some(t) = db_retry_at.filter(|_| !db_ready) {
                 wake_at = t;
             }
-            let beat_at = Instant::now() + HEARTBEAT_EVERY;
+            let beat_at = Instant::now() + self.heartbeat.every;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.wake.notified() => look = true,

@@ -89,6 +89,18 @@ impl NotifySocket {
     fn clear(&mut self) {
         self.seen.clear();
     }
+
+    /// Keeps everything that arrives for `how_long`.
+    fn drain(&mut self, how_long: Duration) {
+        let until = Instant::now() + how_long;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < until {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                self.seen
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -142,6 +154,19 @@ async fn systemd_hears_ready_watchdog_reloading_and_stopping() {
 
     notify.wait_for("READY=1", Duration::from_secs(20));
     notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
+    // An idle daemon pings every half period (here 0.5 s), not only when its loop
+    // happened to turn lately.
+    notify.clear();
+    notify.drain(Duration::from_secs(3));
+    let pings = notify
+        .seen
+        .iter()
+        .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
+        .count();
+    assert!(
+        pings >= 5,
+        "{pings} watchdog pings in 3 s at WATCHDOG_USEC=1s"
+    );
     let status = notify.wait_for_prefix("STATUS=", Duration::from_secs(10));
     assert!(status.contains("pending"), "{status}");
 
@@ -423,4 +448,109 @@ async fn a_drain_past_its_deadline_releases_unanswered_rows_untouched() {
     wait_for_status(&client, "sent", 500, Duration::from_secs(30)).await;
     signal(&again, nix::sys::signal::Signal::SIGTERM);
     assert!(wait_exit(&mut again, Duration::from_secs(15)).success());
+}
+
+/// Stops (SIGSTOP) PostgreSQL backends for as long as it lives, and lets them go on drop,
+/// even when the test fails: a stopped backend would hold up the cluster's shutdown.
+struct StoppedBackends(Vec<i32>);
+
+impl StoppedBackends {
+    fn stop(pids: Vec<i32>) -> StoppedBackends {
+        for &pid in &pids {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            )
+            .unwrap();
+        }
+        StoppedBackends(pids)
+    }
+}
+
+impl Drop for StoppedBackends {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+}
+
+/// A batch whose database backend stops answering (SIGSTOP: the kernel still keeps its
+/// socket alive, so only the daemon's own bounds can notice) is stuck: `/healthz` says so
+/// and the watchdog ping is withheld, so systemd would restart the daemon. Once the
+/// backend answers again the batch is abandoned, the pings resume, and its row is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_batch_withholds_the_watchdog_until_it_ends() {
+    let db = TestDb::with_own_cluster().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let port = free_port();
+    let path = write_config(
+        apns.dir.path(),
+        &db.url,
+        "connect_timeout = \"1s\"\nmax_batch_duration = \"2s\"\nmax_batches_in_flight = 1",
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}",
+            apns.app_toml
+        ),
+    );
+    let mut notify = NotifySocket::bind(apns.dir.path());
+    let socket = notify.path.to_str().unwrap().to_owned();
+    let mut daemon = spawn(
+        &path,
+        &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")],
+    );
+    notify.wait_for("READY=1", Duration::from_secs(20));
+    let client = db.client().await;
+    insert_rows(&client, 1, 10).await;
+    wait_for_status(&client, "sent", 10, Duration::from_secs(20)).await;
+    notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
+    assert_eq!(http_get(port, "/healthz").0, 200);
+
+    let batch_backends: Vec<i32> = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgpushd-batch'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!batch_backends.is_empty(), "no batch connection to stop");
+    let stopped = StoppedBackends::stop(batch_backends);
+    insert_rows(&client, 11, 1).await;
+
+    let body = wait_for(
+        "healthz to report the stuck batch",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = http_get(port, "/healthz");
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("past max_batch_duration"), "{body}");
+    // Pings already on their way before the batch counted as stuck, then none at all.
+    notify.drain(Duration::from_millis(700));
+    notify.clear();
+    notify.drain(Duration::from_millis(2500));
+    assert!(
+        !notify
+            .seen
+            .iter()
+            .any(|m| m.lines().any(|l| l == "WATCHDOG=1")),
+        "the watchdog was pinged while a batch was stuck: {:?}",
+        notify.seen
+    );
+
+    drop(stopped);
+    notify.wait_for("WATCHDOG=1", Duration::from_secs(15));
+    wait_for_status(&client, "sent", 11, Duration::from_secs(20)).await;
+    assert_eq!(http_get(port, "/healthz").0, 200);
+
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_exit(&mut daemon, Duration::from_secs(25)).success());
 }
