@@ -24,12 +24,16 @@
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
-//! - [`demo`]: `pgpushd demo`, everything above on one machine.
+//! - [`demo`]: `pgpushd demo`, everything above on one machine;
+//! - [`commands`]: the bodies of the other commands (`status`);
+//! - [`console`]: output that changes in place (progress, `status --watch`).
 
 pub mod apns;
 pub mod awake;
 pub mod backoff;
+pub mod commands;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod db;
 pub mod demo;

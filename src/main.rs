@@ -84,6 +84,22 @@ struct StatusArgs {
     /// Show device tokens whole (by default only their first 8 hex digits, as the logs).
     #[arg(long)]
     full_tokens: bool,
+    /// Print one JSON object (per refresh, one per line) instead of text tables.
+    #[arg(long)]
+    json: bool,
+    /// Refresh every INTERVAL (default 2s) until interrupted; in place on a terminal.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s",
+          value_parser = watch_interval)]
+    watch: Option<Duration>,
+}
+
+fn watch_interval(text: &str) -> Result<Duration, String> {
+    let every = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let min = pgpushd::commands::status::MIN_WATCH_INTERVAL;
+    if every < min {
+        return Err(format!("at least {}", humantime::format_duration(min)));
+    }
+    Ok(every)
 }
 
 #[derive(Args)]
@@ -169,9 +185,7 @@ async fn dispatch(command: Command) -> ExitCode {
         },
         Command::CheckConfig(a) => return check_config(&a.config),
         Command::Status(a) => match load(&a.config.config) {
-            Ok(config) => pgpushd::outbox::status::fetch(&config.database)
-                .await
-                .map(|status| print!("{}", status.display(a.full_tokens))),
+            Ok(config) => status(&config, a).await,
             Err(code) => return code,
         },
         Command::Send(a) => match load(&a.config.config) {
@@ -227,6 +241,29 @@ fn check_config(path: &Path) -> ExitCode {
             eprintln!("pgpushd: {p}");
         }
         ExitCode::from(exit::CONFIG)
+    }
+}
+
+async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<()> {
+    use pgpushd::commands::status;
+    let options = status::Options {
+        json: a.json,
+        full_tokens: a.full_tokens,
+        watch: a.watch,
+    };
+    let mut console = pgpushd::console::Console::stdout();
+    match a.watch {
+        None => status::once(&config.database, options, &mut console).await,
+        Some(every) => {
+            status::watch(
+                &config.database,
+                options,
+                every,
+                &mut console,
+                shutdown_signal(),
+            )
+            .await
+        }
     }
 }
 

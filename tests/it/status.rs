@@ -435,3 +435,118 @@ async fn the_status_shows_batch_transactions_open_too_long() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_as_json_agrees_with_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pgpushd.toml");
+    let db = TestDb::new().await;
+    std::fs::write(&config, format!("[database]\nurl = \"{}\"\n", db.url)).unwrap();
+    let client = db.client().await;
+    fill(&client).await;
+
+    let (code, stdout, stderr) = pgpushd(&config, &["--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "one object, one line: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        v["totals"],
+        serde_json::json!({"pending": 5, "due": 3, "retrying": 1, "sent": 4, "failed": 5, "expired": 1})
+    );
+    assert_eq!(v["apps"][0]["app"], "default");
+    assert_eq!(v["apps"][1]["pending"], 1);
+    let overdue = v["oldest_due"]["overdue_seconds"].as_f64().unwrap();
+    assert!((600.0..660.0).contains(&overdue), "{v}");
+    assert_eq!(v["errors"][0]["error"], "BadDeviceToken");
+    assert_eq!(v["errors"][0]["count"], 2);
+    assert_eq!(v["awake"], false);
+    assert_eq!(v["unregistered"][0]["tokens"], 2);
+    assert!(v["read_at"].as_str().unwrap().ends_with('Z'), "{v}");
+
+    let (code, _, stderr) = pgpushd(&config, &["--watch", "10ms"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("at least 100ms"), "{stderr}");
+}
+
+/// `--watch` refreshes until interrupted: each refresh sees rows inserted meanwhile, a
+/// database that goes away is an error in place (and the watch goes on), and SIGINT ends
+/// it with success. Piped, the JSON is one object per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_watch_refreshes_until_interrupted() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pgpushd.toml");
+    let mut db = TestDb::with_own_cluster().await;
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{}\"\nconnect_timeout = \"2s\"\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    let client = db.client().await;
+    let mut watch = Spawned(
+        Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+            .args(["status", "--json", "--watch", "200ms", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let next = |what: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = lines
+                .recv_timeout(give_up.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or_else(|_| panic!("no refresh showing {what}"));
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if check(&v) {
+                return v;
+            }
+        }
+    };
+    next("an empty outbox", &|v| v["totals"]["pending"] == 0);
+    insert_rows(&client, 1, 3).await;
+    next("three pending rows", &|v| v["totals"]["pending"] == 3);
+
+    drop(client);
+    db.cluster().stop();
+    // The open connection breaks, then reconnecting fails, refresh after refresh.
+    next("the database's absence", &|v| {
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot reach the database"))
+    });
+    db.cluster().start_server().unwrap();
+    next("the outbox again", &|v| v["totals"]["pending"] == 3);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = watch.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the watch did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
