@@ -2,6 +2,7 @@
 //! throwaway PostgreSQL, the APNs emulator with token auth, and the daemon — delivering
 //! N rows and saying how it went.
 
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apns::Apns;
 use crate::config::Config;
+use crate::console::{bar, Console};
 use crate::daemon::Daemon;
 use crate::devdb::DevDb;
 use crate::outbox::status::Totals;
@@ -114,30 +116,26 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
     }
 
     let deadline = Instant::now() + Duration::from_secs(60 + rows / 500);
-    let mut last = (0, 0, rows as i64);
-    loop {
-        let Totals {
-            sent,
-            failed,
-            pending,
-        } = Totals::read(&client).await?;
-        if (sent, failed, pending) != last {
-            writeln!(
-                out,
-                "  progress    {sent:>7} sent  {failed:>5} failed  {pending:>7} pending"
-            )?;
-            last = (sent, failed, pending);
+    let mut console = Console::stdout();
+    let mut progress = Progress::new(rows);
+    let last = loop {
+        let totals = Totals::read(&client).await?;
+        console.progress(&progress.line(&totals, Instant::now()))?;
+        if totals.pending == 0 || Instant::now() > deadline {
+            break totals;
         }
-        if pending == 0 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    console.end_progress()?;
     let elapsed = insert_started.elapsed();
     cancel.cancel();
     daemon_task.await??;
 
-    let (sent, failed, pending) = last;
+    let Totals {
+        sent,
+        failed,
+        pending,
+    } = last;
     let summary = Summary {
         rows,
         sent,
@@ -157,6 +155,46 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
     emulator.shutdown().await;
     drop(cluster);
     Ok(summary)
+}
+
+/// The progress line: a bar, the counts and the send rate over the last second.
+struct Progress {
+    rows: u64,
+    /// `(when, sent)` over the last second or so, oldest first.
+    samples: VecDeque<(Instant, i64)>,
+}
+
+impl Progress {
+    fn new(rows: u64) -> Progress {
+        Progress {
+            rows,
+            samples: VecDeque::new(),
+        }
+    }
+
+    fn line(&mut self, t: &Totals, now: Instant) -> String {
+        self.samples.push_back((now, t.sent));
+        while self.samples.len() > 2
+            && now.duration_since(self.samples[1].0) >= Duration::from_secs(1)
+        {
+            self.samples.pop_front();
+        }
+        let (since, sent_then) = self.samples[0];
+        let secs = now.duration_since(since).as_secs_f64();
+        let rate = match secs > 0.0 {
+            true => format!("{:.0}/s", (t.sent - sent_then) as f64 / secs),
+            false => "-/s".to_owned(),
+        };
+        let width = self.rows.to_string().len();
+        format!(
+            "  {} {:>width$} of {} sent  {} failed  {:>width$} pending  {rate}",
+            bar((t.sent + t.failed).max(0) as u64, self.rows, 30),
+            t.sent,
+            self.rows,
+            t.failed,
+            t.pending,
+        )
+    }
 }
 
 /// The config a user would write for this set-up, parsed like any other.
@@ -189,4 +227,43 @@ team_id = "{TEAM_ID}"
     let path = dir.join("pgpushd.toml");
     std::fs::write(&path, &text)?;
     Ok(Config::from_file_str(&path, &text, None)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_line_shows_a_bar_counts_and_the_rate_over_the_last_second() {
+        let mut p = Progress::new(1000);
+        let t0 = Instant::now();
+        let totals = |sent, failed, pending| Totals {
+            sent,
+            failed,
+            pending,
+        };
+        assert_eq!(
+            p.line(&totals(0, 0, 1000), t0),
+            format!(
+                "  [{}]    0 of 1000 sent  0 failed  1000 pending  -/s",
+                ".".repeat(30)
+            )
+        );
+        let half = p.line(&totals(500, 0, 500), t0 + Duration::from_millis(500));
+        assert!(
+            half.contains(&format!("[{}{}]", "#".repeat(15), ".".repeat(15))),
+            "{half}"
+        );
+        assert!(
+            half.ends_with(" 500 of 1000 sent  0 failed   500 pending  1000/s"),
+            "{half}"
+        );
+        // Two seconds later the rate is over the last second's samples only.
+        p.line(&totals(600, 0, 400), t0 + Duration::from_millis(1500));
+        let late = p.line(&totals(700, 10, 290), t0 + Duration::from_millis(2500));
+        assert!(
+            late.ends_with("  700 of 1000 sent  10 failed   290 pending  100/s"),
+            "{late}"
+        );
+    }
 }

@@ -260,6 +260,32 @@ fn the_demo_delivers_every_row() {
     let (code, stdout, stderr) = output(pgpushd().args(["demo", "--rows", "300"]));
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("delivered 300 of 300"), "{stdout}");
+    // Piped, progress is plain lines: no escape sequences in a log.
+    assert!(stdout.contains(" of 300 sent  "), "{stdout}");
+    assert!(!stdout.contains('\x1b') && !stdout.contains('\r'), "{stdout:?}");
+}
+
+/// On a terminal (a pseudo-terminal from util-linux's `script`), the progress line
+/// updates in place and the summary follows it.
+#[test]
+fn the_demo_shows_progress_in_place_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: util-linux's `script` is missing; it gives the demo a terminal");
+        return;
+    }
+    let demo = format!("{} demo --rows 2000", env!("CARGO_BIN_EXE_pgpushd"));
+    let (code, stdout, stderr) = output(
+        Command::new("script")
+            .args(["-q", "-e", "-c", &demo, "/dev/null"])
+            .env("TERM", "xterm")
+            .env_remove("RUST_LOG"),
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let updates = stdout.matches("\r  [").count();
+    assert!(updates >= 1, "no progress line redrawn in place: {stdout:?}");
+    assert!(stdout.contains("\x1b[K"), "{stdout:?}");
+    assert!(stdout.contains("2000 of 2000 sent"), "{stdout:?}");
+    assert!(stdout.contains("delivered 2000 of 2000"), "{stdout:?}");
 }
 
 fn spawn_daemon(config: &Path) -> Spawned {
