@@ -16,6 +16,7 @@
 //!   `Unregistered`);
 //! - [`apns`]: the APNs client: `apns::http2` (the provider API) beside `apns::binary`
 //!   (the retired binary protocol), what both use at `apns/`;
+//! - [`fcm`]: Firebase Cloud Messaging's rules (its transport is being built);
 //! - [`reports`]: writing what the transport reports on its own (unregistered tokens,
 //!   rows found undelivered after all) to the outbox;
 //! - [`retention`]: deleting settled rows once they are old enough;
@@ -39,6 +40,7 @@ pub mod db;
 pub mod demo;
 pub mod devdb;
 pub mod dispatcher;
+pub mod fcm;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;

@@ -262,7 +262,10 @@ fn the_demo_delivers_every_row() {
     assert!(stdout.contains("delivered 300 of 300"), "{stdout}");
     // Piped, progress is plain lines: no escape sequences in a log.
     assert!(stdout.contains(" of 300 sent  "), "{stdout}");
-    assert!(!stdout.contains('\x1b') && !stdout.contains('\r'), "{stdout:?}");
+    assert!(
+        !stdout.contains('\x1b') && !stdout.contains('\r'),
+        "{stdout:?}"
+    );
 }
 
 /// On a terminal (a pseudo-terminal from util-linux's `script`), the progress line
@@ -282,7 +285,10 @@ fn the_demo_shows_progress_in_place_on_a_terminal() {
     );
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let updates = stdout.matches("\r  [").count();
-    assert!(updates >= 1, "no progress line redrawn in place: {stdout:?}");
+    assert!(
+        updates >= 1,
+        "no progress line redrawn in place: {stdout:?}"
+    );
     assert!(stdout.contains("\x1b[K"), "{stdout:?}");
     assert!(stdout.contains("2000 of 2000 sent"), "{stdout:?}");
     assert!(stdout.contains("delivered 2000 of 2000"), "{stdout:?}");

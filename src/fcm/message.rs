@@ -1,0 +1,196 @@
+//! An outbox row as FCM's `messages:send` body. For an FCM app the row's `payload` is
+//! FCM's `message` object without its target (`notification`, `data`, `android`,
+//! `webpush`, `apns`, `fcm_options`), and `device_token` is the registration token.
+//!
+//! What FCM would refuse is refused here first, with a reason that names the rule, so
+//! the row fails at once instead of costing a request. The body is built around the
+//! payload's own text, as the APNs request is: no number is re-serialized.
+
+use serde_json::Value;
+
+/// FCM's limit on a message (keys and values included).
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// The `message` fields a row may set.
+pub const KNOWN_KEYS: [&str; 6] = [
+    "data",
+    "notification",
+    "android",
+    "webpush",
+    "apns",
+    "fcm_options",
+];
+/// The longest registration token accepted (they are about 160 characters today).
+const MAX_TOKEN_LEN: usize = 4096;
+
+/// The request body for `token` and the row's `payload` text (a JSON object), or why the
+/// row cannot be sent.
+pub fn body(token: &str, payload: &str) -> Result<String, String> {
+    check_token(token)?;
+    check_payload(payload)?;
+    let inner = payload.trim();
+    // `{` + the payload's members (if any) + `}`, the token first.
+    let members = inner[1..inner.len() - 1].trim();
+    let token = serde_json::to_string(token).expect("a string serializes");
+    Ok(match members.is_empty() {
+        true => format!(r#"{{"message":{{"token":{token}}}}}"#),
+        false => format!(r#"{{"message":{{"token":{token},{members}}}}}"#),
+    })
+}
+
+/// A registration token: FCM's characters only (letters, digits, `-`, `_`, `:`).
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        return Err("not an FCM registration token (empty or too long)".to_owned());
+    }
+    if let Some(c) = token
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':')))
+    {
+        return Err(format!(
+            "not an FCM registration token: {c:?} is not one of its characters"
+        ));
+    }
+    Ok(())
+}
+
+/// The rules FCM documents for a message, checked on the row's payload.
+pub fn check_payload(payload: &str) -> Result<(), String> {
+    if payload.len() > MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "the FCM message is {} bytes, over FCM's limit of {MAX_MESSAGE_BYTES}",
+            payload.len()
+        ));
+    }
+    let value: Value =
+        serde_json::from_str(payload).map_err(|e| format!("the payload is not JSON: {e}"))?;
+    let Value::Object(message) = value else {
+        return Err("the payload is not a JSON object (FCM's message)".to_owned());
+    };
+    for (key, v) in &message {
+        match key.as_str() {
+            "token" | "topic" | "condition" => {
+                return Err(format!(
+                    "the payload names a target ({key:?}): for an FCM app the row's device_token \
+                     is the target"
+                ))
+            }
+            k if !KNOWN_KEYS.contains(&k) => {
+                return Err(format!(
+                    "unknown key {k:?} in an FCM message (known: {})",
+                    KNOWN_KEYS.join(", ")
+                ))
+            }
+            _ if !v.is_object() => return Err(format!("{key:?} must be a JSON object")),
+            _ => {}
+        }
+    }
+    if let Some(data) = message.get("data") {
+        check_data("data", data)?;
+    }
+    if let Some(data) = message.get("android").and_then(|a| a.get("data")) {
+        check_data("android.data", data)?;
+    }
+    Ok(())
+}
+
+/// `data` maps strings to strings, and FCM keeps some keys for itself.
+fn check_data(field: &str, data: &Value) -> Result<(), String> {
+    let Value::Object(data) = data else {
+        return Err(format!("{field:?} must be a JSON object of strings"));
+    };
+    for (key, value) in data {
+        if !value.is_string() {
+            return Err(format!(
+                "{field}.{key} must be a string (FCM data values are strings), not {value}"
+            ));
+        }
+        let lower = key.to_ascii_lowercase();
+        if matches!(lower.as_str(), "from" | "notification" | "message_type")
+            || lower.starts_with("google")
+            || lower.starts_with("gcm")
+        {
+            return Err(format!("{field}.{key}: a key FCM reserves for itself"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_wraps_the_payload_text_with_the_token_first() {
+        let token = "dXf1:APA91b-_x";
+        assert_eq!(
+            body(
+                token,
+                r#"{"data": {"price": "1.10"}, "notification": {"title": "Hi"}}"#
+            )
+            .unwrap(),
+            r#"{"message":{"token":"dXf1:APA91b-_x","data": {"price": "1.10"}, "notification": {"title": "Hi"}}}"#
+        );
+        assert_eq!(
+            body(token, " {} ").unwrap(),
+            r#"{"message":{"token":"dXf1:APA91b-_x"}}"#
+        );
+        // Numbers stay as written (an android.ttl in seconds is a string; a priority is not).
+        let b = body(
+            token,
+            r#"{"android": {"ttl": "3.5s", "notification": {"notification_count": 1e0}}}"#,
+        )
+        .unwrap();
+        assert!(b.contains("1e0"), "{b}");
+        let parsed: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(parsed["message"]["token"], token);
+    }
+
+    #[test]
+    fn what_fcm_would_refuse_is_refused_first() {
+        for (token, payload, expected) in [
+            ("", "{}", "not an FCM registration token"),
+            ("abc def", "{}", "' ' is not one of its characters"),
+            ("t", r#"{"token": "x"}"#, "names a target (\"token\")"),
+            ("t", r#"{"topic": "news"}"#, "names a target (\"topic\")"),
+            (
+                "t",
+                r#"{"aps": {}}"#,
+                "unknown key \"aps\" in an FCM message",
+            ),
+            ("t", r#"{"data": {"n": 1}}"#, "data.n must be a string"),
+            ("t", r#"{"data": ["a"]}"#, "\"data\" must be a JSON object"),
+            (
+                "t",
+                r#"{"android": {"data": {"n": true}}}"#,
+                "android.data.n must be a string",
+            ),
+            (
+                "t",
+                r#"{"data": {"from": "x"}}"#,
+                "data.from: a key FCM reserves",
+            ),
+            ("t", r#"{"data": {"google.c.a": "x"}}"#, "reserves"),
+            ("t", r#"{"data": {"gcm_id": "x"}}"#, "reserves"),
+            (
+                "t",
+                r#"{"notification": "hi"}"#,
+                "\"notification\" must be a JSON object",
+            ),
+            ("t", "[1]", "not a JSON object"),
+        ] {
+            let error = body(token, payload).unwrap_err();
+            assert!(
+                error.contains(expected),
+                "{payload}: {error:?} lacks {expected:?}"
+            );
+        }
+        let big = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4100));
+        let error = body("t", &big).unwrap_err();
+        assert!(error.contains("over FCM's limit of 4096"), "{error}");
+        let fits = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4096 - 19));
+        assert_eq!(fits.len(), 4096);
+        body("t", &fits).unwrap();
+        let over = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4096 - 18));
+        assert!(body("t", &over).unwrap_err().contains("4097 bytes"));
+    }
+}
