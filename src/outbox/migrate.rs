@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "finite_send_after",
         include_str!("../../sql/005_finite_send_after.sql"),
     ),
+    (
+        6,
+        "fcm_tokens",
+        include_str!("../../sql/006_fcm_tokens.sql"),
+    ),
 ];
 
 /// The version the code expects; the daemon refuses to start on an older schema.

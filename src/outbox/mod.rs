@@ -27,7 +27,10 @@ const CLAIM: &str = "
 SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.collapse_id,
        o.topic, o.expires_at, o.attempts, o.expires_at <= now() AS expired,
        EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens u
-               WHERE u.app = o.app AND u.device_token = lower(o.device_token)) AS unregistered
+               WHERE u.app = o.app
+                 AND u.device_token = CASE WHEN o.device_token ~ '^[0-9A-Fa-f]+$'
+                                           THEN lower(o.device_token)
+                                           ELSE o.device_token END) AS unregistered
   FROM pgpushd.outbox o
  WHERE o.status = 'pending' AND o.send_after <= now()
    AND o.id <> ALL ($2::bigint[])
@@ -316,7 +319,7 @@ async fn write_unregistered(
         };
         let n = &c.notification;
         keyed
-            .entry((n.app.clone(), n.device_token.to_ascii_lowercase()))
+            .entry((n.app.clone(), token_key(&n.device_token)))
             .or_insert(at);
     }
     let (mut apps, mut tokens, mut ats) = (Vec::new(), Vec::new(), Vec::new());
@@ -331,10 +334,21 @@ async fn write_unregistered(
     Ok(())
 }
 
+/// A token as `unregistered_tokens` keeps it, and as the claim compares it: APNs hex in
+/// lower case (devices report either case), anything else (FCM's tokens, which are
+/// case-sensitive) as it is.
+pub fn token_key(token: &str) -> String {
+    if token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        token.to_ascii_lowercase()
+    } else {
+        token.to_owned()
+    }
+}
+
 /// Records tokens a transport reported unregistered outside a batch (the binary
 /// protocol's feedback service), keeping the later time for a token already there.
-/// Tokens are stored in lower case, as the claim compares them. Returns how many were
-/// written.
+/// Tokens are stored by their [`token_key`], as the claim compares them. Returns how many
+/// were written.
 pub async fn record_unregistered(
     client: &impl GenericClient,
     tokens: &[Unregistered],
@@ -343,7 +357,7 @@ pub async fn record_unregistered(
     // as batches insert, so the two cannot deadlock.
     let mut latest: BTreeMap<(String, String), SystemTime> = BTreeMap::new();
     for t in tokens {
-        let key = (t.app.clone(), t.device_token.to_ascii_lowercase());
+        let key = (t.app.clone(), token_key(&t.device_token));
         let at_least = latest.entry(key).or_insert(t.at);
         *at_least = (*at_least).max(t.at);
     }

@@ -344,12 +344,23 @@ async fn check_constraints_refuse_bad_rows_inside_the_producers_transaction() {
         (
             "device_token",
             "'abc'",
-            "outbox_device_token_must_be_even_length_hex",
+            "outbox_device_token_must_be_apns_hex_or_fcm",
         ),
         (
             "device_token",
             "'zz'",
-            "outbox_device_token_must_be_even_length_hex",
+            "outbox_device_token_must_be_apns_hex_or_fcm",
+        ),
+        // FCM's characters, but no ':'; and a ':' with a character FCM never uses.
+        (
+            "device_token",
+            "'APA91b-x_y'",
+            "outbox_device_token_must_be_apns_hex_or_fcm",
+        ),
+        (
+            "device_token",
+            "'dXf1:APA91b/x'",
+            "outbox_device_token_must_be_apns_hex_or_fcm",
         ),
         ("push_type", "'shout'", "outbox_push_type_must_be_known"),
         ("priority", "7", "outbox_priority_must_be_1_5_or_10"),
@@ -380,6 +391,15 @@ async fn check_constraints_refuse_bad_rows_inside_the_producers_transaction() {
         let db_err = err.as_db_error().expect("a database error");
         assert_eq!(db_err.constraint(), Some(constraint), "{sql}");
     }
+    // Both kinds of token are taken: APNs hex in either case, FCM registration tokens.
+    client
+        .batch_execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload) VALUES
+                ('AABBcc', '{}'),
+                ('fMEP0vJqS0:APA91bHun4MxP5egoKMwt2KZFBaFUH-1RYqx_y', '{}')",
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -627,4 +647,79 @@ async fn a_claim_stuck_behind_a_lock_gives_up_after_lock_timeout() {
     wait_for_status(&client, "sent", 4, Duration::from_secs(40)).await;
     cancel.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// Unregistered tokens keep rows from being sent: APNs hex whatever its case, FCM
+/// registration tokens exactly as written (they are case-sensitive).
+#[tokio::test]
+async fn unregistered_hex_tokens_match_in_any_case_and_fcm_tokens_exactly() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO pgpushd.unregistered_tokens (app, device_token) VALUES
+                ('default', 'aabbcc'), ('default', 'dXf1:AbC-_x');
+             INSERT INTO pgpushd.outbox (device_token, payload) VALUES
+                ('AABBCC', '{}'), ('dXf1:AbC-_x', '{}'), ('dXf1:abc-_x', '{}')",
+        )
+        .await
+        .unwrap();
+    let transport = ScriptedTransport::new();
+    let daemon = start(config(&db.url, ""), transport.clone());
+    wait_for("every row settled", Duration::from_secs(10), || async {
+        (count(&client, "pending").await == 0).then_some(())
+    })
+    .await;
+    let statuses: Vec<(String, String)> = client
+        .query(
+            "SELECT device_token, status FROM pgpushd.outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected = [
+        ("AABBCC", "failed"),
+        ("dXf1:AbC-_x", "failed"),
+        ("dXf1:abc-_x", "sent"),
+    ];
+    assert_eq!(
+        statuses,
+        expected.map(|(t, s)| (t.to_owned(), s.to_owned()))
+    );
+    assert_eq!(transport.count(), 1);
+    daemon.stop().await;
+
+    // Recorded as they will be compared.
+    pgpushd::outbox::record_unregistered(
+        &client,
+        &[
+            pgpushd::transport::Unregistered {
+                app: "default".into(),
+                device_token: "DDEEFF".into(),
+                at: std::time::SystemTime::now(),
+            },
+            pgpushd::transport::Unregistered {
+                app: "default".into(),
+                device_token: "dXf1:XyZ".into(),
+                at: std::time::SystemTime::now(),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    let stored: Vec<String> = client
+        .query(
+            "SELECT device_token FROM pgpushd.unregistered_tokens
+              WHERE device_token IN ('ddeeff', 'dXf1:XyZ') ORDER BY device_token COLLATE \"C\"",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored, ["dXf1:XyZ", "ddeeff"]);
 }
