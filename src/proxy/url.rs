@@ -48,7 +48,15 @@ impl Proxy {
     /// percent-decoded (a `@` or `:` in a password is written `%40`, `%3A`). The message
     /// of an error never repeats the URL, which may hold a password.
     pub fn parse(text: &str) -> Result<Proxy, String> {
-        let Some((scheme, rest)) = text.split_once("://") else {
+        // A scheme is letters, digits, `+`, `-` and `.` (RFC 3986): anything else before
+        // a `://` is not one, and may be a password, which the message must not repeat.
+        let split = text.split_once("://").filter(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        });
+        let Some((scheme, rest)) = split else {
             return Err(
                 "not a proxy URL; write it as http://host:port or http://user:password@host:port"
                     .into(),
@@ -186,6 +194,8 @@ mod tests {
             "http://alice:hunter2@proxy:3128/path",
             "https://alice:hunter2@proxy:3128",
             "http://alice:hunter2@:3128",
+            "alice:hunter2@proxy://x",
+            "alice:hunter2@proxy:3128",
         ] {
             let e = Proxy::parse(bad).unwrap_err();
             assert!(!e.contains("hunter2"), "{bad}: {e}");
