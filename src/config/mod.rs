@@ -39,7 +39,7 @@ pub use daemon::DaemonConfig;
 pub use database::DatabaseConfig;
 pub use log::LogConfig;
 pub use metrics::MetricsConfig;
-pub use network::{NetworkConfig, ProxySetting, NO_PROXY_VALUE};
+pub use network::{NetworkConfig, ProxySetting, PROXY_NONE};
 pub use retention::RetentionConfig;
 pub use retry::RetryConfig;
 

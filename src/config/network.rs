@@ -9,7 +9,7 @@ use super::{ConfigError, EnvVars};
 use crate::proxy::{NoProxy, Proxy, ProxyPolicy};
 
 /// What `proxy = "..."` says for a direct connection.
-pub const NO_PROXY_VALUE: &str = "none";
+pub const PROXY_NONE: &str = "none";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetworkConfig {
@@ -43,14 +43,14 @@ impl Validator<'_> {
 
     /// `"none"` or an `http://` proxy URL.
     pub(super) fn proxy_setting(&self, key: &str, text: &str) -> Result<ProxySetting, ConfigError> {
-        if text.trim().eq_ignore_ascii_case(NO_PROXY_VALUE) {
+        if text.trim().eq_ignore_ascii_case(PROXY_NONE) {
             return Ok(ProxySetting::Direct);
         }
         if text.trim().is_empty() {
             return Err(self.invalid(
                 key,
                 format!(
-                    "empty; write \"{NO_PROXY_VALUE}\" for direct connections, or a proxy \
+                    "empty; write \"{PROXY_NONE}\" for direct connections, or a proxy \
                      like \"http://proxy.example.com:3128\""
                 ),
             ));

@@ -2,9 +2,10 @@
 //!
 //! TCP (through the app's proxy's CONNECT tunnel when it has one: `crate::proxy`), then
 //! TLS with ALPN `h2` (system roots plus the app's CA file, verification always on,
-//! against the APNs host's name either way), then h2. The h2 `Connection` future runs in its own task; a second task PINGs when
-//! the connection is idle and drops it when a PING goes unanswered (a half-open TCP
-//! connection would otherwise swallow requests until each one timed out).
+//! against the APNs host's name either way), then h2. The h2 `Connection` future runs in
+//! its own task; a second task PINGs when the connection is idle and drops it when a PING
+//! goes unanswered (a half-open TCP connection would otherwise swallow requests until
+//! each one timed out).
 //!
 //! Many requests share the connection, one stream each; h2 holds back streams beyond the
 //! server's `SETTINGS_MAX_CONCURRENT_STREAMS`, so a slow request delays another only when
