@@ -17,6 +17,7 @@
 //! - [`apns`]: the APNs client: `apns::http2` (the provider API) beside `apns::binary`
 //!   (the retired binary protocol), what both use at `apns/`;
 //! - [`fcm`]: Firebase Cloud Messaging's rules (its transport is being built);
+//! - [`proxy`]: HTTP proxies to APNs: which one a connection takes, the CONNECT tunnel;
 //! - [`reports`]: writing what the transport reports on its own (unregistered tokens,
 //!   rows found undelivered after all) to the outbox;
 //! - [`retention`]: deleting settled rows once they are old enough;
@@ -45,6 +46,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod outcome;
+pub mod proxy;
 pub mod reports;
 pub mod retention;
 pub mod secret;

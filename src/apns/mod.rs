@@ -101,10 +101,12 @@ impl Feedback {
 }
 
 /// The app's config and the bytes of every file it reads: a rotated key or certificate
-/// under the same path counts as a change.
+/// under the same path counts as a change. The config's `Debug` masks the proxy's
+/// credentials, so they are compared besides it (held here, never shown).
 #[derive(PartialEq)]
 struct Fingerprint {
     config: String,
+    proxy_credentials: Option<String>,
     files: Vec<Option<Vec<u8>>>,
 }
 
@@ -120,6 +122,7 @@ impl Fingerprint {
         }
         Fingerprint {
             config: format!("{config:?}"),
+            proxy_credentials: config.proxy.credentials().map(str::to_owned),
             files: paths.iter().map(|p| std::fs::read(p).ok()).collect(),
         }
     }

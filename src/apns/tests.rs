@@ -39,6 +39,7 @@ fn app_config(server: &TestEmulator, name: &str, auth: Auth) -> AppConfig {
         request_timeout: Duration::from_secs(10),
         auth,
         binary: Default::default(),
+        proxy: Default::default(),
     }
 }
 
@@ -465,6 +466,7 @@ fn start_up_refuses_what_cannot_work() {
             team_id: "DEF123GHIJ".into(),
         }),
         binary: Default::default(),
+        proxy: Default::default(),
     };
     let build = |apps: &[AppConfig]| {
         let apps = apps.iter().map(|a| (a.name.clone(), a.clone())).collect();

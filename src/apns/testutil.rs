@@ -162,6 +162,7 @@ impl TestEmulator {
     pub fn connect_options(&self) -> crate::apns::http2::connection::ConnectOptions {
         crate::apns::http2::connection::ConnectOptions {
             host: "localhost".into(),
+            proxy: None,
             port: self.port(),
             tls: crate::apns::tls::connector(Some(&self.ca_file), None, &["h2"]).unwrap(),
             connect_timeout: Duration::from_secs(5),

@@ -8,8 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::duration;
+use super::network::NetworkConfig;
 use super::validate::{Validator, DAY, MINUTE};
-use super::ConfigError;
+use super::{ConfigError, EnvVars};
+use crate::proxy::ProxyPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,6 +52,9 @@ pub struct AppConfig {
     pub auth: Auth,
     /// What only the binary protocol has; the defaults (and unused) for HTTP/2 apps.
     pub binary: BinaryConfig,
+    /// The proxy its connections (HTTP/2, gateway, feedback) go through: its `proxy` key,
+    /// else `[network] proxy`, else `HTTPS_PROXY` and `NO_PROXY`.
+    pub proxy: ProxyPolicy,
 }
 
 /// Settings of the binary protocol (`protocol = "binary"`).
@@ -126,6 +131,7 @@ pub(super) struct AppFile {
     #[serde(default, with = "duration::optional")]
     feedback_interval: Option<Duration>,
     feedback_endpoint: Option<String>,
+    proxy: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -174,8 +180,19 @@ mod defaults {
 // ---- validation ------------------------------------------------------------------------
 
 impl Validator<'_> {
-    pub(super) fn app(&self, name: String, a: AppFile) -> Result<AppConfig, ConfigError> {
+    pub(super) fn app(
+        &self,
+        name: String,
+        a: AppFile,
+        network: &NetworkConfig,
+        env: &EnvVars,
+    ) -> Result<AppConfig, ConfigError> {
         let key = |k: &str| format!("apps.{name}.{k}");
+        let proxy = a
+            .proxy
+            .map(|p| self.proxy_setting(&key("proxy"), &p))
+            .transpose()?;
+        let proxy = self.proxy_policy(&key("proxy"), proxy, network, env)?;
         let endpoint =
             match (a.endpoint, a.environment) {
                 (Some(_), Some(_)) => return Err(self.invalid(
@@ -218,6 +235,7 @@ impl Validator<'_> {
             protocol: a.protocol,
             auth,
             binary,
+            proxy,
             name,
         })
     }

@@ -10,9 +10,10 @@
 //! This file owns the whole: [`Config`], loading (with the environment's override of the
 //! database URL), [`ConfigError`] and the description of TOML errors. Each section has
 //! its own file holding its `*File` struct, its validated type and its checks:
-//! `database`, `retry`, `apps` (`[apps.NAME]`, auth included), `metrics`, `retention`,
-//! `daemon`, `log`. What the sections share is in `validate` (the `Validator`) and
-//! `duration` (durations as written).
+//! `database`, `retry`, `apps` (`[apps.NAME]`, auth included), `network` (the proxy to
+//! APNs, and how an app's is chosen), `metrics`, `retention`, `daemon`, `log`. What the
+//! sections share is in `validate` (the `Validator`) and `duration` (durations as
+//! written). What loading reads from the process's environment is [`EnvVars`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ mod database;
 mod duration;
 mod log;
 mod metrics;
+mod network;
 mod retention;
 mod retry;
 mod validate;
@@ -37,6 +39,7 @@ pub use daemon::DaemonConfig;
 pub use database::DatabaseConfig;
 pub use log::LogConfig;
 pub use metrics::MetricsConfig;
+pub use network::{NetworkConfig, ProxySetting, PROXY_NONE};
 pub use retention::RetentionConfig;
 pub use retry::RetryConfig;
 
@@ -45,12 +48,49 @@ use daemon::DaemonFile;
 use database::DatabaseFile;
 use log::LogFile;
 use metrics::MetricsFile;
+use network::NetworkFile;
 use retention::RetentionFile;
 use retry::RetryFile;
 use validate::Validator;
 
+use crate::secret::Secret;
+
 /// The environment variable that overrides `[database] url`.
 pub const DATABASE_URL_ENV: &str = "PGPUSHD_DATABASE_URL";
+
+/// The proxy for APNs when the config names none, as curl reads them: the lower-case
+/// name first.
+pub const HTTPS_PROXY_ENV: [&str; 2] = ["https_proxy", "HTTPS_PROXY"];
+/// The hosts reached directly despite [`HTTPS_PROXY_ENV`].
+pub const NO_PROXY_ENV: [&str; 2] = ["no_proxy", "NO_PROXY"];
+
+/// What loading reads from the process's environment besides the file. No `Debug`: it
+/// holds a database URL and a proxy URL, both of which may carry a password.
+#[derive(Clone, Default)]
+pub struct EnvVars {
+    /// [`DATABASE_URL_ENV`], when set and not empty: overrides `[database] url`.
+    pub database_url: Option<String>,
+    /// The first of [`HTTPS_PROXY_ENV`] set and not empty: its name and value.
+    pub https_proxy: Option<(&'static str, Secret<String>)>,
+    /// The first of [`NO_PROXY_ENV`] set (empty counts: it says "none").
+    pub no_proxy: Option<String>,
+}
+
+impl EnvVars {
+    /// This process's.
+    pub fn of_process() -> EnvVars {
+        let set = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        EnvVars {
+            database_url: set(DATABASE_URL_ENV),
+            https_proxy: HTTPS_PROXY_ENV
+                .iter()
+                .find_map(|&name| Some((name, Secret::new(set(name)?)))),
+            no_proxy: NO_PROXY_ENV
+                .iter()
+                .find_map(|name| std::env::var(name).ok()),
+        }
+    }
+}
 
 /// A configuration problem, always naming the file it came from.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +117,9 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Keyed by the name rows carry in their `app` column.
     pub apps: BTreeMap<String, AppConfig>,
+    /// Each app's proxy is resolved into its `AppConfig::proxy`; this is the section as
+    /// written.
+    pub network: NetworkConfig,
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
     pub daemon: DaemonConfig,
@@ -93,6 +136,8 @@ struct ConfigFile {
     #[serde(default)]
     apps: BTreeMap<String, AppFile>,
     #[serde(default)]
+    network: NetworkFile,
+    #[serde(default)]
     metrics: MetricsFile,
     #[serde(default)]
     retention: RetentionFile,
@@ -103,30 +148,39 @@ struct ConfigFile {
 }
 
 impl Config {
-    /// Reads and validates the file at `path`; `PGPUSHD_DATABASE_URL` overrides the URL.
+    /// Reads and validates the file at `path`, with this process's [`EnvVars`]
+    /// (`PGPUSHD_DATABASE_URL` overrides the URL; `HTTPS_PROXY` and `NO_PROXY` apply to
+    /// apps for which the file names no proxy).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let url_override = std::env::var(DATABASE_URL_ENV)
-            .ok()
-            .filter(|u| !u.is_empty());
-        Config::from_file_str(path, &text, url_override)
+        Config::parse(path, &text, &EnvVars::of_process())
     }
 
     /// Parses `text` as if read from `path` (which only names the source in errors, and
-    /// anchors relative file paths).
+    /// anchors relative file paths), in an environment that sets at most the database
+    /// URL.
     pub fn from_file_str(
         path: &Path,
         text: &str,
         url_override: Option<String>,
     ) -> Result<Config, ConfigError> {
+        let env = EnvVars {
+            database_url: url_override,
+            ..EnvVars::default()
+        };
+        Config::parse(path, text, &env)
+    }
+
+    /// Parses `text` as if read from `path`, in `env`.
+    pub fn parse(path: &Path, text: &str, env: &EnvVars) -> Result<Config, ConfigError> {
         let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: describe_toml_error(text, &e),
         })?;
-        Validator { path }.config(file, url_override)
+        Validator { path }.config(file, env)
     }
 }
 
@@ -178,16 +232,18 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 }
 
 impl Validator<'_> {
-    fn config(&self, f: ConfigFile, url_override: Option<String>) -> Result<Config, ConfigError> {
+    fn config(&self, f: ConfigFile, env: &EnvVars) -> Result<Config, ConfigError> {
+        let network = self.network(f.network)?;
         let apps = f
             .apps
             .into_iter()
-            .map(|(name, app)| Ok((name.clone(), self.app(name, app)?)))
+            .map(|(name, app)| Ok((name.clone(), self.app(name, app, &network, env)?)))
             .collect::<Result<_, ConfigError>>()?;
         Ok(Config {
-            database: self.database(f.database, url_override)?,
+            database: self.database(f.database, env.database_url.clone())?,
             retry: self.retry(f.retry)?,
             apps,
+            network,
             metrics: self.metrics(f.metrics)?,
             retention: self.retention(f.retention)?,
             daemon: self.daemon(f.daemon)?,

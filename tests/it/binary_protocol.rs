@@ -26,7 +26,7 @@ const SEED_TOKEN: &str = "740f4707bebcf74f9b7c25d48e3358945f6aa01da5ddb387462c7e
 
 /// How the client certificate is handed to pgpushd.
 #[derive(Clone, Copy)]
-enum Identity {
+pub(crate) enum Identity {
     /// `ck.pem`: certificate, then the key encrypted (as `openssl pkcs12 -nocerts` writes it).
     EncryptedPem,
     /// The `.p12` export itself.
@@ -34,9 +34,9 @@ enum Identity {
 }
 
 /// A binary emulator requiring certificates of a provider CA, and the files pgpushd needs.
-struct Setup {
-    emulator: BinaryEmulator,
-    dir: tempfile::TempDir,
+pub(crate) struct Setup {
+    pub(crate) emulator: BinaryEmulator,
+    pub(crate) dir: tempfile::TempDir,
     /// `ck.pem` and its passphrase file.
     ck_pem: std::path::PathBuf,
     passphrase_file: std::path::PathBuf,
@@ -45,7 +45,7 @@ struct Setup {
 }
 
 impl Setup {
-    async fn new(tweak: impl FnOnce(&mut BinaryEmulatorConfig)) -> Setup {
+    pub(crate) async fn new(tweak: impl FnOnce(&mut BinaryEmulatorConfig)) -> Setup {
         let ca = CertificateAuthority::generate("provider CA").unwrap();
         let mut config = BinaryEmulatorConfig::new(ca.cert_pem());
         tweak(&mut config);
@@ -86,7 +86,7 @@ impl Setup {
     }
 
     /// `[apps.default]` over the binary protocol to the emulator.
-    fn app_toml(&self, identity: Identity) -> String {
+    pub(crate) fn app_toml(&self, identity: Identity) -> String {
         let (file, pass) = match identity {
             Identity::EncryptedPem => (&self.ck_pem, &self.passphrase_file),
             Identity::P12 => (&self.p12, &self.p12_passphrase_file),
@@ -121,14 +121,14 @@ passphrase_file = "{pass}"
     }
 }
 
-fn start_binary(config: Config) -> Running {
+pub(crate) fn start_binary(config: Config) -> Running {
     let transport: Arc<dyn Transport> =
         Arc::new(pgpushd::apns::Apns::new(&config.apps).unwrap_or_else(|e| panic!("{e}")));
     start(config, transport)
 }
 
 /// Tokens the emulator took, and how often each.
-fn taken(emulator: &BinaryEmulator) -> HashMap<String, usize> {
+pub(crate) fn taken(emulator: &BinaryEmulator) -> HashMap<String, usize> {
     let mut taken = HashMap::new();
     for r in emulator.records().iter().filter(|r| r.status == 0) {
         *taken.entry(r.device_token.clone()).or_default() += 1;

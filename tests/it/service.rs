@@ -26,11 +26,11 @@ fn spawn(config: &Path, env: &[(&str, &str)]) -> Spawned {
     Spawned(cmd.spawn().unwrap())
 }
 
-fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+pub(crate) fn signal(child: &Child, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
 }
 
-fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
     let give_up = Instant::now() + deadline;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -103,7 +103,7 @@ impl NotifySocket {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -112,7 +112,7 @@ fn free_port() -> u16 {
 }
 
 /// A plain HTTP/1.1 GET; returns (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
+pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
@@ -130,7 +130,7 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
-fn write_config(dir: &Path, db_url: &str, database_extra: &str, rest: &str) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, db_url: &str, database_extra: &str, rest: &str) -> PathBuf {
     let path = dir.join("pgpushd.toml");
     std::fs::write(
         &path,

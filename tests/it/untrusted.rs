@@ -2,7 +2,9 @@
 //! input never panics, and what is accepted is consistent with what was given.
 //! - the binary protocol's error packets and feedback tuples (from the gateway);
 //! - APNs answers (status and body from the server);
-//! - the config file (from the operator).
+//! - the config file (from the operator);
+//! - a proxy's answer to CONNECT (from the network), and proxy URLs and `NO_PROXY` lists
+//!   (from the environment).
 
 use std::path::Path;
 use std::time::UNIX_EPOCH;
@@ -10,7 +12,26 @@ use std::time::UNIX_EPOCH;
 use pgpushd::apns::binary::frame::{decode_feedback, ErrorPacket, ERROR_PACKET_LEN};
 use pgpushd::apns::http2::response::{verdict, Answer};
 use pgpushd::config::Config;
+use pgpushd::proxy::{handshake, NoProxy, Proxy, TunnelError};
 use proptest::prelude::*;
+use tokio::io::AsyncWriteExt;
+
+/// The handshake against a peer that answers `answer` and then closes its side.
+fn connect_answered(answer: &[u8]) -> Result<(), TunnelError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (mut client, mut proxy_side) = tokio::io::duplex(64 * 1024);
+        proxy_side.write_all(answer).await.unwrap();
+        proxy_side.shutdown().await.unwrap();
+        let proxy = Proxy::parse("http://127.0.0.1:3128").unwrap();
+        let result = handshake(&mut client, &proxy, "api.push.apple.com:443").await;
+        drop(proxy_side);
+        result
+    })
+}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -48,6 +69,68 @@ proptest! {
     }
 
     #[test]
+    fn random_bytes_from_a_proxy_never_open_a_tunnel_unless_they_say_2xx(
+        bytes in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        if connect_answered(&bytes).is_ok() {
+            prop_assert!(bytes.starts_with(b"HTTP/1."));
+            let status = bytes.splitn(2, |b| *b == b' ').nth(1).unwrap();
+            prop_assert_eq!(status[0], b'2');
+        }
+    }
+
+    #[test]
+    fn a_proxys_status_decides_the_tunnel(
+        minor in 0u8..2,
+        code in 100u16..600,
+        reason in "[ -~]{0,40}",
+        headers in proptest::collection::vec("[A-Za-z-]{1,20}: [ -~]{0,60}", 0..5),
+        bare_lf in any::<bool>(),
+        tunnel_bytes in proptest::collection::vec(any::<u8>(), 0..50),
+    ) {
+        let eol = if bare_lf { "\n" } else { "\r\n" };
+        let mut answer = format!("HTTP/1.{minor} {code} {reason}{eol}");
+        for h in &headers {
+            answer.push_str(h);
+            answer.push_str(eol);
+        }
+        answer.push_str(eol);
+        let mut bytes = answer.into_bytes();
+        bytes.extend_from_slice(&tunnel_bytes);
+        match connect_answered(&bytes) {
+            Ok(()) => prop_assert!((200..300).contains(&code)),
+            Err(TunnelError::Refused { status, .. }) => {
+                prop_assert!(!(200..300).contains(&code));
+                prop_assert!(status.starts_with(&code.to_string()), "{}", status);
+                prop_assert!(!status.contains(['\r', '\n']));
+            }
+            Err(e) => prop_assert!(false, "{}", e),
+        }
+    }
+
+    #[test]
+    fn proxy_urls_and_no_proxy_lists_never_panic_nor_show_a_password(
+        before in "[ -~]{0,30}",
+        after in "[ -~]{0,30}",
+        host in "[ -~]{0,30}",
+        port in any::<u16>(),
+    ) {
+        for url in [
+            format!("{before}u:zqxpassword@{after}"),
+            format!("{before}u:zqxpassword@{after}://{host}"),
+        ] {
+            if let Err(e) = Proxy::parse(&url) {
+                prop_assert!(!e.contains("zqxpassword"), "{}", e);
+            }
+        }
+        if let Ok(p) = Proxy::parse(&format!("http://{after}")) {
+            prop_assert!(p.port != 0);
+        }
+        let _ = NoProxy::parse(&before).matches(&host, port);
+        let _ = NoProxy::parse(&format!("{before},{after}")).matches(&after, port);
+    }
+
+    #[test]
     fn a_mutated_config_file_is_an_error_or_a_config(
         flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
         cut in any::<usize>(),
@@ -72,7 +155,7 @@ proptest! {
             (
                 prop_oneof![
                     Just("database"), Just("retry"), Just("daemon"), Just("log"),
-                    Just("metrics"), Just("retention"), Just("apps.default"),
+                    Just("metrics"), Just("retention"), Just("network"), Just("apps.default"),
                     Just("apps.default.token"), Just("apps.default.certificate"),
                 ],
                 prop_oneof![
@@ -84,7 +167,7 @@ proptest! {
                     Just("interval"), Just("topic"), Just("endpoint"), Just("protocol"),
                     Just("connections"), Just("request_timeout"), Just("binary_settle"),
                     Just("feedback_interval"), Just("key_file"), Just("key_id"),
-                    Just("team_id"), Just("file"),
+                    Just("team_id"), Just("file"), Just("proxy"),
                 ],
                 prop_oneof![
                     "\"[0-9]{1,22}(ns|us|ms|s|m|h|d|y)\"",

@@ -52,6 +52,7 @@ use tracing::{debug, info, warn};
 
 use super::acknowledged::{AckProbe, Counted};
 use super::frame::{self, ErrorPacket, Push, Status, ERROR_PACKET_LEN};
+use crate::proxy::{self, Proxy};
 use crate::transport::Undelivered;
 
 /// Bytes framed before they are written; more queued notifications go in the next write.
@@ -77,16 +78,26 @@ pub(crate) const KEEPALIVE_RETRIES: u32 = 3;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// TCP to `host:port` with keepalive on: what both the gateway and the feedback service
-/// connect over.
-pub(crate) async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
-    let tcp = TcpStream::connect((host, port)).await?;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
-    socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
-    Ok(tcp)
+/// TCP to `host:port` with keepalive on, through `via`'s CONNECT tunnel when there is a
+/// proxy (keepalive is then on the socket to the proxy, the one this host can watch):
+/// what both the gateway and the feedback service connect over. `timeout` bounds the
+/// proxy's part.
+pub(crate) async fn connect_tcp(
+    host: &str,
+    port: u16,
+    via: Option<&Proxy>,
+    timeout: Duration,
+) -> Result<TcpStream, proxy::ConnectError> {
+    proxy::connect(host, port, via, timeout, |tcp| {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES);
+        socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)?;
+        let _ = tcp.set_nodelay(true);
+        Ok(())
+    })
+    .await
 }
 
 /// How to reach the gateway.
@@ -94,8 +105,11 @@ pub(crate) async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStr
 pub(crate) struct ConnectOptions {
     pub host: String,
     pub port: u16,
+    /// The proxy whose tunnel the connection goes through, if any.
+    pub proxy: Option<Proxy>,
     pub tls: native_tls::TlsConnector,
-    /// Upper bound on TCP connect and the TLS handshake together.
+    /// Upper bound on TCP connect (and the proxy's CONNECT) and the TLS handshake
+    /// together.
     pub connect_timeout: Duration,
     /// How long after its bytes were acknowledged a notification without an error packet
     /// counts as sent.
@@ -209,18 +223,23 @@ enum Ending {
 }
 
 impl Connection {
-    /// TCP (keepalive on), then TLS (no ALPN: the gateway predates it), then the two tasks.
+    /// TCP (keepalive on; through the proxy's tunnel when there is one), then TLS (no
+    /// ALPN: the gateway predates it), then the two tasks.
     pub(crate) async fn connect(
         opts: &ConnectOptions,
         shutdown: &CancellationToken,
     ) -> Result<Connection, String> {
-        let addr = format!("{}:{}", opts.host, opts.port);
+        let addr = proxy::describe(&opts.host, opts.port, opts.proxy.as_ref());
         let written = Arc::new(AtomicU64::new(0));
         let connect = async {
-            let tcp = connect_tcp(&opts.host, opts.port)
-                .await
-                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-            let _ = tcp.set_nodelay(true);
+            let tcp = connect_tcp(
+                &opts.host,
+                opts.port,
+                opts.proxy.as_ref(),
+                opts.connect_timeout,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let fd = tcp.as_raw_fd();
             let counted = Counted {
                 tcp,

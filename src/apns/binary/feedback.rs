@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::frame::{self, TOKEN_LEN};
+use crate::proxy::{self, Proxy};
 use crate::transport::{short_token, Unregistered};
 
 /// Upper bound on one visit to the feedback service (connect, handshake, read).
@@ -30,6 +31,8 @@ pub struct FeedbackPoller {
     pub(super) app: String,
     pub(super) host: String,
     pub(super) port: u16,
+    /// The proxy whose tunnel the visits go through, if any.
+    pub(super) proxy: Option<Proxy>,
     pub(super) tls: native_tls::TlsConnector,
     pub(super) interval: Duration,
     pub(super) connect_timeout: Duration,
@@ -38,7 +41,7 @@ pub struct FeedbackPoller {
 impl FeedbackPoller {
     /// Polls at once, then every interval, until `cancel`; sends what each visit found.
     pub async fn run(self, reports: UnboundedSender<Vec<Unregistered>>, cancel: CancellationToken) {
-        info!(app = %self.app, service = %format!("{}:{}", self.host, self.port),
+        info!(app = %self.app, service = %proxy::describe(&self.host, self.port, self.proxy.as_ref()),
               interval = ?self.interval, "polling the APNs feedback service");
         loop {
             let visit = tokio::select! {
@@ -72,15 +75,19 @@ impl FeedbackPoller {
 
     /// The tuples the service sends, as (lower-case hex token, since when).
     pub async fn fetch(&self) -> anyhow::Result<Vec<(String, SystemTime)>> {
-        let addr = format!("{}:{}", self.host, self.port);
+        let addr = proxy::describe(&self.host, self.port, self.proxy.as_ref());
         let bytes = tokio::time::timeout(VISIT_TIMEOUT, async {
             let tcp = tokio::time::timeout(
                 self.connect_timeout,
-                super::connection::connect_tcp(&self.host, self.port),
+                super::connection::connect_tcp(
+                    &self.host,
+                    self.port,
+                    self.proxy.as_ref(),
+                    self.connect_timeout,
+                ),
             )
             .await
-            .map_err(|_| anyhow::anyhow!("connecting timed out"))?
-            .context("cannot connect")?;
+            .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
             let mut tls = tokio_native_tls::TlsConnector::from(self.tls.clone())
                 .connect(&self.host, tcp)
                 .await

@@ -106,6 +106,7 @@ impl BinaryApp {
                 app: config.name.clone(),
                 host: host.to_owned(),
                 port,
+                proxy: config.proxy.for_target(host, port).cloned(),
                 tls: tls.clone(),
                 interval: f.interval,
                 connect_timeout: options.connect_timeout,
@@ -116,6 +117,7 @@ impl BinaryApp {
             ConnectOptions {
                 host: host.to_owned(),
                 port,
+                proxy: config.proxy.for_target(host, port).cloned(),
                 tls,
                 connect_timeout: options.connect_timeout,
                 settle,

@@ -69,6 +69,7 @@ impl Setup {
                 settle: SETTLE,
                 feedback: None,
             },
+            proxy: Default::default(),
         }
     }
 

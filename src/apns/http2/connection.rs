@@ -1,9 +1,11 @@
 //! One long-lived HTTP/2 connection to APNs.
 //!
-//! TCP, then TLS with ALPN `h2` (system roots plus the app's CA file, verification always
-//! on), then h2. The h2 `Connection` future runs in its own task; a second task PINGs when
-//! the connection is idle and drops it when a PING goes unanswered (a half-open TCP
-//! connection would otherwise swallow requests until each one timed out).
+//! TCP (through the app's proxy's CONNECT tunnel when it has one: `crate::proxy`), then
+//! TLS with ALPN `h2` (system roots plus the app's CA file, verification always on,
+//! against the APNs host's name either way), then h2. The h2 `Connection` future runs in
+//! its own task; a second task PINGs when the connection is idle and drops it when a PING
+//! goes unanswered (a half-open TCP connection would otherwise swallow requests until
+//! each one timed out).
 //!
 //! Many requests share the connection, one stream each; h2 holds back streams beyond the
 //! server's `SETTINGS_MAX_CONCURRENT_STREAMS`, so a slow request delays another only when
@@ -36,6 +38,7 @@ use tracing::{debug, info, warn};
 pub use super::frame_watch::GoAway;
 use super::frame_watch::{FrameWatch, Watcher};
 use super::response::Answer;
+use crate::proxy::{self, Proxy};
 
 /// Bodies are small JSON objects; anything larger is cut here.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -57,8 +60,11 @@ const REMEMBERED_RESETS: usize = 2 * RESET_BUDGET;
 pub struct ConnectOptions {
     pub host: String,
     pub port: u16,
+    /// The proxy whose tunnel the connection goes through, if any.
+    pub proxy: Option<Proxy>,
     pub tls: native_tls::TlsConnector,
-    /// Upper bound on TCP connect, TLS and HTTP/2 handshakes together.
+    /// Upper bound on TCP connect (and the proxy's CONNECT), TLS and HTTP/2 handshakes
+    /// together.
     pub connect_timeout: Duration,
     /// Upper bound on one request, from the moment it has a stream and its body goes
     /// out to the end of the answer. (Waiting for a stream is bounded separately.)
@@ -74,17 +80,16 @@ impl std::fmt::Debug for ConnectOptions {
         f.debug_struct("ConnectOptions")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("proxy", &self.proxy)
             .finish_non_exhaustive()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot connect to {addr}: {source}")]
-    Tcp {
-        addr: String,
-        source: std::io::Error,
-    },
+    /// No TCP connection, or no tunnel through the proxy (which the error names).
+    #[error(transparent)]
+    Tcp(#[from] proxy::ConnectError),
     #[error("connecting to {addr} timed out after {after:?}")]
     Timeout { addr: String, after: Duration },
     #[error("TLS handshake with {addr} failed: {message}")]
@@ -203,7 +208,7 @@ impl Connection {
         opts: &ConnectOptions,
         shutdown: &CancellationToken,
     ) -> Result<Connection, ConnectError> {
-        let addr = format!("{}:{}", opts.host, opts.port);
+        let addr = proxy::describe(&opts.host, opts.port, opts.proxy.as_ref());
         tokio::time::timeout(
             opts.connect_timeout,
             Connection::handshake(opts, &addr, shutdown),
@@ -222,13 +227,17 @@ impl Connection {
         addr: &str,
         shutdown: &CancellationToken,
     ) -> Result<Connection, ConnectError> {
-        let tcp = TcpStream::connect((opts.host.as_str(), opts.port))
-            .await
-            .map_err(|source| ConnectError::Tcp {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
+        let tcp: TcpStream = proxy::connect(
+            &opts.host,
+            opts.port,
+            opts.proxy.as_ref(),
+            opts.connect_timeout,
+            |tcp| {
+                let _ = tcp.set_nodelay(true);
+                Ok(())
+            },
+        )
+        .await?;
         let tls = tokio_native_tls::TlsConnector::from(opts.tls.clone())
             .connect(&opts.host, tcp)
             .await

@@ -104,6 +104,7 @@ impl Http2App {
                 connect: ConnectOptions {
                     host: host.to_owned(),
                     port,
+                    proxy: config.proxy.for_target(host, port).cloned(),
                     tls,
                     connect_timeout: options.connect_timeout,
                     request_timeout: config.request_timeout,

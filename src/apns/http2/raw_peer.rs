@@ -124,6 +124,7 @@ impl RawPeer {
     pub fn connect_options(&self) -> ConnectOptions {
         ConnectOptions {
             host: "localhost".into(),
+            proxy: None,
             port: self.port,
             tls: tls::connector(Some(&self.ca_file), None, &["h2"]).unwrap(),
             connect_timeout: Duration::from_secs(5),

@@ -252,6 +252,7 @@ mod tests {
                 passphrase_file: None,
             }),
             binary: Default::default(),
+            proxy: Default::default(),
         }
     }
 

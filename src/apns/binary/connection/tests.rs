@@ -320,6 +320,7 @@ async fn stalled_gateway() -> (ConnectOptions, oneshot::Sender<()>) {
     let opts = ConnectOptions {
         host: "localhost".into(),
         port,
+        proxy: None,
         tls,
         connect_timeout: Duration::from_secs(10),
         settle: SETTLE,
@@ -377,12 +378,50 @@ async fn notifications_the_gateway_has_not_acknowledged_do_not_settle() {
 async fn connections_have_tcp_keepalive() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let tcp = connect_tcp("127.0.0.1", port).await.unwrap();
-    let sock = socket2::SockRef::from(&tcp);
+    let tcp = connect_tcp("127.0.0.1", port, None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_keepalive(&tcp);
+    assert!(KEEPALIVE_IDLE < Duration::from_secs(120));
+    assert!(super::super::pool::MAX_IDLE <= Duration::from_secs(90));
+}
+
+fn assert_keepalive(tcp: &tokio::net::TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
     assert!(sock.keepalive().unwrap());
     assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
     assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
     assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
-    assert!(KEEPALIVE_IDLE < Duration::from_secs(120));
-    assert!(super::super::pool::MAX_IDLE <= Duration::from_secs(90));
+}
+
+/// Through a proxy, keepalive is on the socket to the proxy (the stream handed back).
+#[tokio::test]
+async fn a_tunnel_keeps_tcp_keepalive_on_the_socket_to_the_proxy() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(socket.read_u8().await.unwrap());
+        }
+        assert!(head.starts_with(b"CONNECT gateway.push.apple.com:2195 "));
+        socket
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .unwrap();
+        let mut sink = Vec::new();
+        let _ = socket.read_to_end(&mut sink).await;
+    });
+    let proxy = crate::proxy::Proxy::parse(&format!("http://127.0.0.1:{proxy_port}")).unwrap();
+    let tcp = connect_tcp(
+        "gateway.push.apple.com",
+        2195,
+        Some(&proxy),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tcp.peer_addr().unwrap().port(), proxy_port);
+    assert_keepalive(&tcp);
 }
