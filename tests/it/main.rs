@@ -9,6 +9,7 @@ mod commands;
 mod delivery;
 mod docs;
 mod legacy;
+mod packaging;
 mod pipeline;
 mod postgres_tls;
 mod retention;
