@@ -6,6 +6,7 @@
 mod binary_protocol;
 mod churn;
 mod commands;
+mod dashboards;
 mod delivery;
 mod docs;
 mod legacy;

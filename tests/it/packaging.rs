@@ -259,13 +259,13 @@ fn the_config_is_a_conffile_that_only_root_and_the_service_group_read() {
 }
 
 #[test]
-fn the_docs_are_shipped() {
+fn the_docs_and_the_monitoring_files_are_shipped() {
     let Some(p) = package() else { return };
     let doc = "/usr/share/doc/pgpushd";
     for file in ["README.md", "ARCHITECTURE.md", "copyright"] {
         assert!(p.installed(&format!("{doc}/{file}")).is_file(), "{file}");
     }
-    for dir in ["docs", "sql"] {
+    for dir in ["docs", "sql", "contrib/grafana", "contrib/prometheus"] {
         let shipped: Vec<_> = std::fs::read_dir(Path::new(ROOT).join(dir))
             .unwrap()
             .map(|e| e.unwrap().file_name())
