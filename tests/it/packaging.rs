@@ -2,7 +2,9 @@
 //! `pkg/deb/`), made from the binary this test run already built (no second build):
 //! listed, extracted into a throwaway root and checked against the unit it ships. Its
 //! maintainer scripts run with recorders in place of every command that would change
-//! the machine, in a mount namespace of their own where systemd appears to run.
+//! the machine, in a mount namespace of their own where systemd appears to run. Then
+//! dpkg installs, upgrades, removes and purges it for real, chrooted onto an overlay of
+//! this machine's root (as root; SKIPPED otherwise).
 //!
 //! Needs `cargo deb` (cargo-deb) and `dpkg-deb`; says SKIPPED without them (`.ci/run`
 //! installs cargo-deb).
@@ -524,4 +526,94 @@ fn removal_stops_the_service_and_purge_undoes_what_postinst_did() {
         "rm -f /etc/systemd/system/multi-user.target.wants/pgpushd.service",
         "systemctl --system daemon-reload",
     ]);
+}
+
+/// What the script below prints after each step, `@name value` lines.
+const ON_A_COPY: &str = r#"
+set -e
+show() {
+    echo "@owner $(stat -c '%U:%G %a' /etc/pgpushd) $(stat -c '%U:%G %a' /etc/pgpushd/pgpushd.toml)"
+}
+dpkg -i /pgpushd.deb >/dev/null
+echo "@user $(getent passwd pgpushd | cut -d: -f1,6,7)"
+show
+if setpriv --reuid pgpushd --regid pgpushd --clear-groups cat /etc/pgpushd/pgpushd.toml >/dev/null 2>&1; then
+    echo "@service-reads-config yes"
+fi
+echo "@version $(/usr/bin/pgpushd --version)"
+dpkg -i /pgpushd.deb >/dev/null
+show
+ln -s /usr/lib/systemd/system/pgpushd.service /etc/systemd/system/multi-user.target.wants/pgpushd.service
+dpkg --remove pgpushd >/dev/null
+echo "@after-remove $(test -e /etc/pgpushd/pgpushd.toml && echo config-kept)"
+dpkg --purge pgpushd >/dev/null
+echo "@after-purge $(test -e /etc/pgpushd && echo config-dir) $(dpkg-statoverride --list | grep -c pgpushd || true) overrides $(test -L /etc/systemd/system/multi-user.target.wants/pgpushd.service && echo enabled) user:$(getent passwd pgpushd | cut -d: -f1)"
+"#;
+
+#[test]
+fn the_package_installs_upgrades_and_purges_on_a_copy_of_this_machine() {
+    let Some(p) = package() else { return };
+    // dpkg for real, in a chroot onto an overlay of this machine's root, in a mount
+    // namespace of its own: the machine itself is untouched.
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: installing on an overlay of / needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (upper, work, merged) = (
+        dir.path().join("upper"),
+        dir.path().join("work"),
+        dir.path().join("merged"),
+    );
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::copy(&p.deb, upper.join("pgpushd.deb")).unwrap();
+    let setup = format!(
+        "mount -t overlay overlay -o lowerdir=/,upperdir={},workdir={} {m} || exit 97
+         mount --bind /proc {m}/proc && mount --bind /dev {m}/dev \
+         && mount -t tmpfs tmpfs {m}/run && mount -t tmpfs tmpfs {m}/tmp \
+         && mkdir -p {m}/etc/systemd/system/multi-user.target.wants \
+         && exec chroot {m} /bin/sh -c \"$SCRIPT\"",
+        upper.display(),
+        work.display(),
+        m = merged.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--fork", "/bin/sh", "-c", &setup])
+        .env("SCRIPT", ON_A_COPY)
+        .output()
+        .unwrap();
+    if out.status.code() == Some(97) {
+        eprintln!(
+            "SKIPPED: no overlay of / here: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: Vec<&str> = text.lines().filter(|l| l.starts_with('@')).collect();
+    let version = format!(
+        "@version pgpushd {}",
+        p.field("Version").rsplit_once('-').unwrap().0
+    );
+    assert_eq!(
+        said,
+        [
+            "@user pgpushd:/:/usr/sbin/nologin",
+            "@owner root:pgpushd 750 root:pgpushd 640",
+            "@service-reads-config yes",
+            &version,
+            // An upgrade keeps them.
+            "@owner root:pgpushd 750 root:pgpushd 640",
+            "@after-remove config-kept",
+            // Purge: no config, no overrides, no enable link; the user stays.
+            "@after-purge  0 overrides  user:pgpushd",
+        ]
+    );
 }
