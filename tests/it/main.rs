@@ -6,9 +6,11 @@
 mod binary_protocol;
 mod churn;
 mod commands;
+mod dashboards;
 mod delivery;
 mod docs;
 mod legacy;
+mod packaging;
 mod pipeline;
 mod postgres_tls;
 mod proxy;

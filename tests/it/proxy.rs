@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::binary_protocol::{start_binary, taken, Identity, Setup};
-use crate::service::{free_port, http_get, signal, wait_exit, write_config};
+use crate::service::{signal, wait_exit, write_config};
 use crate::support::*;
 use crate::tinyproxy::{self, Tinyproxy};
 use nix::sys::signal::Signal;
