@@ -33,6 +33,7 @@ pub mod binary;
 pub mod cli;
 mod connection;
 mod faults;
+pub mod fcm;
 pub mod jwt;
 pub mod push_type;
 pub mod reason;
