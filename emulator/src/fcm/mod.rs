@@ -219,6 +219,13 @@ impl FcmEmulator {
             }
         };
         let emails: Vec<&str> = accounts.iter().map(|a| a.client_email.as_str()).collect();
+        if let Some(twice) = emails
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| emails[..i].contains(e).then_some(e))
+        {
+            anyhow::bail!("two service accounts have the client_email {twice}: give each once");
+        }
         let unregistered: HashMap<String, FcmScript> = config
             .unregistered
             .iter()
