@@ -82,6 +82,15 @@ pub struct EmulatorArgs {
     /// SETTINGS_MAX_CONCURRENT_STREAMS (APNs: 1000).
     #[arg(long, default_value_t = 1000)]
     pub max_streams: u32,
+    /// The options of --protocol fcm (boxed: they would make `pgpushd`'s command enum
+    /// lopsided).
+    #[command(flatten)]
+    pub fcm: Box<FcmArgs>,
+}
+
+/// The options only `--protocol fcm` takes.
+#[derive(Args, Debug)]
+pub struct FcmArgs {
     /// fcm: accept assertions signed by this service account (Google's JSON key file);
     /// repeatable.
     #[arg(long, action = clap::ArgAction::Append)]
@@ -102,10 +111,10 @@ impl EmulatorArgs {
     /// The fcm-only flags given, for the other protocols to refuse.
     fn fcm_only(&self) -> Option<&'static str> {
         [
-            ("--service-account", !self.service_account.is_empty()),
-            ("--project", self.project.is_some()),
-            ("--token-lifetime", self.token_lifetime.is_some()),
-            ("--retry-after", self.retry_after.is_some()),
+            ("--service-account", !self.fcm.service_account.is_empty()),
+            ("--project", self.fcm.project.is_some()),
+            ("--token-lifetime", self.fcm.token_lifetime.is_some()),
+            ("--retry-after", self.fcm.retry_after.is_some()),
         ]
         .into_iter()
         .find_map(|(flag, given)| given.then_some(flag))
@@ -238,16 +247,17 @@ impl EmulatorArgs {
                 self.error_rate
             );
         }
-        if self.tls_dir.is_none() && self.service_account.is_empty() {
+        let fcm = *self.fcm;
+        if self.tls_dir.is_none() && fcm.service_account.is_empty() {
             anyhow::bail!(
                 "--protocol fcm needs --tls-dir DIR (it writes a service account's key file, \
                  DIR/service-account.json, for clients to use) or --service-account FILE"
             );
         }
-        if self.tls_dir.is_none() && self.project.is_some() {
+        if self.tls_dir.is_none() && fcm.project.is_some() {
             anyhow::bail!("--project names the service account made in --tls-dir: give --tls-dir");
         }
-        let service_accounts = self
+        let service_accounts = fcm
             .service_account
             .iter()
             .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
@@ -260,7 +270,7 @@ impl EmulatorArgs {
             make_service_account: self
                 .tls_dir
                 .is_some()
-                .then(|| self.project.unwrap_or_else(|| DEFAULT_PROJECT.to_owned())),
+                .then(|| fcm.project.unwrap_or_else(|| DEFAULT_PROJECT.to_owned())),
             tls_dir: self.tls_dir,
             service_accounts,
             record: self.record,
@@ -269,8 +279,8 @@ impl EmulatorArgs {
             latency: self.latency,
             goaway_every: self.goaway_every,
             max_streams: self.max_streams,
-            token_lifetime: self.token_lifetime.unwrap_or(defaults.token_lifetime),
-            retry_after: self.retry_after.unwrap_or(defaults.retry_after),
+            token_lifetime: fcm.token_lifetime.unwrap_or(defaults.token_lifetime),
+            retry_after: fcm.retry_after.unwrap_or(defaults.retry_after),
             keep_records: 0,
         })
     }
