@@ -1,7 +1,8 @@
 //! The emulator as a command, for developing against APNs without Apple credentials:
 //! the arguments and the run loop behind both `pgpushd-emulator` and `pgpushd emulator`.
 //! `--protocol binary` runs the retired binary protocol's gateway and feedback service
-//! instead ([`crate::binary`]).
+//! instead ([`crate::binary`]); `--protocol fcm` runs Firebase Cloud Messaging's HTTP v1
+//! API and its token endpoint ([`crate::fcm`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
 use super::binary::{BinaryEmulator, BinaryEmulatorConfig};
+use super::fcm::{FcmEmulator, FcmEmulatorConfig, DEFAULT_PROJECT};
 use super::{Emulator, EmulatorAuth, EmulatorConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -19,12 +21,15 @@ pub enum ProtocolArg {
     Http2,
     /// The retired binary protocol (gateway and feedback service; needs --client-ca).
     Binary,
+    /// Firebase Cloud Messaging's HTTP v1 API and OAuth token endpoint (needs --tls-dir,
+    /// where it writes service-account.json, or --service-account).
+    Fcm,
 }
 
 #[derive(Args, Debug)]
 pub struct EmulatorArgs {
     /// Address to listen on [default: 127.0.0.1:2197 (HTTP/2: APNs uses 443, 2197 is its
-    /// alternative port), 127.0.0.1:2195 (binary)].
+    /// alternative port), 127.0.0.1:2195 (binary), 127.0.0.1:2198 (fcm)].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Which APNs protocol to speak.
@@ -57,14 +62,15 @@ pub struct EmulatorArgs {
     #[arg(long)]
     pub record: Option<PathBuf>,
     /// Answer these tokens with 410 Unregistered (binary protocol: list them on the
-    /// feedback service).
+    /// feedback service; fcm: 404 UNREGISTERED).
     #[arg(long, num_args = 1..)]
     pub unregistered: Vec<String>,
     /// Answer these tokens with 400 BadDeviceToken (binary protocol: error packet with
     /// status 8, invalid token).
     #[arg(long, num_args = 1..)]
     pub bad_token: Vec<String>,
-    /// Fraction of requests answered 429/500/503 at random (0 to 1).
+    /// Fraction of requests answered 429/500/503 at random (0 to 1; fcm: QUOTA_EXCEEDED,
+    /// INTERNAL, UNAVAILABLE).
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
     /// Delay before every answer, e.g. "20ms".
@@ -76,10 +82,48 @@ pub struct EmulatorArgs {
     /// SETTINGS_MAX_CONCURRENT_STREAMS (APNs: 1000).
     #[arg(long, default_value_t = 1000)]
     pub max_streams: u32,
+    /// The options of --protocol fcm (boxed: they would make `pgpushd`'s command enum
+    /// lopsided).
+    #[command(flatten)]
+    pub fcm: Box<FcmArgs>,
+}
+
+/// The options only `--protocol fcm` takes.
+#[derive(Args, Debug)]
+pub struct FcmArgs {
+    /// fcm: accept assertions signed by this service account (Google's JSON key file);
+    /// repeatable.
+    #[arg(long, action = clap::ArgAction::Append)]
+    pub service_account: Vec<PathBuf>,
+    /// fcm: the project of the service account the emulator makes in --tls-dir
+    /// [default: pgpushd-emulator].
+    #[arg(long)]
+    pub project: Option<String>,
+    /// fcm: how long access tokens are valid, e.g. "1h", "30s" [default: 1h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub token_lifetime: Option<Duration>,
+    /// fcm: the Retry-After of a 429 QUOTA_EXCEEDED, e.g. "60s" [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retry_after: Option<Duration>,
 }
 
 impl EmulatorArgs {
+    /// The fcm-only flags given, for the other protocols to refuse.
+    fn fcm_only(&self) -> Option<&'static str> {
+        [
+            ("--service-account", !self.fcm.service_account.is_empty()),
+            ("--project", self.fcm.project.is_some()),
+            ("--token-lifetime", self.fcm.token_lifetime.is_some()),
+            ("--retry-after", self.fcm.retry_after.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
+
     fn into_config(self) -> anyhow::Result<EmulatorConfig> {
+        if let Some(flag) = self.fcm_only() {
+            anyhow::bail!("{flag} applies to --protocol fcm only");
+        }
         if !(0.0..=1.0).contains(&self.error_rate) {
             anyhow::bail!(
                 "--error-rate must be between 0 and 1, not {}",
@@ -126,6 +170,9 @@ impl EmulatorArgs {
         if let Some((flag, _)) = http2_only.iter().find(|(_, given)| *given) {
             anyhow::bail!("{flag} applies to --protocol http2 only");
         }
+        if let Some(flag) = self.fcm_only() {
+            anyhow::bail!("{flag} applies to --protocol fcm only");
+        }
         let Some(ca) = &self.client_ca else {
             anyhow::bail!(
                 "--protocol binary needs --client-ca FILE: the CA that signs the client \
@@ -153,8 +200,10 @@ impl EmulatorArgs {
 /// Runs the emulator until `shutdown` completes. Prints where it listens and the CA
 /// clients must trust (its path with --tls-dir, else the PEM itself).
 pub async fn run(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    if args.protocol == ProtocolArg::Binary {
-        return run_binary(args, shutdown).await;
+    match args.protocol {
+        ProtocolArg::Binary => return run_binary(args, shutdown).await,
+        ProtocolArg::Fcm => return run_fcm(args, shutdown).await,
+        ProtocolArg::Http2 => {}
     }
     let tls_dir = args.tls_dir.clone();
     let emulator = Emulator::start(args.into_config()?).await?;
@@ -175,6 +224,82 @@ async fn run_binary(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> a
             .feedback_addr()
             .map_or_else(|| "(none)".to_owned(), |a| a.to_string())
     );
+    print_ca(tls_dir, emulator.ca_pem());
+    shutdown.await;
+    emulator.shutdown().await;
+    Ok(())
+}
+
+impl EmulatorArgs {
+    fn into_fcm_config(self) -> anyhow::Result<FcmEmulatorConfig> {
+        let apns_only = [
+            ("--token-key", self.token_key.is_some()),
+            ("--client-ca", self.client_ca.is_some()),
+            ("--topic", self.topic.is_some()),
+            ("--bad-token", !self.bad_token.is_empty()),
+        ];
+        if let Some((flag, _)) = apns_only.iter().find(|(_, given)| *given) {
+            anyhow::bail!("{flag} applies to the APNs protocols only, not to --protocol fcm");
+        }
+        if !(0.0..=1.0).contains(&self.error_rate) {
+            anyhow::bail!(
+                "--error-rate must be between 0 and 1, not {}",
+                self.error_rate
+            );
+        }
+        let fcm = *self.fcm;
+        if self.tls_dir.is_none() && fcm.service_account.is_empty() {
+            anyhow::bail!(
+                "--protocol fcm needs --tls-dir DIR (it writes a service account's key file, \
+                 DIR/service-account.json, for clients to use) or --service-account FILE"
+            );
+        }
+        if self.tls_dir.is_none() && fcm.project.is_some() {
+            anyhow::bail!("--project names the service account made in --tls-dir: give --tls-dir");
+        }
+        let service_accounts = fcm
+            .service_account
+            .iter()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let defaults = FcmEmulatorConfig::default();
+        Ok(FcmEmulatorConfig {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 2198))),
+            make_service_account: self
+                .tls_dir
+                .is_some()
+                .then(|| fcm.project.unwrap_or_else(|| DEFAULT_PROJECT.to_owned())),
+            tls_dir: self.tls_dir,
+            service_accounts,
+            record: self.record,
+            unregistered: self.unregistered,
+            error_rate: self.error_rate,
+            latency: self.latency,
+            goaway_every: self.goaway_every,
+            max_streams: self.max_streams,
+            token_lifetime: fcm.token_lifetime.unwrap_or(defaults.token_lifetime),
+            retry_after: fcm.retry_after.unwrap_or(defaults.retry_after),
+            keep_records: 0,
+        })
+    }
+}
+
+async fn run_fcm(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls_dir = args.tls_dir.clone();
+    let emulator = FcmEmulator::start(args.into_fcm_config()?).await?;
+    println!(
+        "FCM emulator listening on {} (token endpoint {})",
+        emulator.endpoint(),
+        emulator.token_uri()
+    );
+    if let (Some(path), Some(project)) = (emulator.service_account_path(), emulator.project_id()) {
+        println!(
+            "service account key file: {} (project {project})",
+            path.display()
+        );
+    }
     print_ca(tls_dir, emulator.ca_pem());
     shutdown.await;
     emulator.shutdown().await;

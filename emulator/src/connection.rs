@@ -113,7 +113,7 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
     debug!("connection closed");
 }
 
-async fn tls_accept(
+pub(crate) async fn tls_accept(
     acceptor: &SslAcceptor,
     tcp: TcpStream,
 ) -> anyhow::Result<SslStream<TcpStream>> {
@@ -127,7 +127,7 @@ async fn tls_accept(
 }
 
 /// Resolves once `drop_connections` was called after `since`.
-async fn dropped(control: &mut watch::Receiver<Control>, since: u64) {
+pub(crate) async fn dropped(control: &mut watch::Receiver<Control>, since: u64) {
     loop {
         if control.borrow_and_update().drops != since {
             return;

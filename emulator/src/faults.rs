@@ -1,34 +1,56 @@
 //! Answers that do not depend on the request's validity: scripted answers per device
-//! token (standing, or for the next requests only), the configured unregistered and bad
-//! tokens, random server errors, and latency.
+//! token (standing, or for the next requests only), tokens listed at start (APNs: the
+//! unregistered and bad tokens; FCM: the unregistered ones), random server errors, and
+//! latency. Generic over the protocol's answer, so the APNs and FCM emulators share it.
 //! All adjustable at run time from any thread; reading them costs a few atomic loads.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
+use rand::rngs::ThreadRng;
 use rand::Rng;
 
 use super::answer::Answer;
 use super::reason;
 
-pub(crate) struct Faults {
+/// An answer the faults can hand out: cloned for standing scripts, and made up for the
+/// random server errors.
+pub(crate) trait FaultAnswer: Clone {
+    /// One of the protocol's transient server errors, chosen with `rng`.
+    fn random_server_error(rng: &mut ThreadRng) -> Self;
+}
+
+impl FaultAnswer for Answer {
+    fn random_server_error(rng: &mut ThreadRng) -> Answer {
+        match rng.gen_range(0..3) {
+            0 => Answer::error(429, reason::TOO_MANY_REQUESTS),
+            1 => Answer::error(500, reason::INTERNAL_SERVER_ERROR),
+            _ => Answer::error(503, reason::SERVICE_UNAVAILABLE),
+        }
+    }
+}
+
+pub(crate) struct Faults<A = Answer> {
     /// `f64` bits: the fraction of valid requests answered with a random server error.
     error_rate: AtomicU64,
     latency_nanos: AtomicU64,
-    scripted: RwLock<HashMap<String, Answer>>,
+    scripted: RwLock<HashMap<String, A>>,
     /// Answers for the next requests to a token, one each, before the standing script.
-    once: Mutex<HashMap<String, VecDeque<Answer>>>,
+    once: Mutex<HashMap<String, VecDeque<A>>>,
     /// Spares the locks when nothing is scripted (the common, fast case).
     any_scripted: AtomicBool,
-    unregistered: HashSet<String>,
-    bad_tokens: HashSet<String>,
-    /// When the configured unregistered tokens "became" invalid: the emulator's start.
-    unregistered_since_ms: u64,
+    /// Answers fixed at start for these tokens, after the random errors.
+    listed: HashMap<String, A>,
+    /// APNs device tokens are hex, the same token in either case; FCM registration
+    /// tokens are case-sensitive.
+    fold_case: bool,
 }
 
-impl Faults {
+impl Faults<Answer> {
+    /// APNs: `unregistered` tokens are answered 410 with `now_ms` as their timestamp (the
+    /// emulator's start), `bad_tokens` 400 BadDeviceToken.
     pub fn new(
         error_rate: f64,
         latency: Duration,
@@ -36,19 +58,45 @@ impl Faults {
         bad_tokens: &[String],
         now_ms: u64,
     ) -> Faults {
-        let faults = Faults {
+        let mut listed = HashMap::new();
+        for token in bad_tokens {
+            listed.insert(
+                token.to_ascii_lowercase(),
+                Answer::error(400, reason::BAD_DEVICE_TOKEN),
+            );
+        }
+        for token in unregistered {
+            listed.insert(
+                token.to_ascii_lowercase(),
+                Answer::custom(410, reason::UNREGISTERED, now_ms),
+            );
+        }
+        Faults::with_listed(error_rate, latency, listed, true)
+    }
+}
+
+impl<A: FaultAnswer> Faults<A> {
+    /// `listed`: answers for these tokens, fixed for the emulator's life. `fold_case`:
+    /// tokens differing only in case are the same token.
+    pub fn with_listed(
+        error_rate: f64,
+        latency: Duration,
+        listed: HashMap<String, A>,
+        fold_case: bool,
+    ) -> Self {
+        let mut faults = Faults {
             error_rate: AtomicU64::new(0),
             latency_nanos: AtomicU64::new(0),
             scripted: RwLock::new(HashMap::new()),
             once: Mutex::new(HashMap::new()),
             any_scripted: AtomicBool::new(false),
-            unregistered: unregistered
-                .iter()
-                .map(|t| t.to_ascii_lowercase())
-                .collect(),
-            bad_tokens: bad_tokens.iter().map(|t| t.to_ascii_lowercase()).collect(),
-            unregistered_since_ms: now_ms,
+            listed: HashMap::new(),
+            fold_case,
         };
+        faults.listed = listed
+            .into_iter()
+            .map(|(token, answer)| (faults.key(&token).into_owned(), answer))
+            .collect();
         faults.set_error_rate(error_rate);
         faults.set_latency(latency);
         faults
@@ -74,17 +122,17 @@ impl Faults {
     }
 
     /// From now on answer requests for `token` (once they pass validation) with `answer`.
-    pub fn script(&self, token: &str, answer: Answer) {
+    pub fn script(&self, token: &str, answer: A) {
         let mut scripted = self.scripted.write().unwrap_or_else(|e| e.into_inner());
-        scripted.insert(token.to_ascii_lowercase(), answer);
+        scripted.insert(self.key(token).into_owned(), answer);
         self.any_scripted.store(true, Ordering::Release);
     }
 
     /// Answer the next request for `token` (once it passes validation) with `answer`,
     /// then as before; queued after answers already scripted this way.
-    pub fn script_once(&self, token: &str, answer: Answer) {
+    pub fn script_once(&self, token: &str, answer: A) {
         let mut once = self.once.lock().unwrap_or_else(|e| e.into_inner());
-        once.entry(token.to_ascii_lowercase())
+        once.entry(self.key(token).into_owned())
             .or_default()
             .push_back(answer);
         self.any_scripted.store(true, Ordering::Release);
@@ -98,16 +146,16 @@ impl Faults {
         self.any_scripted.store(false, Ordering::Release);
     }
 
-    /// The answer for a valid request to `token`, if something other than 200:
+    /// The answer for a valid request to `token`, if something other than success:
     /// an answer scripted once first, then a standing scripted answer, then a random
-    /// server error, then the token lists.
-    pub fn answer_for(&self, token: &str) -> Option<Answer> {
+    /// server error, then the listed tokens.
+    pub fn answer_for(&self, token: &str) -> Option<A> {
         if self.any_scripted.load(Ordering::Acquire) {
             let mut once = self.once.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(queue) = once.get_mut(&*lowercase(token)) {
+            if let Some(queue) = once.get_mut(&*self.key(token)) {
                 let answer = queue.pop_front();
                 if queue.is_empty() {
-                    once.remove(&*lowercase(token));
+                    once.remove(&*self.key(token));
                 }
                 if answer.is_some() {
                     return answer;
@@ -115,7 +163,7 @@ impl Faults {
             }
             drop(once);
             let scripted = self.scripted.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(answer) = scripted.get(&*lowercase(token)) {
+            if let Some(answer) = scripted.get(&*self.key(token)) {
                 return Some(answer.clone());
             }
         }
@@ -123,27 +171,23 @@ impl Faults {
         if rate > 0.0 {
             let mut rng = rand::thread_rng();
             if rng.gen_bool(rate) {
-                return Some(match rng.gen_range(0..3) {
-                    0 => Answer::error(429, reason::TOO_MANY_REQUESTS),
-                    1 => Answer::error(500, reason::INTERNAL_SERVER_ERROR),
-                    _ => Answer::error(503, reason::SERVICE_UNAVAILABLE),
-                });
+                return Some(A::random_server_error(&mut rng));
             }
         }
-        if !self.unregistered.is_empty() || !self.bad_tokens.is_empty() {
-            let token = lowercase(token);
-            if self.unregistered.contains(&*token) {
-                return Some(Answer::custom(
-                    410,
-                    reason::UNREGISTERED,
-                    self.unregistered_since_ms,
-                ));
-            }
-            if self.bad_tokens.contains(&*token) {
-                return Some(Answer::error(400, reason::BAD_DEVICE_TOKEN));
+        if !self.listed.is_empty() {
+            if let Some(answer) = self.listed.get(&*self.key(token)) {
+                return Some(answer.clone());
             }
         }
         None
+    }
+
+    fn key<'t>(&self, token: &'t str) -> std::borrow::Cow<'t, str> {
+        if self.fold_case {
+            lowercase(token)
+        } else {
+            token.into()
+        }
     }
 }
 
@@ -158,6 +202,7 @@ fn lowercase(token: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn faults() -> Faults {
         Faults::new(

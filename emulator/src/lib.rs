@@ -23,7 +23,9 @@
 //! - the command line (`pgpushd-emulator`, also `pgpushd emulator`): [`cli`].
 //!
 //! The retired binary protocol (gateway and feedback service, and its byte format) is
-//! [`binary`]'s.
+//! [`binary`]'s. Firebase Cloud Messaging's HTTP v1 API, with the OAuth token endpoint its
+//! clients get access tokens from, is [`fcm`]'s; it shares the TLS, faults, records and
+//! counters above.
 //!
 //! The library prints nothing; it logs with `tracing`.
 
@@ -33,6 +35,7 @@ pub mod binary;
 pub mod cli;
 mod connection;
 mod faults;
+pub mod fcm;
 pub mod jwt;
 pub mod push_type;
 pub mod reason;

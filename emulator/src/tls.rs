@@ -320,7 +320,7 @@ pub(crate) fn check_tls_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Writes with `mode` from the start, so a key is never readable by others.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
