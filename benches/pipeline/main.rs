@@ -164,7 +164,8 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             this.insert("latency", serde_json::to_value(&l)?);
         }
         if plan.wants("producer") {
-            let p = scenarios::producer(&env, Duration::from_secs(plan.producer_secs)).await?;
+            let p =
+                scenarios::producer(&env, Duration::from_secs(plan.producer_secs), None).await?;
             progress(run, "producer, bare table", p.tps_bare, "tps");
             progress(run, "producer, pgpushd", p.tps, "tps");
             progress(run, "producer, NOTIFY always", p.tps_notify_always, "tps");
@@ -186,6 +187,29 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             // The daemon's own transactions meanwhile (claims, next-due look-ups).
             samples.add("producer_daemon_txns_per_s", p.daemon_txns_per_s);
             this.insert("producer", serde_json::to_value(&p)?);
+            // The same with the daemon and the emulator on a CPU of their own, as on
+            // hosts of their own: what the producers pay for the daemon's database work.
+            if let Some(placement) = procs::Placement::apart() {
+                let p = scenarios::producer(
+                    &env,
+                    Duration::from_secs(plan.producer_secs),
+                    Some(&placement),
+                )
+                .await?;
+                progress(run, "producer apart, bare", p.tps_bare, "tps");
+                progress(run, "producer apart, pgpushd", p.tps, "tps");
+                samples.add("producer_apart_tps_bare", p.tps_bare);
+                samples.add("producer_apart_tps", p.tps);
+                samples.add("producer_apart_ratio", p.tps / p.tps_bare);
+                samples.add(
+                    "producer_apart_ratio_notify_always",
+                    p.tps_notify_always / p.tps_bare,
+                );
+                this.insert(
+                    "producer_apart",
+                    serde_json::json!({"placement": placement, "figures": p}),
+                );
+            }
         }
         if plan.wants("backlog") {
             let (drain, _) =

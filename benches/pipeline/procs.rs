@@ -163,6 +163,78 @@ pub struct EmulatorProc {
     _stdout: BufReader<std::process::ChildStdout>,
 }
 
+/// Where the producer scenario runs each side: `taskset` CPU lists for PostgreSQL with
+/// the application's writers, and for the daemon with the emulator. Apart, they stand
+/// for the production layout, where the daemon and APNs are other hosts than the
+/// database: the application's insert rate then pays for the daemon's work in the
+/// database (claims, outcome writes, NOTIFY), not for its TLS and HTTP/2 or the
+/// emulator's.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Placement {
+    pub database: String,
+    pub daemon: String,
+}
+
+impl Placement {
+    /// The last CPU for the daemon and the emulator, the others for the database and the
+    /// writers; `None` on one CPU or without `taskset`.
+    pub fn apart() -> Option<Placement> {
+        let cpus = std::thread::available_parallelism().ok()?.get();
+        let taskset = Command::new("taskset")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        (cpus >= 2 && taskset).then(|| Placement {
+            database: format!("0-{}", cpus - 2),
+            daemon: format!("{}", cpus - 1),
+        })
+    }
+}
+
+/// `pgpushd`, on `cpus` when given.
+fn pgpushd_on(cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", cpus, BIN]);
+            cmd
+        }
+        None => Command::new(BIN),
+    }
+}
+
+/// Moves every thread of `pid`, and of its children when asked, onto `cpus` (a
+/// `taskset` list); processes they start later inherit it.
+pub fn pin(pid: i32, cpus: &str, with_children: bool) -> anyhow::Result<()> {
+    let mut pids = vec![pid];
+    if with_children {
+        if let Ok(dir) = fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                if let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() {
+                    if ppid(child) == Some(pid) {
+                        pids.push(child);
+                    }
+                }
+            }
+        }
+    }
+    for p in pids {
+        // A child may exit meanwhile: only the parent must succeed.
+        let ok = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &p.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok && p == pid {
+            bail!("taskset could not move process {pid} to CPUs {cpus}");
+        }
+    }
+    Ok(())
+}
+
 /// Starts `pgpushd emulator` with token auth on a free port, answering after `latency`,
 /// writing every request to `record` when given.
 pub fn start_emulator(
@@ -170,7 +242,17 @@ pub fn start_emulator(
     latency: Duration,
     record: Option<&Path>,
 ) -> anyhow::Result<EmulatorProc> {
-    let mut cmd = Command::new(BIN);
+    start_emulator_on(work, latency, record, None)
+}
+
+/// [`start_emulator`], on `cpus` when given.
+pub fn start_emulator_on(
+    work: &Workdir,
+    latency: Duration,
+    record: Option<&Path>,
+    cpus: Option<&str>,
+) -> anyhow::Result<EmulatorProc> {
+    let mut cmd = pgpushd_on(cpus);
     cmd.arg("emulator")
         .args(["--listen", "127.0.0.1:0", "--tls-dir"])
         .arg(work.path("tls"))
@@ -215,9 +297,14 @@ pub fn start_emulator(
 
 /// Starts `pgpushd run --config FILE`; the clock of a drain starts here.
 pub fn start_daemon(work: &Workdir, config: &Path) -> anyhow::Result<Proc> {
+    start_daemon_on(work, config, None)
+}
+
+/// [`start_daemon`], on `cpus` when given.
+pub fn start_daemon_on(work: &Workdir, config: &Path, cpus: Option<&str>) -> anyhow::Result<Proc> {
     let log = fs::File::create(work.path("daemon.log"))?;
     let started = Instant::now();
-    let child = Command::new(BIN)
+    let child = pgpushd_on(cpus)
         .arg("run")
         .arg("--config")
         .arg(config)

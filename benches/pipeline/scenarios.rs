@@ -257,9 +257,43 @@ pub struct Producer {
 /// 8 writers of single-row INSERTs in autocommit for `duration`: on the bare table (no
 /// trigger, no daemon), then with the trigger and the daemon running and delivering, as
 /// shipped and with NOTIFY on every INSERT; and the daemon's idle cost.
-pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Producer> {
+///
+/// With a `placement`, PostgreSQL and the writers run on its `database` CPUs and the
+/// daemon and the emulator on its `daemon` CPUs, throughout (bare table included), and
+/// everything goes back on every CPU afterwards.
+pub async fn producer(
+    env: &Env<'_>,
+    duration: Duration,
+    placement: Option<&procs::Placement>,
+) -> anyhow::Result<Producer> {
+    let all_cpus = format!(
+        "0-{}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+    );
+    let place = |cpus: &str| -> anyhow::Result<()> {
+        procs::pin(std::process::id() as i32, cpus, false)?;
+        if let Some(postmaster) = env.postmaster {
+            procs::pin(postmaster, cpus, true)?;
+        }
+        Ok(())
+    };
+    if let Some(p) = placement {
+        place(&p.database)?;
+    }
+    let result = producer_placed(env, duration, placement.map(|p| p.daemon.as_str())).await;
+    if placement.is_some() {
+        place(&all_cpus)?;
+    }
+    result
+}
+
+async fn producer_placed(
+    env: &Env<'_>,
+    duration: Duration,
+    daemon_cpus: Option<&str>,
+) -> anyhow::Result<Producer> {
     db::empty(&env.client).await?;
-    let emulator = procs::start_emulator(env.work, Duration::ZERO, None)?;
+    let emulator = procs::start_emulator_on(env.work, Duration::ZERO, None, daemon_cpus)?;
     let watched = |daemon: Option<&procs::Proc>| Watched {
         daemon: daemon.map(|d| d.pid()),
         emulator: Some(emulator.proc.pid()),
@@ -286,7 +320,7 @@ pub async fn producer(env: &Env<'_>, duration: Duration) -> anyhow::Result<Produ
         let config =
             env.work
                 .daemon_config_with(&env.url, &emulator.endpoint, database, Some(metrics))?;
-        let daemon = procs::start_daemon(env.work, &config)?;
+        let daemon = procs::start_daemon_on(env.work, &config, daemon_cpus)?;
         db::wait_listening(&env.client, Duration::from_secs(30)).await?;
         let watched = watched(Some(&daemon));
         procs::wait_quiet(QUIET_WAIT).await;
