@@ -170,6 +170,12 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             progress(run, "producer, pgpushd", p.tps, "tps");
             progress(run, "producer, NOTIFY always", p.tps_notify_always, "tps");
             samples.add("producer_tps_bare", p.tps_bare);
+            // The wake-up's own cost, with nothing delivered meanwhile.
+            samples.add("producer_wakeup_ratio", p.tps_trigger_awake / p.tps_bare);
+            samples.add(
+                "producer_wakeup_ratio_asleep",
+                p.tps_trigger_asleep / p.tps_bare,
+            );
             samples.add("producer_tps", p.tps);
             samples.add("producer_ratio", p.tps / p.tps_bare);
             samples.add("producer_tps_notify_always", p.tps_notify_always);
@@ -201,6 +207,10 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 samples.add("producer_apart_tps_bare", p.tps_bare);
                 samples.add("producer_apart_tps", p.tps);
                 samples.add("producer_apart_ratio", p.tps / p.tps_bare);
+                samples.add(
+                    "producer_apart_wakeup_ratio",
+                    p.tps_trigger_awake / p.tps_bare,
+                );
                 samples.add(
                     "producer_apart_ratio_notify_always",
                     p.tps_notify_always / p.tps_bare,
@@ -244,6 +254,7 @@ fn floors() -> BTreeMap<&'static str, Floor> {
         ("latency_p50_ms", Floor::AtMost(3.0)),
         ("latency_p99_ms", Floor::AtMost(15.0)),
         ("producer_ratio", Floor::AtLeast(0.85)),
+        ("producer_wakeup_ratio", Floor::AtLeast(0.9)),
         ("peak_rss_mb", Floor::AtMost(64.0)),
         ("backlog_1m_peak_rss_mb", Floor::AtMost(64.0)),
     ])

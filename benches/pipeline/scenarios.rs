@@ -235,6 +235,11 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
 pub struct Producer {
     /// The bare table: no trigger, no daemon.
     pub tps_bare: f64,
+    /// The trigger installed, no daemon, the awake deadline held ahead: what the wake-up
+    /// costs writers while a daemon is awake (no NOTIFY, no delivery).
+    pub tps_trigger_awake: f64,
+    /// The same with the deadline passed: every INSERT notifies (no daemon listens).
+    pub tps_trigger_asleep: f64,
     /// The trigger installed and the daemon running and delivering, as shipped.
     pub tps: f64,
     /// The same with `awake_linger = "0s"`: every INSERT notifies (before schema 4).
@@ -313,6 +318,18 @@ async fn producer_placed(
     let (tps_bare, cpu_bare) = bare?;
     db::empty(&env.client).await?;
 
+    // The trigger alone, no daemon: with the deadline held ahead (what writers pay while
+    // a daemon is awake), then with it passed (every INSERT notifies).
+    let mut trigger_only = Vec::new();
+    for hold in [Duration::from_secs(3600), Duration::ZERO] {
+        pgpushd::outbox::wakeup::stay_awake(&env.client, hold).await?;
+        procs::wait_quiet(QUIET_WAIT).await;
+        trigger_only.push(writers(&env.url, 8, duration).await?);
+        db::empty(&env.client).await?;
+    }
+    pgpushd::outbox::wakeup::stay_awake(&env.client, Duration::ZERO).await?;
+    let (tps_trigger_awake, tps_trigger_asleep) = (trigger_only[0], trigger_only[1]);
+
     // With the daemon: as shipped, then with NOTIFY on every INSERT.
     let mut with_daemon = Vec::new();
     for database in ["", "awake_linger = \"0s\""] {
@@ -348,6 +365,8 @@ async fn producer_placed(
         with_daemon.remove(0);
     Ok(Producer {
         tps_bare,
+        tps_trigger_awake,
+        tps_trigger_asleep,
         tps,
         tps_notify_always,
         daemon_txns_per_s,
