@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -420,7 +420,7 @@ async fn feedback_tuples_end_up_in_unregistered_tokens() {
 fn the_emulator_command_speaks_binary() {
     let dir = tempfile::tempdir().unwrap();
     let pgpushd = || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpushd"));
+        let mut cmd = pgpushd_command();
         cmd.env_remove("RUST_LOG").stdin(Stdio::null());
         cmd.args([
             "emulator",

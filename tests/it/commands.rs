@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::support::*;
 
 fn pgpushd() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpushd"));
+    let mut cmd = pgpushd_command();
     cmd.env_remove("PGPUSHD_DATABASE_URL")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
@@ -277,12 +277,15 @@ fn the_demo_shows_progress_in_place_on_a_terminal() {
         return;
     }
     let demo = format!("{} demo --rows 2000", env!("CARGO_BIN_EXE_pgpushd"));
-    let (code, stdout, stderr) = output(
-        Command::new("script")
-            .args(["-q", "-e", "-c", &demo, "/dev/null"])
-            .env("TERM", "xterm")
-            .env_remove("RUST_LOG"),
-    );
+    let mut script = Command::new("script");
+    script
+        .args(["-q", "-e", "-c", &demo, "/dev/null"])
+        .env("TERM", "xterm")
+        .env_remove("RUST_LOG");
+    for v in PROXY_VARIABLES {
+        script.env_remove(v);
+    }
+    let (code, stdout, stderr) = output(&mut script);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let updates = stdout.matches("\r  [").count();
     assert!(

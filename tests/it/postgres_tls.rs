@@ -173,7 +173,7 @@ async fn pgsslmode_and_pgsslrootcert_apply_when_the_url_does_not_say() {
 }
 
 fn pgpushd(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpushd"));
+    let mut cmd = crate::support::pgpushd_command();
     cmd.env_remove("PGPUSHD_DATABASE_URL")
         .env_remove("RUST_LOG")
         .env_remove("PGSSLMODE")

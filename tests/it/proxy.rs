@@ -7,7 +7,7 @@
 //! fails it.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,12 +19,9 @@ use nix::sys::signal::Signal;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The proxy variables a spawned daemon must not inherit from whoever runs the tests.
-const PROXY_VARIABLES: [&str; 4] = ["https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"];
-
 /// The daemon binary with `env`, its log (debug level) written to `log`.
 fn spawn(config: &Path, env: &[(&str, &str)], log: &Path) -> Spawned {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpushd"));
+    let mut cmd = pgpushd_command();
     cmd.arg("run")
         .arg("--config")
         .arg(config)
@@ -34,9 +31,6 @@ fn spawn(config: &Path, env: &[(&str, &str)], log: &Path) -> Spawned {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
-    for v in PROXY_VARIABLES {
-        cmd.env_remove(v);
-    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -349,7 +343,7 @@ async fn https_proxy_and_no_proxy_steer_a_spawned_daemon() {
     assert_eq!(proxy.connects(), through);
 
     // A bad HTTPS_PROXY is a config error naming the variable: exit 78 before any socket.
-    let out = Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+    let out = pgpushd_command()
         .arg("check-config")
         .arg("--config")
         .arg(&path)

@@ -3,13 +3,13 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
 
 fn spawn(config: &Path, env: &[(&str, &str)]) -> Spawned {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpushd"));
+    let mut cmd = pgpushd_command();
     cmd.arg("run")
         .arg("--config")
         .arg(config)

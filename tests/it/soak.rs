@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -22,7 +22,7 @@ fn spawn_daemon(config: &Path, log: &Path) -> Spawned {
         .open(log)
         .unwrap();
     Spawned(
-        Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+        pgpushd_command()
             .arg("run")
             .arg("--config")
             .arg(config)

@@ -1,7 +1,7 @@
 //! `pgpushd status` against a real PostgreSQL: rows in every state, and the numbers the
 //! status shows for them; the command's exit codes.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::support::*;
@@ -236,7 +236,7 @@ async fn the_status_counts_rows_in_every_state() {
 }
 
 fn pgpushd(config: &std::path::Path, flags: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+    let out = pgpushd_command()
         .arg("status")
         .args(flags)
         .arg("--config")
@@ -488,7 +488,7 @@ async fn the_status_watch_refreshes_until_interrupted() {
     .unwrap();
     let client = db.client().await;
     let mut watch = Spawned(
-        Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+        pgpushd_command()
             .args(["status", "--json", "--watch", "200ms", "--config"])
             .arg(&config)
             .env_remove("RUST_LOG")

@@ -400,3 +400,16 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The proxy variables a spawned pgpushd must not inherit from whoever runs the tests:
+/// with them, its connections to the emulators would go through that proxy.
+pub const PROXY_VARIABLES: [&str; 4] = ["https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"];
+
+/// The `pgpushd` binary this test run built, without the runner's proxy variables.
+pub fn pgpushd_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgpushd"));
+    for v in PROXY_VARIABLES {
+        cmd.env_remove(v);
+    }
+    cmd
+}
