@@ -3,6 +3,7 @@
 //! an advisory lock, so two daemons deploying at once cannot both apply a file.
 
 use anyhow::Context as _;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::db::describe;
@@ -65,7 +66,14 @@ pub async fn migrate(client: &mut Client) -> anyhow::Result<Vec<i32>> {
         }
         txn.batch_execute(sql)
             .await
-            .map_err(|e| anyhow::anyhow!("{}", describe(&e)))
+            .map_err(|e| match e.code() {
+                Some(&SqlState::LOCK_NOT_AVAILABLE) => anyhow::anyhow!(
+                    "{}: a long transaction holds pgpushd.outbox (`pgpushd status` shows \
+                     long batches); nothing was changed, run `pgpushd migrate` again",
+                    describe(&e)
+                ),
+                _ => anyhow::anyhow!("{}", describe(&e)),
+            })
             .with_context(|| format!("applying migration {version:03}_{name}.sql"))?;
         txn.execute(
             "INSERT INTO pgpushd.schema_migrations (version, name) VALUES ($1, $2)",

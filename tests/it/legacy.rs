@@ -163,3 +163,48 @@ async fn migration_5_normalises_legacy_rows_and_validates_the_constraint() {
     daemon.stop().await;
     assert_eq!(transport.sent_ids(), [minus]);
 }
+
+/// Migration 6 takes the outbox's exclusive lock. Behind a transaction that holds the
+/// table (a batch still sending), it gives up within seconds, changing nothing, instead
+/// of queueing every writer behind it; once the table is free it applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_6_gives_up_rather_than_queue_writers_behind_a_long_batch() {
+    let db = TestDb::unmigrated().await;
+    let mut c = db.client().await;
+    c.batch_execute(
+        "CREATE SCHEMA pgpushd; CREATE TABLE pgpushd.schema_migrations (version int PRIMARY KEY,
+         name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .await
+    .unwrap();
+    apply(&c, 0..5).await;
+    insert_legacy(&c, 1, "now", "pending").await;
+
+    // A batch: its transaction holds claimed rows for as long as they are being sent.
+    let mut batch = db.client().await;
+    let txn = batch.transaction().await.unwrap();
+    txn.execute("SELECT id FROM pgpushd.outbox FOR UPDATE", &[])
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let error = pgpushd::outbox::migrate::migrate(&mut c).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = format!("{error:#}");
+    assert!(text.contains("006_fcm_tokens"), "{text}");
+    assert!(text.contains("run `pgpushd migrate` again"), "{text}");
+    assert_eq!(
+        pgpushd::outbox::migrate::schema_version(&c).await.unwrap(),
+        5
+    );
+
+    txn.commit().await.unwrap();
+    assert_eq!(
+        pgpushd::outbox::migrate::migrate(&mut c).await.unwrap(),
+        (6..=pgpushd::outbox::migrate::latest_version()).collect::<Vec<_>>()
+    );
+}

@@ -362,6 +362,11 @@ async fn check_constraints_refuse_bad_rows_inside_the_producers_transaction() {
             "'dXf1:APA91b/x'",
             "outbox_device_token_must_be_apns_hex_or_fcm",
         ),
+        (
+            "device_token",
+            "'dXf1:' || repeat('b', 1020)",
+            "outbox_device_token_must_be_apns_hex_or_fcm",
+        ),
         ("push_type", "'shout'", "outbox_push_type_must_be_known"),
         ("priority", "7", "outbox_priority_must_be_1_5_or_10"),
         (
