@@ -16,6 +16,8 @@
 //!   `Unregistered`);
 //! - [`apns`]: the APNs client: `apns::http2` (the provider API) beside `apns::binary`
 //!   (the retired binary protocol), what both use at `apns/`;
+//! - [`http2`]: the HTTP/2 client (connection, pool) that APNs and FCM share;
+//! - [`tls`]: TLS to the push services;
 //! - [`fcm`]: Firebase Cloud Messaging's rules (its transport is being built);
 //! - [`proxy`]: HTTP proxies to APNs: which one a connection takes, the CONNECT tunnel;
 //! - [`reports`]: writing what the transport reports on its own (unregistered tokens,
@@ -42,8 +44,10 @@ pub mod demo;
 pub mod devdb;
 pub mod dispatcher;
 pub mod fcm;
+pub mod http2;
 pub mod listener;
 pub mod metrics;
+pub mod openssl_reason;
 pub mod outbox;
 pub mod outcome;
 pub mod proxy;
@@ -51,4 +55,7 @@ pub mod reports;
 pub mod retention;
 pub mod secret;
 pub mod systemd;
+#[cfg(test)]
+mod testutil;
+pub mod tls;
 pub mod transport;

@@ -3,7 +3,7 @@
 //! [`Apns`] holds one client per `[apps.NAME]` section and routes each notification by
 //! its `app` to that app's protocol: [`http2`] (the provider API) or [`binary`] (the
 //! retired binary protocol). What both protocols use lives here: client certificates
-//! ([`identity`]), TLS ([`tls`]), the push types ([`push_type`]), Apple's reasons
+//! ([`identity`]), the push types ([`push_type`]), Apple's reasons
 //! ([`reason`]), the provider token ([`provider_token`], HTTP/2's token auth) and what can
 //! go wrong loading them ([`error`]).
 
@@ -22,14 +22,10 @@ pub mod binary;
 pub mod error;
 pub mod http2;
 pub mod identity;
-pub mod openssl_reason;
 pub mod options;
 pub mod provider_token;
 pub mod push_type;
 pub mod reason;
-#[cfg(test)]
-mod testutil;
-pub mod tls;
 
 use binary::BinaryApp;
 pub use error::LoadError;

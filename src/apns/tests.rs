@@ -3,8 +3,8 @@
 //! certificate auth, answers becoming outcomes, refused credentials, lost connections.
 
 use super::*;
-use crate::apns::testutil::{self, eventually, TestEmulator, DEADLINE};
 use crate::config::{Auth, CertificateAuth, Endpoint, Protocol, TokenAuth};
+use crate::testutil::{self, eventually, TestEmulator, DEADLINE};
 use openssl::ec::EcKey;
 use openssl::pkey::Public;
 use pgpushd_emulator::{EmulatorAuth, EmulatorConfig};

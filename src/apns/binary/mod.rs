@@ -24,9 +24,10 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::apns::error::LoadError;
+use crate::apns::identity;
 use crate::apns::options::Options;
-use crate::apns::{identity, tls};
 use crate::config::{AppConfig, Auth, Endpoint, Environment};
+use crate::tls;
 use crate::transport::{short_token, Delivery, Notification, Undelivered};
 
 use connection::{ConnectOptions, Outcome};

@@ -14,26 +14,22 @@ use tracing::{debug, error, info};
 use uuid::Uuid;
 
 use crate::apns::error::LoadError;
+use crate::apns::identity;
 use crate::apns::options::Options;
 use crate::apns::provider_token::JwtSigner;
-use crate::apns::{identity, tls};
 use crate::backoff::backoff;
 use crate::config::{AppConfig, Auth};
+use crate::http2::connection::ConnectOptions;
+use crate::http2::pool::{Pool, PoolError, PoolOptions};
+use crate::tls;
 use crate::transport::{short_token, Delivery, Notification};
 
-pub mod connection;
-mod frame_watch;
-pub mod pool;
-#[cfg(test)]
-pub(crate) mod raw_peer;
 pub mod request;
 pub mod response;
 mod send_one;
 
 pub use send_one::{send_one, OneAnswer};
 
-use connection::ConnectOptions;
-use pool::{Pool, PoolError, PoolOptions};
 use request::{host_port, ApnsRequest};
 use response::{Answer, Verdict};
 
@@ -102,6 +98,7 @@ impl Http2App {
             &app,
             PoolOptions {
                 connect: ConnectOptions {
+                    service: "APNs",
                     host: host.to_owned(),
                     port,
                     proxy: config.proxy.for_target(host, port).cloned(),
@@ -222,7 +219,7 @@ impl Http2App {
     async fn send(&self, request: &ApnsRequest, bearer: Option<&str>) -> Result<Answer, Delivery> {
         let make = || request.to_http(bearer);
         match self.pool.send(make, request.body.clone()).await {
-            Ok(answer) => Ok(answer),
+            Ok(answer) => Ok(answer.into()),
             Err(PoolError::Unavailable {
                 reason,
                 retry_after,
@@ -314,7 +311,7 @@ impl Http2App {
             .pool
             .send(|| request.to_http(bearer.as_deref()), request.body.clone())
             .await?;
-        Ok((request.apns_id, answer))
+        Ok((request.apns_id, answer.into()))
     }
 }
 

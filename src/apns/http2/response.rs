@@ -33,6 +33,18 @@ pub struct Answer {
     pub body: bytes::Bytes,
 }
 
+impl From<crate::http2::Answer> for Answer {
+    fn from(a: crate::http2::Answer) -> Answer {
+        Answer {
+            status: a.status,
+            apns_id: a
+                .header(super::request::APNS_ID.as_str())
+                .map(str::to_owned),
+            body: a.body,
+        }
+    }
+}
+
 impl Answer {
     /// The `reason` from the body, if any.
     pub fn reason(&self) -> Option<Reason> {

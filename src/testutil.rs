@@ -159,12 +159,13 @@ impl TestEmulator {
     }
 
     /// Client settings that trust the emulator: host `localhost`, its CA, short timeouts.
-    pub fn connect_options(&self) -> crate::apns::http2::connection::ConnectOptions {
-        crate::apns::http2::connection::ConnectOptions {
+    pub fn connect_options(&self) -> crate::http2::connection::ConnectOptions {
+        crate::http2::connection::ConnectOptions {
+            service: "test",
             host: "localhost".into(),
             proxy: None,
             port: self.port(),
-            tls: crate::apns::tls::connector(Some(&self.ca_file), None, &["h2"]).unwrap(),
+            tls: crate::tls::connector(Some(&self.ca_file), None, &["h2"]).unwrap(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),

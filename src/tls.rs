@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::openssl_reason::openssl_reason;
+use crate::openssl_reason::openssl_reason;
 
 /// A TLS connector; `alpn` is the protocols to offer (`&["h2"]`, or none).
 pub fn connector(
