@@ -25,6 +25,7 @@
 //! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`metrics`]: Prometheus `/metrics` and `/healthz`;
 //! - [`systemd`]: sd_notify (READY, WATCHDOG, STATUS, RELOADING, STOPPING);
+//! - [`credential_gate`]: an app's back-off and probe while its credentials are refused;
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
@@ -38,6 +39,7 @@ pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod console;
+pub mod credential_gate;
 pub mod daemon;
 pub mod db;
 pub mod demo;
