@@ -205,7 +205,7 @@ impl BinaryApp {
                 }
             };
             match outcome {
-                Outcome::Sent => return Delivery::Sent { apns_id: None },
+                Outcome::Sent => return Delivery::Sent { id: None },
                 Outcome::Refused(status) => return refused(status),
                 Outcome::Resend(why) => {
                     debug!(app = %self.name, conn = conn.id(), reason = %why,
@@ -281,7 +281,7 @@ fn refused(status: Status) -> Delivery {
         | Status::InvalidTopicSize
         | Status::InvalidPayloadSize => Delivery::Rejected { reason },
         // 1 processing error, 255 unknown, 128 and anything unlisted: try again later.
-        _ => Delivery::Retry { reason },
+        _ => Delivery::retry(reason),
     }
 }
 
