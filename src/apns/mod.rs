@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::{AppConfig, Config, Protocol};
+use crate::config::{AppConfig, Config, Fingerprint, Protocol};
 use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
 
 pub mod binary;
@@ -92,34 +92,6 @@ impl Feedback {
             sender,
             receiver: tokio::sync::Mutex::new(receiver),
             wanted: AtomicBool::new(false),
-        }
-    }
-}
-
-/// The app's config and the bytes of every file it reads: a rotated key or certificate
-/// under the same path counts as a change. The config's `Debug` masks the proxy's
-/// credentials, so they are compared besides it (held here, never shown).
-#[derive(PartialEq)]
-struct Fingerprint {
-    config: String,
-    proxy_credentials: Option<String>,
-    files: Vec<Option<Vec<u8>>>,
-}
-
-impl Fingerprint {
-    fn of(config: &AppConfig) -> Fingerprint {
-        let mut paths: Vec<&std::path::Path> = config.ca_file.iter().map(|p| p.as_path()).collect();
-        match &config.auth {
-            crate::config::Auth::Token(t) => paths.push(&t.key_file),
-            crate::config::Auth::Certificate(c) => {
-                paths.push(&c.file);
-                paths.extend(c.passphrase_file.as_deref());
-            }
-        }
-        Fingerprint {
-            config: format!("{config:?}"),
-            proxy_credentials: config.proxy.credentials().map(str::to_owned),
-            files: paths.iter().map(|p| std::fs::read(p).ok()).collect(),
         }
     }
 }

@@ -56,6 +56,7 @@ impl Http2App {
                     })?;
                 (None, Some(identity))
             }
+            Auth::Fcm(_) => return Err(LoadError::NotApns { app }),
         };
         let tls =
             tls::connector(config.ca_file.as_deref(), identity, &["h2"]).map_err(|message| {
