@@ -12,12 +12,12 @@ use anyhow::Context as _;
 use pgpushd_emulator::{Emulator, EmulatorAuth, EmulatorConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::apns::Apns;
 use crate::config::Config;
 use crate::console::{bar, Console};
 use crate::daemon::Daemon;
 use crate::devdb::DevDb;
 use crate::outbox::status::Totals;
+use crate::providers::Providers;
 use crate::secret::Secret;
 use crate::{db, outbox};
 
@@ -85,7 +85,7 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
         outbox::migrate::migrate(&mut c).await?;
     }
 
-    let transport = Arc::new(Apns::new(&config.apps).context("setting up APNs")?);
+    let transport = Arc::new(Providers::new(&config.apps).context("loading the apps")?);
     let daemon = Daemon::new(config, transport);
     let cancel = CancellationToken::new();
     let daemon_task = tokio::spawn({

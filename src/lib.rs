@@ -1,5 +1,5 @@
 //! pgpushd turns rows inserted into a PostgreSQL outbox table into Apple push
-//! notifications. `README.md` says how to run it; `ARCHITECTURE.md` gives the picture:
+//! notifications (and Android ones, through FCM). `README.md` says how to run it; `ARCHITECTURE.md` gives the picture:
 //! the code map, the invariants and the seams.
 //!
 //! The pipeline, one module per concept:
@@ -18,7 +18,9 @@
 //!   (the retired binary protocol), what both use at `apns/`;
 //! - [`http2`]: the HTTP/2 client (connection, pool) that APNs and FCM share;
 //! - [`tls`]: TLS to the push services;
-//! - [`fcm`]: Firebase Cloud Messaging's rules (its transport is being built);
+//! - [`fcm`]: Firebase Cloud Messaging (HTTP v1), for Android;
+//! - [`providers`]: the transport the daemon uses: APNs and FCM, each row routed by its
+//!   app's provider;
 //! - [`proxy`]: HTTP proxies to APNs: which one a connection takes, the CONNECT tunnel;
 //! - [`reports`]: writing what the transport reports on its own (unregistered tokens,
 //!   rows found undelivered after all) to the outbox;
@@ -52,6 +54,7 @@ pub mod metrics;
 pub mod openssl_reason;
 pub mod outbox;
 pub mod outcome;
+pub mod providers;
 pub mod proxy;
 pub mod reports;
 pub mod retention;

@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::{AppConfig, Config, Fingerprint, Protocol};
+use crate::config::{AppConfig, Config, Fingerprint, Protocol, Provider};
 use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
 
 pub mod binary;
@@ -147,7 +147,8 @@ impl Client {
 }
 
 impl Apns {
-    /// Loads every app's credentials; the first problem fails start-up. Connects lazily.
+    /// Loads every APNs app's credentials (apps of other providers are not its own);
+    /// the first problem fails start-up. Connects lazily.
     pub fn new(apps: &BTreeMap<String, AppConfig>) -> Result<Apns, LoadError> {
         Apns::with_options(apps, Options::default())
     }
@@ -157,8 +158,7 @@ impl Apns {
         options: Options,
     ) -> Result<Apns, LoadError> {
         let undelivered = Reports::new();
-        let apps = apps
-            .iter()
+        let apps = apns_apps(apps)
             .map(|(name, config)| {
                 let loaded = load(config, &options, &undelivered.sender)?;
                 Ok((name.clone(), Arc::new(loaded)))
@@ -180,7 +180,7 @@ impl Apns {
         let current = self.apps.read().unwrap().clone();
         let mut next = BTreeMap::new();
         let mut changed = Vec::new();
-        for (name, config) in apps {
+        for (name, config) in apns_apps(apps) {
             let fingerprint = Fingerprint::of(config);
             let app = match current.get(name) {
                 Some(old) if old.fingerprint == fingerprint => old.clone(),
@@ -191,7 +191,7 @@ impl Apns {
             };
             next.insert(name.clone(), app);
         }
-        changed.extend(current.keys().filter(|n| !apps.contains_key(*n)).cloned());
+        changed.extend(current.keys().filter(|n| !next.contains_key(*n)).cloned());
         *self.apps.write().unwrap() = next;
         if self.feedback.wanted.load(Ordering::SeqCst) {
             self.start_pollers();
@@ -290,20 +290,22 @@ impl Transport for Apns {
     }
 }
 
-/// Loads every key and certificate of every app, as `pgpushd check-config` does; one line
+/// Loads every key and certificate of every APNs app, as `pgpushd check-config` does; one line
 /// per problem, none when all is well.
 pub fn check(config: &Config) -> Vec<String> {
     let options = Options::default();
     let (undelivered, _) = mpsc::unbounded_channel();
-    config
-        .apps
-        .values()
-        .filter_map(|app| {
+    apns_apps(&config.apps)
+        .filter_map(|(_, app)| {
             Client::new(app, &options, &undelivered)
                 .err()
                 .map(|e| e.to_string())
         })
         .collect()
+}
+
+fn apns_apps(apps: &BTreeMap<String, AppConfig>) -> impl Iterator<Item = (&String, &AppConfig)> {
+    apps.iter().filter(|(_, a)| a.provider() == Provider::Apns)
 }
 
 fn load(
