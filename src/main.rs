@@ -62,7 +62,17 @@ enum Command {
         /// How many notifications.
         #[arg(long, default_value_t = 1000)]
         rows: u64,
+        /// Where they go: the APNs emulator, the FCM emulator, or half to each.
+        #[arg(long, value_enum, default_value_t = DemoProvider::Apns)]
+        provider: DemoProvider,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DemoProvider {
+    Apns,
+    Fcm,
+    Both,
 }
 
 #[derive(Args)]
@@ -194,7 +204,16 @@ async fn dispatch(command: Command) -> ExitCode {
             Err(code) => return code,
         },
         Command::Emulator(args) => pgpushd_emulator::cli::run(args, shutdown_signal()).await,
-        Command::Demo { rows } => match pgpushd::demo::run(rows).await {
+        Command::Demo { rows, provider } => match pgpushd::demo::run(
+            rows,
+            match provider {
+                DemoProvider::Apns => pgpushd::demo::Services::Apns,
+                DemoProvider::Fcm => pgpushd::demo::Services::Fcm,
+                DemoProvider::Both => pgpushd::demo::Services::Both,
+            },
+        )
+        .await
+        {
             Ok(s) if s.sent == s.rows as i64 => Ok(()),
             Ok(s) => Err(anyhow::anyhow!(
                 "only {} of {} notifications were delivered",

@@ -123,18 +123,24 @@ async fn row(client: &tokio_postgres::Client, token: &str) -> Row {
     }
 }
 
-async fn setup(
-    tweak: impl FnOnce(&mut FcmEmulatorConfig),
-) -> (
+/// What a test of the daemon gets.
+type Setup = (
     TestDb,
     FcmSetup,
     Arc<Providers>,
     Running,
     tokio_postgres::Client,
-) {
+);
+
+async fn setup(tweak: impl FnOnce(&mut FcmEmulatorConfig)) -> Setup {
+    setup_with("", tweak).await
+}
+
+/// As [`setup`], with more config (`[metrics]`).
+async fn setup_with(extra: &str, tweak: impl FnOnce(&mut FcmEmulatorConfig)) -> Setup {
     let db = TestDb::new().await;
     let fcm = FcmSetup::new(tweak).await;
-    let cfg = config(&db.url, &fcm.app_toml);
+    let cfg = config(&db.url, &format!("{extra}{}", fcm.app_toml));
     let providers = transport(&cfg);
     let daemon = start(cfg, providers.clone());
     let client = db.client().await;
@@ -401,28 +407,36 @@ async fn a_refused_access_token_is_renewed_and_the_row_sent_again_once() {
     assert_eq!(grants, 2);
 }
 
-/// Rows wait while Google refuses the app (no attempt counted), `health` says why, and
-/// they are delivered once it no longer does.
+/// Rows wait while Google refuses the app (no attempt counted), `/healthz` and
+/// `pgpushd_app_healthy` say why, and they are delivered once it no longer does.
 async fn rows_wait_out_a_refusal(
-    fcm: &FcmSetup,
+    metrics_port: u16,
     providers: &Providers,
     client: &tokio_postgres::Client,
     fixed: impl FnOnce(),
     why: &str,
 ) {
+    let get =
+        |path: &'static str| tokio::task::spawn_blocking(move || http_get(metrics_port, path));
     insert_fcm_rows(client, 1, 20).await;
-    let reason = wait_for(
-        "the app to turn unhealthy",
+    let healthz = wait_for(
+        "/healthz to name the app",
         Duration::from_secs(20),
         || async {
-            providers
-                .health()
-                .into_iter()
-                .find_map(|(app, h)| (app == "android").then_some(h).and_then(Result::err))
+            let (status, body) = get("/healthz").await.unwrap();
+            (status == 503 && body.contains("app android")).then_some(body)
         },
     )
     .await;
-    assert!(reason.contains(why), "{reason}");
+    assert!(
+        healthz.contains("app android: FCM refuses the credentials: ") && healthz.contains(why),
+        "{healthz}"
+    );
+    let metrics = get("/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains("pgpushd_app_healthy{app=\"android\"} 0"),
+        "{metrics}"
+    );
     wait_for("rows deferred", Duration::from_secs(20), || async {
         let r = client
             .query_one(
@@ -447,12 +461,18 @@ async fn rows_wait_out_a_refusal(
         .get(0);
     assert_eq!(attempts, 1);
     assert!(providers.health().iter().all(|(_, h)| h.is_ok()));
-    let _ = fcm;
+    let (status, healthz) = get("/healthz").await.unwrap();
+    assert!(!healthz.contains("app android"), "{status} {healthz}");
+}
+
+fn metrics_toml(port: u16) -> String {
+    format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn third_party_auth_errors_make_the_app_wait_not_the_rows() {
-    let (_db, fcm, providers, daemon, client) = setup(|_| {}).await;
+    let port = free_port();
+    let (_db, fcm, providers, daemon, client) = setup_with(&metrics_toml(port), |_| {}).await;
     for i in 1..=20 {
         fcm.emulator.script(
             &fcm_token(i),
@@ -460,7 +480,7 @@ async fn third_party_auth_errors_make_the_app_wait_not_the_rows() {
         );
     }
     rows_wait_out_a_refusal(
-        &fcm,
+        port,
         &providers,
         &client,
         || fcm.emulator.clear_scripts(),
@@ -472,7 +492,8 @@ async fn third_party_auth_errors_make_the_app_wait_not_the_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_endpoint_refusing_the_account_makes_the_app_wait_not_the_rows() {
-    let (_db, fcm, providers, daemon, client) = setup(|_| {}).await;
+    let port = free_port();
+    let (_db, fcm, providers, daemon, client) = setup_with(&metrics_toml(port), |_| {}).await;
     // The next few token requests are refused, as for a deleted key; the app probes
     // (each probe one token request) until one is granted again.
     const REFUSALS: usize = 5;
@@ -483,7 +504,7 @@ async fn a_token_endpoint_refusing_the_account_makes_the_app_wait_not_the_rows()
             "Invalid JWT Signature.",
         ));
     }
-    rows_wait_out_a_refusal(&fcm, &providers, &client, || {}, "invalid_grant").await;
+    rows_wait_out_a_refusal(port, &providers, &client, || {}, "invalid_grant").await;
     daemon.stop().await;
     let token_requests: Vec<u16> = fcm
         .emulator
@@ -593,4 +614,152 @@ async fn a_missing_malformed_or_foreign_key_is_a_config_error() {
     .unwrap();
     let (code, stderr) = pgpushd(&["check-config", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
+}
+
+// ---- the commands --------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_pushes_once_to_an_fcm_app() {
+    let fcm = FcmSetup::new(|_| {}).await;
+    let path = fcm.dir.path().join("pgpushd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"postgres://nobody@127.0.0.1:1/x\"\n{}",
+            fcm.app_toml
+        ),
+    )
+    .unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    let token = fcm_token(7);
+    let out = tokio::task::spawn_blocking({
+        let (path, token) = (path.clone(), token.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+                .args(["send", "--config", &path, "--app", "android", "--token"])
+                .args([&token, "--alert", "hello"])
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let project = fcm.emulator.project_id().unwrap();
+    assert!(stdout.starts_with("HTTP 200 (name projects/"), "{stdout}");
+    assert!(stdout.contains(project), "{stdout}");
+    let sent: Vec<_> = fcm
+        .emulator
+        .records()
+        .iter()
+        .filter(|r| r.endpoint == FcmEndpoint::Send)
+        .map(|r| (r.token.clone().unwrap(), r.message.clone().unwrap()))
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, token);
+    assert_eq!(sent[0].1["notification"]["body"], "hello");
+
+    // FCM's refusal is shown as FCM gave it.
+    fcm.emulator
+        .script(&token, FcmScript::Error(ErrorCode::SenderIdMismatch));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+            .args(["send", "--config", &path, "--app", "android", "--token"])
+            .args([&token, "--payload", r#"{"data": {"k": "v"}}"#])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("HTTP 403 SENDER_ID_MISMATCH: "),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn the_demo_delivers_through_both_providers() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+        .args(["demo", "--rows", "300", "--provider", "both"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("(APNs, token auth"), "{stdout}");
+    assert!(stdout.contains("(FCM, service account"), "{stdout}");
+    assert!(
+        stdout.contains("delivered 300 of 300") && stdout.contains("emulators accepted 300"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_to_both_providers_or_to_neither() {
+    let apns = ApnsSetup::new(|_| {}).await;
+    let fcm = FcmSetup::new(|_| {}).await;
+    let url = "postgres://nobody@127.0.0.1:1/x";
+    let cfg = |apns_toml: &str, fcm_toml: &str| config(url, &format!("{apns_toml}{fcm_toml}"));
+    let start_cfg = cfg(&apns.app_toml, &fcm.app_toml);
+    let providers = transport(&start_cfg);
+    let more_connections = fcm.app_toml.replace("connections = 2", "connections = 3");
+    let broken_apns = apns.app_toml.replace("AuthKey.p8", "missing.p8");
+    let broken_fcm = fcm.app_toml.replace("service-account.json", "missing.json");
+
+    // FCM's change loads, APNs's app does not: neither is applied.
+    let e = providers
+        .reload(&cfg(&broken_apns, &more_connections).apps)
+        .unwrap_err();
+    assert!(e.contains("apps.default"), "{e}");
+    assert_eq!(
+        providers.reload(&start_cfg.apps).unwrap(),
+        Vec::<String>::new()
+    );
+    // And the other way round.
+    let e = providers
+        .reload(
+            &cfg(
+                &apns.app_toml.replace("connections = 2", "connections = 3"),
+                &broken_fcm,
+            )
+            .apps,
+        )
+        .unwrap_err();
+    assert!(e.contains("apps.android.fcm.service_account_file"), "{e}");
+    assert_eq!(
+        providers.reload(&start_cfg.apps).unwrap(),
+        Vec::<String>::new()
+    );
+    // A good change rebuilds only the app it touches.
+    assert_eq!(
+        providers
+            .reload(&cfg(&apns.app_toml, &more_connections).apps)
+            .unwrap(),
+        vec!["android".to_owned()]
+    );
+    // A rotated key under the same path counts as a change.
+    let key = fcm.dir.path().join("service-account.json");
+    let text = std::fs::read_to_string(&key).unwrap();
+    std::fs::write(&key, text.replace("\"type\"", " \"type\"")).unwrap();
+    assert_eq!(
+        providers
+            .reload(&cfg(&apns.app_toml, &more_connections).apps)
+            .unwrap(),
+        vec!["android".to_owned()]
+    );
 }
