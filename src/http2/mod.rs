@@ -30,3 +30,27 @@ impl Answer {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
+
+/// Client settings that trust a test's APNs emulator (any h2 server will do):
+/// host `localhost`, its CA, short timeouts.
+#[cfg(test)]
+pub(crate) trait TrustingEmulator {
+    fn connect_options(&self) -> connection::ConnectOptions;
+}
+
+#[cfg(test)]
+impl TrustingEmulator for crate::testutil::TestEmulator {
+    fn connect_options(&self) -> connection::ConnectOptions {
+        connection::ConnectOptions {
+            service: "test",
+            host: "localhost".into(),
+            proxy: None,
+            port: self.port(),
+            tls: crate::tls::connector(Some(&self.ca_file), None, &["h2"]).unwrap(),
+            connect_timeout: std::time::Duration::from_secs(5),
+            request_timeout: std::time::Duration::from_secs(10),
+            ping_interval: std::time::Duration::from_secs(30),
+            ping_timeout: std::time::Duration::from_secs(5),
+        }
+    }
+}

@@ -323,6 +323,7 @@ async fn supervise(inner: Arc<Inner>, i: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http2::TrustingEmulator;
     use crate::testutil::{eventually, TestEmulator};
     use pgpushd_emulator::EmulatorConfig;
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::http2::raw_peer::{RawFrame, RawPeer};
+use crate::http2::TrustingEmulator;
 use crate::testutil::{eventually, TestEmulator};
 use pgpushd_emulator::EmulatorConfig;
 
