@@ -1,5 +1,6 @@
-//! TLS to APNs, for both protocols: TLS 1.2 or later, the system's roots plus an app's
-//! `ca_file`, its client certificate when it has one, and ALPN `h2` for HTTP/2.
+//! TLS to the push services (APNs over both protocols, FCM and Google's token endpoint):
+//! TLS 1.2 or later, the system's roots plus an app's `ca_file`, its client certificate
+//! when it has one, and ALPN `h2` for HTTP/2.
 
 use std::path::Path;
 
