@@ -95,7 +95,8 @@ impl AccessTokens {
             let s = self.state.lock().unwrap();
             let now = Instant::now();
             if let Some(t) = s.current.as_ref().filter(|t| t.valid_at(now)) {
-                if now >= t.renew_at() {
+                // Not while a failed request's backoff runs: it would only be refused.
+                if now >= t.renew_at() && Self::waiting(&s, now).is_none() {
                     self.renew_in_background(t.token.clone());
                 }
                 return Ok(t.token.clone());
