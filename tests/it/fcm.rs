@@ -763,3 +763,71 @@ async fn a_reload_applies_to_both_providers_or_to_neither() {
         vec!["android".to_owned()]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_fcm_would_refuse_or_with_apns_columns_fail_unsent() {
+    let (_db, fcm, _providers, daemon, client) = setup(|_| {}).await;
+    // (token, extra columns, payload, last_error must contain)
+    let cases = [
+        (
+            fcm_token(1),
+            "priority = 10",
+            r#"{"data": {"a": "1"}}"#,
+            "android.priority",
+        ),
+        (
+            fcm_token(2),
+            "collapse_id = 'c'",
+            r#"{"data": {"a": "1"}}"#,
+            "android.collapse_key",
+        ),
+        (
+            fcm_token(3),
+            "topic = 'com.example'",
+            r#"{"data": {"a": "1"}}"#,
+            "leave topic NULL",
+        ),
+        (
+            fcm_token(4),
+            "push_type = 'voip'",
+            r#"{"data": {"a": "1"}}"#,
+            "leave it 'alert'",
+        ),
+        (
+            fcm_token(5),
+            "send_after = now()",
+            r#"{"data": {"a": 1}}"#,
+            "data",
+        ),
+        (
+            fcm_token(6),
+            "send_after = now()",
+            r#"{"notifications": {}}"#,
+            "notifications",
+        ),
+    ];
+    for (token, column, payload, _) in &cases {
+        let (name, value) = column.split_once(" = ").unwrap();
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO pgpushd.outbox (app, device_token, payload, {name})
+                     VALUES ('android', $1, $2::text::jsonb, {value})"
+                ),
+                &[token, payload],
+            )
+            .await
+            .unwrap();
+    }
+    // And one good row, so the app is known to work.
+    insert_fcm_rows(&client, 7, 1).await;
+    wait_for_status(&client, "failed", 6, Duration::from_secs(20)).await;
+    wait_for_status(&client, "sent", 1, Duration::from_secs(20)).await;
+    daemon.stop().await;
+    for (token, _, _, expected) in &cases {
+        let r = row(&client, token).await;
+        let error = r.last_error.unwrap();
+        assert!(error.contains(expected), "{token}: {error}");
+        assert!(sends(&fcm, token).is_empty(), "{token} was sent");
+    }
+}
