@@ -797,13 +797,13 @@ async fn rows_fcm_would_refuse_or_with_apns_columns_fail_unsent() {
             fcm_token(5),
             "send_after = now()",
             r#"{"data": {"a": 1}}"#,
-            "data",
+            "data.a must be a string",
         ),
         (
             fcm_token(6),
             "send_after = now()",
             r#"{"notifications": {}}"#,
-            "notifications",
+            "unknown key \"notifications\"",
         ),
     ];
     for (token, column, payload, _) in &cases {
