@@ -1,6 +1,7 @@
 //! `pgpushd demo`: the whole pipeline on one machine with nothing configured — a
-//! throwaway PostgreSQL, the APNs emulator with token auth, and the daemon — delivering
-//! N rows and saying how it went.
+//! throwaway PostgreSQL, the APNs emulator with token auth (or the FCM emulator with its
+//! service account, or both: [`Services`]), and the daemon — delivering N rows and
+//! saying how it went.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -9,21 +10,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use pgpushd_emulator::fcm::{FcmEmulator, FcmEmulatorConfig, FcmEndpoint};
 use pgpushd_emulator::{Emulator, EmulatorAuth, EmulatorConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::apns::Apns;
 use crate::config::Config;
 use crate::console::{bar, Console};
 use crate::daemon::Daemon;
 use crate::devdb::DevDb;
 use crate::outbox::status::Totals;
+use crate::providers::Providers;
 use crate::secret::Secret;
 use crate::{db, outbox};
 
 const TOPIC: &str = "com.example.pgpushd-demo";
 const KEY_ID: &str = "DEMOKEY123";
 const TEAM_ID: &str = "DEMOTEAM45";
+
+/// Which push services the demo's rows go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Services {
+    /// APNs (the default): every row to the APNs emulator.
+    Apns,
+    /// FCM: every row, for Android, to the FCM emulator.
+    Fcm,
+    /// Half the rows each way, through one daemon.
+    Both,
+}
 
 /// What the demo saw, for its summary (and its test).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +49,22 @@ pub struct Summary {
 }
 
 /// Runs the demo, printing progress to stdout.
-pub async fn run(rows: u64) -> anyhow::Result<Summary> {
+pub async fn run(rows: u64, services: Services) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let mut out = std::io::stdout();
+    let (apns_rows, fcm_rows) = match services {
+        Services::Apns => (rows, 0),
+        Services::Fcm => (0, rows),
+        Services::Both => (rows - rows / 2, rows / 2),
+    };
+    let emulators = match services {
+        Services::Apns => "the APNs emulator",
+        Services::Fcm => "the FCM emulator",
+        Services::Both => "the APNs and FCM emulators",
+    };
     writeln!(
         out,
-        "pgpushd demo: {rows} notifications through a throwaway PostgreSQL and the APNs emulator"
+        "pgpushd demo: {rows} notifications through a throwaway PostgreSQL and {emulators}"
     )?;
 
     let cluster =
@@ -50,30 +73,36 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
     writeln!(out, "  PostgreSQL  started (port {})", cluster.port())?;
 
     let dir = tempfile::tempdir()?;
-    let key_file = dir.path().join(format!("AuthKey_{KEY_ID}.p8"));
-    let key_pem = pgpushd_emulator::jwt::generate_signing_key()?;
-    std::fs::write(&key_file, &key_pem)?;
-    let emulator = Emulator::start(EmulatorConfig {
-        auth: EmulatorAuth::Token {
-            public_key_pem: key_pem,
-            key_id: KEY_ID.into(),
-            team_id: TEAM_ID.into(),
-        },
-        topic: Some(TOPIC.into()),
-        keep_records: 0,
-        ..EmulatorConfig::default()
-    })
-    .await
-    .context("starting the APNs emulator")?;
-    let ca_file = dir.path().join("emulator-ca.pem");
-    std::fs::write(&ca_file, emulator.ca_pem())?;
-    writeln!(
-        out,
-        "  emulator    {} (token auth, topic {TOPIC})",
-        emulator.endpoint()
-    )?;
+    let mut apps = String::new();
+    let apns = match apns_rows {
+        0 => None,
+        _ => {
+            let (emulator, toml) = start_apns(dir.path()).await?;
+            writeln!(
+                out,
+                "  emulator    {} (APNs, token auth, topic {TOPIC})",
+                emulator.endpoint()
+            )?;
+            apps.push_str(&toml);
+            Some(emulator)
+        }
+    };
+    let fcm = match fcm_rows {
+        0 => None,
+        _ => {
+            let (emulator, toml) = start_fcm(dir.path(), fcm_rows).await?;
+            writeln!(
+                out,
+                "  emulator    {} (FCM, service account of project {})",
+                emulator.endpoint(),
+                emulator.project_id().unwrap_or("?")
+            )?;
+            apps.push_str(&toml);
+            Some(emulator)
+        }
+    };
 
-    let config = demo_config(dir.path(), &url, &emulator.endpoint(), &key_file, &ca_file)?;
+    let config = demo_config(dir.path(), &url, &apps)?;
     let client = db::connect(&Secret::new(url.clone()), Duration::from_secs(10), "demo").await?;
     {
         let mut c = db::connect(
@@ -85,7 +114,7 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
         outbox::migrate::migrate(&mut c).await?;
     }
 
-    let transport = Arc::new(Apns::new(&config.apps).context("setting up APNs")?);
+    let transport = Arc::new(Providers::new(&config.apps).context("loading the apps")?);
     let daemon = Daemon::new(config, transport);
     let cancel = CancellationToken::new();
     let daemon_task = tokio::spawn({
@@ -98,22 +127,8 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
     )?;
 
     let insert_started = Instant::now();
-    let mut inserted = 0u64;
-    while inserted < rows {
-        // The application's INSERT: the one statement pgpushd leaves to its users.
-        let n = (rows - inserted).min(100) as i64;
-        client
-            .execute(
-                "INSERT INTO pgpushd.outbox (device_token, payload)
-                 SELECT encode(sha256(('demo' || g)::bytea), 'hex'),
-                        jsonb_build_object('aps', jsonb_build_object('alert', 'Hello #' || g))
-                   FROM generate_series($1::bigint, $2::bigint) g",
-                &[&(inserted as i64 + 1), &(inserted as i64 + n)],
-            )
-            .await
-            .context("inserting demo rows")?;
-        inserted += n as u64;
-    }
+    insert(&client, APNS_ROWS, apns_rows).await?;
+    insert(&client, FCM_ROWS, fcm_rows).await?;
 
     let deadline = Instant::now() + Duration::from_secs(60 + rows / 500);
     let mut console = Console::stdout();
@@ -136,23 +151,34 @@ pub async fn run(rows: u64) -> anyhow::Result<Summary> {
         failed,
         pending,
     } = last;
+    let fcm_accepted = fcm.as_ref().map_or(0, |e| {
+        e.records()
+            .iter()
+            .filter(|r| r.endpoint == FcmEndpoint::Send && r.status == 200)
+            .count() as u64
+    });
     let summary = Summary {
         rows,
         sent,
         failed,
         pending,
-        emulator_accepted: emulator.stats().count(200),
+        emulator_accepted: apns.as_ref().map_or(0, |e| e.stats().count(200)) + fcm_accepted,
     };
     writeln!(
         out,
         "delivered {sent} of {rows} notifications in {:.2} s ({:.0}/s); {failed} failed, {pending} still pending; \
-         the emulator accepted {} (total run time {:.1} s)",
+         {emulators} accepted {} (total run time {:.1} s)",
         elapsed.as_secs_f64(),
         sent as f64 / elapsed.as_secs_f64().max(1e-3),
         summary.emulator_accepted,
         started.elapsed().as_secs_f64(),
     )?;
-    emulator.shutdown().await;
+    if let Some(e) = apns {
+        e.shutdown().await;
+    }
+    if let Some(e) = fcm {
+        e.shutdown().await;
+    }
     drop(cluster);
     Ok(summary)
 }
@@ -197,20 +223,61 @@ impl Progress {
     }
 }
 
-/// The config a user would write for this set-up, parsed like any other.
-fn demo_config(
-    dir: &Path,
-    url: &str,
-    endpoint: &str,
-    key_file: &Path,
-    ca_file: &Path,
-) -> anyhow::Result<Config> {
-    let text = format!(
-        r#"
-[database]
-url = "{url}"
-poll_interval = "5s"
+/// The application's INSERT for `n` rows of `statement`'s kind, in statements of up to
+/// 100: the one statement pgpushd leaves to its users.
+async fn insert(client: &tokio_postgres::Client, statement: &str, n: u64) -> anyhow::Result<()> {
+    let mut inserted = 0u64;
+    while inserted < n {
+        let chunk = (n - inserted).min(100) as i64;
+        client
+            .execute(
+                statement,
+                &[&(inserted as i64 + 1), &(inserted as i64 + chunk)],
+            )
+            .await
+            .context("inserting demo rows")?;
+        inserted += chunk as u64;
+    }
+    Ok(())
+}
 
+/// Rows for the APNs app: a hex token and an alert each.
+const APNS_ROWS: &str = "
+INSERT INTO pgpushd.outbox (device_token, payload)
+SELECT encode(sha256(('demo' || g)::bytea), 'hex'),
+       jsonb_build_object('aps', jsonb_build_object('alert', 'Hello #' || g))
+  FROM generate_series($1::bigint, $2::bigint) g";
+
+/// Rows for the Android app: a registration token and FCM's message without it each.
+const FCM_ROWS: &str = "
+INSERT INTO pgpushd.outbox (app, device_token, payload)
+SELECT 'android', 'demo' || g || ':APA91b' || encode(sha256(('demo' || g)::bytea), 'hex'),
+       jsonb_build_object('notification', jsonb_build_object('title', 'pgpushd demo',
+                                                             'body', 'Hello #' || g),
+                          'data', jsonb_build_object('n', g::text))
+  FROM generate_series($1::bigint, $2::bigint) g";
+
+/// The APNs emulator with token auth, and the `[apps.default]` that reaches it.
+async fn start_apns(dir: &Path) -> anyhow::Result<(Emulator, String)> {
+    let key_file = dir.join(format!("AuthKey_{KEY_ID}.p8"));
+    let key_pem = pgpushd_emulator::jwt::generate_signing_key()?;
+    std::fs::write(&key_file, &key_pem)?;
+    let emulator = Emulator::start(EmulatorConfig {
+        auth: EmulatorAuth::Token {
+            public_key_pem: key_pem,
+            key_id: KEY_ID.into(),
+            team_id: TEAM_ID.into(),
+        },
+        topic: Some(TOPIC.into()),
+        keep_records: 0,
+        ..EmulatorConfig::default()
+    })
+    .await
+    .context("starting the APNs emulator")?;
+    let ca_file = dir.join("emulator-ca.pem");
+    std::fs::write(&ca_file, emulator.ca_pem())?;
+    let toml = format!(
+        r#"
 [apps.default]
 topic = "{TOPIC}"
 endpoint = "{endpoint}"
@@ -221,8 +288,56 @@ key_file = "{key}"
 key_id = "{KEY_ID}"
 team_id = "{TEAM_ID}"
 "#,
+        endpoint = emulator.endpoint(),
         ca = ca_file.display(),
         key = key_file.display(),
+    );
+    Ok((emulator, toml))
+}
+
+/// The FCM emulator with the service account it makes, and the `[apps.android]` that
+/// reaches it; it keeps a record of each of the `rows` sends, to count them.
+async fn start_fcm(dir: &Path, rows: u64) -> anyhow::Result<(FcmEmulator, String)> {
+    let emulator = FcmEmulator::start(FcmEmulatorConfig {
+        keep_records: usize::try_from(rows)
+            .unwrap_or(usize::MAX)
+            .saturating_add(100),
+        ..FcmEmulatorConfig::default()
+    })
+    .await
+    .context("starting the FCM emulator")?;
+    let ca_file = dir.join("fcm-emulator-ca.pem");
+    std::fs::write(&ca_file, emulator.ca_pem())?;
+    let key_file = dir.join("service-account.json");
+    let key = emulator
+        .service_account_json()
+        .context("the FCM emulator made no service account")?;
+    std::fs::write(&key_file, key)?;
+    let toml = format!(
+        r#"
+[apps.android]
+provider = "fcm"
+endpoint = "{endpoint}"
+ca_file = "{ca}"
+
+[apps.android.fcm]
+service_account_file = "{key}"
+"#,
+        endpoint = emulator.endpoint(),
+        ca = ca_file.display(),
+        key = key_file.display(),
+    );
+    Ok((emulator, toml))
+}
+
+/// The config a user would write for this set-up, parsed like any other.
+fn demo_config(dir: &Path, url: &str, apps: &str) -> anyhow::Result<Config> {
+    let text = format!(
+        r#"
+[database]
+url = "{url}"
+poll_interval = "5s"
+{apps}"#
     );
     let path = dir.join("pgpushd.toml");
     std::fs::write(&path, &text)?;

@@ -1,5 +1,5 @@
 //! pgpushd turns rows inserted into a PostgreSQL outbox table into Apple push
-//! notifications. `README.md` says how to run it; `ARCHITECTURE.md` gives the picture:
+//! notifications (and Android ones, through FCM). `README.md` says how to run it; `ARCHITECTURE.md` gives the picture:
 //! the code map, the invariants and the seams.
 //!
 //! The pipeline, one module per concept:
@@ -16,13 +16,18 @@
 //!   `Unregistered`);
 //! - [`apns`]: the APNs client: `apns::http2` (the provider API) beside `apns::binary`
 //!   (the retired binary protocol), what both use at `apns/`;
-//! - [`fcm`]: Firebase Cloud Messaging's rules (its transport is being built);
+//! - [`http2`]: the HTTP/2 client (connection, pool) that APNs and FCM share;
+//! - [`tls`]: TLS to the push services;
+//! - [`fcm`]: Firebase Cloud Messaging (HTTP v1), for Android;
+//! - [`providers`]: the transport the daemon uses: APNs and FCM, each row routed by its
+//!   app's provider;
 //! - [`proxy`]: HTTP proxies to APNs: which one a connection takes, the CONNECT tunnel;
 //! - [`reports`]: writing what the transport reports on its own (unregistered tokens,
 //!   rows found undelivered after all) to the outbox;
 //! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`metrics`]: Prometheus `/metrics` and `/healthz`;
 //! - [`systemd`]: sd_notify (READY, WATCHDOG, STATUS, RELOADING, STOPPING);
+//! - [`credential_gate`]: an app's back-off and probe while its credentials are refused;
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
@@ -36,19 +41,26 @@ pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod console;
+pub mod credential_gate;
 pub mod daemon;
 pub mod db;
 pub mod demo;
 pub mod devdb;
 pub mod dispatcher;
 pub mod fcm;
+pub mod http2;
 pub mod listener;
 pub mod metrics;
+pub mod openssl_reason;
 pub mod outbox;
 pub mod outcome;
+pub mod providers;
 pub mod proxy;
 pub mod reports;
 pub mod retention;
 pub mod secret;
 pub mod systemd;
+#[cfg(test)]
+mod testutil;
+pub mod tls;
 pub mod transport;

@@ -62,7 +62,17 @@ enum Command {
         /// How many notifications.
         #[arg(long, default_value_t = 1000)]
         rows: u64,
+        /// Where they go: the APNs emulator, the FCM emulator, or half to each.
+        #[arg(long, value_enum, default_value_t = DemoProvider::Apns)]
+        provider: DemoProvider,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DemoProvider {
+    Apns,
+    Fcm,
+    Both,
 }
 
 #[derive(Args)]
@@ -109,13 +119,14 @@ struct SendArgs {
     /// The `[apps.NAME]` section to send with.
     #[arg(long, default_value = "default")]
     app: String,
-    /// The device token, hex.
+    /// The device token: hex for APNs, the registration token for FCM.
     #[arg(long)]
     token: String,
-    /// The alert text (builds `{"aps":{"alert":TEXT}}`).
+    /// The alert text (builds `{"aps":{"alert":TEXT}}`, for FCM
+    /// `{"notification":{"body":TEXT}}`).
     #[arg(long, conflicts_with = "payload", required_unless_present = "payload")]
     alert: Option<String>,
-    /// The complete payload, JSON.
+    /// The complete payload, JSON (for FCM: the message without its token).
     #[arg(long)]
     payload: Option<String>,
     #[arg(long, default_value = "alert")]
@@ -170,7 +181,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 return ExitCode::from(exit::CONFIG);
             }
             // Credentials are configuration too: a bad key exits 78 before any socket opens.
-            let transport = match pgpushd::apns::Apns::new(&config.apps) {
+            let transport = match pgpushd::providers::Providers::new(&config.apps) {
                 Ok(t) => Arc::new(t),
                 Err(e) => {
                     eprintln!("pgpushd: {e}");
@@ -193,7 +204,16 @@ async fn dispatch(command: Command) -> ExitCode {
             Err(code) => return code,
         },
         Command::Emulator(args) => pgpushd_emulator::cli::run(args, shutdown_signal()).await,
-        Command::Demo { rows } => match pgpushd::demo::run(rows).await {
+        Command::Demo { rows, provider } => match pgpushd::demo::run(
+            rows,
+            match provider {
+                DemoProvider::Apns => pgpushd::demo::Services::Apns,
+                DemoProvider::Fcm => pgpushd::demo::Services::Fcm,
+                DemoProvider::Both => pgpushd::demo::Services::Both,
+            },
+        )
+        .await
+        {
             Ok(s) if s.sent == s.rows as i64 => Ok(()),
             Ok(s) => Err(anyhow::anyhow!(
                 "only {} of {} notifications were delivered",
@@ -232,7 +252,7 @@ fn check_config(path: &Path) -> ExitCode {
         .into_iter()
         .map(|p| format!("{}: {p}", path.display()))
         .collect();
-    problems.extend(pgpushd::apns::check(&config));
+    problems.extend(pgpushd::providers::check(&config));
     if problems.is_empty() {
         println!("{}: OK ({} app(s))", path.display(), config.apps.len());
         ExitCode::SUCCESS
@@ -287,7 +307,9 @@ async fn send(config: &Config, a: SendArgs) -> anyhow::Result<()> {
         .apps
         .get(&a.app)
         .ok_or_else(|| anyhow::anyhow!("no [apps.{}] section in the config", a.app))?;
+    let fcm = app.provider() == pgpushd::config::Provider::Fcm;
     let payload = match (a.alert, a.payload) {
+        (Some(text), _) if fcm => serde_json::json!({"notification": {"body": text}}).to_string(),
         (Some(text), _) => serde_json::json!({"aps": {"alert": text}}).to_string(),
         // Sent as given, as a row's text is.
         (None, Some(json)) => {
@@ -309,15 +331,18 @@ async fn send(config: &Config, a: SendArgs) -> anyhow::Result<()> {
         expires_at: None,
         attempts: 0,
     };
-    let answer = pgpushd::apns::send_one(app, &n).await?;
-    println!("{answer}");
+    if fcm {
+        println!("{}", pgpushd::fcm::send_one(app, &n).await?);
+    } else {
+        println!("{}", pgpushd::apns::send_one(app, &n).await?);
+    }
     Ok(())
 }
 
 async fn run(
     path: PathBuf,
     config: Config,
-    transport: Arc<pgpushd::apns::Apns>,
+    transport: Arc<pgpushd::providers::Providers>,
 ) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon::new(config, transport));
     let cancel = CancellationToken::new();

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::apns::reason::Reason;
+use crate::fcm;
 use crate::outcome::RowStatus;
 use crate::transport::Transport;
 
@@ -262,15 +263,21 @@ impl Metrics {
     }
 }
 
-/// Apple's reason word in a `last_error` ("gave up after 3 attempts: 503
-/// ServiceUnavailable" -> `ServiceUnavailable`), or `other`. Only the reasons Apple
-/// documents ([`Reason::KNOWN`]) become labels: a server (or a proxy in the way) that
-/// answers words of its own cannot grow the series without bound.
+/// The service's reason word in a `last_error` ("gave up after 3 attempts: 503
+/// ServiceUnavailable" -> `ServiceUnavailable`, "QUOTA_EXCEEDED: ..." ->
+/// `QUOTA_EXCEEDED`), or `other`. Only the reasons Apple documents ([`Reason::KNOWN`])
+/// and FCM's codes ([`fcm::response::KNOWN_CODES`]) become labels: a server (or a proxy
+/// in the way) that answers words of its own cannot grow the series without bound.
 pub fn reason_label(last_error: &str) -> String {
-    static NAMES: std::sync::LazyLock<Vec<String>> =
-        std::sync::LazyLock::new(|| Reason::KNOWN.iter().map(|r| r.to_string()).collect());
+    static NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        Reason::KNOWN
+            .iter()
+            .map(|r| r.to_string())
+            .chain(fcm::response::KNOWN_CODES.iter().map(|c| c.to_string()))
+            .collect()
+    });
     last_error
-        .split(|c: char| !c.is_ascii_alphanumeric())
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .find_map(|w| NAMES.iter().find(|name| *name == w))
         .map_or_else(|| "other".to_owned(), Clone::clone)
 }
@@ -487,6 +494,16 @@ mod tests {
             reason_label("unknown app \"x\": no [apps.x] section"),
             "other"
         );
+        // FCM's codes, underscores and all.
+        assert_eq!(
+            reason_label("gave up after 8 attempts: QUOTA_EXCEEDED: slow down"),
+            "QUOTA_EXCEEDED"
+        );
+        assert_eq!(
+            reason_label("UNREGISTERED: Requested entity was not found."),
+            "UNREGISTERED"
+        );
+        assert_eq!(reason_label("SOMETHING_NEW: who knows"), "other");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::backoff::backoff;
 use crate::config::RetryConfig;
-use crate::transport::{Delivery, Notification};
+use crate::transport::{Delivery, MessageId, Notification};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowStatus {
@@ -43,11 +43,13 @@ pub struct RowUpdate {
     pub status: RowStatus,
     pub last_error: Option<String>,
     pub apns_id: Option<Uuid>,
+    /// FCM's name for a sent message.
+    pub fcm_name: Option<String>,
     /// For rows going back to `pending`: when to try again, from now.
     pub retry_in: Option<Duration>,
     /// Whether a request was made; it counts against `max_attempts`.
     pub attempted: bool,
-    /// Set when APNs reported the token unregistered: record it, with this time.
+    /// Set when the service reported the token unregistered: record it, with this time.
     pub unregistered_at: Option<SystemTime>,
 }
 
@@ -58,6 +60,7 @@ impl RowUpdate {
             status,
             last_error: None,
             apns_id: None,
+            fcm_name: None,
             retry_in: None,
             attempted: false,
             unregistered_at: None,
@@ -76,7 +79,7 @@ impl RowUpdate {
     pub fn previously_unregistered(n: &Notification) -> RowUpdate {
         RowUpdate {
             last_error: Some(
-                "Unregistered: APNs reported this device token unregistered earlier \
+                "Unregistered: the push service reported this device token unregistered earlier \
                  (delete it from pgpushd.unregistered_tokens to send to it again)"
                     .into(),
             ),
@@ -91,8 +94,15 @@ impl RowUpdate {
             ..RowUpdate::new(n.id, status)
         };
         match delivery {
-            Delivery::Sent { apns_id } => RowUpdate {
-                apns_id,
+            Delivery::Sent { id } => RowUpdate {
+                apns_id: match &id {
+                    Some(MessageId::Apns(id)) => Some(*id),
+                    _ => None,
+                },
+                fcm_name: match id {
+                    Some(MessageId::Fcm(name)) => Some(name),
+                    _ => None,
+                },
                 ..attempted(RowStatus::Sent)
             },
             Delivery::Rejected { reason } => RowUpdate {
@@ -104,7 +114,7 @@ impl RowUpdate {
                 unregistered_at: Some(at),
                 ..attempted(RowStatus::Failed)
             },
-            Delivery::Retry { reason } => {
+            Delivery::Retry { reason, after } => {
                 let attempts = u32::try_from(n.attempts).unwrap_or(0).saturating_add(1);
                 if attempts >= retry.max_attempts {
                     RowUpdate {
@@ -112,13 +122,12 @@ impl RowUpdate {
                         ..attempted(RowStatus::Failed)
                     }
                 } else {
+                    // The service's Retry-After is the least wait, even past backoff_max.
+                    let wait = backoff(attempts - 1, retry.backoff_base, retry.backoff_max)
+                        .max(after.unwrap_or_default());
                     RowUpdate {
                         last_error: Some(reason),
-                        retry_in: Some(backoff(
-                            attempts - 1,
-                            retry.backoff_base,
-                            retry.backoff_max,
-                        )),
+                        retry_in: Some(wait),
                         ..attempted(RowStatus::Pending)
                     }
                 }
@@ -163,10 +172,32 @@ mod tests {
     #[test]
     fn sent_keeps_the_apns_id() {
         let id = Uuid::new_v4();
-        let u = RowUpdate::after(&row(0), Delivery::Sent { apns_id: Some(id) }, &policy());
+        let sent = |id| RowUpdate::after(&row(0), Delivery::Sent { id: Some(id) }, &policy());
+        let u = sent(MessageId::Apns(id));
         assert_eq!(u.status, RowStatus::Sent);
-        assert_eq!(u.apns_id, Some(id));
+        assert_eq!((u.apns_id, u.fcm_name.as_deref()), (Some(id), None));
         assert!(u.attempted);
+        let u = sent(MessageId::Fcm("projects/p/messages/1".into()));
+        assert_eq!(
+            (u.apns_id, u.fcm_name.as_deref()),
+            (None, Some("projects/p/messages/1"))
+        );
+    }
+
+    #[test]
+    fn retry_after_is_the_least_wait() {
+        let quota = |after| Delivery::Retry {
+            reason: "QUOTA_EXCEEDED".into(),
+            after,
+        };
+        // Longer than backoff_max (60 s): honoured all the same.
+        let u = RowUpdate::after(&row(1), quota(Some(Duration::from_secs(120))), &policy());
+        assert_eq!(u.status, RowStatus::Pending);
+        assert_eq!(u.retry_in, Some(Duration::from_secs(120)));
+        assert!(u.attempted);
+        // Shorter than the backoff: the backoff stands.
+        let u = RowUpdate::after(&row(1), quota(Some(Duration::from_millis(1))), &policy());
+        assert!(u.retry_in.unwrap() >= Duration::from_secs(2));
     }
 
     #[test]

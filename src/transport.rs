@@ -1,8 +1,8 @@
-//! The seam between the outbox and APNs: a claimed row as a [`Notification`], what became
+//! The seam between the outbox and the push services (APNs, FCM): a claimed row as a [`Notification`], what became
 //! of it as a [`Delivery`], and the [`Transport`] that turns one into the other.
 //!
-//! The daemon only knows this trait. The APNs transports (`apns`) implement it; tests
-//! may implement it too. A `Delivery` says what the *row* should become, so every transport
+//! The daemon only knows this trait. The APNs transports (`apns`) and FCM's (`fcm`)
+//! implement it, and `providers` routes between them; tests may implement it too. A `Delivery` says what the *row* should become, so every transport
 //! maps its protocol's answers onto the same few cases and the dispatcher stays
 //! protocol-agnostic. What a push service reports on its own, outside any answer (the
 //! binary protocol's feedback service), comes back through the seam as well, as
@@ -23,9 +23,11 @@ use crate::config::AppConfig;
 pub struct Notification {
     pub id: i64,
     pub app: String,
-    /// Lower-case hex, as the device reported it (not necessarily 64 digits).
+    /// APNs: hex, as the device reported it (not necessarily 64 digits); FCM: the
+    /// registration token, exactly.
     pub device_token: String,
-    /// The complete APNs payload, a JSON object, as its text: for a claimed row,
+    /// The complete APNs payload, or FCM's message without its token, a JSON object, as
+    /// its text: for a claimed row,
     /// PostgreSQL's (`payload::text`). It is sent byte for byte, never re-serialized, so
     /// no number is rounded on the way (see [`payload_kind`]).
     pub payload: String,
@@ -42,16 +44,21 @@ pub struct Notification {
 /// What should become of a row after one attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delivery {
-    /// APNs accepted it.
-    Sent { apns_id: Option<Uuid> },
+    /// The service accepted it; `id` is what the service called the message, kept in
+    /// the row (`apns_id`, `fcm_name`).
+    Sent { id: Option<MessageId> },
     /// Permanently refused (bad token, payload too large, bad row, ...): `failed`.
     Rejected { reason: String },
     /// The token is no longer valid (410 / binary status 8): `failed`, and the token is
     /// recorded in `unregistered_tokens` so later rows for it are not sent.
     Unregistered { reason: String, at: SystemTime },
     /// A transient failure (429, 5xx, timeout, connection lost): `pending` again after a
-    /// backoff, counting the attempt; `failed` once `max_attempts` is reached.
-    Retry { reason: String },
+    /// backoff, counting the attempt; `failed` once `max_attempts` is reached. `after`
+    /// is the least wait the service asked for (`Retry-After`), when it did.
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
     /// The app cannot send at all right now (credentials refused, endpoint unreachable
     /// for a configuration reason): `pending` again after `after`, the attempt *not*
     /// counted, so a fixed configuration delivers every row.
@@ -67,8 +74,18 @@ impl Delivery {
     pub fn retry(reason: impl Into<String>) -> Delivery {
         Delivery::Retry {
             reason: reason.into(),
+            after: None,
         }
     }
+}
+
+/// What a push service called a message it accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MessageId {
+    /// APNs's `apns-id`.
+    Apns(Uuid),
+    /// FCM's `name` (`projects/P/messages/ID`).
+    Fcm(String),
 }
 
 /// A device token the push service reported unregistered on its own, not in answer to a
@@ -76,7 +93,7 @@ impl Delivery {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unregistered {
     pub app: String,
-    /// Lower-case hex.
+    /// Lower-case hex (APNs), or exactly as issued (FCM).
     pub device_token: String,
     /// Since when the service considers it unregistered.
     pub at: SystemTime,

@@ -8,9 +8,10 @@
 //! process used and the machine).
 //!
 //! Flags (after `--`): `--quick`, `--rows N` (drain backlog, default 200,000),
-//! `--runs N`, `--only drain,drain20,latency,producer,backlog`, `--no-fsync`.
+//! `--runs N`, `--only drain,drain20,latency,producer,backlog,fcm_drain`, `--no-fsync`.
 
 mod db;
+mod fcm;
 mod procs;
 mod raw;
 mod report;
@@ -135,6 +136,12 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             samples.add("others_cpu_cores_drain", drain.cpu.others);
             this.insert("drain", serde_json::to_value(&drain)?);
             this.insert("raw", serde_json::to_value(&raw)?);
+        }
+        if plan.wants("fcm_drain") {
+            let drain = fcm::drain(&env, plan.rows).await?;
+            progress(run, "FCM drain", drain.rows_per_s, "rows/s");
+            samples.add("fcm_drain_rows_per_s", drain.rows_per_s);
+            this.insert("fcm_drain", serde_json::to_value(&drain)?);
         }
         if plan.wants("drain20") {
             let (drain, raw) =

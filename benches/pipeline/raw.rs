@@ -33,7 +33,7 @@ pub async fn run(config_file: &Path, rows: u64, streams: usize) -> anyhow::Resul
         bail!("the bench uses token auth");
     };
     let bearer: Arc<str> = JwtSigner::load(auth)?.token()?;
-    let tls = pgpushd::apns::tls::connector(app.ca_file.as_deref(), None, &["h2"])
+    let tls = pgpushd::tls::connector(app.ca_file.as_deref(), None, &["h2"])
         .map_err(anyhow::Error::msg)?;
     let (host, port) = request::host_port(&app.endpoint);
     let (host, port) = (host.to_owned(), port);
@@ -50,7 +50,7 @@ pub async fn run(config_file: &Path, rows: u64, streams: usize) -> anyhow::Resul
             .connect(&host, tcp)
             .await
             .context("TLS to the emulator")?;
-        // The daemon's settings (apns::http2::connection).
+        // The daemon's settings (http2::connection).
         let (send, conn) = h2::client::Builder::new()
             .initial_max_send_streams(1)
             .initial_window_size(1 << 20)

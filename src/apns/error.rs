@@ -19,4 +19,7 @@ pub enum LoadError {
     },
     #[error("apps.{app}: {message}")]
     Tls { app: String, message: String },
+    /// An app of another provider was handed to APNs.
+    #[error("apps.{app}: not an APNs app")]
+    NotApns { app: String },
 }

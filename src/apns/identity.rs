@@ -13,8 +13,8 @@ use openssl::pkcs12::Pkcs12;
 use openssl::pkey::{PKey, Private};
 use openssl::x509::X509;
 
-use crate::apns::openssl_reason::openssl_reason;
 use crate::config::CertificateAuth;
+use crate::openssl_reason::openssl_reason;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -373,7 +373,7 @@ fn load_legacy_provider() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apns::testutil::{self, Ca};
+    use crate::testutil::{self, Ca};
     use openssl::symm::Cipher;
     use std::process::Command;
 

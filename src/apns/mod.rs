@@ -3,7 +3,7 @@
 //! [`Apns`] holds one client per `[apps.NAME]` section and routes each notification by
 //! its `app` to that app's protocol: [`http2`] (the provider API) or [`binary`] (the
 //! retired binary protocol). What both protocols use lives here: client certificates
-//! ([`identity`]), TLS ([`tls`]), the push types ([`push_type`]), Apple's reasons
+//! ([`identity`]), the push types ([`push_type`]), Apple's reasons
 //! ([`reason`]), the provider token ([`provider_token`], HTTP/2's token auth) and what can
 //! go wrong loading them ([`error`]).
 
@@ -15,21 +15,17 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::{AppConfig, Config, Protocol};
+use crate::config::{AppConfig, Config, Fingerprint, Protocol, Provider};
 use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
 
 pub mod binary;
 pub mod error;
 pub mod http2;
 pub mod identity;
-pub mod openssl_reason;
 pub mod options;
 pub mod provider_token;
 pub mod push_type;
 pub mod reason;
-#[cfg(test)]
-mod testutil;
-pub mod tls;
 
 use binary::BinaryApp;
 pub use error::LoadError;
@@ -100,34 +96,6 @@ impl Feedback {
     }
 }
 
-/// The app's config and the bytes of every file it reads: a rotated key or certificate
-/// under the same path counts as a change. The config's `Debug` masks the proxy's
-/// credentials, so they are compared besides it (held here, never shown).
-#[derive(PartialEq)]
-struct Fingerprint {
-    config: String,
-    proxy_credentials: Option<String>,
-    files: Vec<Option<Vec<u8>>>,
-}
-
-impl Fingerprint {
-    fn of(config: &AppConfig) -> Fingerprint {
-        let mut paths: Vec<&std::path::Path> = config.ca_file.iter().map(|p| p.as_path()).collect();
-        match &config.auth {
-            crate::config::Auth::Token(t) => paths.push(&t.key_file),
-            crate::config::Auth::Certificate(c) => {
-                paths.push(&c.file);
-                paths.extend(c.passphrase_file.as_deref());
-            }
-        }
-        Fingerprint {
-            config: format!("{config:?}"),
-            proxy_credentials: config.proxy.credentials().map(str::to_owned),
-            files: paths.iter().map(|p| std::fs::read(p).ok()).collect(),
-        }
-    }
-}
-
 /// One app's client, by `protocol`.
 enum Client {
     Http2(Box<Http2App>),
@@ -179,7 +147,8 @@ impl Client {
 }
 
 impl Apns {
-    /// Loads every app's credentials; the first problem fails start-up. Connects lazily.
+    /// Loads every APNs app's credentials (apps of other providers are not its own);
+    /// the first problem fails start-up. Connects lazily.
     pub fn new(apps: &BTreeMap<String, AppConfig>) -> Result<Apns, LoadError> {
         Apns::with_options(apps, Options::default())
     }
@@ -189,8 +158,7 @@ impl Apns {
         options: Options,
     ) -> Result<Apns, LoadError> {
         let undelivered = Reports::new();
-        let apps = apps
-            .iter()
+        let apps = apns_apps(apps)
             .map(|(name, config)| {
                 let loaded = load(config, &options, &undelivered.sender)?;
                 Ok((name.clone(), Arc::new(loaded)))
@@ -212,7 +180,7 @@ impl Apns {
         let current = self.apps.read().unwrap().clone();
         let mut next = BTreeMap::new();
         let mut changed = Vec::new();
-        for (name, config) in apps {
+        for (name, config) in apns_apps(apps) {
             let fingerprint = Fingerprint::of(config);
             let app = match current.get(name) {
                 Some(old) if old.fingerprint == fingerprint => old.clone(),
@@ -223,7 +191,7 @@ impl Apns {
             };
             next.insert(name.clone(), app);
         }
-        changed.extend(current.keys().filter(|n| !apps.contains_key(*n)).cloned());
+        changed.extend(current.keys().filter(|n| !next.contains_key(*n)).cloned());
         *self.apps.write().unwrap() = next;
         if self.feedback.wanted.load(Ordering::SeqCst) {
             self.start_pollers();
@@ -322,20 +290,22 @@ impl Transport for Apns {
     }
 }
 
-/// Loads every key and certificate of every app, as `pgpushd check-config` does; one line
+/// Loads every key and certificate of every APNs app, as `pgpushd check-config` does; one line
 /// per problem, none when all is well.
 pub fn check(config: &Config) -> Vec<String> {
     let options = Options::default();
     let (undelivered, _) = mpsc::unbounded_channel();
-    config
-        .apps
-        .values()
-        .filter_map(|app| {
+    apns_apps(&config.apps)
+        .filter_map(|(_, app)| {
             Client::new(app, &options, &undelivered)
                 .err()
                 .map(|e| e.to_string())
         })
         .collect()
+}
+
+fn apns_apps(apps: &BTreeMap<String, AppConfig>) -> impl Iterator<Item = (&String, &AppConfig)> {
+    apps.iter().filter(|(_, a)| a.provider() == Provider::Apns)
 }
 
 fn load(

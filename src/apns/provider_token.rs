@@ -117,7 +117,7 @@ impl JwtSigner {
         let key = PKey::private_key_from_pem_callback(pem, |_| Ok(0)).map_err(|e| {
             KeyError::Malformed {
                 path: path.clone(),
-                message: crate::apns::openssl_reason::openssl_reason(&e),
+                message: crate::openssl_reason::openssl_reason(&e),
             }
         })?;
         if key.id() != Id::EC {
@@ -134,7 +134,7 @@ impl JwtSigner {
         }
         let key = key.ec_key().map_err(|e| KeyError::Malformed {
             path: path.clone(),
-            message: crate::apns::openssl_reason::openssl_reason(&e),
+            message: crate::openssl_reason::openssl_reason(&e),
         })?;
         let curve = key.group().curve_name();
         if curve != Some(Nid::X9_62_PRIME256V1) {
@@ -209,7 +209,7 @@ impl JwtSigner {
         );
         let failed = |e: openssl::error::ErrorStack| KeyError::Sign {
             path: self.path.clone(),
-            message: crate::apns::openssl_reason::openssl_reason(&e),
+            message: crate::openssl_reason::openssl_reason(&e),
         };
         let digest = sha256(signing_input.as_bytes());
         let sig = EcdsaSig::sign(&digest, &self.key).map_err(failed)?;

@@ -3,8 +3,8 @@
 //! certificate auth, answers becoming outcomes, refused credentials, lost connections.
 
 use super::*;
-use crate::apns::testutil::{self, eventually, TestEmulator, DEADLINE};
 use crate::config::{Auth, CertificateAuth, Endpoint, Protocol, TokenAuth};
+use crate::testutil::{self, eventually, TestEmulator, DEADLINE};
 use openssl::ec::EcKey;
 use openssl::pkey::Public;
 use pgpushd_emulator::{EmulatorAuth, EmulatorConfig};
@@ -159,7 +159,10 @@ async fn token_auth_pushes_are_sent_with_one_reused_token() {
     let mut ids = Vec::new();
     for _ in 0..3 {
         let d = apns.send(&row("default", TOKEN)).await;
-        let Delivery::Sent { apns_id: Some(id) } = d else {
+        let Delivery::Sent {
+            id: Some(crate::transport::MessageId::Apns(id)),
+        } = d
+        else {
             panic!("{d:?}")
         };
         ids.push(id);
@@ -216,9 +219,9 @@ async fn answers_become_outcomes_and_bad_rows_cost_no_request() {
     assert!(matches!(apns.send(&row("default", &token(0xaa02))).await,
                      Delivery::Rejected { reason } if reason.starts_with("BadDeviceToken: ")));
     assert!(matches!(apns.send(&row("default", &token(0xaa03))).await,
-                     Delivery::Retry { reason } if reason.starts_with("TooManyRequests: ")));
+                     Delivery::Retry { reason, .. } if reason.starts_with("TooManyRequests: ")));
     assert!(matches!(apns.send(&row("default", &token(0xaa04))).await,
-                     Delivery::Retry { reason } if reason.starts_with("ServiceUnavailable: ")));
+                     Delivery::Retry { reason, .. } if reason.starts_with("ServiceUnavailable: ")));
     assert_eq!(server.stats().requests, 4);
 
     let mut bad = row("default", "abc");

@@ -1,4 +1,5 @@
-//! `[apps.NAME]`: one section per app the outbox names — where its notifications go
+//! `[apps.NAME]`: one section per app the outbox names — which push service it uses
+//! ([`Provider`]: APNs, or FCM with its `[apps.NAME.fcm]`), where its notifications go
 //! ([`Endpoint`], [`Protocol`]), how it authenticates ([`Auth`]), and the binary
 //! protocol's own settings ([`BinaryConfig`]).
 
@@ -20,6 +21,16 @@ pub enum Environment {
     Sandbox,
 }
 
+/// The push service an app delivers through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Apple Push Notification service (the default).
+    Apns,
+    /// Firebase Cloud Messaging, HTTP v1.
+    Fcm,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -32,14 +43,17 @@ pub enum Protocol {
 pub enum Endpoint {
     /// Apple's servers for that environment and protocol.
     Apple(Environment),
-    /// Any other host (an emulator, a gateway): `https://host:port` or `host:port`.
+    /// Any other host (FCM's, an emulator, a gateway): `https://host:port` or `host:port`.
     Custom { host: String, port: u16 },
 }
+
+/// FCM's endpoint unless `endpoint` says otherwise.
+pub const FCM_HOST: &str = "fcm.googleapis.com";
 
 #[derive(Debug, Clone)]
 pub struct AppConfig {
     pub name: String,
-    /// The bundle id; push types that need a suffix get it appended.
+    /// The bundle id (APNs only); push types that need a suffix get it appended.
     pub topic: Option<String>,
     pub endpoint: Endpoint,
     /// An extra CA to trust (besides the system's) for the endpoint.
@@ -49,6 +63,7 @@ pub struct AppConfig {
     pub connections: usize,
     /// Upper bound on one request, from write to answer.
     pub request_timeout: Duration,
+    /// Its credentials, which also say its provider: [`Auth::Fcm`] for an FCM app.
     pub auth: Auth,
     /// What only the binary protocol has; the defaults (and unused) for HTTP/2 apps.
     pub binary: BinaryConfig,
@@ -86,8 +101,32 @@ pub struct FeedbackConfig {
 
 #[derive(Debug, Clone)]
 pub enum Auth {
+    /// APNs, HTTP/2 token auth.
     Token(TokenAuth),
+    /// APNs, a client certificate.
     Certificate(CertificateAuth),
+    /// FCM: a service account (`provider = "fcm"`).
+    Fcm(FcmAuth),
+}
+
+/// `[apps.NAME.fcm]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FcmAuth {
+    /// The JSON key of a service account (Firebase console > Project settings > Service
+    /// accounts > Generate new private key); read when the app loads.
+    pub service_account_file: PathBuf,
+    /// The Firebase project to send as; `None`: the key's. A key of another project is
+    /// refused when the app loads.
+    pub project_id: Option<String>,
+}
+
+impl AppConfig {
+    pub fn provider(&self) -> Provider {
+        match self.auth {
+            Auth::Fcm(_) => Provider::Fcm,
+            Auth::Token(_) | Auth::Certificate(_) => Provider::Apns,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -114,12 +153,13 @@ pub const FEEDBACK_PORT: u16 = 2196;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AppFile {
+    #[serde(default = "defaults::provider")]
+    provider: Provider,
     topic: Option<String>,
     environment: Option<Environment>,
     endpoint: Option<String>,
     ca_file: Option<PathBuf>,
-    #[serde(default = "defaults::protocol")]
-    protocol: Protocol,
+    protocol: Option<Protocol>,
     #[serde(default = "defaults::connections")]
     connections: i64,
     #[serde(default = "defaults::request_timeout", with = "duration")]
@@ -132,6 +172,14 @@ pub(super) struct AppFile {
     feedback_interval: Option<Duration>,
     feedback_endpoint: Option<String>,
     proxy: Option<String>,
+    fcm: Option<FcmFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FcmFile {
+    service_account_file: PathBuf,
+    project_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -157,9 +205,12 @@ struct BinaryKeys {
 }
 
 mod defaults {
-    use super::Protocol;
+    use super::{Protocol, Provider};
     use std::time::Duration;
 
+    pub fn provider() -> Provider {
+        Provider::Apns
+    }
     pub fn protocol() -> Protocol {
         Protocol::Http2
     }
@@ -183,16 +234,27 @@ impl Validator<'_> {
     pub(super) fn app(
         &self,
         name: String,
-        a: AppFile,
+        mut a: AppFile,
         network: &NetworkConfig,
         env: &EnvVars,
     ) -> Result<AppConfig, ConfigError> {
         let key = |k: &str| format!("apps.{name}.{k}");
         let proxy = a
             .proxy
+            .take()
             .map(|p| self.proxy_setting(&key("proxy"), &p))
             .transpose()?;
         let proxy = self.proxy_policy(&key("proxy"), proxy, network, env)?;
+        if a.provider == Provider::Fcm {
+            return self.fcm_app(name, a, proxy);
+        }
+        if a.fcm.is_some() {
+            return Err(self.invalid(
+                key("fcm"),
+                "only applies to provider = \"fcm\" (this app's provider is \"apns\")",
+            ));
+        }
+        let protocol = a.protocol.unwrap_or_else(defaults::protocol);
         let endpoint =
             match (a.endpoint, a.environment) {
                 (Some(_), Some(_)) => return Err(self.invalid(
@@ -200,13 +262,13 @@ impl Validator<'_> {
                     "set either environment (Apple's servers) or endpoint (another host), not both",
                 )),
                 (Some(e), None) => {
-                    let (host, port) = parse_endpoint(&e, a.protocol)
+                    let (host, port) = parse_endpoint(&e, protocol)
                         .map_err(|m| self.invalid(key("endpoint"), m))?;
                     Endpoint::Custom { host, port }
                 }
                 (None, env) => Endpoint::Apple(env.unwrap_or(Environment::Production)),
             };
-        let auth = self.auth(&name, a.protocol, a.token, a.certificate)?;
+        let auth = self.auth(&name, protocol, a.token, a.certificate)?;
         if let Some(t) = &a.topic {
             if t.is_empty() || t.contains(char::is_whitespace) {
                 return Err(self.invalid(key("topic"), format!("{t:?} is not a bundle id")));
@@ -214,7 +276,7 @@ impl Validator<'_> {
         }
         let binary = self.binary(
             &name,
-            a.protocol,
+            protocol,
             BinaryKeys {
                 settle: a.binary_settle,
                 feedback_interval: a.feedback_interval,
@@ -232,9 +294,83 @@ impl Validator<'_> {
             ca_file: a.ca_file.map(|p| self.file_path(p)),
             topic: a.topic,
             endpoint,
-            protocol: a.protocol,
+            protocol,
             auth,
             binary,
+            proxy,
+            name,
+        })
+    }
+
+    /// An FCM app: `[apps.NAME.fcm]`, the shared keys, and none of APNs's.
+    fn fcm_app(
+        &self,
+        name: String,
+        a: AppFile,
+        proxy: ProxyPolicy,
+    ) -> Result<AppConfig, ConfigError> {
+        let key = |k: &str| format!("apps.{name}.{k}");
+        let apns_only = [
+            ("topic", a.topic.is_some()),
+            ("environment", a.environment.is_some()),
+            ("protocol", a.protocol.is_some()),
+            ("token", a.token.is_some()),
+            ("certificate", a.certificate.is_some()),
+            ("binary_settle", a.binary_settle.is_some()),
+            ("feedback_interval", a.feedback_interval.is_some()),
+            ("feedback_endpoint", a.feedback_endpoint.is_some()),
+        ];
+        if let Some((k, _)) = apns_only.iter().find(|(_, set)| *set) {
+            return Err(self.invalid(
+                key(k),
+                "only applies to APNs apps; this app's provider is \"fcm\"",
+            ));
+        }
+        let Some(fcm) = a.fcm else {
+            return Err(self.invalid(
+                format!("apps.{name}"),
+                format!(
+                    "provider = \"fcm\" needs [apps.{name}.fcm] with service_account_file \
+                     (the service account's JSON key)"
+                ),
+            ));
+        };
+        if let Some(p) = &fcm.project_id {
+            // It goes into the request's path: a project id is lower-case letters,
+            // digits and hyphens.
+            if p.is_empty()
+                || !p
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return Err(self.invalid(
+                    key("fcm.project_id"),
+                    format!("{p:?} is not a Firebase project id (lower-case letters, digits, '-')"),
+                ));
+            }
+        }
+        let (host, port) = match &a.endpoint {
+            Some(e) => {
+                parse_endpoint_with_port(e, 443).map_err(|m| self.invalid(key("endpoint"), m))?
+            }
+            None => (FCM_HOST.to_owned(), 443),
+        };
+        Ok(AppConfig {
+            connections: self.positive(&key("connections"), a.connections, 64)?,
+            request_timeout: self.bounded(
+                &key("request_timeout"),
+                a.request_timeout,
+                10 * MINUTE,
+            )?,
+            ca_file: a.ca_file.map(|p| self.file_path(p)),
+            topic: None,
+            endpoint: Endpoint::Custom { host, port },
+            protocol: Protocol::Http2,
+            auth: Auth::Fcm(FcmAuth {
+                service_account_file: self.file_path(fcm.service_account_file),
+                project_id: fcm.project_id,
+            }),
+            binary: BinaryConfig::default(),
             proxy,
             name,
         })
@@ -478,6 +614,109 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("apps.a.feedback_endpoint: "), "{e}");
+    }
+
+    #[test]
+    fn fcm_apps_take_a_service_account_and_the_shared_keys() {
+        let c = parse(&format!(
+            "{MINIMAL}[apps.android]\nprovider = \"fcm\"\nconnections = 3\n\
+             [apps.android.fcm]\nservice_account_file = \"key.json\"\n\
+             [apps.emu]\nprovider = \"fcm\"\nendpoint = \"https://127.0.0.1:8443\"\n\
+             [apps.emu.fcm]\nservice_account_file = \"/k.json\"\nproject_id = \"p-1\"\n"
+        ))
+        .unwrap();
+        let a = &c.apps["android"];
+        assert_eq!(a.provider(), Provider::Fcm);
+        assert_eq!(
+            a.endpoint,
+            Endpoint::Custom {
+                host: "fcm.googleapis.com".into(),
+                port: 443
+            }
+        );
+        assert_eq!(a.connections, 3);
+        match &a.auth {
+            Auth::Fcm(f) => assert_eq!(
+                f,
+                &FcmAuth {
+                    service_account_file: "/etc/pgpushd/key.json".into(),
+                    project_id: None
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        let emu = &c.apps["emu"];
+        assert_eq!(
+            emu.endpoint,
+            Endpoint::Custom {
+                host: "127.0.0.1".into(),
+                port: 8443
+            }
+        );
+        let Auth::Fcm(f) = &emu.auth else { panic!() };
+        assert_eq!(f.project_id.as_deref(), Some("p-1"));
+    }
+
+    #[test]
+    fn apns_keys_and_fcm_keys_stay_with_their_provider() {
+        let fcm = "[apps.a.fcm]\nservice_account_file = \"k.json\"\n";
+        for (k, line) in [
+            ("topic", "topic = \"com.example\""),
+            ("environment", "environment = \"sandbox\""),
+            ("protocol", "protocol = \"http2\""),
+            ("binary_settle", "binary_settle = \"1s\""),
+            ("feedback_interval", "feedback_interval = \"1h\""),
+            ("feedback_endpoint", "feedback_endpoint = \"x:1\""),
+        ] {
+            let e = parse(&format!(
+                "{MINIMAL}[apps.a]\nprovider = \"fcm\"\n{line}\n{fcm}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.ends_with(&format!(
+                    "apps.a.{k}: only applies to APNs apps; this app's provider is \"fcm\""
+                )),
+                "{e}"
+            );
+        }
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\nprovider = \"fcm\"\n{fcm}[apps.a.token]\nkey_file = \"k.p8\"\n\
+             key_id = \"ABC123DEFG\"\nteam_id = \"DEF123GHIJ\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("apps.a.token: only applies to APNs apps"), "{e}");
+        let e = parse(&format!("{MINIMAL}[apps.a]\nprovider = \"fcm\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("apps.a: provider = \"fcm\" needs [apps.a.fcm]"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\n{fcm}[apps.a.token]\nkey_file = \"k.p8\"\n\
+             key_id = \"ABC123DEFG\"\nteam_id = \"DEF123GHIJ\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("apps.a.fcm: only applies to provider = \"fcm\""),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{MINIMAL}[apps.a]\nprovider = \"fcm\"\n{fcm}project_id = \"My/Project\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("apps.a.fcm.project_id: \"My/Project\" is not"),
+            "{e}"
+        );
+        let e = parse(&format!("{MINIMAL}[apps.a]\nprovider = \"gcm\"\n{fcm}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gcm"), "{e}");
     }
 
     #[test]

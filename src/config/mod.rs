@@ -24,6 +24,7 @@ mod apps;
 mod daemon;
 mod database;
 mod duration;
+mod fingerprint;
 mod log;
 mod metrics;
 mod network;
@@ -32,11 +33,12 @@ mod retry;
 mod validate;
 
 pub use apps::{
-    AppConfig, Auth, BinaryConfig, CertificateAuth, Endpoint, Environment, FeedbackConfig,
-    Protocol, TokenAuth, FEEDBACK_PORT,
+    AppConfig, Auth, BinaryConfig, CertificateAuth, Endpoint, Environment, FcmAuth, FeedbackConfig,
+    Protocol, Provider, TokenAuth, FCM_HOST, FEEDBACK_PORT,
 };
 pub use daemon::DaemonConfig;
 pub use database::DatabaseConfig;
+pub use fingerprint::Fingerprint;
 pub use log::LogConfig;
 pub use metrics::MetricsConfig;
 pub use network::{NetworkConfig, ProxySetting, PROXY_NONE};

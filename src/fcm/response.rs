@@ -63,6 +63,24 @@ struct Detail {
     error_code: Option<String>,
 }
 
+/// FCM's error codes (`FcmError.errorCode`) and the `google.rpc` statuses its answers
+/// carry: the words a row's `last_error` may start with, and the only FCM words that
+/// become metrics labels.
+pub const KNOWN_CODES: [&str; 12] = [
+    "UNREGISTERED",
+    "INVALID_ARGUMENT",
+    "SENDER_ID_MISMATCH",
+    "QUOTA_EXCEEDED",
+    "UNAVAILABLE",
+    "INTERNAL",
+    "THIRD_PARTY_AUTH_ERROR",
+    "UNSPECIFIED_ERROR",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+];
+
 const FCM_ERROR: &str = "type.googleapis.com/google.firebase.fcm.v1.FcmError";
 
 impl Answer {

@@ -9,6 +9,7 @@ mod commands;
 mod dashboards;
 mod delivery;
 mod docs;
+mod fcm;
 mod legacy;
 mod packaging;
 mod pipeline;

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use pgpushd::config::Config;
 use pgpushd::devdb::DevDb;
 use pgpushd::secret::Secret;
-use pgpushd::transport::{Delivery, Notification, Transport};
+use pgpushd::transport::{Delivery, MessageId, Notification, Transport};
 use tokio_postgres::Client;
 
 /// Points the tests at an existing server instead of a throwaway cluster per test.
@@ -182,7 +182,7 @@ impl Transport for ScriptedTransport {
             match script {
                 Some(Script::Answer(d)) => d,
                 None => Delivery::Sent {
-                    apns_id: Some(uuid::Uuid::new_v4()),
+                    id: Some(MessageId::Apns(uuid::Uuid::new_v4())),
                 },
             }
         })

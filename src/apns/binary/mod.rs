@@ -24,9 +24,10 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::apns::error::LoadError;
+use crate::apns::identity;
 use crate::apns::options::Options;
-use crate::apns::{identity, tls};
 use crate::config::{AppConfig, Auth, Endpoint, Environment};
+use crate::tls;
 use crate::transport::{short_token, Delivery, Notification, Undelivered};
 
 use connection::{ConnectOptions, Outcome};
@@ -204,7 +205,7 @@ impl BinaryApp {
                 }
             };
             match outcome {
-                Outcome::Sent => return Delivery::Sent { apns_id: None },
+                Outcome::Sent => return Delivery::Sent { id: None },
                 Outcome::Refused(status) => return refused(status),
                 Outcome::Resend(why) => {
                     debug!(app = %self.name, conn = conn.id(), reason = %why,
@@ -280,7 +281,7 @@ fn refused(status: Status) -> Delivery {
         | Status::InvalidTopicSize
         | Status::InvalidPayloadSize => Delivery::Rejected { reason },
         // 1 processing error, 255 unknown, 128 and anything unlisted: try again later.
-        _ => Delivery::Retry { reason },
+        _ => Delivery::retry(reason),
     }
 }
 

@@ -126,7 +126,7 @@ async fn an_encrypted_pem_delivers_command_2_frames() {
     let s = setup(|_| {}).await;
     let client = s.client(s.encrypted_pem(&s.ca));
     let d = client.deliver(&row(1, &token(1))).await;
-    assert_eq!(d, Delivery::Sent { apns_id: None });
+    assert_eq!(d, Delivery::Sent { id: None });
     let r = &s.emulator.records()[0];
     assert_eq!((r.command, r.identifier, r.status), (2, Some(1), 0));
     assert_eq!(r.device_token, token(1));
@@ -160,7 +160,7 @@ async fn the_gateway_gets_the_rows_text() {
     let text = r#"{"aps": {"alert": "x"}, "big": 123456789012345678901234567890}"#;
     let mut n = row(1, &token(1));
     n.payload = text.into();
-    assert_eq!(client.deliver(&n).await, Delivery::Sent { apns_id: None });
+    assert_eq!(client.deliver(&n).await, Delivery::Sent { id: None });
     assert_eq!(&s.emulator.records()[0].payload[..], text.as_bytes());
 }
 
@@ -186,7 +186,7 @@ async fn a_p12_delivers_too() {
     }));
     assert_eq!(
         client.deliver(&row(1, &token(1))).await,
-        Delivery::Sent { apns_id: None }
+        Delivery::Sent { id: None }
     );
 }
 
@@ -204,7 +204,7 @@ async fn an_invalid_token_among_many_fails_alone_and_nothing_is_taken_twice() {
                 other => panic!("{other:?}"),
             }
         } else {
-            assert_eq!(*d, Delivery::Sent { apns_id: None }, "row {}", i + 1);
+            assert_eq!(*d, Delivery::Sent { id: None }, "row {}", i + 1);
         }
     }
     let taken: Vec<String> = s
@@ -288,9 +288,7 @@ async fn shutdown_mid_flight_loses_nothing() {
     }
     s.emulator.shutdown_connections();
     let deliveries = all.await.unwrap();
-    assert!(deliveries
-        .iter()
-        .all(|d| *d == Delivery::Sent { apns_id: None }));
+    assert!(deliveries.iter().all(|d| *d == Delivery::Sent { id: None }));
     let taken = s
         .emulator
         .records()

@@ -1,70 +1,37 @@
 //! The HTTP/2 provider API: one app's client ([`Http2App`]) with its credentials, its
-//! connection pool, and what it does when APNs refuses those credentials.
-//!
-//! A refused credential is the app's problem, not the row's: every row would get the
-//! same answer. So the app backs off (capped exponential), answers every notification
-//! with `Deferred` without making a request while it waits, then lets one request through
-//! as a probe. A success clears it. The log says so once per transition.
+//! connection pool (`crate::http2`), and its [`CredentialGate`] for while APNs refuses
+//! those credentials (the app backs off and probes; its rows wait).
 
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use tokio::time::Instant;
-use tracing::{debug, error, info};
+use tracing::debug;
 use uuid::Uuid;
 
 use crate::apns::error::LoadError;
+use crate::apns::identity;
 use crate::apns::options::Options;
 use crate::apns::provider_token::JwtSigner;
-use crate::apns::{identity, tls};
-use crate::backoff::backoff;
 use crate::config::{AppConfig, Auth};
+use crate::credential_gate::{CredentialGate, Gate, MIN_DEFER};
+use crate::http2::connection::ConnectOptions;
+use crate::http2::pool::{Pool, PoolError, PoolOptions};
+use crate::tls;
 use crate::transport::{short_token, Delivery, Notification};
 
-pub mod connection;
-mod frame_watch;
-pub mod pool;
-#[cfg(test)]
-pub(crate) mod raw_peer;
 pub mod request;
 pub mod response;
 mod send_one;
 
 pub use send_one::{send_one, OneAnswer};
 
-use connection::ConnectOptions;
-use pool::{Pool, PoolError, PoolOptions};
 use request::{host_port, ApnsRequest};
 use response::{Answer, Verdict};
-
-/// `Deferred` never asks to come back sooner than this (no busy loop on a dead app).
-const MIN_DEFER: Duration = Duration::from_secs(1);
 
 pub(crate) struct Http2App {
     pub(crate) config: AppConfig,
     pool: Pool,
     signer: Option<JwtSigner>,
-    refused: Mutex<Refused>,
-    options: Options,
-}
-
-/// The app's standing with APNs.
-#[derive(Default)]
-struct Refused {
-    /// Why APNs refused the credentials, while it does.
-    reason: Option<String>,
-    /// Refusals in a row: the backoff grows with them.
-    failures: u32,
-    until: Option<Instant>,
-    /// A request is out testing whether the credentials work again.
-    probing: bool,
-}
-
-/// What the credential state allows for the next request.
-enum Gate {
-    Open,
-    Probe,
-    Closed { reason: String, after: Duration },
+    gate: CredentialGate,
 }
 
 impl Http2App {
@@ -89,6 +56,7 @@ impl Http2App {
                     })?;
                 (None, Some(identity))
             }
+            Auth::Fcm(_) => return Err(LoadError::NotApns { app }),
         };
         let tls =
             tls::connector(config.ca_file.as_deref(), identity, &["h2"]).map_err(|message| {
@@ -102,6 +70,7 @@ impl Http2App {
             &app,
             PoolOptions {
                 connect: ConnectOptions {
+                    service: "APNs",
                     host: host.to_owned(),
                     port,
                     proxy: config.proxy.for_target(host, port).cloned(),
@@ -122,8 +91,13 @@ impl Http2App {
             config: config.clone(),
             pool,
             signer,
-            refused: Mutex::new(Refused::default()),
-            options: options.clone(),
+            gate: CredentialGate::new(
+                &app,
+                "APNs",
+                options.credentials_backoff_base,
+                options.credentials_backoff_max,
+                config.request_timeout,
+            ),
         })
     }
 
@@ -132,17 +106,15 @@ impl Http2App {
     }
 
     pub(crate) fn health(&self) -> Result<(), String> {
-        if let Some(reason) = &self.refused.lock().unwrap().reason {
-            return Err(format!("APNs refuses the credentials: {reason}"));
-        }
+        self.gate.health()?;
         self.pool.health()
     }
 
     pub(crate) async fn deliver(&self, n: &Notification) -> Delivery {
-        let probe = match self.gate() {
-            Gate::Closed { reason, after } => return Delivery::Deferred { reason, after },
+        let probe = match self.gate.gate() {
+            Gate::Closed(deferred) => return deferred,
             Gate::Open => None,
-            Gate::Probe => Some(ProbeGuard(self)),
+            Gate::Probe(guard) => Some(guard),
         };
         let request = match request::build(n, &self.config, Uuid::new_v4()) {
             Ok(r) => r,
@@ -154,10 +126,10 @@ impl Http2App {
         };
         let delivery = match self.exchange(&request).await {
             Ok(d) => d,
-            Err(Refusal(reason)) => self.refused(reason),
+            Err(Refusal(reason)) => self.gate.refused(reason),
         };
         match &delivery {
-            Delivery::Sent { .. } | Delivery::Unregistered { .. } => self.accepted(),
+            Delivery::Sent { .. } | Delivery::Unregistered { .. } => self.gate.accepted(),
             _ => {}
         }
         drop(probe);
@@ -222,7 +194,7 @@ impl Http2App {
     async fn send(&self, request: &ApnsRequest, bearer: Option<&str>) -> Result<Answer, Delivery> {
         let make = || request.to_http(bearer);
         match self.pool.send(make, request.body.clone()).await {
-            Ok(answer) => Ok(answer),
+            Ok(answer) => Ok(answer.into()),
             Err(PoolError::Unavailable {
                 reason,
                 retry_after,
@@ -239,69 +211,6 @@ impl Http2App {
         }
     }
 
-    fn gate(&self) -> Gate {
-        let mut r = self.refused.lock().unwrap();
-        let Some(reason) = &r.reason else {
-            return Gate::Open;
-        };
-        let now = Instant::now();
-        match r.until {
-            Some(until) if until > now => Gate::Closed {
-                reason: reason.clone(),
-                after: (until - now).max(MIN_DEFER),
-            },
-            // While the probe is out, defer for as long as it may take to answer:
-            // deferring by a second would rewrite the app's whole backlog every second.
-            _ if r.probing => Gate::Closed {
-                reason: reason.clone(),
-                after: self.config.request_timeout.max(MIN_DEFER),
-            },
-            _ => {
-                r.probing = true;
-                Gate::Probe
-            }
-        }
-    }
-
-    fn refused(&self, reason: String) -> Delivery {
-        let mut r = self.refused.lock().unwrap();
-        let now = Instant::now();
-        // Requests already in flight when the first refusal came do not grow the backoff.
-        if let Some(until) = r.until.filter(|u| *u > now) {
-            return Delivery::Deferred {
-                reason,
-                after: (until - now).max(MIN_DEFER),
-            };
-        }
-        let wait = backoff(
-            r.failures,
-            self.options.credentials_backoff_base,
-            self.options.credentials_backoff_max,
-        );
-        r.failures = r.failures.saturating_add(1);
-        r.until = Some(now + wait);
-        if r.reason.as_deref() != Some(reason.as_str()) {
-            error!(app = %self.config.name, reason = %reason, retry_in = ?wait,
-                   "APNs refuses this app's credentials; its rows stay pending");
-        } else {
-            info!(app = %self.config.name, reason = %reason, retry_in = ?wait,
-                  "APNs still refuses this app's credentials");
-        }
-        r.reason = Some(reason.clone());
-        Delivery::Deferred {
-            reason,
-            after: wait.max(MIN_DEFER),
-        }
-    }
-
-    fn accepted(&self) {
-        let mut r = self.refused.lock().unwrap();
-        if r.reason.take().is_some() {
-            info!(app = %self.config.name, "APNs accepts this app's credentials again");
-        }
-        *r = Refused::default();
-    }
-
     /// One push, the raw answer: for `pgpushd send`.
     pub(crate) async fn send_one(&self, n: &Notification) -> anyhow::Result<(Uuid, Answer)> {
         let request = request::build(n, &self.config, Uuid::new_v4())
@@ -314,18 +223,9 @@ impl Http2App {
             .pool
             .send(|| request.to_http(bearer.as_deref()), request.body.clone())
             .await?;
-        Ok((request.apns_id, answer))
+        Ok((request.apns_id, answer.into()))
     }
 }
 
 /// Why APNs refuses the credentials, for `last_error` and the log.
 struct Refusal(String);
-
-/// Releases the probe slot however the probing request ends (even when dropped).
-struct ProbeGuard<'a>(&'a Http2App);
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.refused.lock().unwrap().probing = false;
-    }
-}

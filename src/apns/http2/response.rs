@@ -11,7 +11,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::apns::reason::Reason;
-use crate::transport::Delivery;
+use crate::transport::{Delivery, MessageId};
 
 /// What one answer means.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +31,18 @@ pub struct Answer {
     /// The `apns-id` response header.
     pub apns_id: Option<String>,
     pub body: bytes::Bytes,
+}
+
+impl From<crate::http2::Answer> for Answer {
+    fn from(a: crate::http2::Answer) -> Answer {
+        Answer {
+            status: a.status,
+            apns_id: a
+                .header(super::request::APNS_ID.as_str())
+                .map(str::to_owned),
+            body: a.body,
+        }
+    }
 }
 
 impl Answer {
@@ -63,10 +75,11 @@ pub fn verdict(answer: &Answer, now: SystemTime) -> Verdict {
     let status = answer.status;
     if status == 200 {
         return Verdict::Row(Delivery::Sent {
-            apns_id: answer
+            id: answer
                 .apns_id
                 .as_deref()
-                .and_then(|id| Uuid::parse_str(id).ok()),
+                .and_then(|id| Uuid::parse_str(id).ok())
+                .map(MessageId::Apns),
         });
     }
     let body = ErrorBody::parse(&answer.body);
@@ -149,14 +162,14 @@ mod tests {
         assert_eq!(
             v,
             Verdict::Row(Delivery::Sent {
-                apns_id: Some(Uuid::parse_str(ID).unwrap())
+                id: Some(MessageId::Apns(Uuid::parse_str(ID).unwrap()))
             })
         );
         let mut a = answer(200, "");
         a.apns_id = None;
         assert_eq!(
             verdict(&a, UNIX_EPOCH),
-            Verdict::Row(Delivery::Sent { apns_id: None })
+            Verdict::Row(Delivery::Sent { id: None })
         );
     }
 
@@ -253,7 +266,7 @@ mod tests {
             (502, Reason::Other("BadGateway".into())),
         ] {
             match with_reason(status, &reason) {
-                Verdict::Row(Delivery::Retry { reason: text }) => {
+                Verdict::Row(Delivery::Retry { reason: text, .. }) => {
                     assert!(text.starts_with(&reason.to_string()), "{text}")
                 }
                 other => panic!("{reason}: {other:?}"),

@@ -2,7 +2,7 @@
 
 /// OpenSSL's reasons ("bad decrypt", "unsupported"), without file names and line numbers
 /// of OpenSSL's own source, and never any data.
-pub(crate) fn openssl_reason(e: &openssl::error::ErrorStack) -> String {
+pub fn openssl_reason(e: &openssl::error::ErrorStack) -> String {
     let reasons: Vec<&str> = e.errors().iter().filter_map(|e| e.reason()).collect();
     match reasons.is_empty() {
         true => "unknown OpenSSL error".to_owned(),

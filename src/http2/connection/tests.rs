@@ -1,8 +1,9 @@
 //! One connection against the emulator and, for what it cannot do, the raw peer.
 
 use super::*;
-use crate::apns::http2::raw_peer::{RawFrame, RawPeer};
-use crate::apns::testutil::{eventually, TestEmulator};
+use crate::http2::raw_peer::{RawFrame, RawPeer};
+use crate::http2::TrustingEmulator;
+use crate::testutil::{eventually, TestEmulator};
 use pgpushd_emulator::EmulatorConfig;
 
 /// A device token the emulator accepts (64 hex digits).
@@ -36,7 +37,7 @@ async fn answers_come_back_with_status_id_and_body() {
         .await
         .unwrap();
     assert_eq!(a.status, 200);
-    assert!(a.apns_id.is_some());
+    assert!(a.header("apns-id").is_some());
     let a = conn
         .send(request(server.port(), &token(0xbad)), body())
         .await
@@ -46,7 +47,7 @@ async fn answers_come_back_with_status_id_and_body() {
     let records = server.records();
     assert_eq!(records.len(), 2);
     assert_eq!(&records[0].payload[..], b"{}");
-    assert_eq!(records[1].apns_id.as_str(), a.apns_id.as_deref().unwrap());
+    assert_eq!(records[1].apns_id.as_str(), a.header("apns-id").unwrap());
     assert!(conn.usable());
     assert_eq!(conn.in_flight(), 0);
 }
@@ -280,7 +281,7 @@ async fn an_idle_connection_answering_pings_stays() {
 async fn tls_is_verified_against_the_ca_file() {
     let server = TestEmulator::open().await;
     let mut opts = server.connect_options();
-    opts.tls = crate::apns::tls::connector(None, None, &["h2"]).unwrap(); // system roots only
+    opts.tls = crate::tls::connector(None, None, &["h2"]).unwrap(); // system roots only
     let e = Connection::connect(&opts, &CancellationToken::new())
         .await
         .unwrap_err();
@@ -289,7 +290,7 @@ async fn tls_is_verified_against_the_ca_file() {
     // Another CA's file: the emulator's certificate does not chain to it.
     let other = TestEmulator::open().await;
     let mut opts = server.connect_options();
-    opts.tls = crate::apns::tls::connector(Some(&other.ca_file), None, &["h2"]).unwrap();
+    opts.tls = crate::tls::connector(Some(&other.ca_file), None, &["h2"]).unwrap();
     let e = Connection::connect(&opts, &CancellationToken::new())
         .await
         .unwrap_err();
@@ -327,7 +328,7 @@ async fn connect_errors_are_clear() {
         "{e}"
     );
 
-    let Err(e) = crate::apns::tls::read_ca_file(std::path::Path::new("/nonexistent/ca.pem")) else {
+    let Err(e) = crate::tls::read_ca_file(std::path::Path::new("/nonexistent/ca.pem")) else {
         panic!("a missing CA file must fail")
     };
     assert!(

@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::ConnectOptions;
-use crate::apns::testutil::{self, eventually, Ca};
-use crate::apns::tls;
+use crate::testutil::{self, eventually, Ca};
+use crate::tls;
 
 /// A frame written in answer to a request's HEADERS.
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +123,7 @@ impl RawPeer {
     /// Client settings that trust this peer: host `localhost`, its CA, short timeouts.
     pub fn connect_options(&self) -> ConnectOptions {
         ConnectOptions {
+            service: "test",
             host: "localhost".into(),
             proxy: None,
             port: self.port,

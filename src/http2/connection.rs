@@ -1,8 +1,8 @@
-//! One long-lived HTTP/2 connection to APNs.
+//! One long-lived HTTP/2 connection to a push service (APNs, FCM).
 //!
 //! TCP (through the app's proxy's CONNECT tunnel when it has one: `crate::proxy`), then
 //! TLS with ALPN `h2` (system roots plus the app's CA file, verification always on,
-//! against the APNs host's name either way), then h2. The h2 `Connection` future runs in
+//! against the service host's name either way), then h2. The h2 `Connection` future runs in
 //! its own task; a second task PINGs when the connection is idle and drops it when a PING
 //! goes unanswered (a half-open TCP connection would otherwise swallow requests until
 //! each one timed out).
@@ -37,11 +37,11 @@ use tracing::{debug, info, warn};
 
 pub use super::frame_watch::GoAway;
 use super::frame_watch::{FrameWatch, Watcher};
-use super::response::Answer;
+use super::Answer;
 use crate::proxy::{self, Proxy};
 
 /// Bodies are small JSON objects; anything larger is cut here.
-const MAX_RESPONSE_BODY: usize = 64 * 1024;
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 /// Streams a connection may give up on (timed out, or dropped while waiting for a stream)
 /// before it retires. Each can bring at most one late answer that h2 counts against its
@@ -58,6 +58,8 @@ const REMEMBERED_RESETS: usize = 2 * RESET_BUDGET;
 /// How to reach the server and how patient to be.
 #[derive(Clone)]
 pub struct ConnectOptions {
+    /// The service's name in the log ("APNs", "FCM").
+    pub service: &'static str,
     pub host: String,
     pub port: u16,
     /// The proxy whose tunnel the connection goes through, if any.
@@ -78,6 +80,7 @@ pub struct ConnectOptions {
 impl std::fmt::Debug for ConnectOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectOptions")
+            .field("service", &self.service)
             .field("host", &self.host)
             .field("port", &self.port)
             .field("proxy", &self.proxy)
@@ -144,6 +147,7 @@ struct Shared {
     freed: tokio::sync::Notify,
     id: u64,
     peer: String,
+    service: &'static str,
 }
 
 impl Watcher for Shared {
@@ -159,7 +163,8 @@ impl Watcher for Shared {
 impl Shared {
     fn retire(&self, why: &str) {
         if !self.retired.is_cancelled() {
-            info!(conn = self.id, peer = %self.peer, reason = why, "APNs connection retired");
+            info!(service = self.service, conn = self.id, peer = %self.peer, reason = why,
+                  "connection retired");
             self.retired.cancel();
         }
     }
@@ -175,8 +180,8 @@ impl Shared {
             code: frame.code,
         });
         drop(goaway);
-        info!(conn = self.id, peer = %self.peer, last_stream_id, code = ?h2::Reason::from(frame.code),
-              "GOAWAY from APNs");
+        info!(service = self.service, conn = self.id, peer = %self.peer, last_stream_id,
+              code = ?h2::Reason::from(frame.code), "GOAWAY from the server");
         self.retire("GOAWAY");
     }
 }
@@ -271,6 +276,7 @@ impl Connection {
             freed: tokio::sync::Notify::new(),
             id,
             peer: peer.clone(),
+            service: opts.service,
         });
         let (send, mut conn) = h2::client::Builder::new()
             // Until the server's SETTINGS say otherwise: APNs under token auth allows one
@@ -289,17 +295,18 @@ impl Connection {
             })?;
         let ping_pong = conn.ping_pong().expect("taken once, here");
 
-        info!(conn = id, peer = %peer, "connected to APNs");
+        let service = opts.service;
+        info!(service, conn = id, peer = %peer, "connected");
 
         let s = shared.clone();
         let p = peer.clone();
         tokio::spawn(async move {
             tokio::select! {
                 result = &mut conn => match result {
-                    Ok(()) => info!(conn = id, peer = %p, "APNs connection closed"),
-                    Err(e) => warn!(conn = id, peer = %p, error = %e, "APNs connection failed"),
+                    Ok(()) => info!(service, conn = id, peer = %p, "connection closed"),
+                    Err(e) => warn!(service, conn = id, peer = %p, error = %e, "connection failed"),
                 },
-                _ = s.kill.cancelled() => debug!(conn = id, peer = %p, "dropping the APNs connection"),
+                _ = s.kill.cancelled() => debug!(service, conn = id, peer = %p, "dropping the connection"),
             }
             // Dropping `conn` fails every stream still open on it: their senders resend.
             drop(conn);
@@ -496,11 +503,7 @@ impl Connection {
         }
         Ok(Answer {
             status: parts.status.as_u16(),
-            apns_id: parts
-                .headers
-                .get(super::request::APNS_ID)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+            headers: parts.headers,
             body: body.freeze(),
         })
     }

@@ -1,9 +1,10 @@
-//! TLS to APNs, for both protocols: TLS 1.2 or later, the system's roots plus an app's
-//! `ca_file`, its client certificate when it has one, and ALPN `h2` for HTTP/2.
+//! TLS to the push services (APNs over both protocols, FCM and Google's token endpoint):
+//! TLS 1.2 or later, the system's roots plus an app's `ca_file`, its client certificate
+//! when it has one, and ALPN `h2` for HTTP/2.
 
 use std::path::Path;
 
-use super::openssl_reason::openssl_reason;
+use crate::openssl_reason::openssl_reason;
 
 /// A TLS connector; `alpn` is the protocols to offer (`&["h2"]`, or none).
 pub fn connector(

@@ -1,9 +1,9 @@
-//! An app's connections: `connections` long-lived HTTP/2 connections, each kept up by its
+//! An app's connections to its push service: `connections` long-lived HTTP/2 connections, each kept up by its
 //! own supervisor task, requests spread over them by fewest requests in flight.
 //!
 //! A connection that worked (it answered a request or a PING, or lived a while) is
 //! replaced at once when it dies or is told to go away, however short its life: a busy
-//! APNs front end sends a graceful GOAWAY every few hundred requests, and that is no
+//! front end (APNs's) sends a graceful GOAWAY every few hundred requests, and that is no
 //! trouble. Its successor opens as soon as the GOAWAY arrives, while its streams drain.
 //! Only a connection that cannot be opened, or dies before answering anything, counts as
 //! trouble: its slot waits a capped, jittered backoff, so a flapping server is not
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::connection::{ConnectOptions, Connection, RequestError};
-use super::response::Answer;
+use super::Answer;
 use crate::backoff::backoff;
 
 /// A connection that lived this long ended normally even if it answered nothing (an idle
@@ -225,7 +225,10 @@ impl Pool {
             }
             if now >= deadline {
                 return Err(PoolError::Unavailable {
-                    reason: "no APNs connection came up in time".into(),
+                    reason: format!(
+                        "no {} connection came up in time",
+                        inner.opts.connect.service
+                    ),
                     retry_after: Duration::ZERO,
                 });
             }
@@ -289,18 +292,20 @@ async fn supervise(inner: Arc<Inner>, i: usize) {
                 if conn.answers() > 0 || conn.pongs() > 0 || graceful || lived >= STABLE {
                     failures = 0;
                     info!(app = %inner.app, slot = i, answered = conn.answers(), ?lived,
-                          goaway = ?conn.goaway(), "replacing the APNs connection");
+                          goaway = ?conn.goaway(), service = opts.connect.service, "replacing the connection");
                     continue;
                 }
                 format!(
-                    "the APNs connection closed {lived:?} after it opened, having answered nothing"
+                    "the {} connection closed {lived:?} after it opened, having answered nothing",
+                    opts.connect.service
                 )
             }
             Err(e) => e.to_string(),
         };
         let wait = backoff(failures, opts.reconnect_base, opts.reconnect_max);
         failures = failures.saturating_add(1);
-        warn!(app = %inner.app, slot = i, error = %error, retry_in = ?wait, "APNs connection trouble");
+        warn!(app = %inner.app, slot = i, error = %error, retry_in = ?wait,
+              service = opts.connect.service, "connection trouble");
         inner.set(
             i,
             Slot::Down {
@@ -318,7 +323,8 @@ async fn supervise(inner: Arc<Inner>, i: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apns::testutil::{eventually, TestEmulator};
+    use crate::http2::TrustingEmulator;
+    use crate::testutil::{eventually, TestEmulator};
     use pgpushd_emulator::EmulatorConfig;
 
     fn options(server: &TestEmulator, connections: usize) -> PoolOptions {

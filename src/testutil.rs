@@ -157,20 +157,6 @@ impl TestEmulator {
     pub fn port(&self) -> u16 {
         self.emulator.addr().port()
     }
-
-    /// Client settings that trust the emulator: host `localhost`, its CA, short timeouts.
-    pub fn connect_options(&self) -> crate::apns::http2::connection::ConnectOptions {
-        crate::apns::http2::connection::ConnectOptions {
-            host: "localhost".into(),
-            proxy: None,
-            port: self.port(),
-            tls: crate::apns::tls::connector(Some(&self.ca_file), None, &["h2"]).unwrap(),
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(30),
-            ping_timeout: Duration::from_secs(5),
-        }
-    }
 }
 
 impl std::ops::Deref for TestEmulator {

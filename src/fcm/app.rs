@@ -1,0 +1,293 @@
+//! One FCM app's client ([`FcmApp`]): its service account and access tokens, its pool of
+//! long-lived HTTP/2 connections to FCM (`crate::http2`), and its [`CredentialGate`] for
+//! while Google refuses the account (the app backs off and probes; its rows wait).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::Uri;
+use tracing::debug;
+
+use super::access_token::TokenError;
+use super::error::LoadError;
+use super::options::Options;
+use super::request::{self, FcmRequest};
+use super::response::{self, Verdict};
+use super::service_account::ServiceAccount;
+use super::token_source::{AccessTokens, NoToken};
+use crate::config::{AppConfig, Auth, Endpoint};
+use crate::credential_gate::{CredentialGate, Gate, MIN_DEFER};
+use crate::http2::connection::ConnectOptions;
+use crate::http2::pool::{Pool, PoolError, PoolOptions};
+use crate::http2::Answer;
+use crate::secret::Secret;
+use crate::tls;
+use crate::transport::{short_token, Delivery, MessageId, Notification};
+
+pub(crate) struct FcmApp {
+    pub(crate) config: AppConfig,
+    /// The project it sends as.
+    project: String,
+    /// `host[:port]` of FCM's endpoint, for the request's URL.
+    authority: String,
+    pool: Pool,
+    tokens: Arc<AccessTokens>,
+    gate: CredentialGate,
+}
+
+/// Why Google refuses the app's credentials, for `last_error` and the log.
+struct Refusal(String);
+
+impl FcmApp {
+    /// Loads the service account and sets up TLS; connects later, on the first request.
+    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<FcmApp, LoadError> {
+        let app = config.name.clone();
+        let Auth::Fcm(auth) = &config.auth else {
+            return Err(LoadError::NotFcm { app });
+        };
+        let Endpoint::Custom { host, port } = &config.endpoint else {
+            return Err(LoadError::NotFcm { app });
+        };
+        let account = ServiceAccount::load(&auth.service_account_file).map_err(|message| {
+            LoadError::ServiceAccount {
+                app: app.clone(),
+                message,
+            }
+        })?;
+        let project = match &auth.project_id {
+            Some(p) if *p != account.project_id => {
+                return Err(LoadError::OtherProject {
+                    app,
+                    configured: p.clone(),
+                    key: account.project_id.clone(),
+                    file: auth.service_account_file.display().to_string(),
+                })
+            }
+            Some(p) => p.clone(),
+            None => account.project_id.clone(),
+        };
+        let tls = tls::connector(config.ca_file.as_deref(), None, &["h2"]).map_err(|message| {
+            LoadError::Tls {
+                app: app.clone(),
+                message,
+            }
+        })?;
+        let connect = |service, host: &str, port| ConnectOptions {
+            service,
+            host: host.to_owned(),
+            port,
+            proxy: config.proxy.for_target(host, port).cloned(),
+            tls: tls.clone(),
+            connect_timeout: options.connect_timeout,
+            request_timeout: config.request_timeout,
+            ping_interval: options.ping_interval,
+            ping_timeout: options.ping_timeout,
+        };
+        let token_uri = account.token_uri.clone();
+        let bad_uri = |message: &str| LoadError::TokenUri {
+            app: app.clone(),
+            uri: token_uri.clone(),
+            message: message.to_owned(),
+        };
+        let uri: Uri = token_uri.parse().map_err(|_| bad_uri("not a URL"))?;
+        let token_host = uri
+            .host()
+            .ok_or_else(|| bad_uri("no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let token_port = uri.port_u16().unwrap_or(443);
+        let tokens = AccessTokens::new(
+            &app,
+            account,
+            connect("the token endpoint", &token_host, token_port),
+            uri,
+            options.token_retry_base,
+            options.token_retry_max,
+        );
+        let pool = Pool::new(
+            &app,
+            PoolOptions {
+                connect: connect("FCM", host, *port),
+                connections: config.connections,
+                reconnect_base: options.reconnect_base,
+                reconnect_max: options.reconnect_max,
+                max_resends: options.max_resends,
+                stream_wait: options.stream_wait,
+            },
+        );
+        let authority = match (host.contains(':'), *port) {
+            (true, p) => format!("[{host}]:{p}"),
+            (false, 443) => host.clone(),
+            (false, p) => format!("{host}:{p}"),
+        };
+        Ok(FcmApp {
+            config: config.clone(),
+            project,
+            authority,
+            pool,
+            tokens: Arc::new(tokens),
+            gate: CredentialGate::new(
+                &app,
+                "FCM",
+                options.credentials_backoff_base,
+                options.credentials_backoff_max,
+                config.request_timeout,
+            ),
+        })
+    }
+
+    pub(crate) fn open_connections(&self) -> usize {
+        self.pool.open_connections()
+    }
+
+    pub(crate) fn health(&self) -> Result<(), String> {
+        self.gate.health()?;
+        self.tokens.health()?;
+        self.pool.health()
+    }
+
+    pub(crate) async fn deliver(&self, n: &Notification) -> Delivery {
+        let probe = match self.gate.gate() {
+            Gate::Closed(deferred) => return deferred,
+            Gate::Open => None,
+            Gate::Probe(guard) => Some(guard),
+        };
+        let request = match self.request(n) {
+            Ok(r) => r,
+            Err(reason) => {
+                debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
+                       reason = %reason, "row refused before sending");
+                return Delivery::Rejected { reason };
+            }
+        };
+        let delivery = match self.exchange(&request).await {
+            Ok(d) => d,
+            Err(Refusal(reason)) => self.gate.refused(reason),
+        };
+        if let Delivery::Sent { .. } | Delivery::Unregistered { .. } = &delivery {
+            self.gate.accepted();
+        }
+        drop(probe);
+        debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
+               outcome = ?delivery, "push attempt");
+        delivery
+    }
+
+    /// The row's request (pure): what FCM would refuse is refused here.
+    pub(crate) fn request(&self, n: &Notification) -> Result<FcmRequest, String> {
+        request::build(n, &self.project, &self.authority)
+    }
+
+    /// Sends `request` until FCM answers for the row, renewing a refused access token
+    /// once; `Err` when Google refuses the app's credentials.
+    async fn exchange(&self, request: &FcmRequest) -> Result<Delivery, Refusal> {
+        let mut bearer = match self.tokens.bearer().await {
+            Ok(token) => token,
+            Err(no) => return no_token(no),
+        };
+        let mut renewed = false;
+        loop {
+            let answer = match self.send(request, &bearer).await {
+                Ok(answer) => answer,
+                Err(delivery) => return Ok(delivery),
+            };
+            match verdict(&answer) {
+                Verdict::Sent { name } => {
+                    return Ok(Delivery::Sent {
+                        id: name.map(MessageId::Fcm),
+                    })
+                }
+                Verdict::Unregistered { reason } => {
+                    return Ok(Delivery::Unregistered {
+                        reason,
+                        at: SystemTime::now(),
+                    })
+                }
+                Verdict::Rejected { reason } => return Ok(Delivery::Rejected { reason }),
+                Verdict::Retry { reason, after } => return Ok(Delivery::Retry { reason, after }),
+                Verdict::Credentials { reason } => return Err(Refusal(reason)),
+                Verdict::RenewToken { reason } if renewed => {
+                    return Err(Refusal(format!(
+                        "{reason} (a freshly issued access token too: is the system clock \
+                         right?)"
+                    )))
+                }
+                Verdict::RenewToken { .. } => {
+                    renewed = true;
+                    bearer = match self.tokens.renew(Some(&bearer)).await {
+                        Ok(token) => token,
+                        Err(no) => return no_token(no),
+                    };
+                }
+            }
+        }
+    }
+
+    /// One request through the pool; `Err` is the delivery when there was no answer.
+    async fn send(
+        &self,
+        request: &FcmRequest,
+        bearer: &Secret<String>,
+    ) -> Result<Answer, Delivery> {
+        let make = || request.to_http(bearer.expose());
+        match self.pool.send(make, request.body.clone()).await {
+            Ok(answer) => Ok(answer),
+            Err(PoolError::Unavailable {
+                reason,
+                retry_after,
+            }) => Err(Delivery::Deferred {
+                reason: format!("FCM is unreachable: {reason}"),
+                after: retry_after.max(MIN_DEFER),
+            }),
+            // It never left: no attempt, and the row comes back soon.
+            Err(PoolError::Busy(wait)) => Err(Delivery::Deferred {
+                reason: format!("FCM connections are busy: no HTTP/2 stream free within {wait:?}"),
+                after: MIN_DEFER,
+            }),
+            Err(e) => Err(Delivery::retry(e.to_string())),
+        }
+    }
+
+    /// One push, the raw answer: for `pgpushd send`.
+    pub(crate) async fn send_one(&self, n: &Notification) -> anyhow::Result<Answer> {
+        let request = self
+            .request(n)
+            .map_err(|reason| anyhow::anyhow!("this push would be refused: {reason}"))?;
+        let bearer = self
+            .tokens
+            .bearer()
+            .await
+            .map_err(|no| anyhow::anyhow!("{}", no.error))?;
+        let answer = self
+            .pool
+            .send(|| request.to_http(bearer.expose()), request.body.clone())
+            .await?;
+        Ok(answer)
+    }
+}
+
+/// FCM's answer as the pure rules read it.
+pub(crate) fn verdict(answer: &Answer) -> Verdict {
+    response::Answer {
+        status: answer.status,
+        retry_after: answer
+            .header(http::header::RETRY_AFTER.as_str())
+            .and_then(response::retry_after),
+        body: answer.body.clone(),
+    }
+    .verdict()
+}
+
+/// No access token: a refused account is the app's credentials; an endpoint that failed
+/// otherwise defers the row until the next token request may be made. Either way no
+/// request reached FCM, so no attempt counts.
+fn no_token(no: NoToken) -> Result<Delivery, Refusal> {
+    match no.error {
+        TokenError::Refused(_) => Err(Refusal(no.error.to_string())),
+        TokenError::Failed(_) => Ok(Delivery::Deferred {
+            reason: format!("FCM: {}", no.error),
+            after: no.retry_in.max(MIN_DEFER),
+        }),
+    }
+}
