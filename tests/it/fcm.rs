@@ -5,7 +5,7 @@
 //! the app wait, not the rows; a GOAWAY loses nothing; a bad key never starts.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -536,7 +536,7 @@ async fn goaway_mid_run_loses_nothing() {
 // ---- configuration -----------------------------------------------------------------
 
 fn pgpushd(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+    let out = pgpushd_command()
         .args(args)
         .env_remove("PGPUSHD_DATABASE_URL")
         .env_remove("RUST_LOG")
@@ -635,7 +635,7 @@ async fn send_pushes_once_to_an_fcm_app() {
     let out = tokio::task::spawn_blocking({
         let (path, token) = (path.clone(), token.clone());
         move || {
-            Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+            pgpushd_command()
                 .args(["send", "--config", &path, "--app", "android", "--token"])
                 .args([&token, "--alert", "hello"])
                 .env_remove("RUST_LOG")
@@ -670,7 +670,7 @@ async fn send_pushes_once_to_an_fcm_app() {
     fcm.emulator
         .script(&token, FcmScript::Error(ErrorCode::SenderIdMismatch));
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+        pgpushd_command()
             .args(["send", "--config", &path, "--app", "android", "--token"])
             .args([&token, "--payload", r#"{"data": {"k": "v"}}"#])
             .env_remove("RUST_LOG")
@@ -689,7 +689,7 @@ async fn send_pushes_once_to_an_fcm_app() {
 
 #[test]
 fn the_demo_delivers_through_both_providers() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgpushd"))
+    let out = pgpushd_command()
         .args(["demo", "--rows", "300", "--provider", "both"])
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
