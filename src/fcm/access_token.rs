@@ -19,6 +19,9 @@ use crate::secret::Secret;
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// How long an assertion claims to be valid: Google accepts at most an hour.
 const ASSERTION_LIFETIME: Duration = Duration::from_secs(3600);
+/// The longest a token is believed to last, whatever the endpoint says (Google's last an
+/// hour); it also keeps `Instant` arithmetic far from overflowing.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A token is renewed this long before it expires (or at two thirds of its life when that
 /// is later), while sends go on with it.
 const RENEW_BEFORE: Duration = Duration::from_secs(300);
@@ -127,27 +130,27 @@ impl std::fmt::Display for TokenError {
 /// Reads the token endpoint's answer to a request sent at `sent`.
 pub fn read_answer(status: u16, body: &[u8], sent: Instant) -> Result<AccessToken, TokenError> {
     let answer: Option<TokenAnswer> = serde_json::from_slice(body).ok();
+    // Only an error's body is ever quoted: a 200's may hold a token.
     let text = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
     match (status, answer) {
+        (200, None) => Err(TokenError::Failed(
+            "200 with a body that is not the token endpoint's JSON".to_owned(),
+        )),
         (200, Some(a)) => {
             let (Some(token), Some(expires_in)) = (a.access_token, a.expires_in) else {
-                return Err(TokenError::Failed(format!(
-                    "200 without access_token and expires_in: {}",
-                    text()
-                )));
+                return Err(TokenError::Failed(
+                    "200 without access_token and expires_in".to_owned(),
+                ));
             };
-            if a.token_type
-                .is_some_and(|t| !t.eq_ignore_ascii_case("bearer"))
-            {
+            if let Some(kind) = a.token_type.filter(|t| !t.eq_ignore_ascii_case("bearer")) {
                 return Err(TokenError::Failed(format!(
-                    "not a bearer token: {}",
-                    text()
+                    "a {kind:.20} token, not a bearer token"
                 )));
             }
             Ok(AccessToken {
                 token: Secret::new(token),
                 obtained: sent,
-                expires: sent + Duration::from_secs(expires_in),
+                expires: sent + Duration::from_secs(expires_in.min(MAX_LIFETIME.as_secs())),
             })
         }
         (400..=403, Some(a)) if a.error.is_some() => {
@@ -157,7 +160,7 @@ pub fn read_answer(status: u16, body: &[u8], sent: Instant) -> Result<AccessToke
                 None => format!("{status} {error}"),
             }))
         }
-        (400..=403, None) => Err(TokenError::Refused(format!("{status}: {}", text()))),
+        (400..=403, _) => Err(TokenError::Refused(format!("{status}: {}", text()))),
         _ => Err(TokenError::Failed(format!("{status}: {}", text()))),
     }
 }
@@ -252,6 +255,24 @@ mod tests {
             read_answer(200, br#"{"expires_in":30}"#, sent),
             Err(TokenError::Failed(_))
         ));
+        // A 200's body is never quoted: it may hold a token.
+        for body in [
+            &br#"{"access_token":"ya29.secret","token_type":"MAC","expires_in":30}"#[..],
+            br#"{"access_token":"ya29.secret"}"#,
+            br#"{"access_token":"ya29.secret","expires_in":"soon"}"#,
+        ] {
+            let e = read_answer(200, body, sent).unwrap_err().to_string();
+            assert!(!e.contains("ya29"), "{e}");
+        }
+        // An absurd lifetime is capped, not an overflow.
+        let long = read_answer(
+            200,
+            br#"{"access_token":"x","expires_in":18446744073709551615}"#,
+            sent,
+        )
+        .unwrap();
+        assert_eq!(long.expires, sent + MAX_LIFETIME);
+        assert!(long.renew_at() < long.expires);
         assert!(matches!(
             read_answer(
                 200,

@@ -55,12 +55,6 @@ pub fn check_token(token: &str) -> Result<(), String> {
 
 /// The rules FCM documents for a message, checked on the row's payload.
 pub fn check_payload(payload: &str) -> Result<(), String> {
-    if payload.len() > MAX_MESSAGE_BYTES {
-        return Err(format!(
-            "the FCM message is {} bytes, over FCM's limit of {MAX_MESSAGE_BYTES}",
-            payload.len()
-        ));
-    }
     let value: Value =
         serde_json::from_str(payload).map_err(|e| format!("the payload is not JSON: {e}"))?;
     let Value::Object(message) = value else {
@@ -80,17 +74,59 @@ pub fn check_payload(payload: &str) -> Result<(), String> {
                     KNOWN_KEYS.join(", ")
                 ))
             }
-            _ if !v.is_object() => return Err(format!("{key:?} must be a JSON object")),
+            // Google reads a null field as an absent one.
+            _ if !(v.is_object() || v.is_null()) => {
+                return Err(format!("{key:?} must be a JSON object"))
+            }
             _ => {}
         }
     }
-    if let Some(data) = message.get("data") {
-        check_data("data", data)?;
+    let field = |path: &[&str]| {
+        path.iter()
+            .try_fold(&Value::Object(message.clone()), |v, k| v.get(k))
+            .filter(|v| !v.is_null())
+            .cloned()
+    };
+    if let Some(data) = field(&["data"]) {
+        check_data("data", &data)?;
     }
-    if let Some(data) = message.get("android").and_then(|a| a.get("data")) {
-        check_data("android.data", data)?;
+    if let Some(data) = field(&["android", "data"]) {
+        check_data("android.data", &data)?;
+    }
+    // "The total size of the payload data ... includes both the keys and the values":
+    // what reaches the device, the data and the notification, Android's own included.
+    let size: usize = [
+        field(&["data"]),
+        field(&["notification"]),
+        field(&["android", "data"]),
+        field(&["android", "notification"]),
+    ]
+    .iter()
+    .flatten()
+    .map(keys_and_values)
+    .sum();
+    if size > MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "the FCM message carries {size} bytes of keys and values (data and notification), \
+             over FCM's limit of {MAX_MESSAGE_BYTES}"
+        ));
     }
     Ok(())
+}
+
+/// The bytes of an object's keys and values (a string's own bytes, anything else's JSON).
+fn keys_and_values(object: &Value) -> usize {
+    object.as_object().map_or(0, |map| {
+        map.iter()
+            .map(|(k, v)| {
+                k.len()
+                    + match v {
+                        Value::String(s) => s.len(),
+                        other => other.to_string().len(),
+                    }
+            })
+            .sum()
+    })
 }
 
 /// `data` maps strings to strings, and FCM keeps some keys for itself.
@@ -104,10 +140,9 @@ fn check_data(field: &str, data: &Value) -> Result<(), String> {
                 "{field}.{key} must be a string (FCM data values are strings), not {value}"
             ));
         }
-        let lower = key.to_ascii_lowercase();
-        if matches!(lower.as_str(), "from" | "notification" | "message_type")
-            || lower.starts_with("google")
-            || lower.starts_with("gcm")
+        if matches!(key.as_str(), "from" | "message_type" | "gcm")
+            || key.starts_with("google")
+            || key.starts_with("gcm.notification.")
         {
             return Err(format!("{field}.{key}: a key FCM reserves for itself"));
         }
@@ -170,7 +205,12 @@ mod tests {
                 "data.from: a key FCM reserves",
             ),
             ("t", r#"{"data": {"google.c.a": "x"}}"#, "reserves"),
-            ("t", r#"{"data": {"gcm_id": "x"}}"#, "reserves"),
+            ("t", r#"{"data": {"gcm": "x"}}"#, "reserves"),
+            (
+                "t",
+                r#"{"data": {"gcm.notification.title": "x"}}"#,
+                "reserves",
+            ),
             (
                 "t",
                 r#"{"notification": "hi"}"#,
@@ -184,13 +224,32 @@ mod tests {
                 "{payload}: {error:?} lacks {expected:?}"
             );
         }
-        let big = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4100));
-        let error = body("t", &big).unwrap_err();
-        assert!(error.contains("over FCM's limit of 4096"), "{error}");
-        let fits = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4096 - 19));
-        assert_eq!(fits.len(), 4096);
+        // The limit counts the keys and values that reach the device: 1 + 4095 fits.
+        let fits = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4095));
         body("t", &fits).unwrap();
-        let over = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4096 - 18));
-        assert!(body("t", &over).unwrap_err().contains("4097 bytes"));
+        let over = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4096));
+        let error = body("t", &over).unwrap_err();
+        assert!(error.contains("4097 bytes of keys and values"), "{error}");
+        // Split across data, notification and android: 1+2000 + 5+1000 + 4+1087 = 4097.
+        let split = format!(
+            r#"{{"data": {{"k": "{}"}}, "notification": {{"title": "{}"}}, "android": {{"data": {{"kkkk": "{}"}}}}}}"#,
+            "x".repeat(2000),
+            "x".repeat(1000),
+            "x".repeat(1087)
+        );
+        assert!(body("t", &split).unwrap_err().contains("4097 bytes"));
+        // What does not reach the device as data (apns overrides, options) is not counted,
+        // and Google reads a null field as absent.
+        let apns = format!(
+            r#"{{"data": {{"k": "v"}}, "apns": {{"payload": {{"aps": {{"alert": "{}"}}}}}}, "webpush": null}}"#,
+            "x".repeat(5000)
+        );
+        body("t", &apns).unwrap();
+        // Keys that merely look reserved are the app's own.
+        body(
+            "t",
+            r#"{"data": {"fromage": "v", "gcm_x": "v", "collapse_key": "v"}}"#,
+        )
+        .unwrap();
     }
 }
