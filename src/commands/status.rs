@@ -51,12 +51,25 @@ pub async fn watch(
     tokio::pin!(stop);
     let mut client: Option<Client> = None;
     loop {
-        let result = match client.as_mut() {
-            Some(c) => read(c).await,
-            None => match connect(database).await {
-                Ok(c) => read(client.insert(c)).await,
-                Err(e) => Err(e),
-            },
+        // Interruptible while it reads too, and bounded: a partition or a lock must not
+        // hang the watch.
+        let refresh = async {
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => client.insert(connect(database).await?),
+            };
+            tokio::time::timeout(database.connect_timeout, read(c))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "reading the outbox: no answer within {}",
+                        humantime::format_duration(database.connect_timeout)
+                    )
+                })?
+        };
+        let result = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            result = refresh => result,
         };
         let at = humantime::format_rfc3339_seconds(SystemTime::now());
         match (&result, options.json) {

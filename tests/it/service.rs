@@ -422,34 +422,6 @@ async fn a_drain_past_its_deadline_releases_unanswered_rows_untouched() {
     assert!(wait_exit(&mut again, Duration::from_secs(15)).success());
 }
 
-/// Stops (SIGSTOP) PostgreSQL backends for as long as it lives, and lets them go on drop,
-/// even when the test fails: a stopped backend would hold up the cluster's shutdown.
-struct StoppedBackends(Vec<i32>);
-
-impl StoppedBackends {
-    fn stop(pids: Vec<i32>) -> StoppedBackends {
-        for &pid in &pids {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGSTOP,
-            )
-            .unwrap();
-        }
-        StoppedBackends(pids)
-    }
-}
-
-impl Drop for StoppedBackends {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGCONT,
-            );
-        }
-    }
-}
-
 /// A batch whose database backend stops answering (SIGSTOP: the kernel still keeps its
 /// socket alive, so only the daemon's own bounds can notice) is stuck: `/healthz` says so
 /// and the watchdog ping is withheld, so systemd would restart the daemon. Once the
@@ -481,18 +453,7 @@ async fn a_stuck_batch_withholds_the_watchdog_until_it_ends() {
     notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
     assert_eq!(http_get(port, "/healthz").0, 200);
 
-    let batch_backends: Vec<i32> = client
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgpushd-batch'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert!(!batch_backends.is_empty(), "no batch connection to stop");
-    let stopped = StoppedBackends::stop(batch_backends);
+    let stopped = StoppedBackends::of(&client, "pgpushd-batch").await;
     insert_rows(&client, 11, 1).await;
 
     let body = wait_for(

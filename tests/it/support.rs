@@ -413,3 +413,47 @@ pub fn pgpushd_command() -> std::process::Command {
     }
     cmd
 }
+
+/// Stops (SIGSTOP) PostgreSQL backends for as long as it lives, and lets them go on drop,
+/// even when the test fails: a stopped backend would hold up the cluster's shutdown.
+pub struct StoppedBackends(Vec<i32>);
+
+impl StoppedBackends {
+    /// Stops every backend of the sessions named `application_name` (at least one).
+    pub async fn of(client: &Client, application_name: &str) -> StoppedBackends {
+        let pids: Vec<i32> = client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&application_name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(!pids.is_empty(), "no {application_name} session to stop");
+        StoppedBackends::stop(pids)
+    }
+
+    pub fn stop(pids: Vec<i32>) -> StoppedBackends {
+        for &pid in &pids {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            )
+            .unwrap();
+        }
+        StoppedBackends(pids)
+    }
+}
+
+impl Drop for StoppedBackends {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+}
