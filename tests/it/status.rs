@@ -535,7 +535,7 @@ async fn the_status_watch_refreshes_until_interrupted() {
     // A database that stops answering (its backend stopped: the socket stays up) is an
     // error within connect_timeout, and the next refresh reconnects.
     let client = db.client().await;
-    let stopped = StoppedBackends::of(&client, "pgpushd-status").await;
+    let _stopped = StoppedBackends::of(&client, "pgpushd-status").await;
     next("a read that got no answer", &|v| {
         v["error"]
             .as_str()
