@@ -77,7 +77,13 @@ impl Validator<'_> {
             None => match &env.https_proxy {
                 None => ProxyPolicy::Direct,
                 Some((variable, value)) => {
-                    let proxy = Proxy::parse(value.expose().trim()).map_err(|m| {
+                    // As curl and most tools read it: no scheme means http://.
+                    let value = value.expose().trim();
+                    let url = match value.contains("://") {
+                        true => value.to_owned(),
+                        false => format!("http://{value}"),
+                    };
+                    let proxy = Proxy::parse(&url).map_err(|m| {
                         self.invalid(
                             *variable,
                             format!(
@@ -229,6 +235,23 @@ file = "ck.pem"
         assert!(!e.contains("hunter2"), "{e}");
         assert!(parse_with(&format!("{MINIMAL}{}", app("a", "proxy = \"none\"")), &bad).is_ok());
         assert!(parse_with(MINIMAL, &bad).is_ok());
+    }
+
+    #[test]
+    fn an_environment_proxy_without_a_scheme_is_http_as_curl_reads_it() {
+        let c = parse_with(
+            &format!("{MINIMAL}{}", app("a", "")),
+            &env(Some("proxy.corp:3128"), None),
+        )
+        .unwrap();
+        assert_eq!(
+            c.apps["a"]
+                .proxy
+                .for_target("api.push.apple.com", 443)
+                .unwrap()
+                .to_string(),
+            "proxy.corp:3128"
+        );
     }
 
     #[test]
