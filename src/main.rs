@@ -260,6 +260,15 @@ fn check_config(path: &Path) -> ExitCode {
         for p in &problems {
             eprintln!("pgpushd: {p}");
         }
+        if std::env::var_os("CREDENTIALS_DIRECTORY").is_none()
+            && problems.iter().any(|p| p.contains("/run/credentials/"))
+        {
+            eprintln!(
+                "pgpushd: note: files under /run/credentials/ are systemd credentials, which exist \
+                 only inside the running service: `systemctl start pgpushd` checks them (its \
+                 problems show in `systemctl status pgpushd`)"
+            );
+        }
         ExitCode::from(exit::CONFIG)
     }
 }

@@ -172,6 +172,30 @@ fn bad_credentials_are_reported_by_file_and_problem_without_key_material() {
     let (code, _, stderr) = output(pgpushd().arg("run").arg("--config").arg(&path));
     assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("missing.p8"), "{stderr}");
+    assert!(!stderr.contains("systemd credentials"), "{stderr}");
+
+    // A key the unit hands over as a systemd credential cannot be read from a shell:
+    // check-config says why.
+    let credential = "/run/credentials/pgpushd.service/AuthKey.p8";
+    let text = [
+        "[database]\nurl = \"postgres://x@127.0.0.1:1/db\"\n".to_string(),
+        app("unit", &token(credential).replace("X", "unit")),
+    ]
+    .concat();
+    let path = write_config(dir.path(), &text);
+    let (code, _, stderr) = output(
+        pgpushd()
+            .arg("check-config")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("CREDENTIALS_DIRECTORY"),
+    );
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains(credential), "{stderr}");
+    assert!(
+        stderr.contains("exist only inside the running service"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
