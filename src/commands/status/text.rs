@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{AppCounts, StatusReport, ERROR_WINDOW};
+use crate::outbox::status::{AppCounts, StatusReport, ERROR_WINDOW};
 use crate::transport::short_token;
 
 impl StatusReport {

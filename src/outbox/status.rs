@@ -1,7 +1,7 @@
 //! What the outbox holds: `pgpushd status`'s [`StatusReport`], read in one consistent
 //! snapshot and rendered as aligned text tables; the daemon's cheap [`Queue`] gauges; the
-//! demo's [`Totals`]. The report renders as text for people (`text`) or as one JSON
-//! object for scripts (`json`).
+//! demo's [`Totals`]. `commands::status` renders the report, as text for people or JSON
+//! for scripts.
 //!
 //! What each figure costs on a large outbox:
 //! - pending, due and retrying counts and the oldest due row walk the partial index of
@@ -17,17 +17,12 @@
 //! version 3 is `NOT VALID`): every age is computed in SQL only for finite values, an
 //! infinite one becomes `Duration::MAX` (shown as such), and a row scheduled at
 //! `'infinity'`, which never falls due, is counted apart. Device tokens are shown
-//! shortened ([`crate::transport::short_token`]) unless [`StatusReport::display`] is asked for them whole.
+//! shortened ([`crate::transport::short_token`]) unless `pgpushd status` is asked for them whole.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio_postgres::{Client, IsolationLevel};
-
-mod json;
-mod text;
-
-pub use text::age;
 
 /// How many of the most common errors are shown.
 pub const TOP_ERRORS: usize = 10;

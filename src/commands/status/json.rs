@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 
-use super::{AppCounts, StatusReport, ERROR_WINDOW};
+use crate::outbox::status::{AppCounts, StatusReport, ERROR_WINDOW};
 use crate::transport::short_token;
 
 impl StatusReport {

@@ -1,6 +1,6 @@
 //! `pgpushd status`: the outbox's [`StatusReport`] once, or refreshed in place
-//! (`--watch`), as text for people or as JSON for scripts (`--json`: one object per line,
-//! so a watch is a JSON Lines stream).
+//! (`--watch`), as text for people (`text`: aligned tables) or as JSON for scripts
+//! (`json`: one object per line, so a watch is a JSON Lines stream).
 
 use std::future::Future;
 use std::io::Write;
@@ -14,6 +14,11 @@ use crate::console::Console;
 use crate::db;
 use crate::outbox::migrate;
 use crate::outbox::status::StatusReport;
+
+mod json;
+mod text;
+
+pub use text::age;
 
 /// The shortest refresh `--watch` accepts.
 pub const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
