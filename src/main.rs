@@ -139,6 +139,21 @@ struct SendArgs {
     collapse_id: Option<String>,
 }
 
+impl From<SendArgs> for pgpushd::commands::send::Push {
+    fn from(a: SendArgs) -> Self {
+        pgpushd::commands::send::Push {
+            app: a.app,
+            token: a.token,
+            alert: a.alert,
+            payload: a.payload,
+            push_type: a.push_type,
+            priority: a.priority,
+            topic: a.topic,
+            collapse_id: a.collapse_id,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon's level comes from its config (`[log] level`); errors in the file are
@@ -191,7 +206,9 @@ async fn dispatch(command: Command) -> ExitCode {
             run(a.config, config, transport).await
         }
         Command::Migrate(a) => match load(&a.config) {
-            Ok(config) => migrate(&config).await,
+            Ok(config) => pgpushd::commands::migrate::run(&config)
+                .await
+                .map(|done| println!("{done}")),
             Err(code) => return code,
         },
         Command::CheckConfig(a) => return check_config(&a.config),
@@ -200,7 +217,9 @@ async fn dispatch(command: Command) -> ExitCode {
             Err(code) => return code,
         },
         Command::Send(a) => match load(&a.config.config) {
-            Ok(config) => send(&config, a).await,
+            Ok(config) => pgpushd::commands::send::run(&config, a.into())
+                .await
+                .map(|answer| println!("{answer}")),
             Err(code) => return code,
         },
         Command::Emulator(args) => pgpushd_emulator::cli::run(args, shutdown_signal()).await,
@@ -246,31 +265,15 @@ fn check_config(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut problems: Vec<String> = config
-        .database
-        .check_tls_files()
-        .into_iter()
-        .map(|p| format!("{}: {p}", path.display()))
-        .collect();
-    problems.extend(pgpushd::providers::check(&config));
+    let problems = pgpushd::commands::check_config::problems(path, &config);
     if problems.is_empty() {
         println!("{}: OK ({} app(s))", path.display(), config.apps.len());
-        ExitCode::SUCCESS
-    } else {
-        for p in &problems {
-            eprintln!("pgpushd: {p}");
-        }
-        if std::env::var_os("CREDENTIALS_DIRECTORY").is_none()
-            && problems.iter().any(|p| p.contains("/run/credentials/"))
-        {
-            eprintln!(
-                "pgpushd: note: files under /run/credentials/ are systemd credentials, which exist \
-                 only inside the running service: `systemctl start pgpushd` checks them (its \
-                 problems show in `systemctl status pgpushd`)"
-            );
-        }
-        ExitCode::from(exit::CONFIG)
+        return ExitCode::SUCCESS;
     }
+    for p in &problems {
+        eprintln!("pgpushd: {p}");
+    }
+    ExitCode::from(exit::CONFIG)
 }
 
 async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<()> {
@@ -294,58 +297,6 @@ async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<()> {
             .await
         }
     }
-}
-
-async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let db = &config.database;
-    let mut client = pgpushd::db::connect(&db.url, db.connect_timeout, "migrate").await?;
-    let applied = pgpushd::outbox::migrate::migrate(&mut client).await?;
-    if applied.is_empty() {
-        println!(
-            "the schema is up to date (version {})",
-            pgpushd::outbox::migrate::latest_version()
-        );
-    } else {
-        println!("applied migration(s) {applied:?}");
-    }
-    Ok(())
-}
-
-async fn send(config: &Config, a: SendArgs) -> anyhow::Result<()> {
-    let app = config
-        .apps
-        .get(&a.app)
-        .ok_or_else(|| anyhow::anyhow!("no [apps.{}] section in the config", a.app))?;
-    let fcm = app.provider() == pgpushd::config::Provider::Fcm;
-    let payload = match (a.alert, a.payload) {
-        (Some(text), _) if fcm => serde_json::json!({"notification": {"body": text}}).to_string(),
-        (Some(text), _) => serde_json::json!({"aps": {"alert": text}}).to_string(),
-        // Sent as given, as a row's text is.
-        (None, Some(json)) => {
-            pgpushd::transport::payload_kind(&json)
-                .map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;
-            json
-        }
-        (None, None) => unreachable!("clap requires one"),
-    };
-    let n = pgpushd::transport::Notification {
-        id: 0,
-        app: a.app,
-        device_token: a.token,
-        payload,
-        push_type: a.push_type,
-        priority: a.priority,
-        collapse_id: a.collapse_id,
-        topic: a.topic,
-        expires_at: None,
-        attempts: 0,
-    };
-    if fcm {
-        println!("{}", pgpushd::fcm::send_one(app, &n).await?);
-    } else {
-        println!("{}", pgpushd::apns::send_one(app, &n).await?);
-    }
-    Ok(())
 }
 
 async fn run(

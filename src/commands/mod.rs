@@ -1,5 +1,11 @@
 //! The bodies of the commands that are not the daemon: `main.rs` parses the command
-//! line and hands over here.
+//! line, prints and picks the exit code; the work is here.
+//! - [`check_config`]: `pgpushd check-config`;
+//! - [`migrate`]: `pgpushd migrate`;
+//! - [`send`]: `pgpushd send`;
 //! - [`status`]: `pgpushd status` (`--json`, `--watch`).
 
+pub mod check_config;
+pub mod migrate;
+pub mod send;
 pub mod status;
