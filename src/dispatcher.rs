@@ -530,11 +530,11 @@ async fn batch(
         idle: settings.max_batch_duration + ctx.connect_timeout,
     };
     let deadline = Instant::now() + settings.max_batch_duration;
-    let txn = conn.begin(bounds).await.map_err(sql("beginning a batch"))?;
-    let claimed = txn
-        .claim(settings.batch_size, &ctx.unrecorded.held())
+    let claim = conn
+        .claim(bounds, settings.batch_size, &ctx.unrecorded.held())
         .await
         .map_err(sql("claiming rows"))?;
+    let (txn, claimed) = (claim.batch, claim.rows);
     let full = claimed.len() == settings.batch_size;
     let _ = claimed_tx.send(full);
     ctx.signals.claimed(claimed.len());
@@ -545,11 +545,7 @@ async fn batch(
     let claimed_at = Instant::now();
     let scheduled = match full {
         true => None,
-        false => txn
-            .next_due()
-            .await
-            .map_err(sql("finding the next due row"))?
-            .map(|d| claimed_at + d),
+        false => claim.next_due.map(|d| claimed_at + d),
     };
 
     let mut sends: FuturesUnordered<_> = claimed

@@ -2,8 +2,8 @@
 //! when the next row falls due. Migrations live in [`migrate`].
 //!
 //! A claim is a `SELECT ... FOR UPDATE SKIP LOCKED` in the partial index's order, inside a
-//! transaction that stays open while the batch is sent; the outcomes are written with one
-//! UPDATE and the transaction commits. One write per row, and a daemon that dies mid-batch
+//! transaction that stays open while the batch is sent (opened in the same round trip);
+//! the outcomes are written with one UPDATE and the transaction commits. One write per row, and a daemon that dies mid-batch
 //! leaves nothing behind: its locks go with its connection and the rows are due again.
 
 pub mod migrate;
@@ -23,7 +23,7 @@ use crate::transport::{Notification, Undelivered, Unregistered};
 /// The NOTIFY channel the insert trigger signals.
 pub const CHANNEL: &str = "pgpushd_outbox";
 
-const CLAIM: &str = "
+pub const CLAIM: &str = "
 SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.collapse_id,
        o.topic, o.expires_at, o.attempts, o.expires_at <= now() AS expired,
        EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens u
@@ -41,7 +41,7 @@ SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.
 // A legacy row (written before schema version 3's CHECK) may hold an infinite
 // send_after; the CHECK applies to every UPDATE's new row version, so the row must never
 // get it back, or the whole batch's UPDATE fails. It gets its created_at instead.
-const RECORD: &str = "
+pub const RECORD: &str = "
 UPDATE pgpushd.outbox AS o
    SET status     = v.status,
        attempts   = o.attempts + v.attempted::int,
@@ -73,7 +73,7 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
 // The database's clock measures the wait, so a skewed host clock cannot make the daemon
 // wake early and spin; `now()` (stable, unlike clock_timestamp()) keeps it an index range
 // scan.
-const NEXT_DUE: &str = "
+pub const NEXT_DUE: &str = "
 SELECT extract(epoch FROM min(send_after) - now())::float8
   FROM pgpushd.outbox
  WHERE status = 'pending' AND send_after > now() AND send_after < 'infinity'";
@@ -98,19 +98,37 @@ pub struct OutboxConn {
     record: Statement,
     unregister: Statement,
     next_due: Statement,
+    /// The bounds the session has now (set once, not per batch: see [`OutboxConn::claim`]).
+    bounds: Option<Bounds>,
+    /// A batch's transaction is open, or was left open by a batch dropped mid-way: roll
+    /// it back before the next.
+    in_transaction: bool,
 }
 
+/// Every statement of a batch is an index lookup or range scan by design, whatever the
+/// planner's statistics say, so each is planned once, for any parameters, the same way.
+/// Without this, a generic plan made while the outbox was empty (a fresh install, a
+/// truncated table) joins the outcomes to a scan of the whole table, and keeps doing so on
+/// every batch until something invalidates it: 9 ms a batch at 40,000 rows, growing with
+/// the table; and the claim and the outcomes' UPDATE were planned again on every batch, an
+/// eighth of the batch connection's CPU in the database (both measured on PostgreSQL 15).
+/// Session-level, on the batch connections only.
+pub const INDEX_PLANS_ONLY: &str = "SET enable_seqscan = off; SET enable_hashjoin = off; \
+     SET enable_mergejoin = off; SET plan_cache_mode = force_generic_plan";
+
 impl OutboxConn {
-    /// Prepares the statements, each bounded by `statement_timeout` and `lock_timeout`
-    /// (preparing locks the outbox: a session holding it exclusively must not stall the
-    /// batch). Prepared statements outlive the transaction they were prepared in.
+    /// Pins the plans' shape ([`INDEX_PLANS_ONLY`]) and prepares the statements, each
+    /// bounded by `statement_timeout` and `lock_timeout` (preparing locks the outbox: a
+    /// session holding it exclusively must not stall the batch). Prepared statements
+    /// outlive the transaction they were prepared in.
     pub async fn new(
         client: Client,
         statement_timeout: Duration,
     ) -> Result<OutboxConn, tokio_postgres::Error> {
         client
             .batch_execute(&format!(
-                "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}",
+                "{INDEX_PLANS_ONLY}; BEGIN; SET LOCAL statement_timeout = {ms}; \
+                 SET LOCAL lock_timeout = {ms}",
                 ms = millis(statement_timeout).max(1)
             ))
             .await?;
@@ -120,6 +138,8 @@ impl OutboxConn {
             unregister: client.prepare(UNREGISTER).await?,
             next_due: client.prepare(NEXT_DUE).await?,
             client,
+            bounds: None,
+            in_transaction: false,
         };
         conn.client.batch_execute("COMMIT").await?;
         Ok(conn)
@@ -129,31 +149,97 @@ impl OutboxConn {
         self.client.is_closed()
     }
 
-    /// Opens the transaction a batch lives in, bounded on the server's side by
-    /// `bounds`.
-    pub async fn begin(&mut self, bounds: Bounds) -> Result<Batch<'_>, tokio_postgres::Error> {
+    /// Opens a batch's transaction, bounded on the server's side by `bounds`, and locks
+    /// up to `limit` due rows in it, oldest `send_after` first, skipping rows other
+    /// batches or daemons hold and the rows in `held` (whose outcome could not be
+    /// recorded, see `dispatcher`).
+    ///
+    /// The BEGIN, the claim and the look for the next due row go in one round trip
+    /// (pipelined): a daemon that is awake claims hundreds of times a second, and each
+    /// round trip costs the database a wake-up. The bounds are the session's own, set when
+    /// they change (on the first batch, after a reload): the connection serves nothing but
+    /// batches.
+    pub async fn claim(
+        &mut self,
+        bounds: Bounds,
+        limit: usize,
+        held: &[i64],
+    ) -> Result<Claim<'_>, tokio_postgres::Error> {
+        if self.in_transaction {
+            self.client.batch_execute("ROLLBACK").await?;
+            self.in_transaction = false;
+        }
+        if self.bounds != Some(bounds) {
+            self.client
+                .batch_execute(&format!(
+                    "SET statement_timeout = {statement}; SET lock_timeout = {statement}; \
+                     SET idle_in_transaction_session_timeout = {idle}",
+                    statement = millis(bounds.statement).max(1),
+                    idle = millis(bounds.idle).max(1),
+                ))
+                .await?;
+            self.bounds = Some(bounds);
+        }
         let OutboxConn {
             client,
             claim,
             record,
             unregister,
             next_due,
+            bounds: _,
+            in_transaction,
         } = self;
-        let txn = client.transaction().await?;
-        txn.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {statement}; SET LOCAL lock_timeout = {statement};
-             SET LOCAL idle_in_transaction_session_timeout = {idle}",
-            statement = millis(bounds.statement).max(1),
-            idle = millis(bounds.idle).max(1),
-        ))
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        *in_transaction = true;
+        // Sent in this order as each future is first polled; should the BEGIN fail, the
+        // claim's rows are thrown away with it, never sent unlocked.
+        let (_, rows, next) = futures::future::try_join3(
+            client.batch_execute("BEGIN"),
+            client.query(&*claim, &[&limit, &held]),
+            client.query_one(&*next_due, &[]),
+        )
         .await?;
-        Ok(Batch {
-            txn,
-            claim,
-            record,
-            unregister,
-            next_due,
+        let next_secs: Option<f64> = next.get(0);
+        Ok(Claim {
+            rows: rows.iter().map(claimed).collect(),
+            next_due: next_secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
+            batch: Batch {
+                client,
+                record,
+                unregister,
+                in_transaction,
+            },
         })
+    }
+}
+
+/// What [`OutboxConn::claim`] found, and the open transaction that holds it.
+pub struct Claim<'c> {
+    pub rows: Vec<Claimed>,
+    /// How long after the claim the next pending row falls due (zero if it already has,
+    /// as when the claim came back full); `None` when no row waits for a later time.
+    pub next_due: Option<Duration>,
+    pub batch: Batch<'c>,
+}
+
+fn claimed(r: &tokio_postgres::Row) -> Claimed {
+    let (payload, unreadable) = parse_payload(r.get(3));
+    Claimed {
+        notification: Notification {
+            id: r.get(0),
+            app: r.get(1),
+            device_token: r.get(2),
+            payload,
+            push_type: r.get(4),
+            priority: r.get(5),
+            collapse_id: r.get(6),
+            topic: r.get(7),
+            expires_at: r.get(8),
+            attempts: r.get(9),
+        },
+        expired: r.get::<_, Option<bool>>(10).unwrap_or(false),
+        unregistered: r.get(11),
+        unreadable,
     }
 }
 
@@ -167,62 +253,22 @@ pub struct Bounds {
     pub idle: Duration,
 }
 
-/// One open claim transaction. Dropping it without [`Batch::commit`] releases its rows
-/// untouched.
+/// One open claim transaction. Dropping it without [`Batch::commit`] or
+/// [`Batch::rollback`] releases its rows untouched: the connection rolls back before its
+/// next claim.
 pub struct Batch<'c> {
-    txn: tokio_postgres::Transaction<'c>,
-    claim: &'c Statement,
+    client: &'c Client,
     record: &'c Statement,
     unregister: &'c Statement,
-    next_due: &'c Statement,
+    in_transaction: &'c mut bool,
 }
 
 impl Batch<'_> {
-    /// Locks up to `limit` due rows, oldest `send_after` first, skipping rows other
-    /// batches or daemons hold and the rows in `held` (whose outcome could not be
-    /// recorded, see `dispatcher`).
-    pub async fn claim(
-        &self,
-        limit: usize,
-        held: &[i64],
-    ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self.txn.query(self.claim, &[&limit, &held]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let (payload, unreadable) = parse_payload(r.get(3));
-                Claimed {
-                    notification: Notification {
-                        id: r.get(0),
-                        app: r.get(1),
-                        device_token: r.get(2),
-                        payload,
-                        push_type: r.get(4),
-                        priority: r.get(5),
-                        collapse_id: r.get(6),
-                        topic: r.get(7),
-                        expires_at: r.get(8),
-                        attempts: r.get(9),
-                    },
-                    expired: r.get::<_, Option<bool>>(10).unwrap_or(false),
-                    unregistered: r.get(11),
-                    unreadable,
-                }
-            })
-            .collect())
-    }
-
-    /// How long after this batch's claim the next pending row falls due (zero if it
-    /// already has); `None` when no row waits for a later time.
-    pub async fn next_due(&self) -> Result<Option<Duration>, tokio_postgres::Error> {
-        let secs: Option<f64> = self.txn.query_one(self.next_due, &[]).await?.get(0);
-        Ok(secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()))
-    }
-
     /// Rolls back: every claimed row is released untouched, nothing is recorded.
     pub async fn rollback(self) -> Result<(), tokio_postgres::Error> {
-        self.txn.rollback().await
+        self.client.batch_execute("ROLLBACK").await?;
+        *self.in_transaction = false;
+        Ok(())
     }
 
     /// Writes every outcome with one UPDATE (plus one INSERT for newly unregistered
@@ -239,14 +285,14 @@ impl Batch<'_> {
         if !updates.is_empty() {
             // Pipelined: the savepoint costs no round trip of its own.
             let first = futures::future::try_join(
-                self.txn.batch_execute("SAVEPOINT outcomes"),
-                write_updates(&self.txn, self.record, updates),
+                self.client.batch_execute("SAVEPOINT outcomes"),
+                write_updates(self.client, self.record, updates),
             );
             let written = match first.await {
                 Ok(_) => updates.to_vec(),
                 Err(e) => {
                     if self
-                        .txn
+                        .client
                         .batch_execute("ROLLBACK TO SAVEPOINT outcomes")
                         .await
                         .is_err()
@@ -255,14 +301,17 @@ impl Batch<'_> {
                     }
                     let mut written = Vec::with_capacity(updates.len());
                     for u in updates {
-                        self.txn.batch_execute("SAVEPOINT outcome").await?;
-                        match write_updates(&self.txn, self.record, std::slice::from_ref(u)).await {
+                        self.client.batch_execute("SAVEPOINT outcome").await?;
+                        match write_updates(self.client, self.record, std::slice::from_ref(u)).await
+                        {
                             Ok(()) => {
-                                self.txn.batch_execute("RELEASE SAVEPOINT outcome").await?;
+                                self.client
+                                    .batch_execute("RELEASE SAVEPOINT outcome")
+                                    .await?;
                                 written.push(u.clone());
                             }
                             Err(e) => {
-                                self.txn
+                                self.client
                                     .batch_execute("ROLLBACK TO SAVEPOINT outcome")
                                     .await?;
                                 unwritten.push((u.id, crate::db::describe(&e)));
@@ -272,9 +321,10 @@ impl Batch<'_> {
                     written
                 }
             };
-            write_unregistered(&self.txn, self.unregister, &written, claimed).await?;
+            write_unregistered(self.client, self.unregister, &written, claimed).await?;
         }
-        self.txn.commit().await?;
+        self.client.batch_execute("COMMIT").await?;
+        *self.in_transaction = false;
         Ok(unwritten)
     }
 }

@@ -728,3 +728,89 @@ async fn unregistered_hex_tokens_match_in_any_case_and_fcm_tokens_exactly() {
         .collect();
     assert_eq!(stored, ["dXf1:XyZ", "ddeeff"]);
 }
+
+/// The plan PostgreSQL keeps for `sql` (prepared as `name` with `args` types) on a
+/// session set up as the daemon's batch connections are, on an empty outbox: what a
+/// daemon started on a fresh install keeps using as the table grows.
+async fn batch_plan(
+    client: &tokio_postgres::Client,
+    name: &str,
+    sql: &str,
+    execute: &str,
+) -> String {
+    client
+        .batch_execute(pgpushd::outbox::INDEX_PLANS_ONLY)
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("PREPARE {name} AS {sql}"))
+        .await
+        .unwrap();
+    let rows = client
+        .query(&format!("EXPLAIN EXECUTE {execute}"), &[])
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn a_batch_looks_rows_up_by_index_even_when_planned_on_an_empty_outbox() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Planned on an empty table, a plan of the outcomes' UPDATE that scans the whole table
+    // (a hash join) looks cheapest, and would be kept as the table grows.
+    let record = batch_plan(
+        &client,
+        "record",
+        pgpushd::outbox::RECORD,
+        "record('{1,2}', '{sent,sent}', '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}', \
+         '{t,t}', '{NULL,NULL}')",
+    )
+    .await;
+    assert!(
+        record.contains("Index Scan using outbox_pkey") && !record.contains("Seq Scan"),
+        "{record}"
+    );
+    let claim = batch_plan(&client, "claim", pgpushd::outbox::CLAIM, "claim(500, '{}')").await;
+    assert!(
+        claim.contains("Index Scan using outbox_pending_due") && !claim.contains("Seq Scan"),
+        "{claim}"
+    );
+    let next = batch_plan(&client, "next_due", pgpushd::outbox::NEXT_DUE, "next_due").await;
+    assert!(
+        next.contains("outbox_pending_due") && !next.contains("Seq Scan"),
+        "{next}"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
+    use pgpushd::outbox::{Bounds, OutboxConn};
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let mut conn = OutboxConn::new(plain_client(&db.url).await, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let bounds = Bounds {
+        statement: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+    let claim = conn.claim(bounds, 10, &[]).await.unwrap();
+    assert!(claim.rows.is_empty());
+    drop(claim);
+    // A row due after that transaction began: a claim still inside it (whose now() is
+    // its start) would not see it due.
+    insert_rows(&client, 1, 1).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let claim = conn.claim(bounds, 10, &[]).await.unwrap();
+    assert_eq!(claim.rows.len(), 1);
+    claim.batch.rollback().await.unwrap();
+    // Rolled back: due again, for anyone.
+    let mut other = OutboxConn::new(plain_client(&db.url).await, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(other.claim(bounds, 10, &[]).await.unwrap().rows.len(), 1);
+}
