@@ -168,6 +168,8 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             samples.add("latency_p99_ms", l.p99_ms);
             samples.add("latency_max_ms", l.max_ms);
             samples.add("latency_offered_rows_per_s", l.offered_per_s);
+            samples.add("latency_daemon_db_us_per_row", l.daemon_db_us_per_row);
+            samples.add("latency_daemon_claims_per_s", l.daemon_claims_per_s);
             this.insert("latency", serde_json::to_value(&l)?);
         }
         if plan.wants("producer") {

@@ -126,6 +126,25 @@ pub struct Latency {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub cpu: CpuUse,
+    /// The database's CPU spent on the daemon's own sessions while the rows arrived, per
+    /// row, and the daemon's claims (its transactions) per second: what delivering costs
+    /// the database at this rate, at a pace that does not depend on it.
+    pub daemon_db_us_per_row: f64,
+    pub daemon_claims_per_s: f64,
+}
+
+/// CPU seconds the database's sessions serving the daemon (`application_name`
+/// `pgpushd-*`) have used so far, from /proc (the database runs here). A session that ended
+/// meanwhile takes its time with it: the daemon's sessions live as long as it does.
+async fn daemon_sessions_cpu_s(client: &Client) -> anyhow::Result<f64> {
+    let rows = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgpushd-%'",
+            &[],
+        )
+        .await?;
+    let ticks: u64 = rows.iter().map(|r| procs::cpu_ticks(r.get(0))).sum();
+    Ok(ticks as f64 / procs::clock_ticks())
 }
 
 /// Producers commit single-row INSERTs at `rate` rows/s for `duration`; each row's
@@ -153,6 +172,8 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
         postmaster: env.postmaster,
     };
     procs::wait_quiet(QUIET_WAIT).await;
+    let commits_before = commits(&env.client).await?;
+    let sessions_before = daemon_sessions_cpu_s(&env.client).await?;
     let before = watched.mark();
     // Enough producers that fsync'd commits keep up with the rate.
     const PRODUCERS: u64 = 8;
@@ -191,9 +212,12 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
             committed.insert(db::token(seq), at);
         }
     }
-    let offered = total as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    let offered = total as f64 / elapsed.as_secs_f64();
     db::wait_drained(&env.client, Duration::from_secs(60)).await?;
     let cpu = watched.since(&before, false);
+    let sessions_cpu_s = daemon_sessions_cpu_s(&env.client).await? - sessions_before;
+    let claims_per_s = daemon_txns(&env.client, commits_before, offered, elapsed).await?;
     daemon.stop()?;
     emulator.proc.stop()?; // flushes the record file
 
@@ -228,6 +252,8 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
         p99_ms: pct(0.99),
         max_ms: *latencies.last().unwrap_or(&f64::NAN),
         cpu,
+        daemon_db_us_per_row: sessions_cpu_s * 1e6 / total.max(1) as f64,
+        daemon_claims_per_s: claims_per_s,
     })
 }
 
