@@ -98,16 +98,14 @@ pub struct OutboxConn {
     record: Statement,
     unregister: Statement,
     next_due: Statement,
-    /// The bounds the session has now (set once, not per batch: see [`OutboxConn::claim`]).
-    bounds: Option<Bounds>,
     /// A batch's transaction is open, or was left open by a batch dropped mid-way: roll
     /// it back before the next.
     in_transaction: bool,
 }
 
-/// How a batch connection's session plans: every statement of a batch is an index
-/// lookup or range scan by design, whatever the planner's statistics say, so each is
-/// planned once, for any parameters, the same way, and never compiled (JIT).
+/// How a batch's transaction plans: every statement of a batch is an index lookup or
+/// range scan by design, whatever the planner's statistics say, so each is planned once,
+/// for any parameters, the same way, and never compiled (JIT).
 ///
 /// - Without the `enable_*` settings, a generic plan made while the outbox was empty (a
 ///   fresh install, a truncated table) joins the outcomes to a scan of the whole table,
@@ -119,12 +117,15 @@ pub struct OutboxConn {
 ///   passes `jit_above_cost`, and JIT compiling then took 13 ms of every claim that
 ///   itself took half a millisecond.
 ///
-/// All measured on PostgreSQL 15. Session-level, on the batch connections only.
-pub const BATCH_SESSION: &str = "SET enable_seqscan = off; SET enable_hashjoin = off; \
-     SET enable_mergejoin = off; SET plan_cache_mode = force_generic_plan; SET jit = off";
+/// All measured on PostgreSQL 15. `SET LOCAL`, in each batch's transaction: through a
+/// transaction pooler, session settings would land on whichever server connection ran
+/// them, and stay there for its other clients.
+pub const BATCH_PLANNING: &str = "SET LOCAL enable_seqscan = off; \
+     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
+     SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off";
 
 impl OutboxConn {
-    /// Sets the session's planning ([`BATCH_SESSION`]) and prepares the statements, each
+    /// Prepares the statements, each
     /// bounded by `statement_timeout` and `lock_timeout` (preparing locks the outbox: a
     /// session holding it exclusively must not stall the batch). Prepared statements
     /// outlive the transaction they were prepared in.
@@ -134,7 +135,7 @@ impl OutboxConn {
     ) -> Result<OutboxConn, tokio_postgres::Error> {
         client
             .batch_execute(&format!(
-                "{BATCH_SESSION}; BEGIN; SET LOCAL statement_timeout = {ms}; \
+                "BEGIN; SET LOCAL statement_timeout = {ms}; \
                  SET LOCAL lock_timeout = {ms}",
                 ms = millis(statement_timeout).max(1)
             ))
@@ -145,7 +146,6 @@ impl OutboxConn {
             unregister: client.prepare(UNREGISTER).await?,
             next_due: client.prepare(NEXT_DUE).await?,
             client,
-            bounds: None,
             in_transaction: false,
         };
         conn.client.batch_execute("COMMIT").await?;
@@ -161,11 +161,10 @@ impl OutboxConn {
     /// batches or daemons hold and the rows in `held` (whose outcome could not be
     /// recorded, see `dispatcher`).
     ///
-    /// The BEGIN, the claim and the look for the next due row go in one round trip
-    /// (pipelined): a daemon that is awake claims hundreds of times a second, and each
-    /// round trip costs the database a wake-up. The bounds are the session's own, set when
-    /// they change (on the first batch, after a reload): the connection serves nothing but
-    /// batches.
+    /// The BEGIN with the transaction's settings ([`BATCH_PLANNING`], the bounds), the
+    /// claim and the look for the next due row go in one round trip (pipelined): a daemon
+    /// that is awake claims hundreds of times a second, and each round trip costs the
+    /// database a wake-up.
     pub async fn claim(
         &mut self,
         bounds: Bounds,
@@ -176,32 +175,27 @@ impl OutboxConn {
             self.client.batch_execute("ROLLBACK").await?;
             self.in_transaction = false;
         }
-        if self.bounds != Some(bounds) {
-            self.client
-                .batch_execute(&format!(
-                    "SET statement_timeout = {statement}; SET lock_timeout = {statement}; \
-                     SET idle_in_transaction_session_timeout = {idle}",
-                    statement = millis(bounds.statement).max(1),
-                    idle = millis(bounds.idle).max(1),
-                ))
-                .await?;
-            self.bounds = Some(bounds);
-        }
         let OutboxConn {
             client,
             claim,
             record,
             unregister,
             next_due,
-            bounds: _,
             in_transaction,
         } = self;
+        let begin = format!(
+            "BEGIN; {BATCH_PLANNING}; SET LOCAL statement_timeout = {statement}; \
+             SET LOCAL lock_timeout = {statement}; \
+             SET LOCAL idle_in_transaction_session_timeout = {idle}",
+            statement = millis(bounds.statement).max(1),
+            idle = millis(bounds.idle).max(1),
+        );
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         *in_transaction = true;
         // Sent in this order as each future is first polled; should the BEGIN fail, the
         // claim's rows are thrown away with it, never sent unlocked.
         let (_, rows, next) = futures::future::try_join3(
-            client.batch_execute("BEGIN"),
+            client.batch_execute(&begin),
             client.query(&*claim, &[&limit, &held]),
             client.query_one(&*next_due, &[]),
         )
@@ -261,13 +255,26 @@ pub struct Bounds {
 }
 
 /// One open claim transaction. Dropping it without [`Batch::commit`] or
-/// [`Batch::rollback`] releases its rows untouched: the connection rolls back before its
-/// next claim.
+/// [`Batch::rollback`] releases its rows untouched: it sends a ROLLBACK as it goes (and
+/// the connection sends one before its next claim, should that not have reached the
+/// server).
 pub struct Batch<'c> {
     client: &'c Client,
     record: &'c Statement,
     unregister: &'c Statement,
     in_transaction: &'c mut bool,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if *self.in_transaction {
+            use futures::FutureExt;
+            // Queued on the first poll, ahead of anything sent later on this client; the
+            // answer is not waited for.
+            let _ = self.client.batch_execute("ROLLBACK").now_or_never();
+            *self.in_transaction = false;
+        }
+    }
 }
 
 impl Batch<'_> {

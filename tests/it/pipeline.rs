@@ -729,9 +729,10 @@ async fn unregistered_hex_tokens_match_in_any_case_and_fcm_tokens_exactly() {
     assert_eq!(stored, ["dXf1:XyZ", "ddeeff"]);
 }
 
-/// The plan PostgreSQL keeps for `sql` (prepared as `name`, run as `execute`) on a
-/// session set up as the daemon's batch connections are, on an empty outbox: what a
-/// daemon started on a fresh install keeps using as the table grows.
+/// The plan PostgreSQL keeps for `sql` (prepared as `name`, run as `execute`) in a
+/// transaction set up as the daemon's batches are, on an empty outbox: what a daemon
+/// started on a fresh install keeps using as the table grows. Fails unless it is the
+/// generic plan, made once for any parameters.
 async fn batch_plan(
     client: &tokio_postgres::Client,
     name: &str,
@@ -739,17 +740,26 @@ async fn batch_plan(
     execute: &str,
 ) -> String {
     client
-        .batch_execute(pgpushd::outbox::BATCH_SESSION)
-        .await
-        .unwrap();
-    client
-        .batch_execute(&format!("PREPARE {name} AS {sql}"))
+        .batch_execute(&format!(
+            "BEGIN; {}; PREPARE {name} AS {sql}",
+            pgpushd::outbox::BATCH_PLANNING
+        ))
         .await
         .unwrap();
     let rows = client
         .query(&format!("EXPLAIN EXECUTE {execute}"), &[])
         .await
         .unwrap();
+    let generic: i64 = client
+        .query_one(
+            "SELECT generic_plans FROM pg_prepared_statements WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(generic, 1, "{name} was not planned for any parameters");
     rows.iter()
         .map(|r| r.get::<_, String>(0))
         .collect::<Vec<_>>()
@@ -796,7 +806,7 @@ async fn a_batch_looks_rows_up_by_index_even_when_planned_on_an_empty_outbox() {
 
 #[tokio::test]
 async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
-    use pgpushd::outbox::{Bounds, OutboxConn};
+    use pgpushd::outbox::{Bounds, Claim, OutboxConn};
     let db = TestDb::new().await;
     let client = db.client().await;
     let mut conn = OutboxConn::new(plain_client(&db.url).await, Duration::from_secs(10))
@@ -813,12 +823,25 @@ async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
     // its start) would not see it due.
     insert_rows(&client, 1, 1).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let claim = conn.claim(bounds, 10, &[]).await.unwrap();
-    assert_eq!(claim.rows.len(), 1);
-    claim.batch.rollback().await.unwrap();
+    let Claim { rows, batch, .. } = conn.claim(bounds, 10, &[]).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    batch.rollback().await.unwrap();
     // Rolled back: due again, for anyone.
     let mut other = OutboxConn::new(plain_client(&db.url).await, Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(other.claim(bounds, 10, &[]).await.unwrap().rows.len(), 1);
+    // A batch dropped with rows releases them as it goes, not at its connection's next
+    // claim (the other claim was dropped just above).
+    let held = conn.claim(bounds, 10, &[]).await.unwrap();
+    assert_eq!(held.rows.len(), 1);
+    drop(held);
+    let give_up = std::time::Instant::now() + Duration::from_secs(5);
+    while other.claim(bounds, 10, &[]).await.unwrap().rows.is_empty() {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the dropped batch's row is still locked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
