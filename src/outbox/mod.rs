@@ -94,6 +94,7 @@ pub struct Claimed {
 /// A database connection with the outbox's statements prepared on it.
 pub struct OutboxConn {
     client: Client,
+    settings: Statement,
     claim: Statement,
     record: Statement,
     unregister: Statement,
@@ -117,12 +118,19 @@ pub struct OutboxConn {
 ///   passes `jit_above_cost`, and JIT compiling then took 13 ms of every claim that
 ///   itself took half a millisecond.
 ///
-/// All measured on PostgreSQL 15. `SET LOCAL`, in each batch's transaction: through a
-/// transaction pooler, session settings would land on whichever server connection ran
-/// them, and stay there for its other clients.
-pub const BATCH_PLANNING: &str = "SET LOCAL enable_seqscan = off; \
-     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
-     SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off";
+/// All measured on PostgreSQL 15. Local to each batch's transaction, with its bounds
+/// (`$1`: statement_timeout and lock_timeout, `$2`: idle_in_transaction_session_timeout,
+/// in milliseconds): through a transaction pooler, session settings would land on
+/// whichever server connection ran them, and stay there for its other clients. One
+/// prepared statement, not eight `SET LOCAL`s, which cost a claim a fifth more.
+pub const BATCH_SETTINGS: &str = "
+SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
+       set_config('enable_mergejoin', 'off', true),
+       set_config('plan_cache_mode', 'force_generic_plan', true),
+       set_config('jit', 'off', true),
+       set_config('statement_timeout', $1::text, true),
+       set_config('lock_timeout', $1::text, true),
+       set_config('idle_in_transaction_session_timeout', $2::text, true)";
 
 impl OutboxConn {
     /// Prepares the statements, each
@@ -141,6 +149,7 @@ impl OutboxConn {
             ))
             .await?;
         let conn = OutboxConn {
+            settings: client.prepare(BATCH_SETTINGS).await?,
             claim: client.prepare(CLAIM).await?,
             record: client.prepare(RECORD).await?,
             unregister: client.prepare(UNREGISTER).await?,
@@ -161,7 +170,7 @@ impl OutboxConn {
     /// batches or daemons hold and the rows in `held` (whose outcome could not be
     /// recorded, see `dispatcher`).
     ///
-    /// The BEGIN with the transaction's settings ([`BATCH_PLANNING`], the bounds), the
+    /// The BEGIN, the transaction's settings ([`BATCH_SETTINGS`]: planning and bounds), the
     /// claim and the look for the next due row go in one round trip (pipelined): a daemon
     /// that is awake claims hundreds of times a second, and each round trip costs the
     /// database a wake-up.
@@ -177,25 +186,22 @@ impl OutboxConn {
         }
         let OutboxConn {
             client,
+            settings,
             claim,
             record,
             unregister,
             next_due,
             in_transaction,
         } = self;
-        let begin = format!(
-            "BEGIN; {BATCH_PLANNING}; SET LOCAL statement_timeout = {statement}; \
-             SET LOCAL lock_timeout = {statement}; \
-             SET LOCAL idle_in_transaction_session_timeout = {idle}",
-            statement = millis(bounds.statement).max(1),
-            idle = millis(bounds.idle).max(1),
-        );
+        let statement_ms = millis(bounds.statement).max(1).to_string();
+        let idle_ms = millis(bounds.idle).max(1).to_string();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         *in_transaction = true;
-        // Sent in this order as each future is first polled; should the BEGIN fail, the
-        // claim's rows are thrown away with it, never sent unlocked.
-        let (_, rows, next) = futures::future::try_join3(
-            client.batch_execute(&begin),
+        // Sent in this order as each future is first polled; should the BEGIN or the
+        // settings fail, the claim's rows are thrown away with them, never sent unlocked.
+        let (_, _, rows, next) = futures::future::try_join4(
+            client.batch_execute("BEGIN"),
+            client.query(&*settings, &[&statement_ms, &idle_ms]),
             client.query(&*claim, &[&limit, &held]),
             client.query_one(&*next_due, &[]),
         )

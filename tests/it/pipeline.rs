@@ -739,11 +739,13 @@ async fn batch_plan(
     sql: &str,
     execute: &str,
 ) -> String {
+    client.batch_execute("BEGIN").await.unwrap();
     client
-        .batch_execute(&format!(
-            "BEGIN; {}; PREPARE {name} AS {sql}",
-            pgpushd::outbox::BATCH_PLANNING
-        ))
+        .query(pgpushd::outbox::BATCH_SETTINGS, &[&"10000", &"60000"])
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("PREPARE {name} AS {sql}"))
         .await
         .unwrap();
     let rows = client
@@ -830,9 +832,11 @@ async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
     let mut other = OutboxConn::new(plain_client(&db.url).await, Duration::from_secs(10))
         .await
         .unwrap();
-    assert_eq!(other.claim(bounds, 10, &[]).await.unwrap().rows.len(), 1);
+    let Claim { rows, batch, .. } = other.claim(bounds, 10, &[]).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    batch.rollback().await.unwrap();
     // A batch dropped with rows releases them as it goes, not at its connection's next
-    // claim (the other claim was dropped just above).
+    // claim.
     let held = conn.claim(bounds, 10, &[]).await.unwrap();
     assert_eq!(held.rows.len(), 1);
     drop(held);
