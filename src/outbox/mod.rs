@@ -3,8 +3,9 @@
 //!
 //! A claim is a `SELECT ... FOR UPDATE SKIP LOCKED` in the partial index's order, inside a
 //! transaction that stays open while the batch is sent (opened in the same round trip);
-//! the outcomes are written with one UPDATE and the transaction commits. One write per row, and a daemon that dies mid-batch
-//! leaves nothing behind: its locks go with its connection and the rows are due again.
+//! the outcomes are written with one UPDATE and the transaction commits. One write per
+//! row, and a daemon that dies mid-batch leaves nothing behind: its locks go with its
+//! connection and the rows are due again.
 
 pub mod migrate;
 pub mod prune;
@@ -133,18 +134,16 @@ SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 
        set_config('idle_in_transaction_session_timeout', $2::text, true)";
 
 impl OutboxConn {
-    /// Prepares the statements, each
-    /// bounded by `statement_timeout` and `lock_timeout` (preparing locks the outbox: a
-    /// session holding it exclusively must not stall the batch). Prepared statements
-    /// outlive the transaction they were prepared in.
+    /// Prepares the statements, each bounded by `statement_timeout` and `lock_timeout`
+    /// (preparing locks the outbox: a session holding it exclusively must not stall the
+    /// batch). Prepared statements outlive the transaction they were prepared in.
     pub async fn new(
         client: Client,
         statement_timeout: Duration,
     ) -> Result<OutboxConn, tokio_postgres::Error> {
         client
             .batch_execute(&format!(
-                "BEGIN; SET LOCAL statement_timeout = {ms}; \
-                 SET LOCAL lock_timeout = {ms}",
+                "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}",
                 ms = millis(statement_timeout).max(1)
             ))
             .await?;
