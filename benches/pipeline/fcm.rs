@@ -4,16 +4,15 @@
 //! the daemon drains a backlog of FCM rows with the shipped defaults.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tokio_postgres::Client;
 
 use crate::db;
-use crate::procs::{self, Proc, Watched, Workdir};
+use crate::procs::{self, EmulatorProc, Watched, Workdir};
 use crate::scenarios::{Drain, Env};
 
 /// Drains a backlog of `rows` FCM rows through the FCM emulator.
@@ -80,64 +79,29 @@ async fn load_backlog(client: &Client, n: u64) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-struct FcmEmulatorProc {
-    proc: Proc,
-    endpoint: String,
-    tls_dir: PathBuf,
-    /// Kept open: a closed pipe would kill the emulator when it prints.
-    _stdout: BufReader<std::process::ChildStdout>,
+/// `pgpushd emulator --protocol fcm`, which writes its CA and a service account's key
+/// to its own TLS directory ([`tls_dir`]) before it listens.
+fn start_emulator(work: &Workdir) -> anyhow::Result<EmulatorProc> {
+    fs::create_dir_all(tls_dir(work))?;
+    let mut cmd = Command::new(procs::BIN);
+    cmd.args(["emulator", "--protocol", "fcm", "--listen", "127.0.0.1:0"])
+        .arg("--tls-dir")
+        .arg(tls_dir(work));
+    // "FCM emulator listening on https://127.0.0.1:PORT (token endpoint ...)"
+    procs::spawn_emulator(
+        work,
+        &mut cmd,
+        "fcm-emulator.log",
+        "FCM emulator listening on ",
+    )
 }
 
-/// `pgpushd emulator --protocol fcm`, which writes its CA and a service account's key
-/// to its own TLS directory.
-fn start_emulator(work: &Workdir) -> anyhow::Result<FcmEmulatorProc> {
-    let tls_dir = work.path("fcm-tls");
-    fs::create_dir_all(&tls_dir)?;
-    let log = fs::File::create(work.path("fcm-emulator.log"))?;
-    let mut child = Command::new(procs::BIN)
-        .args(["emulator", "--protocol", "fcm", "--listen", "127.0.0.1:0"])
-        .arg("--tls-dir")
-        .arg(&tls_dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .context("starting the FCM emulator")?;
-    let stdout = child.stdout.take().expect("piped");
-    let proc = Proc {
-        child,
-        started: Instant::now(),
-    };
-    // "FCM emulator listening on https://127.0.0.1:PORT (token endpoint ...)"
-    let mut stdout = BufReader::new(stdout);
-    let mut line = String::new();
-    stdout.read_line(&mut line)?;
-    let Some(endpoint) = line
-        .trim()
-        .strip_prefix("FCM emulator listening on ")
-        .and_then(|rest| rest.split_whitespace().next())
-    else {
-        bail!(
-            "the FCM emulator did not start: {line:?}; its log: {}",
-            fs::read_to_string(work.path("fcm-emulator.log")).unwrap_or_default()
-        );
-    };
-    // Its key file is written before it listens.
-    Ok(FcmEmulatorProc {
-        endpoint: endpoint.to_owned(),
-        proc,
-        tls_dir,
-        _stdout: stdout,
-    })
+fn tls_dir(work: &Workdir) -> PathBuf {
+    work.path("fcm-tls")
 }
 
 /// The daemon's config: the shipped defaults, one FCM app pointing at the emulator.
-fn daemon_config(
-    work: &Workdir,
-    db_url: &str,
-    emulator: &FcmEmulatorProc,
-) -> anyhow::Result<PathBuf> {
+fn daemon_config(work: &Workdir, db_url: &str, emulator: &EmulatorProc) -> anyhow::Result<PathBuf> {
     let text = format!(
         r#"[database]
 url = "{db_url}"
@@ -152,8 +116,8 @@ ca_file = "{ca}"
 service_account_file = "{key}"
 "#,
         endpoint = emulator.endpoint,
-        ca = emulator.tls_dir.join("ca.pem").display(),
-        key = emulator.tls_dir.join("service-account.json").display(),
+        ca = tls_dir(work).join("ca.pem").display(),
+        key = tls_dir(work).join("service-account.json").display(),
     );
     let path = work.path("pgpushd-fcm.toml");
     fs::write(&path, text)?;

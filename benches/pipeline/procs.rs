@@ -264,12 +264,27 @@ pub fn start_emulator_on(
     if let Some(path) = record {
         cmd.arg("--record").arg(path);
     }
-    let log = fs::File::create(work.path("emulator.log"))?;
+    spawn_emulator(
+        work,
+        &mut cmd,
+        "emulator.log",
+        "APNs emulator listening on ",
+    )
+}
+
+/// Spawns an emulator (`cmd`, its log in `work`'s `log`) and reads the line it prints
+/// once it listens: `banner`, then its endpoint.
+pub fn spawn_emulator(
+    work: &Workdir,
+    cmd: &mut Command,
+    log: &str,
+    banner: &str,
+) -> anyhow::Result<EmulatorProc> {
     let mut child = cmd
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(log)
+        .stderr(fs::File::create(work.path(log))?)
         .spawn()
         .context("starting the emulator")?;
     let stdout = child.stdout.take().expect("piped");
@@ -277,15 +292,17 @@ pub fn start_emulator_on(
         child,
         started: Instant::now(),
     };
-    // "APNs emulator listening on https://127.0.0.1:PORT"
     let mut stdout = BufReader::new(stdout);
     let mut line = String::new();
     stdout.read_line(&mut line)?;
-    let Some(endpoint) = line.trim().strip_prefix("APNs emulator listening on ") else {
+    let Some(endpoint) = line
+        .trim()
+        .strip_prefix(banner)
+        .and_then(|rest| rest.split_whitespace().next())
+    else {
         bail!(
-            "the emulator did not start: {:?}; its log: {}",
-            line,
-            fs::read_to_string(work.path("emulator.log")).unwrap_or_default()
+            "the emulator did not start: {line:?}; its log: {}",
+            fs::read_to_string(work.path(log)).unwrap_or_default()
         );
     };
     Ok(EmulatorProc {
