@@ -59,6 +59,17 @@ pub async fn empty(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rows still pending in the outbox.
+pub async fn pending(client: &Client) -> anyhow::Result<i64> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM pgpushd.outbox WHERE status = 'pending'",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// Inserts rows `1..=n` as a pending backlog, in statements of 100,000, then VACUUM
 /// ANALYZE and CHECKPOINT so the drain that follows pays for neither the load's
 /// bookkeeping nor its checkpoint.
@@ -141,7 +152,3 @@ pub async fn wait_listening(client: &Client, deadline: Duration) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
-
-pub const DROP_TRIGGER: &str = "DROP TRIGGER outbox_notify ON pgpushd.outbox";
-pub const CREATE_TRIGGER: &str = "CREATE TRIGGER outbox_notify AFTER INSERT ON pgpushd.outbox
-    FOR EACH STATEMENT EXECUTE FUNCTION pgpushd.notify_outbox()";

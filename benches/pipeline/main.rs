@@ -8,7 +8,8 @@
 //! process used and the machine).
 //!
 //! Flags (after `--`): `--quick`, `--rows N` (drain backlog, default 200,000),
-//! `--runs N`, `--only drain,drain20,latency,producer,backlog,fcm_drain`, `--no-fsync`.
+//! `--runs N`, `--only drain,drain20,latency,producer,backlog,fcm_drain`, `--no-fsync`,
+//! `--awake-poll-interval D` (every daemon of the run looks that often while awake).
 
 mod db;
 mod fcm;
@@ -35,10 +36,15 @@ pub struct Plan {
     pub runs: usize,
     pub latency_rate: u64,
     pub latency_secs: u64,
+    /// The producer scenario's rounds: how long each, and how many cycles of them.
     pub producer_secs: u64,
+    pub producer_cycles: usize,
     pub only: Option<Vec<String>>,
     /// `--no-fsync`: PostgreSQL with fsync off, to compare with figures taken that way.
     pub fsync: bool,
+    /// `--awake-poll-interval D`: every daemon of the run looks that often while awake
+    /// (the shipped default otherwise), to measure the dial's other settings.
+    pub awake_poll_interval: Option<String>,
 }
 
 impl Plan {
@@ -72,9 +78,17 @@ impl Plan {
             runs,
             latency_rate: 1000,
             latency_secs: if quick { 5 } else { 20 },
-            producer_secs: if quick { 3 } else { 10 },
+            producer_secs: if quick { 2 } else { 4 },
+            producer_cycles: if quick { 2 } else { 5 },
             only: value("--only")?.map(|v| v.split(',').map(str::to_owned).collect()),
             fsync: !args.iter().any(|a| a == "--no-fsync"),
+            awake_poll_interval: value("--awake-poll-interval")?
+                .map(|v| {
+                    humantime::parse_duration(&v)
+                        .map(|_| v.clone())
+                        .context("--awake-poll-interval D (as in the config: 5ms)")
+                })
+                .transpose()?,
         })
     }
 
@@ -102,7 +116,10 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
     let cluster = tokio::task::block_in_place(|| DevDb::start_with(plan.fsync))
         .context("starting a throwaway PostgreSQL")?;
     let postmaster = procs::postmaster_pid(cluster.port());
-    let work = procs::Workdir::new()?;
+    let mut work = procs::Workdir::new()?;
+    if let Some(every) = &plan.awake_poll_interval {
+        work.database_keys = format!("awake_poll_interval = \"{every}\"");
+    }
     let mut samples = Samples::default();
     let mut detail: Vec<serde_json::Value> = Vec::new();
 
@@ -173,25 +190,21 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             this.insert("latency", serde_json::to_value(&l)?);
         }
         if plan.wants("producer") {
-            let p =
-                scenarios::producer(&env, Duration::from_secs(plan.producer_secs), None).await?;
+            let round = Duration::from_secs(plan.producer_secs);
+            let p = scenarios::producer(&env, round, plan.producer_cycles, None).await?;
             progress(run, "producer, bare table", p.tps_bare, "tps");
             progress(run, "producer, pgpushd", p.tps, "tps");
+            progress(run, "producer ratio", p.ratio, "");
             progress(run, "producer, NOTIFY always", p.tps_notify_always, "tps");
             samples.add("producer_tps_bare", p.tps_bare);
             // The wake-up's own cost, with nothing delivered meanwhile.
-            samples.add("producer_wakeup_ratio", p.tps_trigger_awake / p.tps_bare);
-            samples.add(
-                "producer_wakeup_ratio_asleep",
-                p.tps_trigger_asleep / p.tps_bare,
-            );
+            samples.add("producer_wakeup_ratio", p.wakeup_ratio);
+            samples.add("producer_wakeup_ratio_asleep", p.wakeup_ratio_asleep);
             samples.add("producer_tps", p.tps);
-            samples.add("producer_ratio", p.tps / p.tps_bare);
+            samples.add("producer_ratio", p.ratio);
+            samples.add("producer_pending_at_round_end", p.pending_at_round_end);
             samples.add("producer_tps_notify_always", p.tps_notify_always);
-            samples.add(
-                "producer_ratio_notify_always",
-                p.tps_notify_always / p.tps_bare,
-            );
+            samples.add("producer_ratio_notify_always", p.ratio_notify_always);
             samples.add(
                 "producer_daemon_txns_per_s_notify_always",
                 p.daemon_txns_per_s_notify_always,
@@ -205,25 +218,16 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             // The same with the daemon and the emulator on a CPU of their own, as on
             // hosts of their own: what the producers pay for the daemon's database work.
             if let Some(placement) = procs::Placement::apart() {
-                let p = scenarios::producer(
-                    &env,
-                    Duration::from_secs(plan.producer_secs),
-                    Some(&placement),
-                )
-                .await?;
+                let p = scenarios::producer(&env, round, plan.producer_cycles, Some(&placement))
+                    .await?;
                 progress(run, "producer apart, bare", p.tps_bare, "tps");
                 progress(run, "producer apart, pgpushd", p.tps, "tps");
+                progress(run, "producer apart ratio", p.ratio, "");
                 samples.add("producer_apart_tps_bare", p.tps_bare);
                 samples.add("producer_apart_tps", p.tps);
-                samples.add("producer_apart_ratio", p.tps / p.tps_bare);
-                samples.add(
-                    "producer_apart_wakeup_ratio",
-                    p.tps_trigger_awake / p.tps_bare,
-                );
-                samples.add(
-                    "producer_apart_ratio_notify_always",
-                    p.tps_notify_always / p.tps_bare,
-                );
+                samples.add("producer_apart_ratio", p.ratio);
+                samples.add("producer_apart_wakeup_ratio", p.wakeup_ratio);
+                samples.add("producer_apart_ratio_notify_always", p.ratio_notify_always);
                 this.insert(
                     "producer_apart",
                     serde_json::json!({"placement": placement, "figures": p}),
@@ -252,7 +256,8 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
 }
 
 fn progress(run: usize, what: &str, value: f64, unit: &str) {
-    eprintln!("  run {run}: {what:<22} {value:>12.1} {unit}");
+    let decimals = if value.abs() < 10.0 { 2 } else { 1 };
+    eprintln!("  run {run}: {what:<22} {value:>12.decimals$} {unit}");
 }
 
 /// The floors, by key.

@@ -22,6 +22,8 @@ pub const TEAM_ID: &str = "BENCHTEAM1";
 /// configs and logs.
 pub struct Workdir {
     pub dir: tempfile::TempDir,
+    /// `[database]` keys every daemon of the run gets (`--awake-poll-interval`).
+    pub database_keys: String,
 }
 
 impl Workdir {
@@ -32,7 +34,10 @@ impl Workdir {
         let key = pgpushd_emulator::jwt::generate_signing_key()?;
         fs::write(dir.path().join("AuthKey.p8"), key)?;
         fs::create_dir(dir.path().join("tls"))?;
-        Ok(Workdir { dir })
+        Ok(Workdir {
+            dir,
+            database_keys: String::new(),
+        })
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -67,6 +72,7 @@ impl Workdir {
             r#"[database]
 url = "{db_url}"
 poll_interval = "5s"
+{keys}
 {database}
 
 [apps.default]
@@ -80,6 +86,7 @@ key_id = "{KEY_ID}"
 team_id = "{TEAM_ID}"
 
 {metrics}"#,
+            keys = self.database_keys,
             ca = self.ca_file().display(),
             key = self.key_file().display(),
         );
@@ -465,6 +472,35 @@ pub struct CpuUse {
     pub machine: f64,
     /// Busy, but none of the above: other users of the machine (noise).
     pub others: f64,
+}
+
+impl CpuUse {
+    /// The mean of several intervals' figures (equal weights).
+    pub fn mean<'a>(uses: impl IntoIterator<Item = &'a CpuUse>) -> CpuUse {
+        let (mut sum, mut n) = (CpuUse::default(), 0.0);
+        for u in uses {
+            sum.daemon += u.daemon;
+            sum.emulator += u.emulator;
+            sum.postgres += u.postgres;
+            sum.bench += u.bench;
+            sum.machine += u.machine;
+            sum.others += u.others;
+            n += 1.0;
+        }
+        if n > 0.0 {
+            for f in [
+                &mut sum.daemon,
+                &mut sum.emulator,
+                &mut sum.postgres,
+                &mut sum.bench,
+                &mut sum.machine,
+                &mut sum.others,
+            ] {
+                *f /= n;
+            }
+        }
+        sum
+    }
 }
 
 /// A snapshot of CPU counters, to subtract from a later one.

@@ -259,7 +259,8 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Producer {
-    /// The bare table: no trigger, no daemon.
+    /// Writers on the bare table (no trigger, out of every daemon's sight): median of
+    /// the rounds with no daemon running.
     pub tps_bare: f64,
     /// The trigger installed, no daemon, the awake deadline held ahead: what the wake-up
     /// costs writers while a daemon is awake (no NOTIFY, no delivery).
@@ -270,6 +271,19 @@ pub struct Producer {
     pub tps: f64,
     /// The same with `awake_linger = "0s"`: every INSERT notifies (before schema 4).
     pub tps_notify_always: f64,
+    /// Each cycle's ratio to the bare rounds of the same cycle, and their medians: the
+    /// figures `main` reports (a drift of the machine's speed weighs on both sides).
+    pub wakeup_ratios: Vec<f64>,
+    pub wakeup_ratios_asleep: Vec<f64>,
+    pub ratios: Vec<f64>,
+    pub ratios_notify_always: Vec<f64>,
+    pub wakeup_ratio: f64,
+    pub wakeup_ratio_asleep: f64,
+    pub ratio: f64,
+    pub ratio_notify_always: f64,
+    /// Rows still pending when the writers of a delivering round stopped (median): a
+    /// daemon that falls behind would look cheap.
+    pub pending_at_round_end: f64,
     /// Transactions the database committed per second beyond the producers' own: the
     /// daemon's claims, with the shipped settings and with NOTIFY always.
     pub daemon_txns_per_s: f64,
@@ -277,24 +291,57 @@ pub struct Producer {
     /// The daemon's claims per second while nothing arrives (asleep), from its metrics.
     pub idle_daemon_claims_per_s: f64,
     /// NOTIFYs the daemon received, and rows it found awake without one, while the
-    /// producers inserted (shipped settings).
+    /// producers inserted (shipped settings, all rounds).
     pub notifications: f64,
     pub rows_found_awake: f64,
+    /// Mean over the rounds of each kind.
     pub cpu_bare: CpuUse,
     pub cpu: CpuUse,
     pub cpu_notify_always: CpuUse,
 }
 
-/// 8 writers of single-row INSERTs in autocommit for `duration`: on the bare table (no
-/// trigger, no daemon), then with the trigger and the daemon running and delivering, as
-/// shipped and with NOTIFY on every INSERT; and the daemon's idle cost.
+/// The bare table: the outbox's columns, defaults, constraints and indexes, without its
+/// trigger, and out of every daemon's sight (so a daemon can stay running, idle, while
+/// writers insert into it).
+const BARE: &str = "pgpushd.outbox_bare";
+
+/// Where one round's writers insert, and with what around them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Round {
+    /// The bare table.
+    Bare,
+    /// The outbox with its trigger, no daemon, the awake deadline held ahead / passed.
+    TriggerAwake,
+    TriggerAsleep,
+    /// The outbox, a daemon running and delivering.
+    Delivered,
+}
+
+/// What one round measured.
+struct RoundResult {
+    tps: f64,
+    cpu: CpuUse,
+    /// Delivered rounds: rows pending when the writers stopped, and the database's
+    /// commits per second beyond the writers' own.
+    pending: f64,
+    other_txns_per_s: f64,
+}
+
+/// 8 writers of single-row INSERTs in autocommit, in rounds of `round` each. The ratios
+/// come from rounds taken in turn with bare-table rounds (A B, then B A, ...), so the
+/// machine's drift over minutes weighs on both sides; each is the median of `cycles`
+/// cycles' ratios.
+/// - No daemon: the bare table, the trigger with the deadline held ahead, passed.
+/// - The daemon running and delivering, as shipped, then with NOTIFY on every INSERT;
+///   its bare rounds run beside the idle daemon. Then the daemon's idle cost.
 ///
 /// With a `placement`, PostgreSQL and the writers run on its `database` CPUs and the
 /// daemon and the emulator on its `daemon` CPUs, throughout (bare table included), and
 /// everything goes back on every CPU afterwards.
 pub async fn producer(
     env: &Env<'_>,
-    duration: Duration,
+    round: Duration,
+    cycles: usize,
     placement: Option<&procs::Placement>,
 ) -> anyhow::Result<Producer> {
     let all_cpus = format!(
@@ -311,7 +358,7 @@ pub async fn producer(
     if let Some(p) = placement {
         place(&p.database)?;
     }
-    let result = producer_placed(env, duration, placement.map(|p| p.daemon.as_str())).await;
+    let result = producer_placed(env, round, cycles, placement.map(|p| p.daemon.as_str())).await;
     if placement.is_some() {
         place(&all_cpus)?;
     }
@@ -320,10 +367,17 @@ pub async fn producer(
 
 async fn producer_placed(
     env: &Env<'_>,
-    duration: Duration,
+    round: Duration,
+    cycles: usize,
     daemon_cpus: Option<&str>,
 ) -> anyhow::Result<Producer> {
     db::empty(&env.client).await?;
+    env.client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {BARE};
+             CREATE TABLE {BARE} (LIKE pgpushd.outbox INCLUDING ALL)"
+        ))
+        .await?;
     let emulator = procs::start_emulator_on(env.work, Duration::ZERO, None, daemon_cpus)?;
     let watched = |daemon: Option<&procs::Proc>| Watched {
         daemon: daemon.map(|d| d.pid()),
@@ -331,50 +385,39 @@ async fn producer_placed(
         postmaster: env.postmaster,
     };
 
-    env.client.batch_execute(db::DROP_TRIGGER).await?;
-    let bare = async {
-        let watched = watched(None);
-        procs::wait_quiet(QUIET_WAIT).await;
-        let before = watched.mark();
-        let tps = writers(&env.url, 8, duration).await?;
-        anyhow::Ok((tps, watched.since(&before, false)))
-    }
-    .await;
-    env.client.batch_execute(db::CREATE_TRIGGER).await?;
-    let (tps_bare, cpu_bare) = bare?;
-    db::empty(&env.client).await?;
-
-    // The trigger alone, no daemon: with the deadline held ahead (what writers pay while
-    // a daemon is awake), then with it passed (every INSERT notifies).
-    let mut trigger_only = Vec::new();
-    for hold in [Duration::from_secs(3600), Duration::ZERO] {
-        pgpushd::outbox::wakeup::stay_awake(&env.client, hold).await?;
-        procs::wait_quiet(QUIET_WAIT).await;
-        trigger_only.push(writers(&env.url, 8, duration).await?);
-        db::empty(&env.client).await?;
-    }
+    // No daemon: what the trigger alone costs, awake and asleep.
+    let no_daemon = cycled(
+        env,
+        &[Round::Bare, Round::TriggerAwake, Round::TriggerAsleep],
+        cycles,
+        round,
+        &watched(None),
+    )
+    .await?;
     pgpushd::outbox::wakeup::stay_awake(&env.client, Duration::ZERO).await?;
-    let (tps_trigger_awake, tps_trigger_asleep) = (trigger_only[0], trigger_only[1]);
 
-    // With the daemon: as shipped, then with NOTIFY on every INSERT.
+    // The daemon: as shipped, then with NOTIFY on every INSERT (fewer cycles: it is the
+    // comparison, not the figure).
     let mut with_daemon = Vec::new();
-    for database in ["", "awake_linger = \"0s\""] {
+    for (database, cycles) in [("", cycles), ("awake_linger = \"0s\"", cycles.div_ceil(2))] {
         let metrics = procs::free_addr()?;
         let config =
             env.work
                 .daemon_config_with(&env.url, &emulator.endpoint, database, Some(metrics))?;
         let daemon = procs::start_daemon_on(env.work, &config, daemon_cpus)?;
         db::wait_listening(&env.client, Duration::from_secs(30)).await?;
-        let watched = watched(Some(&daemon));
-        procs::wait_quiet(QUIET_WAIT).await;
-        let before = watched.mark();
-        let commits_before = commits(&env.client).await?;
-        let tps = writers(&env.url, 8, duration).await?;
-        let cpu = watched.since(&before, false);
-        let txns = daemon_txns(&env.client, commits_before, tps, duration).await?;
-        db::wait_drained(&env.client, Duration::from_secs(120)).await?;
-        let heard = procs::scrape(metrics, "pgpushd_notifications_total")?;
-        let found = procs::scrape(metrics, "pgpushd_rows_found_awake_total")?;
+        let heard_before = procs::scrape(metrics, "pgpushd_notifications_total")?;
+        let found_before = procs::scrape(metrics, "pgpushd_rows_found_awake_total")?;
+        let rounds = cycled(
+            env,
+            &[Round::Bare, Round::Delivered],
+            cycles,
+            round,
+            &watched(Some(&daemon)),
+        )
+        .await?;
+        let heard = procs::scrape(metrics, "pgpushd_notifications_total")? - heard_before;
+        let found = procs::scrape(metrics, "pgpushd_rows_found_awake_total")? - found_before;
         // Idle: well past the linger, nothing arriving.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let idle_before = procs::scrape(metrics, "pgpushd_batches_total")?;
@@ -382,28 +425,152 @@ async fn producer_placed(
         let idle = (procs::scrape(metrics, "pgpushd_batches_total")? - idle_before) / 10.0;
         daemon.stop()?;
         db::empty(&env.client).await?;
-        with_daemon.push((tps, cpu, txns, idle, heard, found));
+        with_daemon.push((rounds, idle, heard, found));
     }
     emulator.proc.stop()?;
-    let (tps, cpu, daemon_txns_per_s, idle_daemon_claims_per_s, notifications, rows_found_awake) =
+    env.client
+        .batch_execute(&format!("DROP TABLE {BARE}"))
+        .await?;
+
+    let (shipped, idle_daemon_claims_per_s, notifications, rows_found_awake) =
         with_daemon.remove(0);
-    let (tps_notify_always, cpu_notify_always, daemon_txns_per_s_notify_always, ..) =
-        with_daemon.remove(0);
+    let (always, ..) = with_daemon.remove(0);
     Ok(Producer {
-        tps_bare,
-        tps_trigger_awake,
-        tps_trigger_asleep,
-        tps,
-        tps_notify_always,
-        daemon_txns_per_s,
-        daemon_txns_per_s_notify_always,
+        tps_bare: median(no_daemon.of(Round::Bare).map(|r| r.tps)),
+        tps_trigger_awake: median(no_daemon.of(Round::TriggerAwake).map(|r| r.tps)),
+        tps_trigger_asleep: median(no_daemon.of(Round::TriggerAsleep).map(|r| r.tps)),
+        tps: median(shipped.of(Round::Delivered).map(|r| r.tps)),
+        tps_notify_always: median(always.of(Round::Delivered).map(|r| r.tps)),
+        wakeup_ratios: no_daemon.ratios(Round::TriggerAwake),
+        wakeup_ratios_asleep: no_daemon.ratios(Round::TriggerAsleep),
+        ratios: shipped.ratios(Round::Delivered),
+        ratios_notify_always: always.ratios(Round::Delivered),
+        wakeup_ratio: median(no_daemon.ratios(Round::TriggerAwake)),
+        wakeup_ratio_asleep: median(no_daemon.ratios(Round::TriggerAsleep)),
+        ratio: median(shipped.ratios(Round::Delivered)),
+        ratio_notify_always: median(always.ratios(Round::Delivered)),
+        pending_at_round_end: median(shipped.of(Round::Delivered).map(|r| r.pending)),
+        daemon_txns_per_s: median(shipped.of(Round::Delivered).map(|r| r.other_txns_per_s)),
+        daemon_txns_per_s_notify_always: median(
+            always.of(Round::Delivered).map(|r| r.other_txns_per_s),
+        ),
         idle_daemon_claims_per_s,
         notifications,
         rows_found_awake,
-        cpu_bare,
-        cpu,
-        cpu_notify_always,
+        cpu_bare: CpuUse::mean(no_daemon.of(Round::Bare).map(|r| &r.cpu)),
+        cpu: CpuUse::mean(shipped.of(Round::Delivered).map(|r| &r.cpu)),
+        cpu_notify_always: CpuUse::mean(always.of(Round::Delivered).map(|r| &r.cpu)),
     })
+}
+
+/// Rounds of each kind, per cycle, in the order the kinds were given.
+struct Cycles {
+    kinds: Vec<Round>,
+    cycles: Vec<Vec<RoundResult>>,
+}
+
+impl Cycles {
+    fn of(&self, kind: Round) -> impl Iterator<Item = &RoundResult> + '_ {
+        let at = self
+            .kinds
+            .iter()
+            .position(|k| *k == kind)
+            .expect("a kind measured");
+        self.cycles.iter().map(move |c| &c[at])
+    }
+
+    /// Each cycle's `kind` rounds over its bare round.
+    fn ratios(&self, kind: Round) -> Vec<f64> {
+        self.of(kind)
+            .zip(self.of(Round::Bare))
+            .map(|(r, bare)| r.tps / bare.tps)
+            .collect()
+    }
+}
+
+/// `cycles` cycles of one round of each kind, each cycle's order rotated by one from the
+/// last (A B C, B C A, C A B, ...) so no kind always goes first.
+async fn cycled(
+    env: &Env<'_>,
+    kinds: &[Round],
+    cycles: usize,
+    round: Duration,
+    watched: &Watched,
+) -> anyhow::Result<Cycles> {
+    let mut results = Vec::new();
+    for cycle in 0..cycles {
+        let mut this: Vec<Option<RoundResult>> = kinds.iter().map(|_| None).collect();
+        for i in 0..kinds.len() {
+            let at = (i + cycle) % kinds.len();
+            this[at] = Some(one_round(env, kinds[at], round, watched).await?);
+        }
+        results.push(
+            this.into_iter()
+                .map(|r| r.expect("every kind ran"))
+                .collect(),
+        );
+    }
+    Ok(Cycles {
+        kinds: kinds.to_vec(),
+        cycles: results,
+    })
+}
+
+/// One round from empty tables and a quiet machine; a delivered round then waits until
+/// the daemon has delivered its rows.
+async fn one_round(
+    env: &Env<'_>,
+    kind: Round,
+    duration: Duration,
+    watched: &Watched,
+) -> anyhow::Result<RoundResult> {
+    db::empty(&env.client).await?;
+    env.client
+        .batch_execute(&format!("TRUNCATE {BARE}"))
+        .await?;
+    match kind {
+        Round::TriggerAwake => {
+            pgpushd::outbox::wakeup::stay_awake(&env.client, Duration::from_secs(3600)).await?
+        }
+        Round::TriggerAsleep => {
+            pgpushd::outbox::wakeup::stay_awake(&env.client, Duration::ZERO).await?
+        }
+        Round::Bare | Round::Delivered => {}
+    }
+    let table = match kind {
+        Round::Bare => BARE,
+        _ => "pgpushd.outbox",
+    };
+    procs::wait_quiet(QUIET_WAIT).await;
+    let commits_before = match kind {
+        Round::Delivered => commits(&env.client).await?,
+        _ => 0,
+    };
+    let before = watched.mark();
+    let tps = writers(&env.url, table, 8, duration).await?;
+    let cpu = watched.since(&before, false);
+    let (mut pending, mut other_txns_per_s) = (0.0, 0.0);
+    if kind == Round::Delivered {
+        pending = db::pending(&env.client).await? as f64;
+        other_txns_per_s = daemon_txns(&env.client, commits_before, tps, duration).await?;
+        db::wait_drained(&env.client, Duration::from_secs(120)).await?;
+    }
+    Ok(RoundResult {
+        tps,
+        cpu,
+        pending,
+        other_txns_per_s,
+    })
+}
+
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Transactions committed in this database so far (pg_stat_database).
@@ -431,8 +598,9 @@ async fn daemon_txns(
     Ok(((after - before) as f64 - producers).max(0.0) / duration.as_secs_f64())
 }
 
-/// `n` clients inserting single rows as fast as they can for `duration`: rows/s.
-async fn writers(url: &str, n: usize, duration: Duration) -> anyhow::Result<f64> {
+/// `n` clients inserting single rows into `table` as fast as they can for `duration`:
+/// rows/s.
+async fn writers(url: &str, table: &str, n: usize, duration: Duration) -> anyhow::Result<f64> {
     static SEQ: AtomicU64 = AtomicU64::new(10_000_000);
     let mut clients = Vec::new();
     for _ in 0..n {
@@ -444,12 +612,13 @@ async fn writers(url: &str, n: usize, duration: Duration) -> anyhow::Result<f64>
     let mut tasks = Vec::new();
     for client in clients {
         let count = count.clone();
+        let table = table.to_owned();
         tasks.push(tokio::spawn(async move {
             let insert = client
-                .prepare(
-                    "INSERT INTO pgpushd.outbox (device_token, payload)
-                     VALUES ($1, '{\"aps\":{\"alert\":\"producer\"}}')",
-                )
+                .prepare(&format!(
+                    "INSERT INTO {table} (device_token, payload)
+                     VALUES ($1, '{{\"aps\":{{\"alert\":\"producer\"}}}}')"
+                ))
                 .await?;
             while Instant::now() < stop {
                 let seq = SEQ.fetch_add(1, Ordering::Relaxed);
