@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::Context;
 use pgpushd::devdb::DevDb;
 
+use procs::CpuUse;
 use report::{Floor, Samples};
 use scenarios::Env;
 
@@ -214,6 +215,18 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             samples.add("producer_rows_found_awake", p.rows_found_awake);
             // The daemon's own transactions meanwhile (claims, next-due look-ups).
             samples.add("producer_daemon_txns_per_s", p.daemon_txns_per_s);
+            // CPU per row of the whole set-up (the machine's cores go to these): an INSERT
+            // on the bare table, and an INSERT delivered. Writers that fill the machine keep
+            // about the first over the second of their rate.
+            let all = |c: &CpuUse| c.postgres + c.bench + c.daemon + c.emulator;
+            samples.add(
+                "producer_cpu_us_per_bare_insert",
+                all(&p.cpu_bare) / p.tps_bare * 1e6,
+            );
+            samples.add(
+                "producer_cpu_us_per_delivered_insert",
+                all(&p.cpu) / p.tps * 1e6,
+            );
             this.insert("producer", serde_json::to_value(&p)?);
             // The same with the daemon and the emulator on a CPU of their own, as on
             // hosts of their own: what the producers pay for the daemon's database work.
@@ -227,6 +240,16 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 samples.add("producer_apart_tps", p.tps);
                 samples.add("producer_apart_ratio", p.ratio);
                 samples.add("producer_apart_wakeup_ratio", p.wakeup_ratio);
+                // The same on the database's CPU only (PostgreSQL and the writers).
+                let db = |c: &CpuUse| c.postgres + c.bench;
+                samples.add(
+                    "producer_apart_db_us_per_bare_insert",
+                    db(&p.cpu_bare) / p.tps_bare * 1e6,
+                );
+                samples.add(
+                    "producer_apart_db_us_per_delivered_insert",
+                    db(&p.cpu) / p.tps * 1e6,
+                );
                 samples.add("producer_apart_ratio_notify_always", p.ratio_notify_always);
                 this.insert(
                     "producer_apart",
