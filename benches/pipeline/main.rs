@@ -215,18 +215,10 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             samples.add("producer_rows_found_awake", p.rows_found_awake);
             // The daemon's own transactions meanwhile (claims, next-due look-ups).
             samples.add("producer_daemon_txns_per_s", p.daemon_txns_per_s);
-            // CPU per row of the whole set-up (the machine's cores go to these): an INSERT
-            // on the bare table, and an INSERT delivered. Writers that fill the machine keep
-            // about the first over the second of their rate.
-            let all = |c: &CpuUse| c.postgres + c.bench + c.daemon + c.emulator;
-            samples.add(
-                "producer_cpu_us_per_bare_insert",
-                all(&p.cpu_bare) / p.tps_bare * 1e6,
-            );
-            samples.add(
-                "producer_cpu_us_per_delivered_insert",
-                all(&p.cpu) / p.tps * 1e6,
-            );
+            // CPU per row of the whole set-up (the machine's cores go to these).
+            cpu_per_row(&mut samples, "producer_cpu_us", &p, |c| {
+                c.postgres + c.bench + c.daemon + c.emulator
+            });
             this.insert("producer", serde_json::to_value(&p)?);
             // The same with the daemon and the emulator on a CPU of their own, as on
             // hosts of their own: what the producers pay for the daemon's database work.
@@ -241,15 +233,9 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 samples.add("producer_apart_ratio", p.ratio);
                 samples.add("producer_apart_wakeup_ratio", p.wakeup_ratio);
                 // The same on the database's CPU only (PostgreSQL and the writers).
-                let db = |c: &CpuUse| c.postgres + c.bench;
-                samples.add(
-                    "producer_apart_db_us_per_bare_insert",
-                    db(&p.cpu_bare) / p.tps_bare * 1e6,
-                );
-                samples.add(
-                    "producer_apart_db_us_per_delivered_insert",
-                    db(&p.cpu) / p.tps * 1e6,
-                );
+                cpu_per_row(&mut samples, "producer_apart_db_us", &p, |c| {
+                    c.postgres + c.bench
+                });
                 samples.add("producer_apart_ratio_notify_always", p.ratio_notify_always);
                 this.insert(
                     "producer_apart",
@@ -276,6 +262,25 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
     let path = report::write_json(&samples, &floors, &plan, detail)?;
     eprintln!("medians written to {}", path.display());
     Ok(())
+}
+
+/// `{prefix}_per_bare_insert` and `{prefix}_per_delivered_insert`: the microseconds of
+/// CPU that `part` of the set-up used per row, in the bare and in the delivering rounds.
+/// Writers that fill that CPU keep about the first over the second of their rate.
+fn cpu_per_row(
+    samples: &mut Samples,
+    prefix: &str,
+    p: &scenarios::Producer,
+    part: fn(&CpuUse) -> f64,
+) {
+    samples.add(
+        &format!("{prefix}_per_bare_insert"),
+        part(&p.cpu_bare) / p.tps_bare * 1e6,
+    );
+    samples.add(
+        &format!("{prefix}_per_delivered_insert"),
+        part(&p.cpu) / p.tps * 1e6,
+    );
 }
 
 fn progress(run: usize, what: &str, value: f64, unit: &str) {
