@@ -435,6 +435,20 @@ pub fn postgres_ticks(postmaster: i32) -> u64 {
     total
 }
 
+/// The machine's CPUs, from /proc/stat: all of them, whatever this process is pinned to
+/// (`available_parallelism` counts only the CPUs it may run on).
+pub fn machine_cpus() -> usize {
+    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let n = text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    n.max(1)
+}
+
 /// (busy, total) ticks of the whole machine, from /proc/stat.
 pub fn machine_ticks() -> (u64, u64) {
     let text = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -546,7 +560,7 @@ impl Watched {
         let cores = |ticks: u64| ticks as f64 / hz / wall;
         let daemon_before = if daemon_from_zero { 0 } else { before.daemon };
         let total = (now.machine_total - before.machine_total).max(1) as f64;
-        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let ncpu = machine_cpus() as f64;
         let mut cpu = CpuUse {
             daemon: cores(now.daemon.saturating_sub(daemon_before)),
             emulator: cores(now.emulator.saturating_sub(before.emulator)),
@@ -569,7 +583,7 @@ pub async fn wait_quiet(max_wait: Duration) -> f64 {
         let (busy0, total0) = machine_ticks();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (busy1, total1) = machine_ticks();
-        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let ncpu = machine_cpus() as f64;
         let busy = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * ncpu;
         if busy < 0.25 || Instant::now() > give_up {
             return busy;

@@ -344,10 +344,7 @@ pub async fn producer(
     cycles: usize,
     placement: Option<&procs::Placement>,
 ) -> anyhow::Result<Producer> {
-    let all_cpus = format!(
-        "0-{}",
-        std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
-    );
+    let all_cpus = format!("0-{}", procs::machine_cpus() - 1);
     let place = |cpus: &str| -> anyhow::Result<()> {
         procs::pin(std::process::id() as i32, cpus, false)?;
         if let Some(postmaster) = env.postmaster {
