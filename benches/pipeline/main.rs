@@ -80,7 +80,8 @@ impl Plan {
             latency_rate: 1000,
             latency_secs: if quick { 5 } else { 20 },
             producer_secs: if quick { 2 } else { 4 },
-            producer_cycles: if quick { 2 } else { 5 },
+            // Even, so that each order (bare first, delivered first) runs as often.
+            producer_cycles: if quick { 2 } else { 6 },
             only: value("--only")?.map(|v| v.split(',').map(str::to_owned).collect()),
             fsync: !args.iter().any(|a| a == "--no-fsync"),
             awake_poll_interval: value("--awake-poll-interval")?
@@ -198,6 +199,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             progress(run, "producer ratio", p.ratio, "");
             progress(run, "producer, NOTIFY always", p.tps_notify_always, "tps");
             samples.add("producer_tps_bare", p.tps_bare);
+            samples.add("producer_tps_bare_no_daemon", p.tps_bare_no_daemon);
             // The wake-up's own cost, with nothing delivered meanwhile.
             samples.add("producer_wakeup_ratio", p.wakeup_ratio);
             samples.add("producer_wakeup_ratio_asleep", p.wakeup_ratio_asleep);

@@ -186,6 +186,7 @@ impl Placement {
     /// The last CPU for the daemon and the emulator, the others for the database and the
     /// writers; `None` on one CPU or without `taskset`.
     pub fn apart() -> Option<Placement> {
+        // The CPUs this bench may use (it is not pinned here, between scenarios).
         let cpus = std::thread::available_parallelism().ok()?.get();
         let taskset = Command::new("taskset")
             .arg("--version")

@@ -217,7 +217,7 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
     db::wait_drained(&env.client, Duration::from_secs(60)).await?;
     let cpu = watched.since(&before, false);
     let sessions_cpu_s = daemon_sessions_cpu_s(&env.client).await? - sessions_before;
-    let claims_per_s = daemon_txns(&env.client, commits_before, offered, elapsed).await?;
+    let claims_per_s = daemon_txns(&env.client, &commits_before, total as f64).await?;
     daemon.stop()?;
     emulator.proc.stop()?; // flushes the record file
 
@@ -260,8 +260,10 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Producer {
     /// Writers on the bare table (no trigger, out of every daemon's sight): median of
-    /// the rounds with no daemon running.
+    /// the bare rounds taken in turn with the shipped daemon's (`ratio`'s), and of those
+    /// taken with no daemon running (`wakeup_ratio`'s).
     pub tps_bare: f64,
+    pub tps_bare_no_daemon: f64,
     /// The trigger installed, no daemon, the awake deadline held ahead: what the wake-up
     /// costs writers while a daemon is awake (no NOTIFY, no delivery).
     pub tps_trigger_awake: f64,
@@ -294,7 +296,8 @@ pub struct Producer {
     /// producers inserted (shipped settings, all rounds).
     pub notifications: f64,
     pub rows_found_awake: f64,
-    /// Mean over the rounds of each kind.
+    /// Mean over the rounds: the bare rounds taken in turn with the shipped daemon's, the
+    /// shipped daemon's, the NOTIFY-always daemon's.
     pub cpu_bare: CpuUse,
     pub cpu: CpuUse,
     pub cpu_notify_always: CpuUse,
@@ -310,8 +313,10 @@ const BARE: &str = "pgpushd.outbox_bare";
 enum Round {
     /// The bare table.
     Bare,
-    /// The outbox with its trigger, no daemon, the awake deadline held ahead / passed.
+    /// The outbox with its trigger, no daemon, the awake deadline held ahead: writers
+    /// skip NOTIFY, as while a daemon is awake.
     TriggerAwake,
+    /// The same with the deadline passed: every INSERT notifies.
     TriggerAsleep,
     /// The outbox, a daemon running and delivering.
     Delivered,
@@ -393,10 +398,10 @@ async fn producer_placed(
     .await?;
     pgpushd::outbox::wakeup::stay_awake(&env.client, Duration::ZERO).await?;
 
-    // The daemon: as shipped, then with NOTIFY on every INSERT (fewer cycles: it is the
-    // comparison, not the figure).
+    // The daemon: as shipped, then with NOTIFY on every INSERT (two cycles, one of each
+    // order: it is the comparison, not the figure).
     let mut with_daemon = Vec::new();
-    for (database, cycles) in [("", cycles), ("awake_linger = \"0s\"", cycles.div_ceil(2))] {
+    for (database, cycles) in [("", cycles), ("awake_linger = \"0s\"", 2)] {
         let metrics = procs::free_addr()?;
         let config =
             env.work
@@ -433,7 +438,8 @@ async fn producer_placed(
         with_daemon.remove(0);
     let (always, ..) = with_daemon.remove(0);
     Ok(Producer {
-        tps_bare: median(no_daemon.of(Round::Bare).map(|r| r.tps)),
+        tps_bare: median(shipped.of(Round::Bare).map(|r| r.tps)),
+        tps_bare_no_daemon: median(no_daemon.of(Round::Bare).map(|r| r.tps)),
         tps_trigger_awake: median(no_daemon.of(Round::TriggerAwake).map(|r| r.tps)),
         tps_trigger_asleep: median(no_daemon.of(Round::TriggerAsleep).map(|r| r.tps)),
         tps: median(shipped.of(Round::Delivered).map(|r| r.tps)),
@@ -454,7 +460,7 @@ async fn producer_placed(
         idle_daemon_claims_per_s,
         notifications,
         rows_found_awake,
-        cpu_bare: CpuUse::mean(no_daemon.of(Round::Bare).map(|r| &r.cpu)),
+        cpu_bare: CpuUse::mean(shipped.of(Round::Bare).map(|r| &r.cpu)),
         cpu: CpuUse::mean(shipped.of(Round::Delivered).map(|r| &r.cpu)),
         cpu_notify_always: CpuUse::mean(always.of(Round::Delivered).map(|r| &r.cpu)),
     })
@@ -540,16 +546,17 @@ async fn one_round(
     };
     procs::wait_quiet(QUIET_WAIT).await;
     let commits_before = match kind {
-        Round::Delivered => commits(&env.client).await?,
-        _ => 0,
+        Round::Delivered => Some(commits(&env.client).await?),
+        _ => None,
     };
     let before = watched.mark();
     let tps = writers(&env.url, table, 8, duration).await?;
     let cpu = watched.since(&before, false);
     let (mut pending, mut other_txns_per_s) = (0.0, 0.0);
-    if kind == Round::Delivered {
+    if let Some(commits_before) = &commits_before {
         pending = db::pending(&env.client).await? as f64;
-        other_txns_per_s = daemon_txns(&env.client, commits_before, tps, duration).await?;
+        let rows = tps * duration.as_secs_f64();
+        other_txns_per_s = daemon_txns(&env.client, commits_before, rows).await?;
         db::wait_drained(&env.client, Duration::from_secs(120)).await?;
     }
     Ok(RoundResult {
@@ -570,29 +577,35 @@ fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
-/// Transactions committed in this database so far (pg_stat_database).
-async fn commits(client: &Client) -> anyhow::Result<i64> {
+/// Transactions committed in this database so far (pg_stat_database), and when that was
+/// read.
+struct Commits {
+    count: i64,
+    at: Instant,
+}
+
+async fn commits(client: &Client) -> anyhow::Result<Commits> {
     // Statistics reach shared memory within a second of a transaction.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    Ok(client
+    let count = client
         .query_one(
             "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
             &[],
         )
         .await?
-        .get(0))
+        .get(0);
+    Ok(Commits {
+        count,
+        at: Instant::now(),
+    })
 }
 
-/// Commits per second since `before` that were not the producers' inserts.
-async fn daemon_txns(
-    client: &Client,
-    before: i64,
-    producer_tps: f64,
-    duration: Duration,
-) -> anyhow::Result<f64> {
+/// Commits per second since `before` that were not the producers' `rows`, over the whole
+/// time between the two readings (the daemon keeps claiming after the producers stop).
+async fn daemon_txns(client: &Client, before: &Commits, rows: f64) -> anyhow::Result<f64> {
     let after = commits(client).await?;
-    let producers = producer_tps * duration.as_secs_f64();
-    Ok(((after - before) as f64 - producers).max(0.0) / duration.as_secs_f64())
+    let window = after.at.duration_since(before.at).as_secs_f64();
+    Ok(((after.count - before.count) as f64 - rows).max(0.0) / window)
 }
 
 /// `n` clients inserting single rows into `table` as fast as they can for `duration`:
