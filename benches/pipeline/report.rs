@@ -45,14 +45,21 @@ impl Samples {
     }
 
     fn stats(&self, key: &str) -> Option<(f64, f64, f64)> {
-        let mut v = self.values.get(key)?.clone();
-        v.sort_by(f64::total_cmp);
-        let median = if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-        };
-        Some((median, v[0], v[v.len() - 1]))
+        let v = self.values.get(key)?;
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some((median(v.iter().copied()), min, max))
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); NaN for none.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 

@@ -12,6 +12,7 @@ use tokio_postgres::Client;
 use crate::db;
 use crate::procs::{self, CpuUse, Watched, Workdir};
 use crate::raw;
+use crate::report::median;
 
 /// How long a measurement waits for other users of the machine to go quiet.
 const QUIET_WAIT: Duration = Duration::from_secs(30);
@@ -565,16 +566,6 @@ async fn one_round(
         pending,
         other_txns_per_s,
     })
-}
-
-fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.into_iter().collect();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Transactions committed in this database so far (pg_stat_database), and when that was
