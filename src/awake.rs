@@ -1,14 +1,18 @@
-//! Awake or asleep: while the daemon keeps finding rows it looks for new ones itself, every
+//! Awake or asleep: while rows keep arriving at `awake_min_rate` per second or more (the
+//! average over `awake_linger`), the daemon looks for new ones itself, every
 //! `awake_poll_interval`, and tells writers so; their trigger then skips NOTIFY, whose
 //! commit-time lock would make the application's commits queue one behind the other.
-//! After `awake_linger` without a row it goes to sleep and relies on NOTIFY again.
+//! Below half that rate it goes to sleep and relies on NOTIFY again: a look costs the
+//! database about what a NOTIFY and its claim cost, so looking hundreds of times a second
+//! pays only when rows come about as often (docs/performance.md, "What delivery costs the
+//! database").
 //!
 //! The [`Keeper`] owns the hand-over, on a connection of its own (the SQL and the
 //! protocol are in `outbox::wakeup` and `sql/004_wakeup.sql`):
-//! - asleep → awake when a claim finds rows: it sets the deadline writers read, and keeps
+//! - asleep → awake when claims find rows at the rate: it sets the deadline writers read, and keeps
 //!   pushing it ahead while claims keep completing (a daemon that dies or stops claiming
 //!   lets it pass within [`HOLD`]);
-//! - awake → asleep after `awake_linger` without rows: it sets the deadline to zero and
+//! - awake → asleep when the rate falls below half of it: it sets the deadline to zero and
 //!   crosses the barrier (no writer left that may have seen it awake), then asks the
 //!   dispatcher for one last claim. A busy barrier (a writer's transaction still open)
 //!   keeps it awake and looking; it never waits for a writer.
@@ -61,12 +65,10 @@ impl Keeper {
                 _ = cancel.cancelled() => return,
                 _ = self.signals.found.notified() => {}
             }
-            let linger = self.settings.borrow().awake_linger;
-            if linger.is_zero() {
-                continue; // never awake: writers always notify
-            }
-            if self.signals.since(&self.signals.last_found_ms) >= linger {
-                continue; // a permit left by a claim from before the last sleep
+            if !self.wants_awake(Toward::Awake) {
+                // Rows come too seldom for looking to pay (or a permit left by a claim
+                // from before the last sleep): NOTIFY wakes the dispatcher per row.
+                continue;
             }
             self.transition(true);
             let stopping = self.stay_awake(&mut conn, &cancel).await;
@@ -94,8 +96,7 @@ impl Keeper {
                 _ = cancel.cancelled() => return true,
                 _ = tokio::time::sleep(EXTEND_EVERY) => {}
             }
-            let linger = self.settings.borrow().awake_linger;
-            if self.signals.since(&self.signals.last_found_ms) < linger {
+            if self.wants_awake(Toward::Asleep) {
                 // Only a daemon that is claiming may tell writers it is looking.
                 extend = self.signals.since(&self.signals.last_claim_ms) < HOLD / 2;
                 continue;
@@ -132,6 +133,28 @@ impl Keeper {
         self.transition(false);
     }
 
+    /// Whether looking pays at the rate rows are found: they come at `awake_min_rate` per
+    /// second or more (to stay awake, half of it, so that a rate near the threshold does
+    /// not flap). With `awake_min_rate = 0`, a row found within `awake_linger` is enough.
+    fn wants_awake(&self, toward: Toward) -> bool {
+        let (linger, min_rate) = {
+            let s = self.settings.borrow();
+            (s.awake_linger, s.awake_min_rate)
+        };
+        if linger.is_zero() {
+            return false; // never awake: writers always notify
+        }
+        self.signals.average_over(linger);
+        if self.signals.since(&self.signals.last_found_ms) >= linger {
+            return false;
+        }
+        let threshold = match toward {
+            Toward::Awake => f64::from(min_rate),
+            Toward::Asleep => f64::from(min_rate) / 2.0,
+        };
+        self.signals.rows_per_second() >= threshold
+    }
+
     fn transition(&self, awake: bool) {
         let to = if awake { "awake" } else { "asleep" };
         debug!(to, "wake-up state");
@@ -142,6 +165,13 @@ impl Keeper {
             .get_or_create(&TransitionLabels { to: to.into() })
             .inc();
     }
+}
+
+/// Which way [`Keeper::wants_awake`] decides: to wake, or to stay awake.
+#[derive(Clone, Copy)]
+enum Toward {
+    Awake,
+    Asleep,
 }
 
 /// The keeper's connection: (re)connected on use, each statement bounded.
@@ -171,6 +201,7 @@ impl<'k> Conn<'k> {
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
             anyhow::bail!("waiting to reconnect");
         }
+        self.keeper.metrics.database_round_trips.inc();
         let result = self.try_run(statement).await;
         match &result {
             Ok(_) => {

@@ -385,6 +385,8 @@ fn settings_of(config: &Config) -> Settings {
         poll_interval: config.database.poll_interval,
         awake_poll_interval: config.database.awake_poll_interval,
         awake_linger: config.database.awake_linger,
+        awake_min_rate: config.database.awake_min_rate,
+        synchronous_commit: config.database.synchronous_commit,
         batch_size: config.database.batch_size,
         max_batches_in_flight: config.database.max_batches_in_flight,
         max_batch_duration: config.database.max_batch_duration,

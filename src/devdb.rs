@@ -33,6 +33,8 @@ pub struct DevDb {
     run_as: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
     /// `ssl = on` with `server.crt` and `server.key` in the cluster's directory.
     tls: bool,
+    /// `pg_stat_statements` preloaded (with utility statements), for the benchmark.
+    stat_statements: bool,
     server: Option<Child>,
 }
 
@@ -47,6 +49,29 @@ impl DevDb {
         let mut db = DevDb::init(fsync)?;
         db.start_server()?;
         Ok(db)
+    }
+
+    /// The benchmark's cluster: `fsync` as asked, and `pg_stat_statements` preloaded when
+    /// the server has it (the bench reports what the daemon asks of the database per row);
+    /// `CREATE EXTENSION pg_stat_statements` in a database then reads it.
+    pub fn start_for_bench(fsync: bool) -> anyhow::Result<DevDb> {
+        let mut db = DevDb::init(fsync)?;
+        db.stat_statements = db.has_stat_statements();
+        db.start_server()?;
+        Ok(db)
+    }
+
+    /// Whether the server's library directory holds `pg_stat_statements`.
+    pub fn has_stat_statements(&self) -> bool {
+        let pkglibdir = Command::new(self.bindir.join("pg_config"))
+            .arg("--pkglibdir")
+            .output()
+            .ok()
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        pkglibdir
+            .into_iter()
+            .chain(self.bindir.parent().map(|p| p.join("lib")))
+            .any(|dir| dir.join("pg_stat_statements.so").exists())
     }
 
     /// A cluster with `ssl = on`, serving this certificate (PEM, with any intermediates
@@ -87,6 +112,7 @@ impl DevDb {
             fsync,
             run_as,
             tls: false,
+            stat_statements: false,
             server: None,
         };
         db.initdb()?;
@@ -151,6 +177,10 @@ impl DevDb {
                     "ssl_key_file={}",
                     self.dir.path().join("server.key").display()
                 ));
+        }
+        if self.stat_statements {
+            cmd.args(["-c", "shared_preload_libraries=pg_stat_statements"])
+                .args(["-c", "pg_stat_statements.track_utility=on"]);
         }
         let child = cmd
             .arg("-D")

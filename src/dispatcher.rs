@@ -25,11 +25,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use crate::arrival_rate::ArrivalRate;
 use crate::backoff::backoff;
 use crate::config::RetryConfig;
 use crate::db;
 use crate::metrics::Metrics;
-use crate::outbox::{Bounds, Claimed, OutboxConn};
+use crate::outbox::{Bounds, Claimed, Look, OutboxConn};
 use crate::outcome::{RowStatus, RowUpdate};
 use crate::secret::Secret;
 use crate::transport::{Delivery, Transport};
@@ -173,6 +174,16 @@ impl Unrecorded {
         self.rows.lock().unwrap().get(&id).map(|r| r.update.clone())
     }
 
+    /// Whether any of these rows has an answer remembered: one whose outcome the database
+    /// refused before, so its batch writes carefully (row by row, should it fail again).
+    fn remembers_any(&self, claimed: &[Claimed]) -> bool {
+        let rows = self.rows.lock().unwrap();
+        !rows.is_empty()
+            && claimed
+                .iter()
+                .any(|c| rows.contains_key(&c.notification.id))
+    }
+
     /// Remembers answers whose batch was abandoned: not a failed write.
     fn remember(&self, updates: &[RowUpdate]) {
         let mut rows = self.rows.lock().unwrap();
@@ -221,36 +232,65 @@ impl Unrecorded {
     }
 }
 
-/// What the dispatcher tells the awake keeper (`awake`): when its claims complete and
-/// when they find rows.
+/// What the dispatcher tells the awake keeper (`awake`): when its claims (and looks)
+/// complete, when they find rows, and how many rows per second they find.
 #[derive(Debug)]
 pub struct ClaimSignals {
     start: Instant,
     pub(crate) last_claim_ms: AtomicU64,
     pub(crate) last_found_ms: AtomicU64,
     pub(crate) found: Notify,
+    rate: Mutex<ArrivalRate>,
+    /// The time constant the rate is averaged over (`awake_linger`), in ms.
+    rate_tau_ms: AtomicU64,
 }
 
 impl Default for ClaimSignals {
     fn default() -> Self {
+        let start = Instant::now();
         ClaimSignals {
-            start: Instant::now(),
+            start,
             last_claim_ms: AtomicU64::new(0),
             last_found_ms: AtomicU64::new(0),
             found: Notify::new(),
+            rate: Mutex::new(ArrivalRate::new(start)),
+            rate_tau_ms: AtomicU64::new(1000),
         }
     }
 }
 
 impl ClaimSignals {
-    /// A claim completed and took `rows` rows.
+    /// A claim (or a look, which finds none) completed and took `rows` rows.
     pub fn claimed(&self, rows: usize) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.last_claim_ms.store(now, Ordering::Relaxed);
+        let now = Instant::now();
+        let ms = now.duration_since(self.start).as_millis() as u64;
+        self.last_claim_ms.store(ms, Ordering::Relaxed);
         if rows > 0 {
-            self.last_found_ms.store(now, Ordering::Relaxed);
+            self.rate
+                .lock()
+                .unwrap()
+                .add(rows as u64, now, self.rate_tau());
+            self.last_found_ms.store(ms, Ordering::Relaxed);
             self.found.notify_one();
         }
+    }
+
+    /// Rows per second the claims are finding, averaged over [`Self::average_over`].
+    pub fn rows_per_second(&self) -> f64 {
+        self.rate
+            .lock()
+            .unwrap()
+            .per_second(Instant::now(), self.rate_tau())
+    }
+
+    /// The time constant of [`Self::rows_per_second`] (the keeper sets `awake_linger`).
+    pub fn average_over(&self, tau: Duration) {
+        let ms = u64::try_from(tau.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.rate_tau_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn rate_tau(&self) -> Duration {
+        Duration::from_millis(self.rate_tau_ms.load(Ordering::Relaxed))
     }
 
     pub(crate) fn since(&self, ms: &AtomicU64) -> Duration {
@@ -266,6 +306,10 @@ pub struct Settings {
     /// The polling interval while awake (see `awake`).
     pub awake_poll_interval: Duration,
     pub awake_linger: Duration,
+    /// Rows per second at which the daemon wakes (see `awake`).
+    pub awake_min_rate: u32,
+    /// `synchronous_commit` for the batches' transactions (see `outbox::Bounds`).
+    pub synchronous_commit: &'static str,
     pub batch_size: usize,
     pub max_batches_in_flight: usize,
     /// The longest a batch may hold its transaction; then it is abandoned.
@@ -299,6 +343,8 @@ pub struct Dispatcher {
 pub struct Progress {
     /// Claims completed (a first one means the catch-up after start is done).
     pub claims: u64,
+    /// Looks that found no row due, and so claimed nothing (see `outbox::LOOK`).
+    pub looks: u64,
     pub sent: u64,
     pub failed: u64,
     pub expired: u64,
@@ -317,6 +363,8 @@ struct BatchEnd {
 
 #[derive(Default)]
 struct BatchReport {
+    /// A look found no row due: nothing was claimed, no transaction opened.
+    looked_only: bool,
     claimed: usize,
     /// Rows whose sends were abandoned at the drain deadline (released untouched).
     abandoned: usize,
@@ -335,6 +383,8 @@ struct BatchContext {
     hard_stop: CancellationToken,
     signals: Arc<ClaimSignals>,
     unrecorded: Unrecorded,
+    /// The rows this daemon's open batches hold: a look skips them.
+    in_flight: InFlightRows,
     heartbeat: Arc<Heartbeat>,
 }
 
@@ -349,15 +399,19 @@ impl Dispatcher {
             hard_stop: self.hard_stop.clone(),
             signals: self.signals.clone(),
             unrecorded: Unrecorded::default(),
+            in_flight: InFlightRows::default(),
             heartbeat: self.heartbeat.clone(),
         });
         let mut settings = self.settings.borrow_and_update().clone();
         let mut idle: Vec<OutboxConn> = Vec::new();
         let mut batches = JoinSet::new();
         let (claimed_tx, mut claimed_rx) = mpsc::unbounded_channel::<bool>();
-        // A wake-up asked for a claim / the last claim came back full.
-        let mut look = true;
+        // What the next batch should do (the first: the catch-up claim), and whether the
+        // last claim came back full.
+        let mut want = Some(Start::Claim);
         let mut backlog = false;
+        // Whether the last batch found rows: a timer's look then claims at once.
+        let mut last_found = false;
         let mut awake = *self.awake.borrow_and_update();
         let poll_every = |s: &Settings, awake: bool| match awake {
             true => s.awake_poll_interval,
@@ -373,13 +427,20 @@ impl Dispatcher {
             self.heartbeat
                 .stuck_after(settings.max_batch_duration + 2 * self.connect_timeout);
             let db_ready = db_retry_at.is_none_or(|t| Instant::now() >= t);
-            while db_ready && (look || backlog) && batches.len() < settings.max_batches_in_flight {
-                look = false;
+            while db_ready
+                && (want.is_some() || backlog)
+                && batches.len() < settings.max_batches_in_flight
+            {
+                let start = match want.take() {
+                    Some(Start::Look) if !backlog => Start::Look,
+                    _ => Start::Claim,
+                };
                 let batch = run_batch(
                     idle.pop(),
                     ctx.clone(),
                     settings.clone(),
                     awake,
+                    start,
                     claimed_tx.clone(),
                 );
                 batches.spawn(batch.instrument(tracing::debug_span!("batch")));
@@ -391,16 +452,22 @@ impl Dispatcher {
             let beat_at = Instant::now() + self.heartbeat.every;
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = self.wake.notified() => look = true,
+                _ = self.wake.notified() => want = Some(Start::Claim),
                 _ = tokio::time::sleep_until(wake_at) => {
                     let now = Instant::now();
                     if now >= next_poll {
                         next_poll = now + poll_every(&settings, awake);
+                        // A poll looks first, unless rows are coming: then it claims.
+                        let poll = if last_found { Start::Claim } else { Start::Look };
+                        want = Some(want.map_or(poll, |w| w.max(poll)));
                     }
                     if next_due.is_some_and(|d| now >= d) {
                         next_due = None;
+                        want = Some(Start::Claim);
                     }
-                    look = true;
+                    if db_retry_at.is_some_and(|t| now >= t) && want.is_none() {
+                        want = Some(Start::Claim);
+                    }
                 }
                 _ = tokio::time::sleep_until(beat_at), if beat_at < wake_at => {}
                 Some(full) = claimed_rx.recv() => backlog = full,
@@ -416,6 +483,7 @@ impl Dispatcher {
                     }
                     match end.result {
                         Ok(report) => {
+                            last_found = report.claimed > 0;
                             db_failures = 0;
                             db_retry_at = None;
                             self.database.send_if_modified(|h| {
@@ -435,8 +503,8 @@ impl Dispatcher {
                             self.metrics.batch_failures.inc();
                             let _ = self.database.send_replace(Err(format!("{e:#}")));
                             db_retry_at = Some(Instant::now() + wait);
-                            // Whatever was claimed is released; look again after the wait.
-                            look = true;
+                            // Whatever was claimed is released; claim again after the wait.
+                            want = Some(Start::Claim);
                             backlog = false;
                         }
                     }
@@ -444,7 +512,7 @@ impl Dispatcher {
                 Ok(()) = self.settings.changed() => {
                     settings = self.settings.borrow_and_update().clone();
                     next_poll = Instant::now() + poll_every(&settings, awake);
-                    look = true;
+                    want = Some(Start::Claim);
                 }
                 Ok(()) = self.awake.changed() => {
                     awake = *self.awake.borrow_and_update();
@@ -464,6 +532,11 @@ impl Dispatcher {
     }
 
     fn record(&self, report: BatchReport) {
+        if report.looked_only {
+            self.metrics.looks_empty.inc();
+            self.progress.send_modify(|p| p.looks += 1);
+            return;
+        }
         self.metrics.batches.inc();
         self.progress.send_modify(|p| {
             p.claims += 1;
@@ -476,12 +549,54 @@ impl Dispatcher {
     }
 }
 
+/// How a batch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Start {
+    /// Look first (one statement, no transaction), and claim only if a row is due: a
+    /// poll, when the last batch found nothing.
+    Look,
+    /// Claim at once: a NOTIFY, a row falling due, a backlog, the catch-up.
+    Claim,
+}
+
+/// The rows this daemon's open batches hold, by id.
+#[derive(Default)]
+struct InFlightRows(Mutex<std::collections::HashSet<i64>>);
+
+impl InFlightRows {
+    fn hold<'r>(&'r self, claimed: &[Claimed]) -> HeldRows<'r> {
+        let ids: Vec<i64> = claimed.iter().map(|c| c.notification.id).collect();
+        self.0.lock().unwrap().extend(ids.iter().copied());
+        HeldRows { rows: self, ids }
+    }
+
+    fn ids(&self) -> Vec<i64> {
+        self.0.lock().unwrap().iter().copied().collect()
+    }
+}
+
+/// A batch's rows, in [`InFlightRows`] for as long as this lives.
+struct HeldRows<'r> {
+    rows: &'r InFlightRows,
+    ids: Vec<i64>,
+}
+
+impl Drop for HeldRows<'_> {
+    fn drop(&mut self) {
+        let mut rows = self.rows.0.lock().unwrap();
+        for id in &self.ids {
+            rows.remove(id);
+        }
+    }
+}
+
 /// One batch: claim, send every row at once, record the outcomes, commit.
 async fn run_batch(
     conn: Option<OutboxConn>,
     ctx: Arc<BatchContext>,
     settings: Settings,
     awake: bool,
+    start: Start,
     claimed_tx: mpsc::UnboundedSender<bool>,
 ) -> BatchEnd {
     let mut conn = match conn.filter(|c| !c.is_closed()) {
@@ -497,7 +612,21 @@ async fn run_batch(
             }
         },
     };
-    let result = batch(&mut conn, &ctx, &settings, awake, &claimed_tx).await;
+    let result = match start {
+        Start::Look => look(&mut conn, &ctx).await,
+        Start::Claim => Ok(None),
+    };
+    let result = match result {
+        Ok(Some(report)) => {
+            let _ = claimed_tx.send(false);
+            Ok(report)
+        }
+        Ok(None) => batch(&mut conn, &ctx, &settings, awake, &claimed_tx).await,
+        Err(e) => Err(e),
+    };
+    ctx.metrics
+        .database_round_trips
+        .inc_by(conn.take_round_trips());
     if result.is_err() {
         let _ = claimed_tx.send(false);
     }
@@ -514,6 +643,33 @@ async fn connect(ctx: &BatchContext) -> anyhow::Result<OutboxConn> {
         .map_err(|e| anyhow::anyhow!("preparing the outbox queries: {}", db::describe(&e)))
 }
 
+/// A look (see `outbox::LOOK`): `None` when a row is due (claim it now), else what the
+/// look found, as a report of no rows.
+async fn look(conn: &mut OutboxConn, ctx: &BatchContext) -> anyhow::Result<Option<BatchReport>> {
+    let mut exclude = ctx.unrecorded.held();
+    exclude.extend(ctx.in_flight.ids());
+    let found = tokio::time::timeout(ctx.connect_timeout, conn.look(&exclude))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "looking for rows: no answer within {:?}",
+                ctx.connect_timeout
+            )
+        })?
+        .map_err(|e| anyhow::anyhow!("looking for rows: {}", db::describe(&e)))?;
+    let next_due = match found {
+        Look::Due => return Ok(None),
+        Look::In(wait) => Instant::now().checked_add(wait),
+        Look::Nothing => None,
+    };
+    ctx.signals.claimed(0);
+    Ok(Some(BatchReport {
+        looked_only: true,
+        next_due,
+        ..BatchReport::default()
+    }))
+}
+
 async fn batch(
     conn: &mut OutboxConn,
     ctx: &BatchContext,
@@ -528,6 +684,7 @@ async fn batch(
     let bounds = Bounds {
         statement: ctx.connect_timeout,
         idle: settings.max_batch_duration + ctx.connect_timeout,
+        synchronous_commit: settings.synchronous_commit,
     };
     let deadline = Instant::now() + settings.max_batch_duration;
     let claim = conn
@@ -535,6 +692,8 @@ async fn batch(
         .await
         .map_err(sql("claiming rows"))?;
     let (txn, claimed) = (claim.batch, claim.rows);
+    let _held = ctx.in_flight.hold(&claimed);
+    let careful = ctx.unrecorded.remembers_any(&claimed);
     let full = claimed.len() == settings.batch_size;
     let _ = claimed_tx.send(full);
     ctx.signals.claimed(claimed.len());
@@ -593,7 +752,10 @@ async fn batch(
     drop(sends);
     let (mut rows, mut updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
     // The server bounds each statement; this bounds a connection that went silent.
-    let commit = tokio::time::timeout(2 * ctx.connect_timeout, txn.commit(&updates, &claimed));
+    let commit = tokio::time::timeout(
+        2 * ctx.connect_timeout,
+        txn.commit(&updates, &claimed, careful),
+    );
     let Ok(committed) = commit.await else {
         outcomes_not_recorded(ctx, &updates, "no answer to the commit");
         anyhow::bail!(

@@ -36,6 +36,7 @@
 //! - [`console`]: output that changes in place (progress, `status --watch`).
 
 pub mod apns;
+pub mod arrival_rate;
 pub mod awake;
 pub mod backoff;
 pub mod commands;

@@ -87,6 +87,11 @@ pub struct Metrics {
     pub notifications: Counter,
     /// Rows claimed while awake: their writers (most of them) did not notify.
     pub rows_found_awake: Counter,
+    /// Looks (one statement, no transaction) that found no row due, so claimed nothing.
+    pub looks_empty: Counter,
+    /// Round trips to the database by the batches (looks, claims, outcomes) and the
+    /// wake-up keeper: each costs the server a wake-up, whatever it carries.
+    pub database_round_trips: Counter,
     /// Connections to the metrics listener closed at once because
     /// [`Limits::max_connections`] were being served.
     pub metrics_connections_refused: Counter,
@@ -128,6 +133,8 @@ impl Metrics {
             wakeup_barrier_busy: Counter::default(),
             notifications: Counter::default(),
             rows_found_awake: Counter::default(),
+            looks_empty: Counter::default(),
+            database_round_trips: Counter::default(),
             metrics_connections_refused: Counter::default(),
             known_apps: Default::default(),
             registry: Registry::default(),
@@ -217,6 +224,16 @@ impl Metrics {
             "rows_found_awake",
             "Rows claimed while awake, found without a NOTIFY",
             m.rows_found_awake.clone(),
+        );
+        registry.register(
+            "looks_empty",
+            "Looks for due rows (one statement, no transaction) that found none",
+            m.looks_empty.clone(),
+        );
+        registry.register(
+            "database_round_trips",
+            "Round trips to the database by the batches and the wake-up keeper",
+            m.database_round_trips.clone(),
         );
         registry.register(
             "metrics_connections_refused",

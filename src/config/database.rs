@@ -29,13 +29,26 @@ pub struct DatabaseConfig {
     /// While awake, how often the daemon looks for new rows itself (writers skip NOTIFY
     /// then): the latency an awake daemon adds, at most.
     pub awake_poll_interval: Duration,
-    /// How long the daemon stays awake after the last claim that found rows; zero: never
-    /// awake, writers always notify.
+    /// The time over which the rate of rows found is averaged (see `awake_min_rate`); zero:
+    /// never awake, writers always notify.
     pub awake_linger: Duration,
+    /// Rows per second at which the daemon wakes (it sleeps again below half of it):
+    /// below it, looking costs the database more per row than NOTIFY costs the writers.
+    /// Zero: any row wakes it, and it sleeps after `awake_linger` without one.
+    pub awake_min_rate: u32,
     /// The longest a batch may hold its transaction (claim to commit); past it the batch
     /// is abandoned: rolled back, its rows released untouched.
     pub max_batch_duration: Duration,
+    /// PostgreSQL's `synchronous_commit` for the batches' transactions (one of
+    /// [`SYNCHRONOUS_COMMIT`]): `off` lets an outcome's commit return before its WAL is
+    /// flushed, so a database crash can forget the last fraction of a second's outcomes
+    /// (their rows are sent again, as after a daemon crash) and the database flushes
+    /// once for many outcomes instead of once per batch.
+    pub synchronous_commit: &'static str,
 }
+
+/// The values `synchronous_commit` takes, as PostgreSQL names them.
+pub const SYNCHRONOUS_COMMIT: [&str; 5] = ["off", "local", "remote_write", "on", "remote_apply"];
 
 impl DatabaseConfig {
     /// The URL the listener connects to.
@@ -80,8 +93,12 @@ pub(super) struct DatabaseFile {
     awake_poll_interval: Duration,
     #[serde(default = "defaults::awake_linger", with = "duration")]
     awake_linger: Duration,
+    #[serde(default = "defaults::awake_min_rate")]
+    awake_min_rate: i64,
     #[serde(default = "defaults::max_batch_duration", with = "duration")]
     max_batch_duration: Duration,
+    #[serde(default = "defaults::synchronous_commit")]
+    synchronous_commit: String,
 }
 
 mod defaults {
@@ -108,8 +125,14 @@ mod defaults {
     pub fn awake_linger() -> Duration {
         Duration::from_secs(1)
     }
+    pub fn awake_min_rate() -> i64 {
+        200
+    }
     pub fn max_batch_duration() -> Duration {
         Duration::from_secs(300)
+    }
+    pub fn synchronous_commit() -> String {
+        "off".into()
     }
 }
 
@@ -117,6 +140,8 @@ mod defaults {
 const MIN_AWAKE_POLL: Duration = Duration::from_millis(1);
 /// Looking less often than this is sleeping: leave it to NOTIFY.
 const MAX_AWAKE_POLL: Duration = Duration::from_secs(1);
+/// Past what any one PostgreSQL commits in rows per second: a daemon that never wakes.
+const MAX_AWAKE_MIN_RATE: u32 = 1_000_000;
 
 impl Validator<'_> {
     /// `url_override` (from [`DATABASE_URL_ENV`]) wins over the file's `url`.
@@ -169,11 +194,36 @@ impl Validator<'_> {
                 d => self.at_most("database.awake_poll_interval", d, MAX_AWAKE_POLL)?,
             },
             awake_linger: self.at_most("database.awake_linger", d.awake_linger, HOUR)?,
+            awake_min_rate: match u32::try_from(d.awake_min_rate) {
+                Ok(r) if r <= MAX_AWAKE_MIN_RATE => r,
+                _ => {
+                    return Err(self.invalid(
+                        "database.awake_min_rate",
+                        format!(
+                            "must be between 0 and {MAX_AWAKE_MIN_RATE} rows per second, not {}",
+                            d.awake_min_rate
+                        ),
+                    ))
+                }
+            },
             max_batch_duration: self.bounded(
                 "database.max_batch_duration",
                 d.max_batch_duration,
                 HOUR,
             )?,
+            synchronous_commit: SYNCHRONOUS_COMMIT
+                .into_iter()
+                .find(|v| *v == d.synchronous_commit)
+                .ok_or_else(|| {
+                    self.invalid(
+                        "database.synchronous_commit",
+                        format!(
+                            "must be one of {}, not {:?}",
+                            SYNCHRONOUS_COMMIT.join(", "),
+                            d.synchronous_commit
+                        ),
+                    )
+                })?,
         })
     }
 }
@@ -206,6 +256,14 @@ mod tests {
             std::time::Duration::from_millis(2)
         );
         assert_eq!(c.database.awake_linger, std::time::Duration::from_secs(1));
+        assert_eq!(c.database.awake_min_rate, 200);
+        assert_eq!(c.database.synchronous_commit, "off");
+        let on = with("synchronous_commit = \"remote_apply\"").unwrap();
+        assert_eq!(on.database.synchronous_commit, "remote_apply");
+        assert_eq!(
+            with("awake_min_rate = 0").unwrap().database.awake_min_rate,
+            0
+        );
         assert!(with("awake_linger = \"0s\"")
             .unwrap()
             .database
@@ -215,6 +273,15 @@ mod tests {
             ("awake_poll_interval = \"500us\"", "must be at least 1ms"),
             ("awake_poll_interval = \"2s\"", "must be at most 1s"),
             ("awake_linger = \"2h\"", "must be at most 1h"),
+            (
+                "awake_min_rate = -1",
+                "must be between 0 and 1000000 rows per second",
+            ),
+            ("awake_min_rate = 1000001", "not 1000001"),
+            (
+                "synchronous_commit = \"maybe\"",
+                "must be one of off, local, remote_write, on, remote_apply, not \"maybe\"",
+            ),
             ("max_batch_duration = \"2h\"", "must be at most 1h"),
             ("max_batch_duration = \"0s\"", "must be longer than zero"),
         ] {

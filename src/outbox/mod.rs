@@ -79,6 +79,30 @@ SELECT extract(epoch FROM min(send_after) - now())::float8
   FROM pgpushd.outbox
  WHERE status = 'pending' AND send_after > now() AND send_after < 'infinity'";
 
+/// An awake daemon's look: when the first pending row not in `$1` (the rows this daemon's
+/// batches hold, and rows held back) falls due, after `now()`; zero or less when one is
+/// due already; no row when none is pending. One statement outside any transaction block:
+/// a look that finds nothing costs the database one round trip and one index probe
+/// (issue 19), where a claim costs a transaction. `ORDER BY ... LIMIT 1` in the index's
+/// order leaves the planner no plan but walking the index from its start.
+pub const LOOK: &str = "
+SELECT extract(epoch FROM send_after - now())::float8
+  FROM pgpushd.outbox
+ WHERE status = 'pending' AND send_after < 'infinity' AND id <> ALL ($1::bigint[])
+ ORDER BY send_after, id
+ LIMIT 1";
+
+/// What a look found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// A row is due now: claim.
+    Due,
+    /// The first pending row falls due after this long.
+    In(Duration),
+    /// No row is pending.
+    Nothing,
+}
+
 /// A claimed row.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -100,6 +124,9 @@ pub struct OutboxConn {
     record: Statement,
     unregister: Statement,
     next_due: Statement,
+    look: Statement,
+    /// Round trips to the server since [`OutboxConn::take_round_trips`] (for the metric).
+    round_trips: u64,
     /// A batch's transaction is open, or was left open by a batch dropped mid-way: roll
     /// it back before the next.
     in_transaction: bool,
@@ -124,6 +151,10 @@ pub struct OutboxConn {
 /// in milliseconds): through a transaction pooler, session settings would land on
 /// whichever server connection ran them, and stay there for its other clients. One
 /// prepared statement, not eight `SET LOCAL`s, which cost a claim a fifth more.
+///
+/// `$3` is `synchronous_commit` ([`Bounds::synchronous_commit`]): with `off`, the
+/// outcomes' commit does not wait for its WAL to reach the disk, and the database flushes
+/// many batches' outcomes at once (with the writers' own flushes, or the WAL writer's).
 pub const BATCH_SETTINGS: &str = "
 SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
        set_config('enable_mergejoin', 'off', true),
@@ -131,7 +162,8 @@ SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 
        set_config('jit', 'off', true),
        set_config('statement_timeout', $1::text, true),
        set_config('lock_timeout', $1::text, true),
-       set_config('idle_in_transaction_session_timeout', $2::text, true)";
+       set_config('idle_in_transaction_session_timeout', $2::text, true),
+       set_config('synchronous_commit', $3::text, true)";
 
 impl OutboxConn {
     /// Prepares the statements, each bounded by `statement_timeout` and `lock_timeout`
@@ -153,6 +185,8 @@ impl OutboxConn {
             record: client.prepare(RECORD).await?,
             unregister: client.prepare(UNREGISTER).await?,
             next_due: client.prepare(NEXT_DUE).await?,
+            look: client.prepare(LOOK).await?,
+            round_trips: 0,
             client,
             in_transaction: false,
         };
@@ -162,6 +196,38 @@ impl OutboxConn {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// The round trips this connection made since the last call.
+    pub fn take_round_trips(&mut self) -> u64 {
+        std::mem::take(&mut self.round_trips)
+    }
+
+    async fn rollback_leftover(&mut self) -> Result<(), tokio_postgres::Error> {
+        if self.in_transaction {
+            self.round_trips += 1;
+            self.client.batch_execute("ROLLBACK").await?;
+            self.in_transaction = false;
+        }
+        Ok(())
+    }
+
+    /// Looks for due rows without claiming them (see [`LOOK`]), skipping the rows in
+    /// `exclude`. Outside any transaction: bounded by the session's `statement_timeout`
+    /// of the caller's choosing, and by the caller's own timeout.
+    pub async fn look(&mut self, exclude: &[i64]) -> Result<Look, tokio_postgres::Error> {
+        self.rollback_leftover().await?;
+        self.round_trips += 1;
+        let row = self.client.query_opt(&self.look, &[&exclude]).await?;
+        let Some(secs) = row.and_then(|r| r.get::<_, Option<f64>>(0)) else {
+            return Ok(Look::Nothing);
+        };
+        Ok(match Duration::try_from_secs_f64(secs) {
+            Ok(wait) if !wait.is_zero() => Look::In(wait),
+            // Zero, negative (due already), or past what a Duration holds.
+            _ if secs <= 0.0 => Look::Due,
+            _ => Look::In(Duration::MAX),
+        })
     }
 
     /// Opens a batch's transaction, bounded on the server's side by `bounds`, and locks
@@ -179,10 +245,8 @@ impl OutboxConn {
         limit: usize,
         held: &[i64],
     ) -> Result<Claim<'_>, tokio_postgres::Error> {
-        if self.in_transaction {
-            self.client.batch_execute("ROLLBACK").await?;
-            self.in_transaction = false;
-        }
+        self.rollback_leftover().await?;
+        self.round_trips += 1;
         let OutboxConn {
             client,
             settings,
@@ -190,6 +254,8 @@ impl OutboxConn {
             record,
             unregister,
             next_due,
+            look: _,
+            round_trips,
             in_transaction,
         } = self;
         let statement_ms = millis(bounds.statement).max(1).to_string();
@@ -200,7 +266,10 @@ impl OutboxConn {
         // settings fail, the claim's rows are thrown away with them, never sent unlocked.
         let (_, _, rows, next) = futures::future::try_join4(
             client.batch_execute("BEGIN"),
-            client.query(&*settings, &[&statement_ms, &idle_ms]),
+            client.query(
+                &*settings,
+                &[&statement_ms, &idle_ms, &bounds.synchronous_commit],
+            ),
             client.query(&*claim, &[&limit, &held]),
             client.query_one(&*next_due, &[]),
         )
@@ -213,6 +282,7 @@ impl OutboxConn {
                 client,
                 record,
                 unregister,
+                round_trips,
                 in_transaction,
             },
         })
@@ -252,11 +322,13 @@ fn claimed(r: &tokio_postgres::Row) -> Claimed {
 /// The server-side bounds of a batch's transaction (issue 9): every statement of the
 /// claim and the commit (`statement_timeout`, `lock_timeout`), and how long the session
 /// may sit idle in the transaction before PostgreSQL ends it
-/// (`idle_in_transaction_session_timeout`), should the daemon's own bound not act.
+/// (`idle_in_transaction_session_timeout`), should the daemon's own bound not act; and
+/// how durably its commit is flushed (`synchronous_commit`, `[database]`'s key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
     pub statement: Duration,
     pub idle: Duration,
+    pub synchronous_commit: &'static str,
 }
 
 /// One open claim transaction. Dropping it without [`Batch::commit`] or
@@ -267,6 +339,7 @@ pub struct Batch<'c> {
     client: &'c Client,
     record: &'c Statement,
     unregister: &'c Statement,
+    round_trips: &'c mut u64,
     in_transaction: &'c mut bool,
 }
 
@@ -285,24 +358,57 @@ impl Drop for Batch<'_> {
 impl Batch<'_> {
     /// Rolls back: every claimed row is released untouched, nothing is recorded.
     pub async fn rollback(self) -> Result<(), tokio_postgres::Error> {
+        *self.round_trips += 1;
         self.client.batch_execute("ROLLBACK").await?;
         *self.in_transaction = false;
         Ok(())
     }
 
     /// Writes every outcome with one UPDATE (plus one INSERT for newly unregistered
-    /// tokens), then commits. When that UPDATE fails (a row the database refuses: a
-    /// trigger, a constraint), each row is written alone, so that one row cannot keep the
-    /// others from being recorded: the rows that still fail are returned, with why, and
-    /// stay as they were (pending). An `Err` recorded nothing.
+    /// tokens), then commits; the rows whose outcome was not written are returned, with
+    /// why, and stay as they were (pending). An `Err` recorded nothing.
+    ///
+    /// - At once (`careful` false): the UPDATE, the INSERT and the COMMIT in one round
+    ///   trip. Should the database refuse any of it (a trigger, a constraint), the COMMIT
+    ///   ends the failed transaction as a rollback, and every row is returned unwritten:
+    ///   the caller remembers the answers and writes them carefully at the rows' next
+    ///   claim.
+    /// - Carefully: the UPDATE under a savepoint; if it fails, each row is written alone,
+    ///   so that one row cannot keep the others from being recorded.
     pub async fn commit(
         self,
         updates: &[RowUpdate],
         claimed: &[Claimed],
+        careful: bool,
     ) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
         let mut unwritten = Vec::new();
+        if !updates.is_empty() && !careful {
+            *self.round_trips += 1;
+            let unregistered = unregistered_keys(updates, claimed);
+            // Sent in this order as each future is first polled, in one round trip.
+            let result = futures::future::try_join3(
+                write_updates(self.client, self.record, updates),
+                write_unregistered(self.client, self.unregister, &unregistered),
+                self.client.batch_execute("COMMIT"),
+            )
+            .await;
+            return match result {
+                Ok(_) => {
+                    *self.in_transaction = false;
+                    Ok(unwritten)
+                }
+                // The server refused a statement: the COMMIT behind it rolled back.
+                Err(e) if e.as_db_error().is_some() => {
+                    *self.in_transaction = false;
+                    let why = crate::db::describe(&e);
+                    Ok(updates.iter().map(|u| (u.id, why.clone())).collect())
+                }
+                Err(e) => Err(e),
+            };
+        }
         if !updates.is_empty() {
             // Pipelined: the savepoint costs no round trip of its own.
+            *self.round_trips += 1;
             let first = futures::future::try_join(
                 self.client.batch_execute("SAVEPOINT outcomes"),
                 write_updates(self.client, self.record, updates),
@@ -310,6 +416,7 @@ impl Batch<'_> {
             let written = match first.await {
                 Ok(_) => updates.to_vec(),
                 Err(e) => {
+                    *self.round_trips += 1;
                     if self
                         .client
                         .batch_execute("ROLLBACK TO SAVEPOINT outcomes")
@@ -320,6 +427,7 @@ impl Batch<'_> {
                     }
                     let mut written = Vec::with_capacity(updates.len());
                     for u in updates {
+                        *self.round_trips += 3;
                         self.client.batch_execute("SAVEPOINT outcome").await?;
                         match write_updates(self.client, self.record, std::slice::from_ref(u)).await
                         {
@@ -340,8 +448,11 @@ impl Batch<'_> {
                     written
                 }
             };
-            write_unregistered(self.client, self.unregister, &written, claimed).await?;
+            let unregistered = unregistered_keys(&written, claimed);
+            *self.round_trips += u64::from(!unregistered.is_empty());
+            write_unregistered(self.client, self.unregister, &unregistered).await?;
         }
+        *self.round_trips += 1;
         self.client.batch_execute("COMMIT").await?;
         *self.in_transaction = false;
         Ok(unwritten)
@@ -374,16 +485,15 @@ async fn write_updates(
     Ok(())
 }
 
-async fn write_unregistered(
-    txn: &impl GenericClient,
-    unregister: &Statement,
+/// The newly unregistered tokens among `updates`, as [`write_unregistered`] writes them:
+/// keyed and sorted, since one INSERT may not touch a key twice (ON CONFLICT would
+/// refuse), and concurrent batches insert shared keys in the same order, so they cannot
+/// deadlock on each other.
+fn unregistered_keys(
     updates: &[RowUpdate],
     claimed: &[Claimed],
-) -> Result<(), tokio_postgres::Error> {
-    // Keyed and sorted: one INSERT may not touch a key twice (ON CONFLICT would refuse),
-    // and concurrent batches insert shared keys in the same order, so they cannot
-    // deadlock on each other.
-    let mut keyed = std::collections::BTreeMap::new();
+) -> BTreeMap<(String, String), SystemTime> {
+    let mut keyed = BTreeMap::new();
     for u in updates {
         let Some(at) = u.unregistered_at else {
             continue;
@@ -396,15 +506,25 @@ async fn write_unregistered(
             .entry((n.app.clone(), token_key(&n.device_token)))
             .or_insert(at);
     }
+    keyed
+}
+
+/// Writes [`unregistered_keys`]; nothing (and no round trip) when there are none.
+async fn write_unregistered(
+    txn: &impl GenericClient,
+    unregister: &Statement,
+    keyed: &BTreeMap<(String, String), SystemTime>,
+) -> Result<(), tokio_postgres::Error> {
+    if keyed.is_empty() {
+        return Ok(());
+    }
     let (mut apps, mut tokens, mut ats) = (Vec::new(), Vec::new(), Vec::new());
     for ((app, token), at) in keyed {
         apps.push(app);
         tokens.push(token);
-        ats.push(at);
+        ats.push(*at);
     }
-    if !apps.is_empty() {
-        txn.execute(unregister, &[&apps, &tokens, &ats]).await?;
-    }
+    txn.execute(unregister, &[&apps, &tokens, &ats]).await?;
     Ok(())
 }
 

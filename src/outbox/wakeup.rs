@@ -27,16 +27,17 @@ pub async fn stay_awake(client: &Client, hold: Duration) -> Result<(), tokio_pos
 /// Tells writers to notify again, then waits for the writers that may have read an
 /// earlier deadline: `true` once none is left (their rows are committed or gone),
 /// `false` if one still holds its transaction open (never waits for it).
+///
+/// One round trip: the two statements are pipelined, and run in the order sent.
 pub async fn fall_asleep(client: &Client) -> Result<bool, tokio_postgres::Error> {
-    client
-        .execute("SELECT setval('pgpushd.awake_until', 0, true)", &[])
-        .await?;
-    let row = client
-        .query_one(
+    let (_, row) = futures::future::try_join(
+        client.execute("SELECT setval('pgpushd.awake_until', 0, true)", &[]),
+        client.query_one(
             "SELECT pg_try_advisory_xact_lock($1, $2)",
             &[&BARRIER.0, &BARRIER.1],
-        )
-        .await?;
+        ),
+    )
+    .await?;
     Ok(row.get(0))
 }
 

@@ -142,7 +142,8 @@ async fn scrape_a_working_daemon() -> Exported {
     );
     let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
     let client = db.client().await;
-    insert_rows(&client, 1, 10).await;
+    // Enough rows at once to reach `awake_min_rate`: the wake-up's series get values too.
+    insert_rows(&client, 1, 300).await;
     let text = wait_for(
         "the rows to be counted and served",
         Duration::from_secs(20),

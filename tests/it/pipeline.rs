@@ -524,18 +524,26 @@ async fn a_row_whose_outcome_cannot_be_recorded_is_not_resent_forever() {
     insert_rows(&client, 1, 5).await;
     // The other rows are recorded despite row 3.
     wait_for_status(&client, "sent", 4, Duration::from_secs(10)).await;
+    // The batch's outcomes are written at once first: that write fails for all five
+    // rows, then row 3's alone (the others' are recorded from memory, row by row).
     let failures = u64::from(MAX_OUTCOME_WRITE_FAILURES);
+    let first_write_others = 4;
     wait_for(
         "the failed writes counted",
         Duration::from_secs(20),
-        || async { (metrics.outcome_write_failures.get() >= failures).then_some(()) },
+        || async {
+            (metrics.outcome_write_failures.get() >= first_write_others + failures).then_some(())
+        },
     )
     .await;
     // Held now: polled every 100ms, it is neither sent nor written again. (A claim that
     // began just before the hold was set may still try once more.)
     tokio::time::sleep(Duration::from_millis(500)).await;
     let counted = metrics.outcome_write_failures.get();
-    assert!(counted <= failures + 1, "{counted} failed writes");
+    assert!(
+        counted <= first_write_others + failures + 1,
+        "{counted} failed writes"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         metrics.outcome_write_failures.get(),
@@ -741,7 +749,10 @@ async fn batch_plan(
 ) -> String {
     client.batch_execute("BEGIN").await.unwrap();
     client
-        .query(pgpushd::outbox::BATCH_SETTINGS, &[&"10000", &"60000"])
+        .query(
+            pgpushd::outbox::BATCH_SETTINGS,
+            &[&"10000", &"60000", &"off"],
+        )
         .await
         .unwrap();
     client
@@ -807,6 +818,34 @@ async fn a_batch_looks_rows_up_by_index_even_when_planned_on_an_empty_outbox() {
 }
 
 #[tokio::test]
+async fn an_awake_look_walks_the_index_without_the_batch_settings() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // A look runs outside any transaction, so without BATCH_SETTINGS: its generic plan
+    // (what PostgreSQL settles on after five runs), made on an empty outbox, must still
+    // be the index's first entry, not a scan and a sort.
+    client
+        .batch_execute(&format!(
+            "PREPARE look AS {}; SET plan_cache_mode = force_generic_plan",
+            pgpushd::outbox::LOOK
+        ))
+        .await
+        .unwrap();
+    let plan: Vec<String> = client
+        .query("EXPLAIN EXECUTE look('{}')", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("outbox_pending_due") && !plan.contains("Seq Scan") && !plan.contains("Sort"),
+        "{plan}"
+    );
+}
+
+#[tokio::test]
 async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
     use pgpushd::outbox::{Bounds, Claim, OutboxConn};
     let db = TestDb::new().await;
@@ -817,6 +856,7 @@ async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
     let bounds = Bounds {
         statement: Duration::from_secs(10),
         idle: Duration::from_secs(60),
+        synchronous_commit: "off",
     };
     let claim = conn.claim(bounds, 10, &[]).await.unwrap();
     assert!(claim.rows.is_empty());
@@ -848,4 +888,47 @@ async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn outcomes_are_committed_with_the_configured_synchronous_commit() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // What each outcome's transaction ran with, seen from inside it.
+    client
+        .batch_execute(
+            "CREATE TABLE seen (id bigint, synchronous_commit text);
+             CREATE FUNCTION pg_temp_seen() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO seen VALUES (OLD.id, current_setting('synchronous_commit'));
+                   RETURN NEW; END $$;
+             CREATE TRIGGER seen BEFORE UPDATE ON pgpushd.outbox
+                FOR EACH ROW EXECUTE FUNCTION pg_temp_seen();",
+        )
+        .await
+        .unwrap();
+    for (setting, first) in [(None, 1), (Some("on"), 2)] {
+        let mut cfg = config(&db.url, "");
+        if let Some(s) = setting {
+            cfg.database.synchronous_commit = s;
+        }
+        let daemon = start(cfg, ScriptedTransport::new());
+        insert_rows(&client, first, 1).await;
+        wait_for_status(&client, "sent", first as i64, Duration::from_secs(10)).await;
+        daemon.stop().await;
+    }
+    let seen: Vec<(i64, String)> = client
+        .query("SELECT id, synchronous_commit FROM seen ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(seen, [(1, "off".to_owned()), (2, "on".to_owned())]);
+    // The session's own setting is untouched: it was local to the transaction.
+    let after: String = client
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(after, "on");
 }

@@ -4,6 +4,8 @@
 //! transactions that straddle the hand-over are delivered; a long transaction keeps the
 //! daemon awake without stalling anything; a daemon killed while awake silences NOTIFY
 //! only for a moment; two daemons share the work; the schema-4 trigger replaces the old one.
+//! The hazard tests wake the daemon with any row (`awake_min_rate = 0`); the rate's own
+//! tests (a trickle stays asleep, a burst wakes it) run with the shipped threshold.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,10 +24,27 @@ use crate::support::*;
 const LINGER: Duration = Duration::from_millis(300);
 const QUICKLY: Duration = Duration::from_secs(10);
 
+/// Any row wakes the daemon, and it sleeps after [`LINGER`] without one.
 fn wakeup_config(url: &str) -> Config {
     let mut cfg = config(url, "");
     cfg.database.awake_linger = LINGER;
+    cfg.database.awake_min_rate = 0;
     cfg
+}
+
+/// The shipped rule: awake only while rows come at `awake_min_rate` per second or more.
+fn rate_config(url: &str) -> Config {
+    let cfg = config(url, "");
+    assert_eq!(cfg.database.awake_min_rate, 200, "the shipped threshold");
+    cfg
+}
+
+fn woke(d: &Awake) -> u64 {
+    d.daemon
+        .metrics()
+        .wakeup_transitions
+        .get_or_create(&pgpushd::metrics::TransitionLabels { to: "awake".into() })
+        .get()
 }
 
 /// A daemon in this process, with its metrics at hand.
@@ -177,6 +196,73 @@ async fn writers_skip_notify_while_a_daemon_is_awake_and_notify_again_once_it_sl
     wait_for_status(&c, "sent", 102, QUICKLY).await;
     assert_eq!(heard.count(), before + 1);
     assert!(d.notifications() >= 2);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_trickle_leaves_the_daemon_asleep_and_each_row_arrives_at_once() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let heard = Notifications::listen(&db.url).await;
+    let d = Awake::start(rate_config(&db.url)).await;
+    // 20 rows/s for two seconds: a tenth of the threshold. Each row is its own NOTIFY
+    // and its own claim, found at once although the poll is an hour away.
+    let mut slowest = Duration::ZERO;
+    for i in 1..=40u64 {
+        let started = std::time::Instant::now();
+        insert_one(&c, i).await;
+        wait_for_status(&c, "sent", i as i64, QUICKLY).await;
+        slowest = slowest.max(started.elapsed());
+        assert!(!d.is_awake(), "row {i}: awake at 20 rows/s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a row took {slowest:?}"
+    );
+    assert_eq!(woke(&d), 0, "woke at a trickle");
+    assert_eq!(heard.count(), 40, "every INSERT notified");
+    // Asleep, the daemon asks the database nothing between rows: no looks, and one
+    // claim per NOTIFY (plus the catch-up at start).
+    let progress = d.daemon.progress().borrow().clone();
+    assert_eq!(progress.looks, 0, "{progress:?}");
+    assert!(progress.claims <= 41 + 2, "{progress:?}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_wakes_the_daemon_and_its_writers_skip_notify() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let heard = Notifications::listen(&db.url).await;
+    let d = Awake::start(rate_config(&db.url)).await;
+    // 8 writers, 150 single-row commits each, as fast as they go: thousands a second.
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let writer = plain_client(&db.url).await;
+        writers.push(tokio::spawn(async move {
+            for i in 0..150u64 {
+                insert_one(&writer, 1 + w * 1000 + i).await;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    wait_for_status(&c, "sent", 1200, QUICKLY).await;
+    assert_eq!(woke(&d), 1, "the burst woke it once");
+    assert!(
+        heard.count() < 600,
+        "{} NOTIFYs for 1200 INSERTs: the writers did not see it awake",
+        heard.count()
+    );
+    assert!(d.daemon.metrics().rows_found_awake.get() >= 600);
+    // The rate decays once the burst is over: asleep again, and the next row notifies.
+    d.wait_awake(false).await;
+    let before = heard.count();
+    insert_one(&c, 9000).await;
+    wait_for_status(&c, "sent", 1201, QUICKLY).await;
+    assert_eq!(heard.count(), before + 1);
     d.stop().await;
 }
 
