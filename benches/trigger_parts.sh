@@ -9,6 +9,8 @@
 #   lock   only its shared advisory lock
 #   seq    only its deadline read
 #   empty  a PL/pgSQL statement trigger that does nothing
+#   before the shipped trigger as a BEFORE statement trigger (no after-trigger queue)
+#   empty_before  the empty one, BEFORE
 # Prints each round's tps, then each variant's median ratio to `none` over the cycles.
 #
 #   cargo build --release && benches/trigger_parts.sh
@@ -70,7 +72,7 @@ INSERT INTO pgpushd.outbox (device_token, payload)
 VALUES (md5(random()::text) || md5(random()::text), '{"aps":{"alert":"producer"}}');
 SQL
 
-variants=(none full lock seq empty)
+variants=(${VARIANTS:-none full lock seq empty before empty_before})
 results="$work/results"
 for cycle in $(seq 1 "$CYCLES"); do
     # Each cycle starts one variant later, so no variant always runs first.
@@ -78,13 +80,16 @@ for cycle in $(seq 1 "$CYCLES"); do
         v=${variants[$(( (i + cycle - 1) % ${#variants[@]} ))]}
         "${psql[@]}" -c "DROP TRIGGER IF EXISTS $trigger ON pgpushd.outbox" 2>/dev/null
         "${psql[@]}" -c "TRUNCATE pgpushd.outbox"
+        timing=AFTER
         case $v in
             none) ;;
             full) fn=pgpushd.notify_outbox ;;
+            before) fn=pgpushd.notify_outbox timing=BEFORE ;;
+            empty_before) fn=pgpushd.part_empty timing=BEFORE ;;
             *) fn=pgpushd.part_$v ;;
         esac
         if [ "$v" != none ]; then
-            "${psql[@]}" -c "CREATE TRIGGER $trigger AFTER INSERT ON pgpushd.outbox
+            "${psql[@]}" -c "CREATE TRIGGER $trigger $timing INSERT ON pgpushd.outbox
                              FOR EACH STATEMENT EXECUTE FUNCTION $fn()"
         fi
         "${psql[@]}" -c "CHECKPOINT"
@@ -102,7 +107,8 @@ cycles = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
     cycle, variant, tps = line.split()
     cycles[cycle][variant] = float(tps)
-for variant in ("full", "lock", "seq", "empty"):
+variants = [v for v in next(iter(cycles.values())) if v != "none"]
+for variant in variants:
     ratios = [c[variant] / c["none"] for c in cycles.values()]
     print(f"{variant:6} {statistics.median(ratios):.2f} of no trigger "
           f"(cycles {min(ratios):.2f} to {max(ratios):.2f})")

@@ -18,11 +18,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{bail, Context};
 use crate::db;
 use crate::procs;
 use crate::report::median;
 use crate::scenarios::Env;
+use anyhow::{bail, Context};
 
 /// The writer's role: the daemon's statements are then those of every other role.
 const WRITER: &str = "bench_writer";
@@ -90,7 +90,9 @@ pub async fn db_cost(
         ))
         .await
         .context("preparing the db_cost scenario (pg_stat_statements preloaded?)")?;
-    let writer_url = env.url.replace("postgres://postgres@", &format!("postgres://{WRITER}@"));
+    let writer_url = env
+        .url
+        .replace("postgres://postgres@", &format!("postgres://{WRITER}@"));
     let record = env.work.path("db-cost-record.jsonl");
     let _ = std::fs::remove_file(&record);
     let emulator = procs::start_emulator(env.work, Duration::ZERO, Some(&record))?;
@@ -240,7 +242,7 @@ async fn one_round(
         .query(
             "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls::bigint
                FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
-              WHERE r.rolname <> $1 AND s.dbid = (SELECT oid FROM pg_database
+              WHERE r.rolname <> $1 AND query NOT LIKE '%pg_stat_statements%' AND s.dbid = (SELECT oid FROM pg_database
                                                    WHERE datname = current_database())
               ORDER BY calls DESC",
             &[&WRITER],

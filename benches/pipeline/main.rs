@@ -257,8 +257,9 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 (1000, 10, "db_cost_1000"),
             ] {
                 let secs = if plan.quick { secs / 2 } else { secs };
-                let c = db_cost::db_cost(&env, rate, Duration::from_secs(secs), plan.db_cost_cycles)
-                    .await?;
+                let c =
+                    db_cost::db_cost(&env, rate, Duration::from_secs(secs), plan.db_cost_cycles)
+                        .await?;
                 let key = |what: &str| format!("db_cost_{what}_at_{rate}");
                 progress(run, &key("ratio"), c.ratio, "");
                 samples.add(&key("ratio"), c.ratio);
