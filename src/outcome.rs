@@ -36,6 +36,11 @@ impl fmt::Display for RowStatus {
     }
 }
 
+/// The longest a service's `Retry-After` (or a deferral) may put a row off: a larger
+/// value would park the row for years, and past PostgreSQL's intervals its UPDATE fails
+/// and the row is resent for ever. A row put off this long is looked at again then.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// The write-back for one claimed row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowUpdate {
@@ -122,9 +127,10 @@ impl RowUpdate {
                         ..attempted(RowStatus::Failed)
                     }
                 } else {
-                    // The service's Retry-After is the least wait, even past backoff_max.
+                    // The service's Retry-After is the least wait, even past backoff_max
+                    // (up to MAX_RETRY_AFTER).
                     let wait = backoff(attempts - 1, retry.backoff_base, retry.backoff_max)
-                        .max(after.unwrap_or_default());
+                        .max(after.unwrap_or_default().min(MAX_RETRY_AFTER));
                     RowUpdate {
                         last_error: Some(reason),
                         retry_in: Some(wait),
@@ -135,7 +141,7 @@ impl RowUpdate {
             // No request reached Apple as a real attempt: the row keeps its attempts.
             Delivery::Deferred { reason, after } => RowUpdate {
                 last_error: Some(reason),
-                retry_in: Some(after),
+                retry_in: Some(after.min(MAX_RETRY_AFTER)),
                 ..RowUpdate::new(n.id, RowStatus::Pending)
             },
         }
@@ -198,6 +204,17 @@ mod tests {
         // Shorter than the backoff: the backoff stands.
         let u = RowUpdate::after(&row(1), quota(Some(Duration::from_millis(1))), &policy());
         assert!(u.retry_in.unwrap() >= Duration::from_secs(2));
+        // Years away (or past what PostgreSQL's intervals hold): capped, still an attempt.
+        let u = RowUpdate::after(&row(1), quota(Some(Duration::MAX)), &policy());
+        assert_eq!(u.retry_in, Some(MAX_RETRY_AFTER));
+        assert!(u.attempted);
+        let deferred = Delivery::Deferred {
+            reason: "credentials".into(),
+            after: Duration::from_secs(10_000_000_000),
+        };
+        let u = RowUpdate::after(&row(1), deferred, &policy());
+        assert_eq!(u.retry_in, Some(MAX_RETRY_AFTER));
+        assert!(!u.attempted);
     }
 
     #[test]

@@ -89,14 +89,29 @@ pub enum MessageId {
 }
 
 /// A device token the push service reported unregistered on its own, not in answer to a
-/// send: later rows for it fail without being sent.
-#[derive(Debug, Clone, PartialEq)]
+/// send: later rows for it fail without being sent. Its `Debug` shows the token
+/// shortened ([`short_token`]), as every log does: a report still unwritten at shutdown is
+/// logged with it.
+#[derive(Clone, PartialEq)]
 pub struct Unregistered {
     pub app: String,
     /// Lower-case hex (APNs), or exactly as issued (FCM).
     pub device_token: String,
     /// Since when the service considers it unregistered.
     pub at: SystemTime,
+}
+
+impl std::fmt::Debug for Unregistered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unregistered")
+            .field("app", &self.app)
+            .field(
+                "device_token",
+                &format_args!("{}…", short_token(&self.device_token)),
+            )
+            .field("at", &humantime::format_rfc3339_seconds(self.at))
+            .finish()
+    }
 }
 
 /// A row the transport reported `Sent` that, it learned later, was not delivered after
@@ -173,5 +188,23 @@ pub fn short_token(token: &str) -> &str {
     match token.char_indices().nth(8) {
         Some((i, _)) => &token[..i],
         None => token,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unregistered_token_is_logged_shortened() {
+        let token = "a".repeat(64);
+        let u = Unregistered {
+            app: "default".into(),
+            device_token: token.clone(),
+            at: SystemTime::UNIX_EPOCH,
+        };
+        let logged = format!("{:?}", vec![u]);
+        assert!(!logged.contains(&token), "{logged}");
+        assert!(logged.contains("aaaaaaaa…"), "{logged}");
     }
 }

@@ -108,7 +108,18 @@ impl Plan {
 fn main() -> anyhow::Result<()> {
     let plan = Plan::from_args()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(bench(plan))
+    runtime.block_on(async {
+        // Interrupted (Ctrl-C, SIGTERM): the bench's future is dropped, and with it the
+        // daemon, the emulator and the throwaway PostgreSQL (their `Drop`s stop them and
+        // remove the cluster's directory), instead of leaving them running.
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = bench(plan) => result,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: stopped what the bench started"),
+            _ = terminate.recv() => anyhow::bail!("terminated: stopped what the bench started"),
+        }
+    })
 }
 
 async fn bench(plan: Plan) -> anyhow::Result<()> {

@@ -291,7 +291,8 @@ pub struct Producer {
     /// daemon's claims, with the shipped settings and with NOTIFY always.
     pub daemon_txns_per_s: f64,
     pub daemon_txns_per_s_notify_always: f64,
-    /// The daemon's claims per second while nothing arrives (asleep), from its metrics.
+    /// The daemon's claims and looks per second while nothing arrives (asleep), from its
+    /// metrics.
     pub idle_daemon_claims_per_s: f64,
     /// NOTIFYs the daemon received, and rows it found awake without one, while the
     /// producers inserted (shipped settings, all rounds).
@@ -423,9 +424,14 @@ async fn producer_placed(
         let found = procs::scrape(metrics, "pgpushd_rows_found_awake_total")? - found_before;
         // Idle: well past the linger, nothing arriving.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let idle_before = procs::scrape(metrics, "pgpushd_batches_total")?;
+        // Claims and looks alike: each is a round trip the database serves.
+        let asked = || -> anyhow::Result<f64> {
+            Ok(procs::scrape(metrics, "pgpushd_batches_total")?
+                + procs::scrape(metrics, "pgpushd_looks_empty_total")?)
+        };
+        let idle_before = asked()?;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let idle = (procs::scrape(metrics, "pgpushd_batches_total")? - idle_before) / 10.0;
+        let idle = (asked()? - idle_before) / 10.0;
         daemon.stop()?;
         db::empty(&env.client).await?;
         with_daemon.push((rounds, idle, heard, found));

@@ -273,7 +273,7 @@ pub(crate) fn verdict(answer: &Answer) -> Verdict {
         status: answer.status,
         retry_after: answer
             .header(http::header::RETRY_AFTER.as_str())
-            .and_then(response::retry_after),
+            .and_then(|v| response::retry_after(v, std::time::SystemTime::now())),
         body: answer.body.clone(),
     }
     .verdict()

@@ -387,6 +387,41 @@ async fn quota_exceeded_waits_at_least_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_of_centuries_puts_the_row_off_an_hour_and_is_recorded() {
+    // Past what PostgreSQL's intervals hold: the outcome's UPDATE used to fail, and the
+    // row was sent again every hour for ever.
+    let (_db, fcm, _providers, daemon, client) =
+        setup(|c| c.retry_after = Duration::from_secs(100_000_000_000)).await;
+    let token = fcm_token(1);
+    fcm.emulator
+        .script_once(&token, FcmScript::Error(ErrorCode::QuotaExceeded));
+    insert_fcm_rows(&client, 1, 1).await;
+    let wait: f64 = wait_for(
+        "the row back to pending",
+        Duration::from_secs(20),
+        || async {
+            let r = client
+                .query_one(
+                    "SELECT attempts, extract(epoch FROM send_after - clock_timestamp())::float8
+                       FROM pgpushd.outbox WHERE status = 'pending'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (r.get::<_, i32>(0) == 1).then(|| r.get::<_, f64>(1))
+        },
+    )
+    .await;
+    daemon.stop().await;
+    let cap = pgpushd::outcome::MAX_RETRY_AFTER.as_secs_f64();
+    assert!(
+        wait > cap - 60.0 && wait <= cap + 0.5,
+        "send_after is {wait} s away"
+    );
+    assert_eq!(sends(&fcm, &token), vec![429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_access_token_is_renewed_and_the_row_sent_again_once() {
     let (_db, fcm, _providers, daemon, client) = setup(|_| {}).await;
     let token = fcm_token(1);
