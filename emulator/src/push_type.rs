@@ -185,13 +185,12 @@ impl PushType {
         }
     }
 
-    /// The priority applied when `apns-priority` is absent.
+    /// The priority applied when `apns-priority` is absent: "If you omit this header,
+    /// APNs sets the notification priority to 10", whatever the push type. A background
+    /// push without the header is therefore at 10, which [`Self::allows_priority`]
+    /// refuses.
     pub fn default_priority(self) -> i16 {
-        match self {
-            // Background pushes may not be sent at 10, so they go at 5.
-            PushType::Background => PRIORITY_POWER_CONSIDERATE,
-            _ => PRIORITY_IMMEDIATE,
-        }
+        PRIORITY_IMMEDIATE
     }
 
     /// Whether `apns-priority: priority` is accepted with this push type. Apple lists
@@ -277,7 +276,7 @@ mod tests {
         for bad in [0, 2, 7, 11, -5] {
             assert!(!PushType::Alert.allows_priority(bad), "{bad}");
         }
-        assert_eq!(PushType::Background.default_priority(), 5);
-        assert_eq!(PushType::Alert.default_priority(), 10);
+        // Absent means 10 for every type, so a background push must carry 5 (or 1).
+        assert_eq!(PushType::Background.default_priority(), 10);
     }
 }

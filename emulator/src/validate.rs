@@ -118,12 +118,11 @@ pub fn check_head(
     };
     check_topic(headers.get(APNS_TOPIC), push_type, policy)?;
     let priority = match headers.get(APNS_PRIORITY) {
-        None => push_type.default_priority(),
-        Some(v) => ascii_number(v)
-            .and_then(|p| i16::try_from(p).ok())
-            .filter(|p| push_type.allows_priority(*p))
-            .ok_or(reject(400, reason::BAD_PRIORITY))?,
-    };
+        None => Some(push_type.default_priority()),
+        Some(v) => ascii_number(v).and_then(|p| i16::try_from(p).ok()),
+    }
+    .filter(|p| push_type.allows_priority(*p))
+    .ok_or(reject(400, reason::BAD_PRIORITY))?;
     let expiration = match headers.get(APNS_EXPIRATION) {
         None => None,
         Some(v) => Some(ascii_number(v).ok_or(reject(400, reason::BAD_EXPIRATION_DATE))?),
@@ -574,6 +573,9 @@ mod tests {
         };
         assert_eq!(reason_of(&background("10"), &p), Some((400, "BadPriority")));
         assert_eq!(reason_of(&background("5"), &p), None);
+        // Without the header APNs uses 10, whatever the push type: an error here.
+        let unset = request(&[("apns-push-type", Some("background"))]);
+        assert_eq!(reason_of(&unset, &p), Some((400, "BadPriority")));
     }
 
     #[test]

@@ -83,11 +83,15 @@ impl PushType {
         }
     }
 
-    /// The priority APNs assumes when the header is absent.
-    pub fn default_priority(self) -> i16 {
+    /// The `apns-priority` to send for a row whose `priority` is NULL. Without the header
+    /// APNs uses 10, for every push type ("If you omit this header, APNs sets the
+    /// notification priority to 10"), and "it's an error to specify priority 10 for a
+    /// background notification": background pushes are sent at 5; the others without
+    /// the header.
+    pub fn priority_when_unset(self) -> Option<i16> {
         match self {
-            PushType::Background => 5,
-            _ => 10,
+            PushType::Background => Some(5),
+            _ => None,
         }
     }
 
@@ -205,6 +209,7 @@ mod tests {
         assert!(PushType::Background.allows_priority(5));
         assert!(PushType::Alert.allows_priority(10));
         assert!(!PushType::Alert.allows_priority(7));
-        assert_eq!(PushType::Background.default_priority(), 5);
+        assert_eq!(PushType::Background.priority_when_unset(), Some(5));
+        assert_eq!(PushType::Alert.priority_when_unset(), None);
     }
 }

@@ -241,8 +241,10 @@ impl Validator<'_> {
             .into_iter()
             .map(|(name, app)| Ok((name.clone(), self.app(name, app, &network, env)?)))
             .collect::<Result<_, ConfigError>>()?;
+        let database = self.database(f.database, env.database_url.clone())?;
+        self.batch_outlives_requests(&database, &apps)?;
         Ok(Config {
-            database: self.database(f.database, env.database_url.clone())?,
+            database,
             retry: self.retry(f.retry)?,
             apps,
             network,
@@ -251,6 +253,37 @@ impl Validator<'_> {
             daemon: self.daemon(f.daemon)?,
             log: self.log(f.log)?,
         })
+    }
+}
+
+impl Validator<'_> {
+    /// A batch must outlive its rows' requests: one abandoned at `max_batch_duration`
+    /// while a request may still be waiting on its `request_timeout` releases rows whose
+    /// request went out, unanswered and without an attempt counted, to be sent again, and
+    /// against a slow endpoint that loops for ever. A request may be sent twice within one
+    /// row's send (a server's GOAWAY, a renewed FCM token), hence twice.
+    fn batch_outlives_requests(
+        &self,
+        database: &DatabaseConfig,
+        apps: &BTreeMap<String, AppConfig>,
+    ) -> Result<(), ConfigError> {
+        let longest = apps
+            .values()
+            .max_by_key(|a| a.request_timeout)
+            .filter(|a| database.max_batch_duration < 2 * a.request_timeout);
+        match longest {
+            None => Ok(()),
+            Some(app) => Err(self.invalid(
+                "database.max_batch_duration",
+                format!(
+                    "must be at least twice apps.{}.request_timeout ({}), not {}: a batch \
+                     abandoned while its requests wait would send their rows again",
+                    app.name,
+                    humantime::format_duration(app.request_timeout),
+                    humantime::format_duration(database.max_batch_duration),
+                ),
+            )),
+        }
     }
 }
 
@@ -277,6 +310,28 @@ mod tests {
 
     use super::testing::{parse, MINIMAL};
     use super::*;
+
+    #[test]
+    fn a_batch_must_outlive_twice_the_longest_request() {
+        let with = |batch: &str, request: &str| {
+            parse(&format!(
+                "{MINIMAL}max_batch_duration = \"{batch}\"\n\
+                 [apps.slow]\ntopic = \"com.example\"\nrequest_timeout = \"{request}\"\n\
+                 [apps.slow.token]\nkey_file = \"/k.p8\"\nkey_id = \"ABCDEFGHIJ\"\nteam_id = \"KLMNOPQRST\"\n"
+            ))
+        };
+        if let Err(e) = with("2m", "60s") {
+            panic!("{e}");
+        }
+        let e = with("30s", "60s").unwrap_err().to_string();
+        assert!(
+            e.contains("database.max_batch_duration")
+                && e.contains("apps.slow.request_timeout (1m)")
+                && e.contains("not 30s"),
+            "{e}"
+        );
+        assert!(with("1m", "31s").is_err());
+    }
 
     #[test]
     fn defaults_fill_what_is_missing() {

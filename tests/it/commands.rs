@@ -59,6 +59,28 @@ fn a_bad_config_exits_78_naming_file_and_key() {
 }
 
 #[test]
+fn a_batch_shorter_than_twice_a_request_exits_78_naming_both_keys() {
+    // Abandoned while a slow endpoint's requests waited, batches sent their rows again
+    // in a loop, no attempt counted.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[database]\nurl = \"postgres://x@127.0.0.1:1/db\"\nmax_batch_duration = \"30s\"\n\
+         [apps.slow]\ntopic = \"com.example\"\nrequest_timeout = \"60s\"\n\
+         [apps.slow.token]\nkey_file = \"/k.p8\"\nkey_id = \"ABCDEFGHIJ\"\nteam_id = \"KLMNOPQRST\"\n",
+    );
+    for command in ["check-config", "run"] {
+        let (code, _, stderr) = output(pgpushd().arg(command).arg("--config").arg(&path));
+        assert_eq!(code, 78, "{command}: {stderr}");
+        assert!(
+            stderr.contains("database.max_batch_duration")
+                && stderr.contains("apps.slow.request_timeout"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn a_duration_past_its_bound_exits_78_naming_file_and_key() {
     // Before the bounds, check-config said OK and `run` started with a poll interval of
     // 584 billion years, one `Instant + d` away from a panic.

@@ -51,6 +51,32 @@ async fn rows_reach_the_emulator_and_carry_its_apns_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_row_without_a_priority_goes_at_5_and_an_alert_without_the_header() {
+    // Without apns-priority APNs uses 10, which Apple calls an error for background
+    // pushes: the emulator refuses it as APNs would (BadPriority).
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO pgpushd.outbox (device_token, payload, push_type) VALUES
+               ('{}', '{{\"aps\":{{\"content-available\":1}}}}', 'background'),
+               ('{}', '{{\"aps\":{{\"alert\":\"hi\"}}}}', 'alert')",
+            token(1),
+            token(2)
+        ))
+        .await
+        .unwrap();
+    wait_for_status(&client, "sent", 2, Duration::from_secs(20)).await;
+    daemon.stop().await;
+    let priority_of = |t: String| {
+        let records = apns.emulator.records();
+        let r = records.iter().find(|r| r.device_token == t).unwrap();
+        (r.status, r.priority)
+    };
+    assert_eq!(priority_of(token(1)), (200, Some(5)));
+    assert_eq!(priority_of(token(2)), (200, None), "APNs's default, 10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_apns_answer_ends_in_the_row_state_design_md_gives() {
     // (status, reason, row status, last_error must contain, token recorded unregistered)
     let cases: &[(u16, &str, &str, &str, bool)] = &[

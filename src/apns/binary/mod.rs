@@ -243,7 +243,14 @@ pub fn build(n: &Notification) -> Result<Push, String> {
             frame::MAX_PAYLOAD
         ));
     }
-    let priority = match n.priority {
+    // The binary protocol has no push types, but the same rule: a background push (only
+    // `content-available`) may not go at 10, which is what an absent priority means.
+    let unset = n
+        .push_type
+        .parse::<crate::apns::push_type::PushType>()
+        .ok()
+        .and_then(|t| t.priority_when_unset());
+    let priority = match n.priority.or(unset) {
         None => None,
         Some(p @ (5 | 10)) => Some(p as u8),
         Some(p) => {

@@ -153,6 +153,23 @@ fn the_payload_item_is_the_rows_text_byte_for_byte() {
     );
 }
 
+#[test]
+fn a_background_row_without_a_priority_goes_at_5() {
+    // An absent priority item means 10, which a background push may not use.
+    let mut n = row(1, &token(1));
+    n.push_type = "background".into();
+    n.priority = None;
+    assert_eq!(build(&n).unwrap().priority, Some(5));
+    n.push_type = "alert".into();
+    assert_eq!(
+        build(&n).unwrap().priority,
+        None,
+        "the gateway's default, 10"
+    );
+    n.priority = Some(10);
+    assert_eq!(build(&n).unwrap().priority, Some(10));
+}
+
 #[tokio::test]
 async fn the_gateway_gets_the_rows_text() {
     let s = setup(|_| {}).await;

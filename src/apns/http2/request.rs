@@ -99,7 +99,7 @@ pub fn build(n: &Notification, app: &AppConfig, apns_id: Uuid) -> Result<ApnsReq
             format!("BadTopic: topic {topic:?} has characters a header cannot carry")
         })?,
     );
-    if let Some(priority) = n.priority {
+    if let Some(priority) = n.priority.or(push_type.priority_when_unset()) {
         if !matches!(priority, 1 | 5 | 10) {
             return Err(format!(
                 "BadPriority: priority {priority} is not one of 1, 5 and 10"
@@ -108,8 +108,7 @@ pub fn build(n: &Notification, app: &AppConfig, apns_id: Uuid) -> Result<ApnsReq
         if !push_type.allows_priority(priority) {
             return Err(format!(
                 "BadPriority: priority {priority} is not allowed for {push_type} pushes \
-                 (they need {})",
-                push_type.default_priority()
+                 (they need 5 or 1)"
             ));
         }
         headers.insert(APNS_PRIORITY, HeaderValue::from(priority));
@@ -440,7 +439,7 @@ mod tests {
         n.priority = Some(10);
         assert_eq!(
             build_err(&n),
-            "BadPriority: priority 10 is not allowed for background pushes (they need 5)"
+            "BadPriority: priority 10 is not allowed for background pushes (they need 5 or 1)"
         );
         n.priority = Some(5);
         build_ok(&n);
