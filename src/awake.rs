@@ -60,12 +60,15 @@ impl Keeper {
     /// Runs until `cancel`; a daemon awake then falls asleep properly and wakes the others.
     pub async fn run(self, cancel: CancellationToken) {
         let mut conn = Conn::new(&self);
+        // The rate is averaged over `awake_linger` from the first claim (the catch-up).
+        self.signals
+            .average_over(self.settings.borrow().awake_linger);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.signals.found.notified() => {}
             }
-            if !self.wants_awake(Toward::Awake) {
+            if !self.wants_awake(Toward::Wake) {
                 // Rows come too seldom for looking to pay (or a permit left by a claim
                 // from before the last sleep): NOTIFY wakes the dispatcher per row.
                 continue;
@@ -96,7 +99,7 @@ impl Keeper {
                 _ = cancel.cancelled() => return true,
                 _ = tokio::time::sleep(EXTEND_EVERY) => {}
             }
-            if self.wants_awake(Toward::Asleep) {
+            if self.wants_awake(Toward::Stay) {
                 // Only a daemon that is claiming may tell writers it is looking.
                 extend = self.signals.since(&self.signals.last_claim_ms) < HOLD / 2;
                 continue;
@@ -144,13 +147,14 @@ impl Keeper {
         if linger.is_zero() {
             return false; // never awake: writers always notify
         }
+        // `awake_linger` may have been reloaded: the rate follows it from now on.
         self.signals.average_over(linger);
         if self.signals.since(&self.signals.last_found_ms) >= linger {
             return false;
         }
         let threshold = match toward {
-            Toward::Awake => f64::from(min_rate),
-            Toward::Asleep => f64::from(min_rate) / 2.0,
+            Toward::Wake => f64::from(min_rate),
+            Toward::Stay => f64::from(min_rate) / 2.0,
         };
         self.signals.rows_per_second() >= threshold
     }
@@ -167,11 +171,11 @@ impl Keeper {
     }
 }
 
-/// Which way [`Keeper::wants_awake`] decides: to wake, or to stay awake.
+/// What [`Keeper::wants_awake`] decides: whether to wake, or whether to stay awake.
 #[derive(Clone, Copy)]
 enum Toward {
-    Awake,
-    Asleep,
+    Wake,
+    Stay,
 }
 
 /// The keeper's connection: (re)connected on use, each statement bounded.

@@ -7,7 +7,9 @@
 //! daemon claims once per wake-up.
 //!
 //! Wake-ups are coalesced: a notification, the poll timer, or the moment the next
-//! scheduled/retried row falls due. On cancellation the loop stops claiming and waits for
+//! scheduled/retried row falls due. A notification, a due row or a backlog claims at
+//! once; a poll first looks (one statement, `outbox::LOOK`) unless the last batch found
+//! rows, and claims only when the look finds a row due. On cancellation the loop stops claiming and waits for
 //! the batches in flight to send and record. When `hard_stop` fires (the drain deadline),
 //! each batch stops waiting: it records the rows already answered and releases the rest
 //! untouched.
@@ -174,14 +176,17 @@ impl Unrecorded {
         self.rows.lock().unwrap().get(&id).map(|r| r.update.clone())
     }
 
-    /// Whether any of these rows has an answer remembered: one whose outcome the database
-    /// refused before, so its batch writes carefully (row by row, should it fail again).
-    fn remembers_any(&self, claimed: &[Claimed]) -> bool {
+    /// Whether a batch of these rows writes its outcomes carefully (under a savepoint, row
+    /// by row should that fail): one of them has an answer remembered, one whose outcome
+    /// the database refused before; or the memory is full, so that a refused write could
+    /// not be remembered and the batch would be sent again whole.
+    fn write_carefully(&self, claimed: &[Claimed]) -> bool {
         let rows = self.rows.lock().unwrap();
-        !rows.is_empty()
-            && claimed
-                .iter()
-                .any(|c| rows.contains_key(&c.notification.id))
+        rows.len() >= MAX_UNRECORDED
+            || (!rows.is_empty()
+                && claimed
+                    .iter()
+                    .any(|c| rows.contains_key(&c.notification.id)))
     }
 
     /// Remembers answers whose batch was abandoned: not a failed write.
@@ -693,7 +698,7 @@ async fn batch(
         .map_err(sql("claiming rows"))?;
     let (txn, claimed) = (claim.batch, claim.rows);
     let _held = ctx.in_flight.hold(&claimed);
-    let careful = ctx.unrecorded.remembers_any(&claimed);
+    let careful = ctx.unrecorded.write_carefully(&claimed);
     let full = claimed.len() == settings.batch_size;
     let _ = claimed_tx.send(full);
     ctx.signals.claimed(claimed.len());

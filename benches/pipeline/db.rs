@@ -131,6 +131,19 @@ pub async fn sent_and_other(client: &Client) -> anyhow::Result<(i64, i64)> {
     Ok((row.get(0), row.get(1)))
 }
 
+/// Sends one row through a daemon just started, and waits until it is sent: it opens the
+/// APNs connections and lifts their stream limit before anything is measured.
+pub async fn warm_up(client: &Client) -> anyhow::Result<()> {
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload) VALUES ($1, '{\"aps\":{}}')",
+            &[&token(0)],
+        )
+        .await?;
+    wait_drained(client, Duration::from_secs(30)).await?;
+    Ok(())
+}
+
 /// Waits until the daemon's listener has issued LISTEN (so a notification wakes it).
 pub async fn wait_listening(client: &Client, deadline: Duration) -> anyhow::Result<()> {
     let give_up = Instant::now() + deadline;

@@ -102,14 +102,7 @@ pub async fn db_cost(
         .daemon_config_with(&env.url, &emulator.endpoint, "", Some(metrics))?;
     let daemon = procs::start_daemon(env.work, &config)?;
     db::wait_listening(&env.client, Duration::from_secs(30)).await?;
-    // A first row opens the APNs connections and lifts their stream limit.
-    env.client
-        .execute(
-            "INSERT INTO pgpushd.outbox (device_token, payload) VALUES ($1, '{\"aps\":{}}')",
-            &[&db::token(0)],
-        )
-        .await?;
-    db::wait_drained(&env.client, Duration::from_secs(30)).await?;
+    db::warm_up(&env.client).await?;
 
     let mut bare = Vec::new();
     let mut delivered = Vec::new();
@@ -150,7 +143,7 @@ pub async fn db_cost(
     for r in &mut delivered {
         committed.extend(r.committed.drain());
     }
-    let mut latencies = latencies(&record, &mut committed)?;
+    let mut latencies = crate::scenarios::answer_latencies(&record, &mut committed)?;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let rows: u64 = delivered.iter().map(|r| r.rows).sum();
@@ -283,34 +276,4 @@ async fn wait_asleep(metrics: std::net::SocketAddr) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
-}
-
-/// Commit-to-answer latencies of the rows in `committed`, from the emulator's record
-/// (complete once the emulator has stopped).
-fn latencies(
-    record: &std::path::Path,
-    committed: &mut HashMap<String, SystemTime>,
-) -> anyhow::Result<Vec<f64>> {
-    let want = committed.len();
-    let mut out = Vec::with_capacity(want);
-    for line in std::fs::read_to_string(record)?.lines() {
-        let r: serde_json::Value = serde_json::from_str(line)?;
-        let token = r["device_token"].as_str().unwrap_or_default();
-        let Some(commit) = committed.remove(token) else {
-            continue;
-        };
-        let at = humantime::parse_rfc3339(r["at"].as_str().unwrap_or_default())?;
-        out.push(match at.duration_since(commit) {
-            Ok(d) => d.as_secs_f64() * 1000.0,
-            // Answered before COMMIT returned to the writer.
-            Err(e) => -e.duration().as_secs_f64() * 1000.0,
-        });
-    }
-    if !committed.is_empty() {
-        bail!(
-            "{} of {want} delivered rows not in the emulator's record",
-            committed.len()
-        );
-    }
-    Ok(out)
 }

@@ -158,14 +158,7 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
     let config = env.work.daemon_config(&env.url, &emulator.endpoint)?;
     let daemon = procs::start_daemon(env.work, &config)?;
     db::wait_listening(&env.client, Duration::from_secs(30)).await?;
-    // A first row opens the APNs connections and lifts their stream limit.
-    env.client
-        .execute(
-            "INSERT INTO pgpushd.outbox (device_token, payload) VALUES ($1, '{\"aps\":{}}')",
-            &[&db::token(0)],
-        )
-        .await?;
-    db::wait_drained(&env.client, Duration::from_secs(30)).await?;
+    db::warm_up(&env.client).await?;
 
     let watched = Watched {
         daemon: Some(daemon.pid()),
@@ -222,28 +215,7 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
     daemon.stop()?;
     emulator.proc.stop()?; // flushes the record file
 
-    let mut latencies = Vec::with_capacity(committed.len());
-    let text = std::fs::read_to_string(&record)?;
-    for line in text.lines() {
-        let r: serde_json::Value = serde_json::from_str(line)?;
-        let token = r["device_token"].as_str().unwrap_or_default();
-        let Some(commit) = committed.remove(token) else {
-            continue;
-        };
-        let at = humantime::parse_rfc3339(r["at"].as_str().unwrap_or_default())?;
-        let ms = match at.duration_since(commit) {
-            Ok(d) => d.as_secs_f64() * 1000.0,
-            // Answered before COMMIT returned to the producer.
-            Err(e) => -e.duration().as_secs_f64() * 1000.0,
-        };
-        latencies.push(ms);
-    }
-    if !committed.is_empty() {
-        bail!(
-            "{} committed rows never reached the emulator",
-            committed.len()
-        );
-    }
+    let mut latencies = answer_latencies(&record, &mut committed)?;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     Ok(Latency {
@@ -256,6 +228,37 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
         daemon_db_us_per_row: sessions_cpu_s * 1e6 / total.max(1) as f64,
         daemon_claims_per_s: claims_per_s,
     })
+}
+
+/// Commit-to-answer latencies in ms of the rows in `committed` (by token), from the
+/// emulator's record (complete once the emulator has stopped); each row found is taken
+/// out of `committed`, and a row the record lacks is an error.
+pub fn answer_latencies(
+    record: &std::path::Path,
+    committed: &mut HashMap<String, SystemTime>,
+) -> anyhow::Result<Vec<f64>> {
+    let want = committed.len();
+    let mut out = Vec::with_capacity(want);
+    for line in std::fs::read_to_string(record)?.lines() {
+        let r: serde_json::Value = serde_json::from_str(line)?;
+        let token = r["device_token"].as_str().unwrap_or_default();
+        let Some(commit) = committed.remove(token) else {
+            continue;
+        };
+        let at = humantime::parse_rfc3339(r["at"].as_str().unwrap_or_default())?;
+        out.push(match at.duration_since(commit) {
+            Ok(d) => d.as_secs_f64() * 1000.0,
+            // Answered before COMMIT returned to the producer.
+            Err(e) => -e.duration().as_secs_f64() * 1000.0,
+        });
+    }
+    if !committed.is_empty() {
+        bail!(
+            "{} of {want} committed rows never reached the emulator",
+            committed.len()
+        );
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -57,7 +57,7 @@ mod tests {
         let binary_app = "[apps.a]\nprotocol = \"binary\"\n";
         let cert = "[apps.a.certificate]\nfile = \"ck.pem\"\n";
         if section == "apps.a" {
-            // A batch outlives twice any request (config::batch_outlives_requests).
+            // A batch outlives four times any request (config::batch_outlives_requests).
             let batch = "max_batch_duration = \"1h\"\n";
             format!("{MINIMAL}{batch}{binary_app}{key} = \"{value}\"\n{cert}")
         } else if section == "database" {

@@ -256,12 +256,16 @@ impl Validator<'_> {
     }
 }
 
+/// How many `request_timeout`s one row's send may take (see `batch_outlives_requests`).
+const REQUESTS_PER_BATCH: u32 = 4;
+
 impl Validator<'_> {
     /// A batch must outlive its rows' requests: one abandoned at `max_batch_duration`
     /// while a request may still be waiting on its `request_timeout` releases rows whose
     /// request went out, unanswered and without an attempt counted, to be sent again, and
-    /// against a slow endpoint that loops for ever. A request may be sent twice within one
-    /// row's send (a server's GOAWAY, a renewed FCM token), hence twice.
+    /// against a slow endpoint that loops for ever. One request may wait `request_timeout`
+    /// for a stream and as long for its answer, and be sent twice within one row's send
+    /// (a server's GOAWAY, a renewed FCM token): four times `request_timeout`.
     fn batch_outlives_requests(
         &self,
         database: &DatabaseConfig,
@@ -270,14 +274,15 @@ impl Validator<'_> {
         let longest = apps
             .values()
             .max_by_key(|a| a.request_timeout)
-            .filter(|a| database.max_batch_duration < 2 * a.request_timeout);
+            .filter(|a| database.max_batch_duration < REQUESTS_PER_BATCH * a.request_timeout);
         match longest {
             None => Ok(()),
             Some(app) => Err(self.invalid(
                 "database.max_batch_duration",
                 format!(
-                    "must be at least twice apps.{}.request_timeout ({}), not {}: a batch \
-                     abandoned while its requests wait would send their rows again",
+                    "must be at least {REQUESTS_PER_BATCH} times apps.{}.request_timeout ({}), \
+                     not {}: a batch abandoned while its requests wait would send their rows \
+                     again",
                     app.name,
                     humantime::format_duration(app.request_timeout),
                     humantime::format_duration(database.max_batch_duration),
@@ -312,7 +317,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_batch_must_outlive_twice_the_longest_request() {
+    fn a_batch_must_outlive_four_times_the_longest_request() {
         let with = |batch: &str, request: &str| {
             parse(&format!(
                 "{MINIMAL}max_batch_duration = \"{batch}\"\n\
@@ -320,7 +325,7 @@ mod tests {
                  [apps.slow.token]\nkey_file = \"/k.p8\"\nkey_id = \"ABCDEFGHIJ\"\nteam_id = \"KLMNOPQRST\"\n"
             ))
         };
-        if let Err(e) = with("2m", "60s") {
+        if let Err(e) = with("4m", "60s") {
             panic!("{e}");
         }
         let e = with("30s", "60s").unwrap_err().to_string();
@@ -330,7 +335,7 @@ mod tests {
                 && e.contains("not 30s"),
             "{e}"
         );
-        assert!(with("1m", "31s").is_err());
+        assert!(with("2m", "31s").is_err());
     }
 
     #[test]

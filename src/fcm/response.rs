@@ -10,7 +10,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
     pub status: u16,
-    /// `Retry-After` in seconds, when given as such.
+    /// `Retry-After`, in seconds or as an HTTP-date (see [`retry_after`]).
     pub retry_after: Option<Duration>,
     pub body: bytes::Bytes,
 }

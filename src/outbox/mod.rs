@@ -79,9 +79,10 @@ SELECT extract(epoch FROM min(send_after) - now())::float8
   FROM pgpushd.outbox
  WHERE status = 'pending' AND send_after > now() AND send_after < 'infinity'";
 
-/// An awake daemon's look: when the first pending row not in `$1` (the rows this daemon's
-/// batches hold, and rows held back) falls due, after `now()`; zero or less when one is
-/// due already; no row when none is pending. One statement outside any transaction block:
+/// A look, before a poll's claim: when the first pending row not in `$1` (the rows this
+/// daemon's batches hold, and rows held back) falls due, after `now()`; zero or less when
+/// one is due already; no row when no other is pending. One statement outside any
+/// transaction block:
 /// a look that finds nothing costs the database one round trip and one index probe
 /// (issue 19), where a claim costs a transaction. `ORDER BY ... LIMIT 1` in the index's
 /// order leaves the planner no plan but walking the index from its start.
@@ -99,7 +100,7 @@ pub enum Look {
     Due,
     /// The first pending row falls due after this long.
     In(Duration),
-    /// No row is pending.
+    /// No row is pending but those excluded.
     Nothing,
 }
 
@@ -213,8 +214,10 @@ impl OutboxConn {
     }
 
     /// Looks for due rows without claiming them (see [`LOOK`]), skipping the rows in
-    /// `exclude`. Outside any transaction: bounded by the session's `statement_timeout`
-    /// of the caller's choosing, and by the caller's own timeout.
+    /// `exclude`. Outside any transaction, so without the batches' server-side bounds:
+    /// the caller bounds it and drops the connection past that (a look queued behind an
+    /// exclusive lock on the outbox then waits on the server until the lock goes, and
+    /// ends).
     pub async fn look(&mut self, exclude: &[i64]) -> Result<Look, tokio_postgres::Error> {
         self.rollback_leftover().await?;
         self.round_trips += 1;
@@ -398,7 +401,7 @@ impl Batch<'_> {
                     Ok(unwritten)
                 }
                 // The server refused a statement: the COMMIT behind it rolled back.
-                Err(e) if e.as_db_error().is_some() => {
+                Err(e) if refused(&e) && !self.client.is_closed() => {
                     *self.in_transaction = false;
                     let why = crate::db::describe(&e);
                     Ok(updates.iter().map(|u| (u.id, why.clone())).collect())
@@ -457,6 +460,19 @@ impl Batch<'_> {
         *self.in_transaction = false;
         Ok(unwritten)
     }
+}
+
+/// Whether the database refused a statement for what it was asked (a constraint, a
+/// trigger's exception, a value out of range, a deadlock), as opposed to failing as a
+/// server: shutting down, out of resources, an internal error, or the connection lost.
+/// Only the first is the rows' doing; the second is a failed batch, retried after a
+/// backoff like any other.
+fn refused(e: &tokio_postgres::Error) -> bool {
+    let Some(db) = e.as_db_error() else {
+        return false;
+    };
+    let class = &db.code().code()[..2];
+    db.severity() == "ERROR" && !matches!(class, "08" | "53" | "57" | "58" | "XX")
 }
 
 async fn write_updates(

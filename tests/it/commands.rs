@@ -59,7 +59,7 @@ fn a_bad_config_exits_78_naming_file_and_key() {
 }
 
 #[test]
-fn a_batch_shorter_than_twice_a_request_exits_78_naming_both_keys() {
+fn a_batch_shorter_than_four_requests_exits_78_naming_both_keys() {
     // Abandoned while a slow endpoint's requests waited, batches sent their rows again
     // in a loop, no attempt counted.
     let dir = tempfile::tempdir().unwrap();

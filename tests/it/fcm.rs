@@ -350,11 +350,11 @@ async fn every_fcm_answer_ends_in_the_row_state_the_readme_gives() {
     assert!(again.starts_with("Unregistered: "), "{again}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quota_exceeded_waits_at_least_retry_after() {
-    // Retry-After 30 s, far past the test config's backoff_max of 200 ms.
-    let (_db, fcm, _providers, daemon, client) =
-        setup(|c| c.retry_after = Duration::from_secs(30)).await;
+/// One FCM row answered `QUOTA_EXCEEDED` once, with this `Retry-After`: how far ahead
+/// its `send_after` is once it is pending again with its attempt counted, its
+/// `last_error`, and the statuses FCM answered it.
+async fn quota_exceeded_once(retry_after: Duration) -> (f64, Option<String>, Vec<u16>) {
+    let (_db, fcm, _providers, daemon, client) = setup(|c| c.retry_after = retry_after).await;
     let token = fcm_token(1);
     fcm.emulator
         .script_once(&token, FcmScript::Error(ErrorCode::QuotaExceeded));
@@ -380,45 +380,30 @@ async fn quota_exceeded_waits_at_least_retry_after() {
     )
     .await;
     daemon.stop().await;
-    assert!(wait > 25.0 && wait <= 30.5, "send_after is {wait} s away");
     let r = row(&client, &token).await;
-    assert!(r.last_error.unwrap().starts_with("QUOTA_EXCEEDED: "));
-    assert_eq!(sends(&fcm, &token), vec![429]);
+    (wait, r.last_error, sends(&fcm, &token))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exceeded_waits_at_least_retry_after() {
+    // Retry-After 30 s, far past the test config's backoff_max of 200 ms.
+    let (wait, last_error, sends) = quota_exceeded_once(Duration::from_secs(30)).await;
+    assert!(wait > 25.0 && wait <= 30.5, "send_after is {wait} s away");
+    assert!(last_error.unwrap().starts_with("QUOTA_EXCEEDED: "));
+    assert_eq!(sends, vec![429]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_of_centuries_puts_the_row_off_an_hour_and_is_recorded() {
-    // Past what PostgreSQL's intervals hold: the outcome's UPDATE used to fail, and the
-    // row was sent again every hour for ever.
-    let (_db, fcm, _providers, daemon, client) =
-        setup(|c| c.retry_after = Duration::from_secs(100_000_000_000)).await;
-    let token = fcm_token(1);
-    fcm.emulator
-        .script_once(&token, FcmScript::Error(ErrorCode::QuotaExceeded));
-    insert_fcm_rows(&client, 1, 1).await;
-    let wait: f64 = wait_for(
-        "the row back to pending",
-        Duration::from_secs(20),
-        || async {
-            let r = client
-                .query_one(
-                    "SELECT attempts, extract(epoch FROM send_after - clock_timestamp())::float8
-                       FROM pgpushd.outbox WHERE status = 'pending'",
-                    &[],
-                )
-                .await
-                .unwrap();
-            (r.get::<_, i32>(0) == 1).then(|| r.get::<_, f64>(1))
-        },
-    )
-    .await;
-    daemon.stop().await;
+    // Such a Retry-After parked the row for millennia (and one past what PostgreSQL's
+    // intervals hold made the outcome's UPDATE fail, so the row was sent again for ever).
+    let (wait, _, sends) = quota_exceeded_once(Duration::from_secs(100_000_000_000)).await;
     let cap = pgpushd::outcome::MAX_RETRY_AFTER.as_secs_f64();
     assert!(
         wait > cap - 60.0 && wait <= cap + 0.5,
         "send_after is {wait} s away"
     );
-    assert_eq!(sends(&fcm, &token), vec![429]);
+    assert_eq!(sends, vec![429]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

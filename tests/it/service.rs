@@ -437,9 +437,9 @@ async fn a_stuck_batch_withholds_the_watchdog_until_it_ends() {
         "connect_timeout = \"1s\"\nmax_batch_duration = \"2s\"\nmax_batches_in_flight = 1",
         &format!(
             "[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}",
-            // A batch must outlive twice its requests' bound.
+            // A batch must outlive four times its requests' bound.
             apns.app_toml
-                .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"")
+                .replace("request_timeout = \"5s\"", "request_timeout = \"500ms\"")
         ),
     );
     let mut notify = NotifySocket::bind(apns.dir.path());
