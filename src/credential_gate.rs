@@ -4,7 +4,9 @@
 //! A refused credential is the app's problem, not the row's: every row would get the
 //! same answer. So the app backs off (capped exponential), answers every notification
 //! with `Deferred` without making a request while it waits, then lets one request through
-//! as a probe. A success clears it. The log says so once per transition.
+//! as a probe. The probe's success clears it (only the probe's: a request sent before
+//! the refusal and answered after it proves nothing). The log says so once per
+//! transition.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -131,20 +133,25 @@ impl CredentialGate {
             after: wait.max(MIN_DEFER),
         }
     }
+}
 
-    /// The service took a request with these credentials.
-    pub fn accepted(&self) {
-        let mut r = self.state.lock().unwrap();
+/// Releases the probe slot however the probing request ends (even when dropped). Only a
+/// probe reopens a closed gate: a request that went out before the refusal and is
+/// answered after it proves nothing about the credentials now, and reopening on it would
+/// send the backlog into the next refusal.
+pub struct ProbeGuard<'a>(&'a CredentialGate);
+
+impl ProbeGuard<'_> {
+    /// The service took the probe: the credentials work again.
+    pub fn accepted(self) {
+        let mut r = self.0.state.lock().unwrap();
         if r.reason.take().is_some() {
-            info!(app = %self.app, service = self.service,
+            info!(app = %self.0.app, service = self.0.service,
                   "the service accepts this app's credentials again");
         }
         *r = Refused::default();
     }
 }
-
-/// Releases the probe slot however the probing request ends (even when dropped).
-pub struct ProbeGuard<'a>(&'a CredentialGate);
 
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
@@ -166,6 +173,13 @@ mod tests {
         )
     }
 
+    fn probe_guard(gate: Gate<'_>) -> ProbeGuard<'_> {
+        match gate {
+            Gate::Probe(guard) => guard,
+            _ => panic!("not a probe"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_refusal_closes_the_gate_until_one_probe_answers() {
         let g = gate();
@@ -185,6 +199,8 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         let probe = g.gate();
         assert!(matches!(probe, Gate::Probe(_)));
+        // A request sent before the refusal and answered now proves nothing: there is
+        // no way to accept but the probe's, so the gate stays closed for the others.
         // While the probe is out, others wait for as long as it may take.
         match g.gate() {
             Gate::Closed(Delivery::Deferred { after, .. }) => {
@@ -192,8 +208,7 @@ mod tests {
             }
             _ => panic!("a second probe"),
         }
-        drop(probe);
-        g.accepted();
+        probe_guard(probe).accepted();
         assert!(g.health().is_ok());
         assert!(matches!(g.gate(), Gate::Open));
     }

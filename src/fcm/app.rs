@@ -165,10 +165,11 @@ impl FcmApp {
             Ok(d) => d,
             Err(Refusal(reason)) => self.gate.refused(reason),
         };
-        if let Delivery::Sent { .. } | Delivery::Unregistered { .. } = &delivery {
-            self.gate.accepted();
+        if let (Some(probe), Delivery::Sent { .. } | Delivery::Unregistered { .. }) =
+            (probe, &delivery)
+        {
+            probe.accepted();
         }
-        drop(probe);
         debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
                outcome = ?delivery, "push attempt");
         delivery

@@ -123,7 +123,13 @@ impl Answer {
             (Some("QUOTA_EXCEEDED" | "UNAVAILABLE" | "INTERNAL"), _) => {
                 Verdict::Retry { reason, after }
             }
-            (Some("THIRD_PARTY_AUTH_ERROR"), _) => Verdict::Credentials { reason },
+            // About the row's target, not the app: the project's APNs key (an iOS target) or
+            // web push credentials (a browser) are missing or invalid at Firebase. Its
+            // Android rows go on; every such row would get the same answer until someone
+            // uploads them, so it fails now, saying where.
+            (Some("THIRD_PARTY_AUTH_ERROR"), _) => Verdict::Rejected {
+                reason: format!("{reason} ({THIRD_PARTY_AUTH_HINT})"),
+            },
             (_, Some("UNAUTHENTICATED")) => Verdict::RenewToken { reason },
             (_, Some("PERMISSION_DENIED")) => Verdict::Credentials { reason },
             // Without an FcmError a 404 is the project or the URL, not the token.
@@ -149,6 +155,12 @@ impl Answer {
         }
     }
 }
+
+/// What a `THIRD_PARTY_AUTH_ERROR` row's `last_error` adds: where the fix is.
+pub const THIRD_PARTY_AUTH_HINT: &str = "FCM could not use this project's credentials for \
+    the device's own push service: upload the APNs authentication key (iOS and macOS \
+    targets) or check the web push certificates in the Firebase console, Project \
+    settings > Cloud Messaging";
 
 /// `Retry-After` in either of HTTP's forms (RFC 9110, 10.2.3): delta-seconds (what FCM
 /// sends) or an HTTP-date, read against `now` (a date already past: no wait). Unbounded
@@ -267,8 +279,8 @@ mod tests {
                 401,
                 "UNAUTHENTICATED",
                 Some("THIRD_PARTY_AUTH_ERROR"),
-                Verdict::Credentials {
-                    reason: "THIRD_PARTY_AUTH_ERROR: gone".into(),
+                Verdict::Rejected {
+                    reason: format!("THIRD_PARTY_AUTH_ERROR: gone ({THIRD_PARTY_AUTH_HINT})"),
                 },
             ),
             (

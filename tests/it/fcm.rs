@@ -490,23 +490,53 @@ fn metrics_toml(port: u16) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn third_party_auth_errors_make_the_app_wait_not_the_rows() {
+async fn a_third_party_auth_error_fails_its_row_and_the_app_goes_on() {
+    // The project's APNs key (or web push credentials) is missing at Firebase: rows for
+    // iOS targets get THIRD_PARTY_AUTH_ERROR, the app's Android rows are fine. Once it
+    // closed the app's gate: its iOS rows were resent every few seconds for ever, with no
+    // attempt counted, and its Android rows waited with them.
     let port = free_port();
     let (_db, fcm, providers, daemon, client) = setup_with(&metrics_toml(port), |_| {}).await;
-    for i in 1..=20 {
+    for i in 1..=5 {
         fcm.emulator.script(
             &fcm_token(i),
             FcmScript::Error(ErrorCode::ThirdPartyAuthError),
         );
     }
-    rows_wait_out_a_refusal(
-        port,
-        &providers,
-        &client,
-        || fcm.emulator.clear_scripts(),
-        "THIRD_PARTY_AUTH_ERROR",
-    )
+    insert_fcm_rows(&client, 1, 20).await;
+    wait_for("every row settled", Duration::from_secs(20), || async {
+        let r = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'pending') FROM pgpushd.outbox",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get::<_, i64>(0) == 0).then_some(())
+    })
     .await;
+    for i in 1..=20 {
+        let token = fcm_token(i);
+        let r = row(&client, &token).await;
+        if i <= 5 {
+            assert_eq!((r.status.as_str(), r.attempts), ("failed", 1), "{token}");
+            let why = r.last_error.unwrap();
+            assert!(
+                why.starts_with("THIRD_PARTY_AUTH_ERROR")
+                    && why.contains("APNs authentication key"),
+                "{why}"
+            );
+            assert_eq!(sends(&fcm, &token), vec![401], "sent once");
+        } else {
+            assert_eq!(r.status, "sent", "{token}");
+        }
+    }
+    let health = pgpushd::transport::Transport::health(&*providers);
+    assert!(health.iter().all(|(_, h)| h.is_ok()), "{health:?}");
+    let (_, body) = tokio::task::spawn_blocking(move || http_get(port, "/healthz"))
+        .await
+        .unwrap();
+    assert!(!body.contains("refuses the credentials"), "{body}");
     daemon.stop().await;
 }
 

@@ -128,11 +128,11 @@ impl Http2App {
             Ok(d) => d,
             Err(Refusal(reason)) => self.gate.refused(reason),
         };
-        match &delivery {
-            Delivery::Sent { .. } | Delivery::Unregistered { .. } => self.gate.accepted(),
-            _ => {}
+        if let (Some(probe), Delivery::Sent { .. } | Delivery::Unregistered { .. }) =
+            (probe, &delivery)
+        {
+            probe.accepted();
         }
-        drop(probe);
         debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
                apns_id = %request.apns_id, outcome = ?delivery, "push attempt");
         delivery
