@@ -177,7 +177,12 @@ impl FcmApp {
 
     /// The row's request (pure): what FCM would refuse is refused here.
     pub(crate) fn request(&self, n: &Notification) -> Result<FcmRequest, String> {
-        request::build(n, &self.project, &self.authority)
+        request::build(
+            n,
+            &self.project,
+            &self.authority,
+            std::time::SystemTime::now(),
+        )
     }
 
     /// Sends `request` until FCM answers for the row, renewing a refused access token

@@ -8,6 +8,8 @@
 
 use serde_json::Value;
 
+use super::expiry::{self, Expiry};
+
 /// FCM's limit on a message (keys and values included).
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// The `message` fields a row may set.
@@ -22,14 +24,22 @@ pub const KNOWN_KEYS: [&str; 6] = [
 /// The longest registration token accepted (they are about 160 characters today).
 const MAX_TOKEN_LEN: usize = 4096;
 
-/// The request body for `token` and the row's `payload` text (a JSON object), or why the
-/// row cannot be sent.
-pub fn body(token: &str, payload: &str) -> Result<String, String> {
+/// The request body for `token` and the row's `payload` text (a JSON object), with the
+/// row's `expiry` on each platform's field when it has one, or why the row cannot be
+/// sent.
+pub fn body(token: &str, payload: &str, expiry: Option<Expiry>) -> Result<String, String> {
     check_token(token)?;
     check_payload(payload)?;
     let inner = payload.trim();
     // `{` + the payload's members (if any) + `}`, the token first.
-    let members = inner[1..inner.len() - 1].trim();
+    let with_expiry;
+    let members = match expiry {
+        None => inner[1..inner.len() - 1].trim(),
+        Some(e) => {
+            with_expiry = expiry::members(inner, e)?;
+            &with_expiry
+        }
+    };
     let token = serde_json::to_string(token).expect("a string serializes");
     Ok(match members.is_empty() {
         true => format!(r#"{{"message":{{"token":{token}}}}}"#),
@@ -160,19 +170,21 @@ mod tests {
         assert_eq!(
             body(
                 token,
-                r#"{"data": {"price": "1.10"}, "notification": {"title": "Hi"}}"#
+                r#"{"data": {"price": "1.10"}, "notification": {"title": "Hi"}}"#,
+                None
             )
             .unwrap(),
             r#"{"message":{"token":"dXf1:APA91b-_x","data": {"price": "1.10"}, "notification": {"title": "Hi"}}}"#
         );
         assert_eq!(
-            body(token, " {} ").unwrap(),
+            body(token, " {} ", None).unwrap(),
             r#"{"message":{"token":"dXf1:APA91b-_x"}}"#
         );
         // Numbers stay as written (an android.ttl in seconds is a string; a priority is not).
         let b = body(
             token,
             r#"{"android": {"ttl": "3.5s", "notification": {"notification_count": 1e0}}}"#,
+            None,
         )
         .unwrap();
         assert!(b.contains("1e0"), "{b}");
@@ -218,7 +230,7 @@ mod tests {
             ),
             ("t", "[1]", "not a JSON object"),
         ] {
-            let error = body(token, payload).unwrap_err();
+            let error = body(token, payload, None).unwrap_err();
             assert!(
                 error.contains(expected),
                 "{payload}: {error:?} lacks {expected:?}"
@@ -226,9 +238,9 @@ mod tests {
         }
         // The limit counts the keys and values that reach the device: 1 + 4095 fits.
         let fits = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4095));
-        body("t", &fits).unwrap();
+        body("t", &fits, None).unwrap();
         let over = format!(r#"{{"data": {{"k": "{}"}}}}"#, "x".repeat(4096));
-        let error = body("t", &over).unwrap_err();
+        let error = body("t", &over, None).unwrap_err();
         assert!(error.contains("4097 bytes of keys and values"), "{error}");
         // Split across data, notification and android: 1+2000 + 5+1000 + 4+1087 = 4097.
         let split = format!(
@@ -237,18 +249,19 @@ mod tests {
             "x".repeat(1000),
             "x".repeat(1087)
         );
-        assert!(body("t", &split).unwrap_err().contains("4097 bytes"));
+        assert!(body("t", &split, None).unwrap_err().contains("4097 bytes"));
         // What does not reach the device as data (apns overrides, options) is not counted,
         // and Google reads a null field as absent.
         let apns = format!(
             r#"{{"data": {{"k": "v"}}, "apns": {{"payload": {{"aps": {{"alert": "{}"}}}}}}, "webpush": null}}"#,
             "x".repeat(5000)
         );
-        body("t", &apns).unwrap();
+        body("t", &apns, None).unwrap();
         // Keys that merely look reserved are the app's own.
         body(
             "t",
             r#"{"data": {"fromage": "v", "gcm_x": "v", "collapse_key": "v"}}"#,
+            None,
         )
         .unwrap();
     }

@@ -25,6 +25,7 @@ use crate::transport::{Delivery, Notification, Transport};
 pub mod access_token;
 mod app;
 pub mod error;
+pub mod expiry;
 pub mod message;
 pub mod options;
 pub mod request;

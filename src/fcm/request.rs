@@ -6,6 +6,9 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Uri, Version};
 
+use std::time::SystemTime;
+
+use super::expiry::Expiry;
 use super::message;
 use crate::transport::Notification;
 
@@ -34,9 +37,16 @@ impl FcmRequest {
 
 /// The request for row `n` of an app sending as `project` to `authority` (`host[:port]`),
 /// or why the row cannot be sent.
-pub fn build(n: &Notification, project: &str, authority: &str) -> Result<FcmRequest, String> {
+/// `now` is when it is sent: the row's `expires_at` becomes the time left then.
+pub fn build(
+    n: &Notification,
+    project: &str,
+    authority: &str,
+    now: SystemTime,
+) -> Result<FcmRequest, String> {
     check_apns_columns(n)?;
-    let body = message::body(&n.device_token, &n.payload)?;
+    let expiry = n.expires_at.map(|at| Expiry::of(at, now));
+    let body = message::body(&n.device_token, &n.payload, expiry)?;
     let uri = format!("https://{authority}/v1/projects/{project}/messages:send")
         .parse::<Uri>()
         .map_err(|e| format!("cannot form the request's URL: {e}"))?;
@@ -101,7 +111,7 @@ mod tests {
 
     #[test]
     fn a_row_becomes_a_send_to_its_project() {
-        let r = build(&row(), "p-1", "127.0.0.1:8443").unwrap();
+        let r = build(&row(), "p-1", "127.0.0.1:8443", SystemTime::now()).unwrap();
         assert_eq!(
             r.uri.to_string(),
             "https://127.0.0.1:8443/v1/projects/p-1/messages:send"
@@ -129,7 +139,7 @@ mod tests {
         for (set, hint) in cases {
             let mut n = row();
             set(&mut n);
-            let e = build(&n, "p", "h").unwrap_err();
+            let e = build(&n, "p", "h", SystemTime::now()).unwrap_err();
             assert!(e.contains(hint), "{e}");
         }
     }
@@ -138,9 +148,9 @@ mod tests {
     fn what_fcm_would_refuse_fails_first() {
         let mut n = row();
         n.payload = r#"{"data": {"n": 1}}"#.into();
-        assert!(build(&n, "p", "h").is_err());
+        assert!(build(&n, "p", "h", SystemTime::now()).is_err());
         n = row();
         n.device_token = "ab cd".into();
-        assert!(build(&n, "p", "h").is_err());
+        assert!(build(&n, "p", "h", SystemTime::now()).is_err());
     }
 }

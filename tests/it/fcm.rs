@@ -158,6 +158,61 @@ fn sends(fcm: &FcmSetup, token: &str) -> Vec<u16> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rows_expires_at_reaches_fcm_as_each_platforms_time_to_live() {
+    // Without it FCM keeps an undelivered message four weeks: a one-time code arriving
+    // hours late.
+    let (_db, fcm, _providers, daemon, client) = setup(|_| {}).await;
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (app, device_token, payload, expires_at) VALUES
+               ('android', $1, '{\"data\": {\"code\": \"123456\"}}', now() + interval '1 hour'),
+               ('android', $2, '{\"android\": {\"ttl\": \"60s\"}}', now() + interval '1 hour'),
+               ('android', $3, '{\"data\": {\"code\": \"654321\"}}', NULL)",
+            &[&fcm_token(1), &fcm_token(2), &fcm_token(3)],
+        )
+        .await
+        .unwrap();
+    wait_for_status(&client, "sent", 3, Duration::from_secs(20)).await;
+    daemon.stop().await;
+    let message = |i: u64| {
+        let token = fcm_token(i);
+        fcm.emulator
+            .records()
+            .iter()
+            .find(|r| r.token.as_deref() == Some(&token))
+            .and_then(|r| r.message.clone())
+            .unwrap()
+    };
+    let one = message(1);
+    let ttl = one["android"]["ttl"].as_str().unwrap();
+    let secs: u64 = ttl.strip_suffix('s').unwrap().parse().unwrap();
+    assert!((3500..=3600).contains(&secs), "{one}");
+    assert_eq!(one["webpush"]["headers"]["TTL"], secs.to_string().as_str());
+    let at: u64 = one["apns"]["headers"]["apns-expiration"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let in_an_hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    assert!(at <= in_an_hour && at + 120 > in_an_hour, "{one}");
+    assert_eq!(one["data"]["code"], "123456");
+    assert_eq!(
+        message(2)["android"]["ttl"],
+        "60s",
+        "the payload's own, earlier"
+    );
+    let three = message(3);
+    assert!(
+        three.get("android").is_none(),
+        "no expires_at, no ttl: {three}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_outbox_reaches_each_service_and_keeps_its_names() {
     let db = TestDb::new().await;
     let apns = ApnsSetup::new(|_| {}).await;

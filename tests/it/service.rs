@@ -448,7 +448,8 @@ async fn a_stuck_batch_withholds_the_watchdog_until_it_ends() {
         &path,
         &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")],
     );
-    notify.wait_for("READY=1", Duration::from_secs(20));
+    // Its connect_timeout of 1s can fail a start on a loaded machine: it retries.
+    notify.wait_for("READY=1", Duration::from_secs(60));
     let client = db.client().await;
     insert_rows(&client, 1, 10).await;
     wait_for_status(&client, "sent", 10, Duration::from_secs(20)).await;
