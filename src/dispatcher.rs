@@ -470,9 +470,6 @@ impl Dispatcher {
                         next_due = None;
                         want = Some(Start::Claim);
                     }
-                    if db_retry_at.is_some_and(|t| now >= t) && want.is_none() {
-                        want = Some(Start::Claim);
-                    }
                 }
                 _ = tokio::time::sleep_until(beat_at), if beat_at < wake_at => {}
                 Some(full) = claimed_rx.recv() => backlog = full,
@@ -617,18 +614,7 @@ async fn run_batch(
             }
         },
     };
-    let result = match start {
-        Start::Look => look(&mut conn, &ctx).await,
-        Start::Claim => Ok(None),
-    };
-    let result = match result {
-        Ok(Some(report)) => {
-            let _ = claimed_tx.send(false);
-            Ok(report)
-        }
-        Ok(None) => batch(&mut conn, &ctx, &settings, awake, &claimed_tx).await,
-        Err(e) => Err(e),
-    };
+    let result = batch(&mut conn, &ctx, &settings, awake, start, &claimed_tx).await;
     ctx.metrics
         .database_round_trips
         .inc_by(conn.take_round_trips());
@@ -680,8 +666,15 @@ async fn batch(
     ctx: &BatchContext,
     settings: &Settings,
     awake: bool,
+    start: Start,
     claimed_tx: &mpsc::UnboundedSender<bool>,
 ) -> anyhow::Result<BatchReport> {
+    if start == Start::Look {
+        if let Some(nothing_due) = look(conn, ctx).await? {
+            let _ = claimed_tx.send(false);
+            return Ok(nothing_due);
+        }
+    }
     let sql = |what: &'static str| {
         move |e: tokio_postgres::Error| anyhow::anyhow!("{what}: {}", db::describe(&e))
     };

@@ -15,7 +15,7 @@ pub mod wakeup;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::{Client, GenericClient, Statement};
+use tokio_postgres::{Client, GenericClient, Statement, ToStatement};
 use uuid::Uuid;
 
 use crate::outcome::RowUpdate;
@@ -225,11 +225,10 @@ impl OutboxConn {
         let Some(secs) = row.and_then(|r| r.get::<_, Option<f64>>(0)) else {
             return Ok(Look::Nothing);
         };
-        Ok(match Duration::try_from_secs_f64(secs) {
-            Ok(wait) if !wait.is_zero() => Look::In(wait),
-            // Zero, negative (due already), or past what a Duration holds.
-            _ if secs <= 0.0 => Look::Due,
-            _ => Look::In(Duration::MAX),
+        Ok(match secs <= 0.0 {
+            true => Look::Due,
+            // Past what a Duration holds: as good as never.
+            false => Look::In(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)),
         })
     }
 
@@ -525,14 +524,16 @@ fn unregistered_keys(
     keyed
 }
 
-/// Writes [`unregistered_keys`]; nothing (and no round trip) when there are none.
+/// Writes tokens keyed and sorted as [`unregistered_keys`] makes them (the batch's
+/// prepared statement, or [`UNREGISTER`]'s text); nothing, and no round trip, when there
+/// are none. Returns how many were written.
 async fn write_unregistered(
     txn: &impl GenericClient,
-    unregister: &Statement,
+    unregister: &(impl ToStatement + Sync + Send + ?Sized),
     keyed: &BTreeMap<(String, String), SystemTime>,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<u64, tokio_postgres::Error> {
     if keyed.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let (mut apps, mut tokens, mut ats) = (Vec::new(), Vec::new(), Vec::new());
     for ((app, token), at) in keyed {
@@ -540,8 +541,7 @@ async fn write_unregistered(
         tokens.push(token);
         ats.push(*at);
     }
-    txn.execute(unregister, &[&apps, &tokens, &ats]).await?;
-    Ok(())
+    txn.execute(unregister, &[&apps, &tokens, &ats]).await
 }
 
 /// A token as `unregistered_tokens` keeps it, and as the claim compares it: APNs hex in
@@ -571,20 +571,7 @@ pub async fn record_unregistered(
         let at_least = latest.entry(key).or_insert(t.at);
         *at_least = (*at_least).max(t.at);
     }
-    if latest.is_empty() {
-        return Ok(0);
-    }
-    let mut apps = Vec::with_capacity(latest.len());
-    let mut device_tokens = Vec::with_capacity(latest.len());
-    let mut ats = Vec::with_capacity(latest.len());
-    for ((app, token), at) in latest {
-        apps.push(app);
-        device_tokens.push(token);
-        ats.push(at);
-    }
-    client
-        .execute(UNREGISTER, &[&apps, &device_tokens, &ats])
-        .await
+    write_unregistered(client, UNREGISTER, &latest).await
 }
 
 // Rows a transport reported sent and then found undelivered (a late binary error packet):
