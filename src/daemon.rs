@@ -128,6 +128,15 @@ impl Daemon {
             .run(stop.clone()),
         );
         tracker.spawn(
+            crate::paused_apps::PausedApps {
+                transport: self.transport.clone(),
+                database: db.clone(),
+                wake: wake.clone(),
+                metrics: self.metrics.clone(),
+            }
+            .run(stop.clone()),
+        );
+        tracker.spawn(
             Dispatcher {
                 url: db.url.clone(),
                 connect_timeout: db.connect_timeout,

@@ -27,7 +27,8 @@
 //! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`metrics`]: Prometheus `/metrics` and `/healthz`;
 //! - [`systemd`]: sd_notify (READY, WATCHDOG, STATUS, RELOADING, STOPPING);
-//! - [`credential_gate`]: an app's back-off and probe while its credentials are refused;
+//! - [`app_gate`]: an app paused while its service refuses its credentials or throttles it;
+//! - [`paused_apps`]: setting a paused app's backlog aside until its pause ends;
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
@@ -36,13 +37,13 @@
 //! - [`console`]: output that changes in place (progress, `status --watch`).
 
 pub mod apns;
+pub mod app_gate;
 pub mod arrival_rate;
 pub mod awake;
 pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod console;
-pub mod credential_gate;
 pub mod daemon;
 pub mod db;
 pub mod demo;
@@ -55,6 +56,7 @@ pub mod metrics;
 pub mod openssl_reason;
 pub mod outbox;
 pub mod outcome;
+pub mod paused_apps;
 pub mod providers;
 pub mod proxy;
 pub mod reports;

@@ -92,6 +92,10 @@ pub struct Metrics {
     /// Round trips to the database by the batches (looks, claims, outcomes) and the
     /// wake-up keeper: each costs the server a wake-up, whatever it carries.
     pub database_round_trips: Counter,
+    /// Pauses of an app (credentials refused, throttled) whose backlog was set aside.
+    pub app_pauses: Family<AppLabels, Counter>,
+    /// Rows of paused apps moved to the end of their app's pause (see `paused_apps`).
+    pub rows_set_aside: Family<AppLabels, Counter>,
     /// Connections to the metrics listener closed at once because
     /// [`Limits::max_connections`] were being served.
     pub metrics_connections_refused: Counter,
@@ -135,6 +139,8 @@ impl Metrics {
             rows_found_awake: Counter::default(),
             looks_empty: Counter::default(),
             database_round_trips: Counter::default(),
+            app_pauses: Family::default(),
+            rows_set_aside: Family::default(),
             metrics_connections_refused: Counter::default(),
             known_apps: Default::default(),
             registry: Registry::default(),
@@ -234,6 +240,16 @@ impl Metrics {
             "database_round_trips",
             "Round trips to the database by the batches and the wake-up keeper",
             m.database_round_trips.clone(),
+        );
+        registry.register(
+            "app_pauses",
+            "Pauses of an app whose service refused its credentials or throttled it, by app",
+            m.app_pauses.clone(),
+        );
+        registry.register(
+            "rows_set_aside",
+            "Rows of a paused app moved to the end of its pause, by app",
+            m.rows_set_aside.clone(),
         );
         registry.register(
             "metrics_connections_refused",

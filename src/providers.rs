@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use futures::future::BoxFuture;
 
 use crate::apns::Apns;
+use crate::app_gate::Pause;
 use crate::config::{AppConfig, Config};
 use crate::fcm::Fcm;
 use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
@@ -65,6 +66,12 @@ impl Transport for Providers {
     fn open_connections(&self) -> Vec<(String, usize)> {
         let mut all = Transport::open_connections(&self.apns);
         all.extend(Transport::open_connections(&self.fcm));
+        all
+    }
+
+    fn paused(&self) -> Vec<Pause> {
+        let mut all = Transport::paused(&self.apns);
+        all.extend(Transport::paused(&self.fcm));
         all
     }
 

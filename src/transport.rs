@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
+use crate::app_gate::Pause;
 use crate::config::AppConfig;
 
 /// One outbox row, as claimed, ready to be sent.
@@ -136,6 +137,13 @@ pub trait Transport: Send + Sync + 'static {
     /// Per app: `Err(reason)` while it cannot deliver (credentials refused, no
     /// connection); for `/healthz`.
     fn health(&self) -> Vec<(String, Result<(), String>)> {
+        Vec::new()
+    }
+
+    /// The apps paused now, while their service refuses their credentials or throttles
+    /// them (see `app_gate`): the daemon sets each one's backlog aside until the pause
+    /// ends.
+    fn paused(&self) -> Vec<Pause> {
         Vec::new()
     }
 

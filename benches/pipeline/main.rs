@@ -8,11 +8,13 @@
 //! process used and the machine).
 //!
 //! Flags (after `--`): `--quick`, `--rows N` (drain backlog, default 200,000),
-//! `--runs N`, `--only drain,drain20,latency,producer,db_cost,backlog,fcm_drain`, `--no-fsync`,
+//! `--runs N`, `--only drain,drain20,latency,producer,db_cost,dead_app,backlog,fcm_drain`,
+//! `--no-fsync`,
 //! `--awake-poll-interval D` (every daemon of the run looks that often while awake).
 
 mod db;
 mod db_cost;
+mod dead_app;
 mod fcm;
 mod procs;
 mod raw;
@@ -286,6 +288,29 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 this.insert(name, serde_json::to_value(&c)?);
             }
         }
+        if plan.wants("dead_app") {
+            let secs = if plan.quick { 10 } else { 30 };
+            let d = dead_app::dead_app(&env, 200, Duration::from_secs(secs), 200_000).await?;
+            progress(run, "p99 alone", d.p99_ms_alone, "ms");
+            progress(run, "p99 beside a dead app", d.p99_ms_beside_dead, "ms");
+            progress(run, "dead app p99 ratio", d.p99_ratio, "");
+            progress(
+                run,
+                "dead writes/row/pause",
+                d.dead_writes_per_row_per_pause,
+                "",
+            );
+            samples.add("dead_app_p99_ms_alone", d.p99_ms_alone);
+            samples.add("dead_app_p99_ms_beside", d.p99_ms_beside_dead);
+            samples.add("dead_app_p50_ms_beside", d.p50_ms_beside_dead);
+            samples.add("dead_app_p99_ratio", d.p99_ratio);
+            samples.add("dead_app_pauses", d.pauses);
+            samples.add(
+                "dead_app_writes_per_row_per_pause",
+                d.dead_writes_per_row_per_pause,
+            );
+            this.insert("dead_app", serde_json::to_value(&d)?);
+        }
         if plan.wants("backlog") {
             let (drain, _) =
                 scenarios::drain_and_raw(&env, plan.backlog_rows, Duration::ZERO, false).await?;
@@ -349,6 +374,8 @@ fn floors() -> BTreeMap<&'static str, Floor> {
         ("db_cost_p99_ms_at_100", Floor::AtMost(15.0)),
         ("db_cost_p99_ms_at_1000", Floor::AtMost(15.0)),
         ("producer_wakeup_ratio", Floor::AtLeast(0.9)),
+        ("dead_app_p99_ratio", Floor::AtMost(2.0)),
+        ("dead_app_writes_per_row_per_pause", Floor::AtMost(1.0)),
         ("peak_rss_mb", Floor::AtMost(64.0)),
         ("backlog_1m_peak_rss_mb", Floor::AtMost(64.0)),
     ])

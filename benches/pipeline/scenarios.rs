@@ -169,6 +169,40 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
     let commits_before = commits(&env.client).await?;
     let sessions_before = daemon_sessions_cpu_s(&env.client).await?;
     let before = watched.mark();
+    let started = tokio::time::Instant::now();
+    let mut committed = produce(&env.url, rate, duration).await?;
+    let total = committed.len() as u64;
+    let elapsed = started.elapsed();
+    let offered = total as f64 / elapsed.as_secs_f64();
+    db::wait_drained(&env.client, Duration::from_secs(60)).await?;
+    let cpu = watched.since(&before, false);
+    let sessions_cpu_s = daemon_sessions_cpu_s(&env.client).await? - sessions_before;
+    let claims_per_s = daemon_txns(&env.client, &commits_before, total as f64).await?;
+    daemon.stop()?;
+    emulator.proc.stop()?; // flushes the record file
+
+    let mut latencies = answer_latencies(&record, &mut committed)?;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    Ok(Latency {
+        rows: latencies.len() as u64,
+        offered_per_s: offered,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: *latencies.last().unwrap_or(&f64::NAN),
+        cpu,
+        daemon_db_us_per_row: sessions_cpu_s * 1e6 / total.max(1) as f64,
+        daemon_claims_per_s: claims_per_s,
+    })
+}
+
+/// Producers commit single-row INSERTs (app `default`) at `rate` rows/s for `duration`;
+/// returns when each row's COMMIT returned to its producer, by token.
+pub async fn produce(
+    url: &str,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<HashMap<String, SystemTime>> {
     // Enough producers that fsync'd commits keep up with the rate.
     const PRODUCERS: u64 = 8;
     let total = rate * duration.as_millis() as u64 / 1000;
@@ -176,7 +210,7 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for p in 0..PRODUCERS {
-        let client = db::connect(&env.url).await?;
+        let client = db::connect(url).await?;
         tasks.push(tokio::spawn(async move {
             let insert = client
                 .prepare(
@@ -206,28 +240,7 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
             committed.insert(db::token(seq), at);
         }
     }
-    let elapsed = started.elapsed();
-    let offered = total as f64 / elapsed.as_secs_f64();
-    db::wait_drained(&env.client, Duration::from_secs(60)).await?;
-    let cpu = watched.since(&before, false);
-    let sessions_cpu_s = daemon_sessions_cpu_s(&env.client).await? - sessions_before;
-    let claims_per_s = daemon_txns(&env.client, &commits_before, total as f64).await?;
-    daemon.stop()?;
-    emulator.proc.stop()?; // flushes the record file
-
-    let mut latencies = answer_latencies(&record, &mut committed)?;
-    latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-    Ok(Latency {
-        rows: latencies.len() as u64,
-        offered_per_s: offered,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        max_ms: *latencies.last().unwrap_or(&f64::NAN),
-        cpu,
-        daemon_db_us_per_row: sessions_cpu_s * 1e6 / total.max(1) as f64,
-        daemon_claims_per_s: claims_per_s,
-    })
+    Ok(committed)
 }
 
 /// Commit-to-answer latencies in ms of the rows in `committed` (by token), from the

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::app_gate::Pause;
 use crate::config::{AppConfig, Config, Fingerprint, Protocol, Provider};
 use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
 
@@ -128,6 +129,15 @@ impl Client {
         match self {
             Client::Http2(app) => app.open_connections(),
             Client::Binary(app) => app.open_connections(),
+        }
+    }
+
+    /// The binary protocol has no credential gate: a refused certificate fails the TLS
+    /// handshake, which is the connection's backoff.
+    fn pause(&self) -> Option<Pause> {
+        match self {
+            Client::Http2(app) => app.gate.pause(),
+            Client::Binary(_) => None,
         }
     }
 
@@ -275,6 +285,11 @@ impl Transport for Apns {
             .iter()
             .map(|(name, loaded)| (name.clone(), loaded.client.open_connections()))
             .collect()
+    }
+
+    fn paused(&self) -> Vec<Pause> {
+        let apps = self.apps.read().unwrap();
+        apps.values().filter_map(|l| l.client.pause()).collect()
     }
 
     fn reload(&self, apps: &BTreeMap<String, AppConfig>) -> Result<Vec<String>, String> {

@@ -1,5 +1,5 @@
 //! One FCM app's client ([`FcmApp`]): its service account and access tokens, its pool of
-//! long-lived HTTP/2 connections to FCM (`crate::http2`), and its [`CredentialGate`] for
+//! long-lived HTTP/2 connections to FCM (`crate::http2`), and its [`AppGate`] for
 //! while Google refuses the account (the app backs off and probes; its rows wait).
 
 use std::sync::Arc;
@@ -15,8 +15,8 @@ use super::request::{self, FcmRequest};
 use super::response::{self, Verdict};
 use super::service_account::ServiceAccount;
 use super::token_source::{AccessTokens, NoToken};
+use crate::app_gate::{AppGate, Gate, MIN_DEFER};
 use crate::config::{AppConfig, Auth, Endpoint};
-use crate::credential_gate::{CredentialGate, Gate, MIN_DEFER};
 use crate::http2::connection::ConnectOptions;
 use crate::http2::pool::{Pool, PoolError, PoolOptions};
 use crate::http2::Answer;
@@ -32,11 +32,21 @@ pub(crate) struct FcmApp {
     authority: String,
     pool: Pool,
     tokens: Arc<AccessTokens>,
-    gate: CredentialGate,
+    pub(crate) gate: AppGate,
 }
 
 /// Why Google refuses the app's credentials, for `last_error` and the log.
-struct Refusal(String);
+/// What FCM (or its token endpoint) said about the app rather than the row.
+enum AboutTheApp {
+    /// The app's credentials are refused; why.
+    Refused(String),
+    /// FCM throttles the row's target, or (`app`) the app.
+    Throttled {
+        reason: String,
+        after: Option<std::time::Duration>,
+        app: bool,
+    },
+}
 
 impl FcmApp {
     /// Loads the service account and sets up TLS; connects later, on the first request.
@@ -127,7 +137,7 @@ impl FcmApp {
             authority,
             pool,
             tokens: Arc::new(tokens),
-            gate: CredentialGate::new(
+            gate: AppGate::new(
                 &app,
                 "FCM",
                 options.credentials_backoff_base,
@@ -163,12 +173,21 @@ impl FcmApp {
         };
         let delivery = match self.exchange(&request).await {
             Ok(d) => d,
-            Err(Refusal(reason)) => self.gate.refused(reason),
+            Err(AboutTheApp::Refused(reason)) => self.gate.refused(reason),
+            Err(AboutTheApp::Throttled {
+                reason,
+                after,
+                app: true,
+            }) => self.gate.throttled(reason, after),
+            Err(AboutTheApp::Throttled { reason, after, .. }) => {
+                self.gate.throttled_target(&n.device_token, reason, after)
+            }
         };
-        if let (Some(probe), Delivery::Sent { .. } | Delivery::Unregistered { .. }) =
-            (probe, &delivery)
-        {
-            probe.accepted();
+        if matches!(
+            delivery,
+            Delivery::Sent { .. } | Delivery::Unregistered { .. }
+        ) {
+            self.gate.accepted(probe);
         }
         debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
                outcome = ?delivery, "push attempt");
@@ -187,7 +206,7 @@ impl FcmApp {
 
     /// Sends `request` until FCM answers for the row, renewing a refused access token
     /// once; `Err` when Google refuses the app's credentials.
-    async fn exchange(&self, request: &FcmRequest) -> Result<Delivery, Refusal> {
+    async fn exchange(&self, request: &FcmRequest) -> Result<Delivery, AboutTheApp> {
         let mut bearer = match self.tokens.bearer().await {
             Ok(token) => token,
             Err(no) => return no_token(no),
@@ -212,9 +231,12 @@ impl FcmApp {
                 }
                 Verdict::Rejected { reason } => return Ok(Delivery::Rejected { reason }),
                 Verdict::Retry { reason, after } => return Ok(Delivery::Retry { reason, after }),
-                Verdict::Credentials { reason } => return Err(Refusal(reason)),
+                Verdict::Throttled { reason, after, app } => {
+                    return Err(AboutTheApp::Throttled { reason, after, app })
+                }
+                Verdict::Credentials { reason } => return Err(AboutTheApp::Refused(reason)),
                 Verdict::RenewToken { reason } if renewed => {
-                    return Err(Refusal(format!(
+                    return Err(AboutTheApp::Refused(format!(
                         "{reason} (a freshly issued access token too: is the system clock \
                          right?)"
                     )))
@@ -288,9 +310,9 @@ pub(crate) fn verdict(answer: &Answer) -> Verdict {
 /// No access token: a refused account is the app's credentials; an endpoint that failed
 /// otherwise defers the row until the next token request may be made. Either way no
 /// request reached FCM, so no attempt counts.
-fn no_token(no: NoToken) -> Result<Delivery, Refusal> {
+fn no_token(no: NoToken) -> Result<Delivery, AboutTheApp> {
     match no.error {
-        TokenError::Refused(_) => Err(Refusal(no.error.to_string())),
+        TokenError::Refused(_) => Err(AboutTheApp::Refused(no.error.to_string())),
         TokenError::Failed(_) => Ok(Delivery::Deferred {
             reason: format!("FCM: {}", no.error),
             after: no.retry_in.max(MIN_DEFER),

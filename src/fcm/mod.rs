@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use futures::future::BoxFuture;
 
+use crate::app_gate::Pause;
 use crate::config::{AppConfig, Config, Fingerprint, Provider};
 use crate::transport::{Delivery, Notification, Transport};
 
@@ -151,6 +152,13 @@ impl Transport for Fcm {
             .unwrap()
             .iter()
             .map(|(name, loaded)| (name.clone(), loaded.client.open_connections()))
+            .collect()
+    }
+
+    fn paused(&self) -> Vec<Pause> {
+        let apps = self.apps.read().unwrap();
+        apps.values()
+            .filter_map(|l| l.client.gate.pause())
             .collect()
     }
 

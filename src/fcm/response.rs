@@ -24,6 +24,14 @@ pub enum Verdict {
     Unregistered { reason: String },
     /// The message is refused for good.
     Rejected { reason: String },
+    /// FCM throttles: the message's target (`QUOTA_EXCEEDED`, `RESOURCE_EXHAUSTED`, 429:
+    /// the row retries, unless target after target is), or the app, FCM being overloaded
+    /// (`UNAVAILABLE`, 503). `after` is FCM's `Retry-After`.
+    Throttled {
+        reason: String,
+        after: Option<Duration>,
+        app: bool,
+    },
     /// Try again later (at `after` when FCM said so).
     Retry {
         reason: String,
@@ -120,9 +128,17 @@ impl Answer {
         match (fcm_code.as_deref(), status.status.as_deref()) {
             (Some("UNREGISTERED"), _) => Verdict::Unregistered { reason },
             (Some("INVALID_ARGUMENT" | "SENDER_ID_MISMATCH"), _) => Verdict::Rejected { reason },
-            (Some("QUOTA_EXCEEDED" | "UNAVAILABLE" | "INTERNAL"), _) => {
-                Verdict::Retry { reason, after }
-            }
+            (Some("QUOTA_EXCEEDED"), _) => Verdict::Throttled {
+                reason,
+                after,
+                app: false,
+            },
+            (Some("UNAVAILABLE"), _) => Verdict::Throttled {
+                reason,
+                after,
+                app: true,
+            },
+            (Some("INTERNAL"), _) => Verdict::Retry { reason, after },
             // About the row's target, not the app: the project's APNs key (an iOS target) or
             // web push credentials (a browser) are missing or invalid at Firebase. Its
             // Android rows go on; every such row would get the same answer until someone
@@ -134,9 +150,17 @@ impl Answer {
             (_, Some("PERMISSION_DENIED")) => Verdict::Credentials { reason },
             // Without an FcmError a 404 is the project or the URL, not the token.
             (None, Some("NOT_FOUND")) => Verdict::Credentials { reason },
-            (_, Some("RESOURCE_EXHAUSTED" | "UNAVAILABLE" | "INTERNAL")) => {
-                Verdict::Retry { reason, after }
-            }
+            (_, Some("RESOURCE_EXHAUSTED")) => Verdict::Throttled {
+                reason,
+                after,
+                app: false,
+            },
+            (_, Some("UNAVAILABLE")) => Verdict::Throttled {
+                reason,
+                after,
+                app: true,
+            },
+            (_, Some("INTERNAL")) => Verdict::Retry { reason, after },
             (_, Some("INVALID_ARGUMENT")) => Verdict::Rejected { reason },
             // UNSPECIFIED_ERROR and anything new: the HTTP status decides.
             _ => self.by_http_status(reason),
@@ -147,7 +171,12 @@ impl Answer {
         match self.status {
             401 => Verdict::RenewToken { reason },
             403 => Verdict::Credentials { reason },
-            408 | 429 | 500.. => Verdict::Retry {
+            429 | 503 => Verdict::Throttled {
+                reason,
+                after: self.retry_after,
+                app: self.status == 503,
+            },
+            408 | 500.. => Verdict::Retry {
                 reason,
                 after: self.retry_after,
             },
@@ -241,6 +270,11 @@ mod tests {
             reason: r.into(),
             after: None,
         };
+        let throttled = |r: &str, app| Verdict::Throttled {
+            reason: r.into(),
+            after: None,
+            app,
+        };
         for (status, google_status, fcm, expected) in [
             (
                 404,
@@ -266,13 +300,25 @@ mod tests {
                 429,
                 "RESOURCE_EXHAUSTED",
                 Some("QUOTA_EXCEEDED"),
-                retry("QUOTA_EXCEEDED: gone"),
+                throttled("QUOTA_EXCEEDED: gone", false),
             ),
             (
                 503,
                 "UNAVAILABLE",
                 Some("UNAVAILABLE"),
-                retry("UNAVAILABLE: gone"),
+                throttled("UNAVAILABLE: gone", true),
+            ),
+            (
+                503,
+                "UNAVAILABLE",
+                None,
+                throttled("UNAVAILABLE: gone", true),
+            ),
+            (
+                429,
+                "RESOURCE_EXHAUSTED",
+                None,
+                throttled("RESOURCE_EXHAUSTED: gone", false),
             ),
             (500, "INTERNAL", Some("INTERNAL"), retry("INTERNAL: gone")),
             (
@@ -346,9 +392,18 @@ mod tests {
         a.retry_after = retry_after(" 30 ", std::time::SystemTime::now());
         assert_eq!(
             a.verdict(),
-            Verdict::Retry {
+            Verdict::Throttled {
                 reason: "QUOTA_EXCEEDED: slow down".into(),
-                after: Some(Duration::from_secs(30))
+                after: Some(Duration::from_secs(30)),
+                app: false,
+            }
+        );
+        assert_eq!(
+            answer(503, "").verdict(),
+            Verdict::Throttled {
+                reason: "HTTP 503".into(),
+                after: None,
+                app: true,
             }
         );
         assert_eq!(

@@ -43,6 +43,7 @@ pub async fn send_one(app: &AppConfig, n: &Notification) -> anyhow::Result<FcmAn
         Verdict::Unregistered { reason }
         | Verdict::Rejected { reason }
         | Verdict::Retry { reason, .. }
+        | Verdict::Throttled { reason, .. }
         | Verdict::RenewToken { reason }
         | Verdict::Credentials { reason } => (None, Some(reason)),
     };

@@ -9,6 +9,7 @@
 
 pub mod migrate;
 pub mod prune;
+pub mod set_aside;
 pub mod status;
 pub mod wakeup;
 

@@ -352,9 +352,15 @@ async fn every_fcm_answer_ends_in_the_row_state_the_readme_gives() {
     let r = row(&client, &mismatch).await;
     assert_eq!(r.status, "failed");
     assert!(r.last_error.unwrap().starts_with("SENDER_ID_MISMATCH: "));
-    for token in [&unavailable, &internal] {
+    // 503 UNAVAILABLE is FCM overloaded: the app pauses, the row waits without an
+    // attempt counted and is sent by the probe; 500 INTERNAL is the row's retry.
+    for (token, attempts) in [(&unavailable, 1), (&internal, 2)] {
         let r = row(&client, token).await;
-        assert_eq!((r.status.as_str(), r.attempts), ("sent", 2), "{token}");
+        assert_eq!(
+            (r.status.as_str(), r.attempts),
+            ("sent", attempts),
+            "{token}"
+        );
         assert!(r.fcm_name.is_some());
     }
     let r = row(&client, &unspecified).await;
@@ -459,6 +465,56 @@ async fn a_retry_after_of_centuries_puts_the_row_off_an_hour_and_is_recorded() {
         "send_after is {wait} s away"
     );
     assert_eq!(sends, vec![429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_on_the_whole_app_pauses_it_and_its_backlog_keeps_its_attempts() {
+    // Issue 20, item 2: QUOTA_EXCEEDED for one device after another is the project's
+    // quota. Before, every request in flight burned an attempt on it, and a quota
+    // longer than the retries failed the backlog.
+    let (_db, fcm, providers, daemon, client) =
+        setup(|c| c.retry_after = Duration::from_secs(1)).await;
+    let rows = 60;
+    for i in 1..=rows {
+        fcm.emulator
+            .script(&fcm_token(i), FcmScript::Error(ErrorCode::QuotaExceeded));
+    }
+    insert_fcm_rows(&client, 1, rows).await;
+    wait_for("the app paused", Duration::from_secs(20), || async {
+        let health = providers.health();
+        let (_, h) = health.iter().find(|(app, _)| app == "android").unwrap();
+        h.as_ref()
+            .err()
+            .filter(|e| e.contains("FCM throttles this app: QUOTA_EXCEEDED"))
+            .cloned()
+    })
+    .await;
+    // Several pauses, each of Retry-After (1 s) and the probe's time, each probe throttled.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let during: i64 = client
+        .query_one(
+            "SELECT sum(attempts) FROM pgpushd.outbox WHERE status = 'pending'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    fcm.emulator.clear_scripts();
+    wait_for_status(&client, "sent", rows as i64, Duration::from_secs(40)).await;
+    daemon.stop().await;
+    let limit = pgpushd::app_gate::THROTTLED_TARGETS as i64 - 1;
+    assert!(
+        during <= limit,
+        "{during} attempts burned by the quota (at most {limit}: the answers before the pause)"
+    );
+    let throttled = fcm
+        .emulator
+        .records()
+        .iter()
+        .filter(|r| r.endpoint == FcmEndpoint::Send && r.status == 429)
+        .count() as u64;
+    // Every row once (all were in flight together at worst), then one probe per pause.
+    assert!(throttled <= rows + 10, "{throttled} requests throttled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ mod docs;
 mod fcm;
 mod legacy;
 mod packaging;
+mod paused;
 mod pipeline;
 mod postgres_tls;
 mod proxy;

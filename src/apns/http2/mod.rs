@@ -1,6 +1,6 @@
 //! The HTTP/2 provider API: one app's client ([`Http2App`]) with its credentials, its
-//! connection pool (`crate::http2`), and its [`CredentialGate`] for while APNs refuses
-//! those credentials (the app backs off and probes; its rows wait).
+//! connection pool (`crate::http2`), and its [`AppGate`] for while APNs refuses those
+//! credentials or throttles the app (the app pauses and probes; its rows wait).
 
 use std::time::SystemTime;
 
@@ -11,8 +11,8 @@ use crate::apns::error::LoadError;
 use crate::apns::identity;
 use crate::apns::options::Options;
 use crate::apns::provider_token::JwtSigner;
+use crate::app_gate::{AppGate, Gate, MIN_DEFER};
 use crate::config::{AppConfig, Auth};
-use crate::credential_gate::{CredentialGate, Gate, MIN_DEFER};
 use crate::http2::connection::ConnectOptions;
 use crate::http2::pool::{Pool, PoolError, PoolOptions};
 use crate::tls;
@@ -31,7 +31,7 @@ pub(crate) struct Http2App {
     pub(crate) config: AppConfig,
     pool: Pool,
     signer: Option<JwtSigner>,
-    gate: CredentialGate,
+    pub(crate) gate: AppGate,
 }
 
 impl Http2App {
@@ -91,7 +91,7 @@ impl Http2App {
             config: config.clone(),
             pool,
             signer,
-            gate: CredentialGate::new(
+            gate: AppGate::new(
                 &app,
                 "APNs",
                 options.credentials_backoff_base,
@@ -125,26 +125,47 @@ impl Http2App {
             }
         };
         let delivery = match self.exchange(&request).await {
-            Ok(d) => d,
-            Err(Refusal(reason)) => self.gate.refused(reason),
+            Exchanged::Row(d) => d,
+            Exchanged::Refused(reason) if self.may_be_the_rows_topic(n) => {
+                Delivery::retry(format!(
+                    "{reason}, for the row's own topic {:?} while APNs accepts this app's \
+                     other requests: does the topic belong to the team of the key or \
+                     certificate?",
+                    n.topic.as_deref().unwrap_or_default()
+                ))
+            }
+            Exchanged::Refused(reason) => self.gate.refused(reason),
+            Exchanged::Throttled { reason, app: true } => self.gate.throttled(reason, None),
+            Exchanged::Throttled { reason, app: false } => {
+                self.gate.throttled_target(&n.device_token, reason, None)
+            }
         };
-        if let (Some(probe), Delivery::Sent { .. } | Delivery::Unregistered { .. }) =
-            (probe, &delivery)
-        {
-            probe.accepted();
+        if matches!(
+            delivery,
+            Delivery::Sent { .. } | Delivery::Unregistered { .. }
+        ) {
+            self.gate.accepted(probe);
         }
         debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
                apns_id = %request.apns_id, outcome = ?delivery, "push attempt");
         delivery
     }
 
+    /// A 403 is about the app's credentials, unless the row names a topic of its own
+    /// and APNs has taken the app's requests since its last pause: then it may be that
+    /// topic (another team's bundle id), and the row is retried, counting its attempts,
+    /// rather than pausing the whole app for it.
+    fn may_be_the_rows_topic(&self, n: &Notification) -> bool {
+        n.topic.is_some() && n.topic != self.config.topic && self.gate.proven()
+    }
+
     /// Sends `request` until APNs answers for the row, refreshing a stale provider token
-    /// once; `Err` when APNs refuses the app's credentials.
-    async fn exchange(&self, request: &ApnsRequest) -> Result<Delivery, Refusal> {
+    /// once; or what APNs said about the app.
+    async fn exchange(&self, request: &ApnsRequest) -> Exchanged {
         let mut bearer = match &self.signer {
             Some(signer) => match signer.token() {
                 Ok(t) => Some(t),
-                Err(e) => return Err(Refusal(format!("cannot sign a provider token: {e}"))),
+                Err(e) => return Exchanged::Refused(format!("cannot sign a provider token: {e}")),
             },
             None => None,
         };
@@ -152,20 +173,23 @@ impl Http2App {
         loop {
             let answer = match self.send(request, bearer.as_deref()).await {
                 Ok(answer) => answer,
-                Err(delivery) => return Ok(delivery),
+                Err(delivery) => return Exchanged::Row(delivery),
             };
             match response::verdict(&answer, SystemTime::now()) {
-                Verdict::Row(delivery) => return Ok(delivery),
-                Verdict::Credentials(reason) => return Err(Refusal(reason.explain(answer.status))),
+                Verdict::Row(delivery) => return Exchanged::Row(delivery),
+                Verdict::Credentials(reason) => {
+                    return Exchanged::Refused(reason.explain(answer.status))
+                }
+                Verdict::Throttled { reason, app } => return Exchanged::Throttled { reason, app },
                 Verdict::RefreshToken => {
                     let stale = match (&self.signer, &bearer) {
                         (Some(signer), Some(stale)) if !refreshed => signer.refresh(stale),
                         _ => {
-                            return Err(Refusal(
+                            return Exchanged::Refused(
                                 "ExpiredProviderToken: APNs calls a freshly signed provider \
                                  token expired; is the system clock right?"
                                     .into(),
-                            ))
+                            )
                         }
                     };
                     match stale {
@@ -174,15 +198,15 @@ impl Http2App {
                             refreshed = true;
                         }
                         Ok(None) => {
-                            return Err(Refusal(
+                            return Exchanged::Refused(
                                 "ExpiredProviderToken: APNs calls the provider token expired \
                                  although it is younger than 20 minutes; is the system clock \
                                  right, or does another process sign with this key?"
                                     .into(),
-                            ))
+                            )
                         }
                         Err(e) => {
-                            return Err(Refusal(format!("cannot sign a provider token: {e}")))
+                            return Exchanged::Refused(format!("cannot sign a provider token: {e}"))
                         }
                     }
                 }
@@ -227,5 +251,14 @@ impl Http2App {
     }
 }
 
-/// Why APNs refuses the credentials, for `last_error` and the log.
-struct Refusal(String);
+/// How an exchange ended: an answer for the row, or one about the app.
+enum Exchanged {
+    Row(Delivery),
+    /// APNs refuses the credentials; why, for `last_error` and the log.
+    Refused(String),
+    /// APNs throttles the device token, or (`app`) the app.
+    Throttled {
+        reason: String,
+        app: bool,
+    },
+}

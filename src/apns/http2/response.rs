@@ -20,6 +20,9 @@ pub enum Verdict {
     Row(Delivery),
     /// APNs refuses the app's credentials: the app backs off, its rows wait.
     Credentials(Reason),
+    /// APNs throttles: one device token (`TooManyRequests`: the row retries, unless
+    /// device after device is), or the app itself (`TooManyProviderTokenUpdates`).
+    Throttled { reason: String, app: bool },
     /// The provider token is stale: mint a new one and send the request again.
     RefreshToken,
 }
@@ -102,7 +105,14 @@ pub fn verdict(answer: &Answer, now: SystemTime) -> Verdict {
         (403, Reason::ExpiredProviderToken) => Verdict::RefreshToken,
         // Every 403 is about credentials; an unknown one must not burn rows either.
         (403, _) => Verdict::Credentials(reason),
-        (429, _) => Verdict::Row(Delivery::retry(explained)),
+        (429, Reason::TooManyProviderTokenUpdates) => Verdict::Throttled {
+            reason: explained,
+            app: true,
+        },
+        (429, _) => Verdict::Throttled {
+            reason: explained,
+            app: false,
+        },
         // The connection idled out under the request: nothing is wrong with the row.
         (400, Reason::IdleTimeout) => Verdict::Row(Delivery::retry(explained)),
         (400..=499, _) => Verdict::Row(Delivery::rejected(explained)),
@@ -257,8 +267,6 @@ mod tests {
     #[test]
     fn transient_answers_retry() {
         for (status, reason) in [
-            (429, Reason::TooManyRequests),
-            (429, Reason::TooManyProviderTokenUpdates),
             (500, Reason::InternalServerError),
             (503, Reason::ServiceUnavailable),
             (503, Reason::Shutdown),
@@ -282,6 +290,25 @@ mod tests {
                 "unexpected HTTP status 302 (no reason given)"
             ))
         );
+    }
+
+    #[test]
+    fn too_many_requests_is_the_devices_too_many_token_updates_the_apps() {
+        match with_reason(429, &Reason::TooManyRequests) {
+            Verdict::Throttled { reason, app: false } => {
+                assert!(reason.starts_with("TooManyRequests"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        match with_reason(429, &Reason::TooManyProviderTokenUpdates) {
+            Verdict::Throttled { reason, app: true } => {
+                assert!(
+                    reason.starts_with("TooManyProviderTokenUpdates"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

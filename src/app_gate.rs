@@ -1,0 +1,432 @@
+//! An app's standing with its push service: open, or paused while the service refuses
+//! the app's credentials (APNs's 403s, FCM's PERMISSION_DENIED, a token endpoint that
+//! refuses the service account) or throttles the app as a whole (FCM's 503, the same
+//! quota answer for one device after another, APNs's TooManyProviderTokenUpdates).
+//!
+//! Either is the app's problem, not the row's: every row would get the same answer, and
+//! burning the backlog's attempts on it would fail rows that only had to wait. So the
+//! app pauses — for the service's `Retry-After` when it gave one, else a capped
+//! exponential backoff — and answers every notification with `Deferred` (no request, no
+//! attempt counted) until the pause ends. Then one request goes out as a probe; only the
+//! probe's acceptance reopens the app (a request sent before the pause and answered after
+//! it proves nothing). The log says so once per transition.
+//!
+//! Rows deferred by a pause come back once it is over and the probe has had its time
+//! ([`Pause::backlog_at`]); the daemon moves the app's waiting backlog there too, in one
+//! pass per pause (`set_aside`), leaving one row due when the pause ends for the probe.
+//! So a paused app's backlog is written once per pause and stays out of the other apps'
+//! way in the claim's order.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::backoff::backoff;
+use crate::outcome::MAX_RETRY_AFTER;
+use crate::transport::Delivery;
+
+/// `Deferred` never asks to come back sooner than this (no busy loop on a dead app).
+pub const MIN_DEFER: Duration = Duration::from_secs(1);
+
+/// Throttling answers for this many different device tokens in a row, no request
+/// accepted between them, mean the service throttles the app, not a device. High enough
+/// that a busy app's scattered per-device answers (one in twenty, say) never add up to
+/// it by chance; low enough that an app-wide quota costs a few rows one attempt each.
+pub const THROTTLED_TARGETS: usize = 10;
+
+/// One app's standing with its push service.
+pub struct AppGate {
+    app: String,
+    /// The service's name, for the log and `/healthz` ("APNs", "FCM").
+    service: &'static str,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    /// How long a probe may take to answer: rows wait that long while it is out.
+    probe_wait: Duration,
+    state: Mutex<Standing>,
+}
+
+/// Why an app is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The service refuses the app's credentials.
+    Credentials,
+    /// The service throttles the app (quota, overload).
+    Throttled,
+}
+
+#[derive(Default)]
+struct Standing {
+    /// Why the app is paused, while it is.
+    paused: Option<(Cause, String)>,
+    /// Pauses in a row: the backoff grows with them.
+    failures: u32,
+    until: Option<Instant>,
+    /// A request is out testing whether the service takes the app's requests again.
+    probing: bool,
+    /// Pauses so far (never reset): tells a new pause from one already seen.
+    pauses: u64,
+    /// The service accepted a request since the app was last paused (or started).
+    proven: bool,
+    /// Device tokens (hashed) the service throttled in a row, none accepted between.
+    throttled: Vec<u64>,
+}
+
+/// An app's pause, as the daemon sets its backlog aside.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pause {
+    pub app: String,
+    /// Which pause of the app (each new one counts up).
+    pub number: u64,
+    /// When the probe may go out.
+    pub until: Instant,
+    /// How long after `until` the other rows come back: the probe's time to answer.
+    pub probe_wait: Duration,
+    pub cause: Cause,
+    pub reason: String,
+}
+
+impl Pause {
+    /// When the rows deferred by this pause are due again.
+    pub fn backlog_at(&self) -> Instant {
+        self.until + self.probe_wait
+    }
+}
+
+/// What the app's standing allows for the next request.
+pub enum Gate<'a> {
+    Open,
+    /// This request is the probe; the slot is released when the guard drops.
+    Probe(ProbeGuard<'a>),
+    /// No request: the row is deferred.
+    Closed(Delivery),
+}
+
+impl AppGate {
+    pub fn new(
+        app: &str,
+        service: &'static str,
+        backoff_base: Duration,
+        backoff_max: Duration,
+        probe_wait: Duration,
+    ) -> AppGate {
+        AppGate {
+            app: app.to_owned(),
+            service,
+            backoff_base,
+            backoff_max,
+            probe_wait: probe_wait.max(MIN_DEFER),
+            state: Mutex::new(Standing::default()),
+        }
+    }
+
+    /// `Err` with the service's reason while the app is paused.
+    pub fn health(&self) -> Result<(), String> {
+        match &self.state.lock().unwrap().paused {
+            Some((Cause::Credentials, reason)) => Err(format!(
+                "{} refuses the credentials: {reason}",
+                self.service
+            )),
+            Some((Cause::Throttled, reason)) => {
+                Err(format!("{} throttles this app: {reason}", self.service))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The app's pause while it lasts (the probe not yet due).
+    pub fn pause(&self) -> Option<Pause> {
+        let s = self.state.lock().unwrap();
+        let (cause, reason) = s.paused.clone()?;
+        let until = s.until.filter(|u| *u > Instant::now())?;
+        Some(Pause {
+            app: self.app.clone(),
+            number: s.pauses,
+            until,
+            probe_wait: self.probe_wait,
+            cause,
+            reason,
+        })
+    }
+
+    /// Whether the service has accepted a request of this app since its last pause: its
+    /// credentials work, so a refusal may be about the row.
+    pub fn proven(&self) -> bool {
+        self.state.lock().unwrap().proven
+    }
+
+    /// Whether the next request may go out.
+    pub fn gate(&self) -> Gate<'_> {
+        let mut s = self.state.lock().unwrap();
+        let Some((_, reason)) = &s.paused else {
+            return Gate::Open;
+        };
+        let now = Instant::now();
+        match s.until {
+            // Back with the backlog, after the probe has had its time.
+            Some(until) if until > now => Gate::Closed(Delivery::Deferred {
+                reason: reason.clone(),
+                after: (until - now + self.probe_wait).max(MIN_DEFER),
+            }),
+            // While the probe is out, defer for as long as it may take to answer:
+            // deferring by a second would rewrite the app's whole backlog every second.
+            _ if s.probing => Gate::Closed(Delivery::Deferred {
+                reason: reason.clone(),
+                after: self.probe_wait,
+            }),
+            _ => {
+                s.probing = true;
+                Gate::Probe(ProbeGuard(self))
+            }
+        }
+    }
+
+    /// The service refused the app's credentials: the row is deferred, the app pauses.
+    pub fn refused(&self, reason: String) -> Delivery {
+        self.pause_for(Cause::Credentials, reason, None)
+    }
+
+    /// The service throttles the app as a whole: the row is deferred, the app pauses for
+    /// `after` (the service's `Retry-After`) or its backoff.
+    pub fn throttled(&self, reason: String, after: Option<Duration>) -> Delivery {
+        self.pause_for(Cause::Throttled, reason, after)
+    }
+
+    /// The service throttled one device token: the row is retried (counting the
+    /// attempt), unless tokens one after another were, which is the app being throttled.
+    pub fn throttled_target(
+        &self,
+        token: &str,
+        reason: String,
+        after: Option<Duration>,
+    ) -> Delivery {
+        {
+            let mut s = self.state.lock().unwrap();
+            let hash = token_hash(token);
+            if !s.throttled.contains(&hash) {
+                s.throttled.push(hash);
+            }
+            // While paused (a probe's answer, or one to a request sent before the pause),
+            // it is the app's pause going on.
+            if s.paused.is_none() && s.throttled.len() < THROTTLED_TARGETS {
+                return Delivery::Retry { reason, after };
+            }
+        }
+        self.throttled(
+            format!("{reason} (for {THROTTLED_TARGETS} devices in a row: the app is throttled)"),
+            after,
+        )
+    }
+
+    /// The service took a request (sent, or answered about the token itself): its
+    /// credentials work and it is not throttling the app. A probe's acceptance ends the
+    /// pause; another request's only counts while the app is not paused.
+    pub fn accepted(&self, probe: Option<ProbeGuard<'_>>) {
+        let mut s = self.state.lock().unwrap();
+        s.throttled.clear();
+        if probe.is_none() && s.paused.is_some() {
+            return;
+        }
+        if let Some((cause, _)) = s.paused.take() {
+            match cause {
+                Cause::Credentials => info!(app = %self.app, service = self.service,
+                                           "the service accepts this app's credentials again"),
+                Cause::Throttled => info!(app = %self.app, service = self.service,
+                                          "the service no longer throttles this app"),
+            }
+        }
+        let pauses = s.pauses;
+        *s = Standing {
+            pauses,
+            proven: true,
+            ..Standing::default()
+        };
+    }
+
+    fn pause_for(&self, cause: Cause, reason: String, after: Option<Duration>) -> Delivery {
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        // Requests already in flight when the pause began do not start another.
+        if let Some(until) = s.until.filter(|u| *u > now) {
+            return Delivery::Deferred {
+                reason,
+                after: (until - now + self.probe_wait).max(MIN_DEFER),
+            };
+        }
+        let wait = match after {
+            Some(after) => after.clamp(MIN_DEFER, MAX_RETRY_AFTER),
+            None => backoff(s.failures, self.backoff_base, self.backoff_max),
+        };
+        s.failures = s.failures.saturating_add(1);
+        s.until = Some(now + wait);
+        s.pauses += 1;
+        s.proven = false;
+        s.throttled.clear();
+        let new = s.paused.as_ref().map(|(c, r)| (*c, r.as_str())) != Some((cause, &reason));
+        match (cause, new) {
+            (Cause::Credentials, true) => {
+                error!(app = %self.app, service = self.service, reason = %reason, retry_in = ?wait,
+                       "the service refuses this app's credentials; its rows stay pending")
+            }
+            (Cause::Throttled, true) => {
+                warn!(app = %self.app, service = self.service, reason = %reason, retry_in = ?wait,
+                      "the service throttles this app; its rows wait without using attempts")
+            }
+            (_, false) => info!(app = %self.app, service = self.service, reason = %reason,
+                                retry_in = ?wait, "the app is still paused"),
+        }
+        s.paused = Some((cause, reason.clone()));
+        Delivery::Deferred {
+            reason,
+            after: (wait + self.probe_wait).max(MIN_DEFER),
+        }
+    }
+}
+
+fn token_hash(token: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    token.hash(&mut h);
+    h.finish()
+}
+
+/// Holds the probe slot however the probing request ends (even when dropped); pass it
+/// to [`AppGate::accepted`] when the service took the probe.
+pub struct ProbeGuard<'a>(&'a AppGate);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().probing = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> AppGate {
+        AppGate::new(
+            "a",
+            "FCM",
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        )
+    }
+
+    fn probe_guard(gate: Gate<'_>) -> ProbeGuard<'_> {
+        match gate {
+            Gate::Probe(guard) => guard,
+            _ => panic!("not a probe"),
+        }
+    }
+
+    fn deferred_for(d: Delivery) -> Duration {
+        match d {
+            Delivery::Deferred { after, .. } => after,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_closes_the_gate_until_one_probe_answers() {
+        let g = gate();
+        assert!(matches!(g.gate(), Gate::Open));
+        let after = deferred_for(g.refused("no".into()));
+        // Back after the pause (5 to 10 s) and the probe's time (5 s).
+        assert!(
+            after >= Duration::from_secs(10) && after <= Duration::from_secs(15),
+            "{after:?}"
+        );
+        assert!(g
+            .health()
+            .unwrap_err()
+            .contains("FCM refuses the credentials: no"));
+        let pause = g.pause().expect("paused");
+        assert_eq!((pause.number, pause.cause), (1, Cause::Credentials));
+        assert_eq!(pause.backlog_at() - pause.until, Duration::from_secs(5));
+        match g.gate() {
+            Gate::Closed(d) => assert_eq!(deferred_for(d), after),
+            _ => panic!("open while paused"),
+        }
+        // A request in flight refused too: the same pause.
+        assert_eq!(deferred_for(g.refused("no".into())), after);
+        // A request sent before the refusal and answered now proves nothing.
+        g.accepted(None);
+        assert!(g.health().is_err());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(g.pause(), None, "the probe is due");
+        let probe = g.gate();
+        assert!(matches!(probe, Gate::Probe(_)));
+        // While the probe is out, others wait for as long as it may take.
+        match g.gate() {
+            Gate::Closed(d) => assert_eq!(deferred_for(d), Duration::from_secs(5)),
+            _ => panic!("a second probe"),
+        }
+        assert!(!g.proven());
+        g.accepted(Some(probe_guard(probe)));
+        assert!(g.health().is_ok());
+        assert!(g.proven());
+        assert!(matches!(g.gate(), Gate::Open));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_pauses_for_the_services_retry_after_capped() {
+        let g = gate();
+        let after = deferred_for(g.throttled("UNAVAILABLE".into(), Some(Duration::from_secs(90))));
+        assert_eq!(after, Duration::from_secs(95));
+        assert!(g.health().unwrap_err().contains("FCM throttles this app"));
+        tokio::time::advance(Duration::from_secs(91)).await;
+        let probe = probe_guard(g.gate());
+        // The probe throttled again: a second pause, for years asked, an hour given.
+        drop(probe);
+        let after = deferred_for(g.throttled("UNAVAILABLE".into(), Some(Duration::MAX)));
+        assert_eq!(after, MAX_RETRY_AFTER + Duration::from_secs(5));
+        assert_eq!(g.pause().unwrap().number, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_device_throttled_is_the_rows_several_in_a_row_are_the_apps() {
+        let g = gate();
+        let retry = |d: Delivery| matches!(d, Delivery::Retry { .. });
+        // One chatty device, again and again: its rows retry, the app goes on.
+        for _ in 0..5 {
+            assert!(retry(g.throttled_target(
+                "t1",
+                "QUOTA_EXCEEDED".into(),
+                None
+            )));
+        }
+        for t in 2..THROTTLED_TARGETS {
+            assert!(retry(g.throttled_target(
+                &format!("t{t}"),
+                "QUOTA_EXCEEDED".into(),
+                None
+            )));
+        }
+        g.accepted(None);
+        for t in 1..THROTTLED_TARGETS {
+            assert!(retry(g.throttled_target(
+                &format!("u{t}"),
+                "QUOTA_EXCEEDED".into(),
+                None
+            )));
+        }
+        // One device more before any acceptance: the app is throttled.
+        let d = g.throttled_target("u0", "QUOTA_EXCEEDED".into(), Some(Duration::from_secs(30)));
+        assert_eq!(deferred_for(d), Duration::from_secs(35));
+        assert!(g.health().unwrap_err().contains("10 devices in a row"));
+        // Answers to requests already in flight are deferred, not attempts.
+        let d = g.throttled_target("v", "QUOTA_EXCEEDED".into(), None);
+        assert!(matches!(d, Delivery::Deferred { .. }), "{d:?}");
+        // The probe throttled: paused again at once, for one device.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let probe = probe_guard(g.gate());
+        let d = g.throttled_target("w", "QUOTA_EXCEEDED".into(), None);
+        drop(probe);
+        assert!(matches!(d, Delivery::Deferred { .. }), "{d:?}");
+        assert_eq!(g.pause().unwrap().number, 2);
+    }
+}

@@ -1,0 +1,179 @@
+//! One app's trouble never holds up another (issue 20, items 6 and 7): a dead app's
+//! backlog is set aside for each pause, written once per pause, while a healthy app on
+//! the same daemon goes on; a 403 about one row's own topic fails that row, not the app.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgpushd::transport::Transport;
+
+use crate::support::*;
+
+/// The healthy `[apps.default]` and `[apps.dead]`, whose key the emulator does not know
+/// (every request answered 403 InvalidProviderToken), probing after 1 s.
+async fn two_apps() -> (
+    TestDb,
+    ApnsSetup,
+    Arc<dyn Transport>,
+    Running,
+    tokio_postgres::Client,
+) {
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let foreign = apns.dir.path().join("Foreign.p8");
+    std::fs::write(
+        &foreign,
+        pgpushd_emulator::jwt::generate_signing_key().unwrap(),
+    )
+    .unwrap();
+    let dead = token_app_toml(
+        &apns.emulator.endpoint(),
+        &apns.dir.path().join("ca.pem"),
+        &foreign,
+    )
+    .replace("[apps.default", "[apps.dead")
+    .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let cfg = config(&db.url, &format!("{}{dead}", apns.app_toml));
+    let transport: Arc<dyn Transport> = Arc::new(
+        pgpushd::apns::Apns::with_options(
+            &cfg.apps,
+            pgpushd::apns::Options {
+                credentials_backoff_base: Duration::from_secs(1),
+                credentials_backoff_max: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let daemon = start(cfg, transport.clone());
+    let client = db.client().await;
+    (db, apns, transport, daemon, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_app_goes_on() {
+    let (_db, apns, transport, daemon, client) = two_apps().await;
+    // Every write of a dead row, counted by a trigger of the test's.
+    client
+        .batch_execute(
+            "CREATE TABLE dead_writes (id bigint NOT NULL);
+             CREATE FUNCTION count_dead_write() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO dead_writes VALUES (NEW.id); RETURN NEW; END $$;
+             CREATE TRIGGER count_dead_writes AFTER UPDATE ON pgpushd.outbox
+                FOR EACH ROW WHEN (NEW.app = 'dead') EXECUTE FUNCTION count_dead_write();
+             INSERT INTO pgpushd.outbox (app, device_token, payload)
+             SELECT 'dead', lpad(to_hex(i), 64, '0'), '{\"aps\":{\"alert\":\"x\"}}'
+               FROM generate_series(1, 5000) AS i;
+             NOTIFY pgpushd_outbox;",
+        )
+        .await
+        .unwrap();
+    // The healthy app's rows arrive all along, a few at a time.
+    let started = Instant::now();
+    let mut healthy = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        insert_rows(&client, healthy + 1, 5).await;
+        healthy += 5;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_status(&client, "sent", healthy as i64, Duration::from_secs(20)).await;
+    let pauses = pauses_so_far(&transport);
+    daemon.stop().await;
+
+    let r = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'pending'), max(attempts),
+                    count(*) FILTER (WHERE send_after <= now())
+               FROM pgpushd.outbox WHERE app = 'dead'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 5000, "the dead app's rows wait");
+    assert_eq!(r.get::<_, i32>(1), 0, "without attempts counted");
+    assert!(r.get::<_, i64>(2) <= 1, "aside, but for the probe");
+    let writes: Vec<(i64, i64)> = client
+        .query(
+            "SELECT n, count(*) FROM
+               (SELECT count(*) AS n FROM dead_writes GROUP BY id) AS w GROUP BY n ORDER BY n",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let most = writes.last().map_or(0, |w| w.0);
+    eprintln!("{pauses} pauses; rows by writes: {writes:?}");
+    assert!(pauses >= 3, "{pauses} pauses");
+    // Once per pause (the first batch's rows were deferred by the gate, then set aside).
+    assert!(
+        most <= pauses as i64 + 1,
+        "a dead row written {most} times in {pauses} pauses"
+    );
+    // The dead app asked APNs no more than its first batches (4 of 100 in flight before
+    // the first answer) and one probe per pause.
+    let refused = apns
+        .emulator
+        .records()
+        .iter()
+        .filter(|r| r.status == 403)
+        .count() as u64;
+    assert!(refused <= 400 + pauses + 1, "{refused} requests refused");
+}
+
+/// The number of the dead app's latest pause.
+fn pauses_so_far(transport: &Arc<dyn Transport>) -> u64 {
+    transport
+        .paused()
+        .iter()
+        .find(|p| p.app == "dead")
+        .map_or(0, |p| p.number)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_for_a_rows_own_topic_fails_the_row_and_leaves_the_app_open() {
+    // Issue 20, item 6: a topic the key's team does not own is refused with a 403, as
+    // the app's credentials are; the app accepting its other requests tells them apart.
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let cfg = config(&db.url, &apns.app_toml);
+    let transport = ApnsSetup::transport(&cfg);
+    let daemon = start(cfg, transport.clone());
+    let client = db.client().await;
+    insert_rows(&client, 1, 3).await;
+    wait_for_status(&client, "sent", 3, Duration::from_secs(20)).await;
+
+    // The emulator checks the topic before its scripts: a topic of the app's own
+    // bundle (a VoIP push's) stands in for another team's, which APNs answers 403.
+    let foreign = token(100);
+    apns.emulator.script(&foreign, 403, "InvalidProviderToken");
+    client
+        .execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload, push_type, topic)
+             VALUES ($1, '{\"aps\":{}}', 'voip', 'com.example.app.voip')",
+            &[&foreign],
+        )
+        .await
+        .unwrap();
+    insert_rows(&client, 4, 3).await;
+    wait_for_status(&client, "failed", 1, Duration::from_secs(20)).await;
+    wait_for_status(&client, "sent", 6, Duration::from_secs(20)).await;
+    assert!(transport.health().iter().all(|(_, h)| h.is_ok()));
+    assert!(transport.paused().is_empty());
+    daemon.stop().await;
+    let r = client
+        .query_one(
+            "SELECT attempts, last_error FROM pgpushd.outbox WHERE device_token = $1",
+            &[&foreign],
+        )
+        .await
+        .unwrap();
+    let error: String = r.get(1);
+    assert_eq!(r.get::<_, i32>(0), 3, "{error}");
+    assert!(
+        error.starts_with("gave up after 3 attempts: InvalidProviderToken")
+            && error.contains("the row's own topic \"com.example.app.voip\""),
+        "{error}"
+    );
+}
