@@ -391,8 +391,9 @@ mod tests {
                 }
             }
         }
+        // The released files' steps, as the comments in 002 and 003 describe them.
         assert_eq!(
-            MIGRATIONS
+            MIGRATIONS[..6]
                 .iter()
                 .map(|m| steps(m.2).len())
                 .collect::<Vec<_>>(),
