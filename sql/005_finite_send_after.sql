@@ -1,4 +1,9 @@
 -- pgpushd schema, version 5.
+--
+-- One transaction, which holds no writer however large the table: each UPDATE locks only
+-- the rows it changes (and the table in ROW EXCLUSIVE mode, as any writer does), and
+-- VALIDATE CONSTRAINT scans under SHARE UPDATE EXCLUSIVE, which INSERTs, UPDATEs and
+-- DELETEs do not wait for.
 
 -- Version 3 added `outbox_send_after_must_be_finite` NOT VALID, so rows written before it
 -- may still hold an infinite send_after. Every UPDATE's new row version must satisfy the

@@ -27,16 +27,11 @@ fn token_of(i: u64) -> String {
     token(i)
 }
 
-async fn apply(c: &Client, range: std::ops::Range<usize>) {
-    for &(version, name, sql) in &pgpushd::outbox::migrate::MIGRATIONS[range] {
-        c.batch_execute(sql).await.unwrap();
-        c.execute(
-            "INSERT INTO pgpushd.schema_migrations (version, name) VALUES ($1, $2)",
-            &[&version, &name],
-        )
+/// The database at `version`, as an install of that version left it.
+async fn migrate_to(c: &mut Client, version: i32) {
+    pgpushd::outbox::migrate::migrate_to(c, version)
         .await
         .unwrap();
-    }
 }
 
 async fn constraint_validated(c: &Client) -> bool {
@@ -113,18 +108,12 @@ async fn legacy_infinite_send_after_rows_do_not_wedge_their_batch_or_retention()
 async fn migration_5_normalises_legacy_rows_and_validates_the_constraint() {
     let db = TestDb::unmigrated().await;
     let mut c = db.client().await;
-    c.batch_execute(
-        "CREATE SCHEMA pgpushd; CREATE TABLE pgpushd.schema_migrations (version int PRIMARY KEY,
-         name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
-    )
-    .await
-    .unwrap();
     // Written at version 2, before the CHECK existed.
-    apply(&c, 0..2).await;
+    migrate_to(&mut c, 2).await;
     let minus = insert_legacy(&c, 1, "-infinity", "pending").await;
     let never = insert_legacy(&c, 2, "infinity", "pending").await;
     let settled = insert_legacy(&c, 3, "infinity", "sent").await;
-    apply(&c, 2..4).await;
+    migrate_to(&mut c, 4).await;
     assert!(!constraint_validated(&c).await);
 
     assert_eq!(
@@ -171,13 +160,7 @@ async fn migration_5_normalises_legacy_rows_and_validates_the_constraint() {
 async fn migration_6_gives_up_rather_than_queue_writers_behind_a_long_batch() {
     let db = TestDb::unmigrated().await;
     let mut c = db.client().await;
-    c.batch_execute(
-        "CREATE SCHEMA pgpushd; CREATE TABLE pgpushd.schema_migrations (version int PRIMARY KEY,
-         name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
-    )
-    .await
-    .unwrap();
-    apply(&c, 0..5).await;
+    migrate_to(&mut c, 5).await;
     insert_legacy(&c, 1, "now", "pending").await;
 
     // A batch: its transaction holds claimed rows for as long as they are being sent.

@@ -24,4 +24,5 @@ mod support;
 mod systemd;
 mod tinyproxy;
 mod untrusted;
+mod upgrade;
 mod wakeup;

@@ -430,18 +430,9 @@ async fn the_schema_4_trigger_replaces_the_old_one_and_notifies_while_no_daemon_
     let db = TestDb::unmigrated().await;
     let mut c = db.client().await;
     // A database at version 3, as an existing install has it.
-    c.batch_execute("CREATE SCHEMA pgpushd; CREATE TABLE pgpushd.schema_migrations (version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());")
+    pgpushd::outbox::migrate::migrate_to(&mut c, 3)
         .await
         .unwrap();
-    for &(version, name, sql) in &pgpushd::outbox::migrate::MIGRATIONS[..3] {
-        c.batch_execute(sql).await.unwrap();
-        c.execute(
-            "INSERT INTO pgpushd.schema_migrations (version, name) VALUES ($1, $2)",
-            &[&version, &name],
-        )
-        .await
-        .unwrap();
-    }
     let heard = Notifications::listen(&db.url).await;
     insert_one(&c, 1).await;
     wait_for("the old trigger's NOTIFY", QUICKLY, || async {
