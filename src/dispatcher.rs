@@ -15,7 +15,7 @@
 //! untouched.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Bounds, Claimed, Look, OutboxConn};
 use crate::outcome::{RowStatus, RowUpdate};
 use crate::secret::Secret;
-use crate::transport::{Delivery, Transport};
+use crate::transport::{self, Delivery, Transport};
 
 /// Waits after database errors: from a quarter second up to this.
 const MAX_DB_RETRY_WAIT: Duration = Duration::from_secs(30);
@@ -187,21 +187,6 @@ impl Unrecorded {
                 && claimed
                     .iter()
                     .any(|c| rows.contains_key(&c.notification.id)))
-    }
-
-    /// Remembers answers whose batch was abandoned: not a failed write.
-    fn remember(&self, updates: &[RowUpdate]) {
-        let mut rows = self.rows.lock().unwrap();
-        for u in updates {
-            if rows.len() < MAX_UNRECORDED || rows.contains_key(&u.id) {
-                rows.entry(u.id).or_insert_with(|| Remembered {
-                    since: Instant::now(),
-                    update: u.clone(),
-                    failures: 0,
-                    held_until: None,
-                });
-            }
-        }
     }
 
     fn recorded(&self, ids: impl Iterator<Item = i64>) {
@@ -705,9 +690,13 @@ async fn batch(
         false => claim.next_due.map(|d| claimed_at + d),
     };
 
+    // Per row, whether its request went out: if its answer never comes (the batch given
+    // up, the drain's deadline), the attempt counts all the same.
+    let went_out: Vec<Arc<AtomicBool>> = claimed.iter().map(|_| Arc::default()).collect();
     let mut sends: FuturesUnordered<_> = claimed
         .iter()
-        .map(|c| async move { (c, settle(c, ctx, &settings.retry).await) })
+        .zip(&went_out)
+        .map(|(c, out)| async move { (c, settle(c, ctx, &settings.retry, out).await) })
         .collect();
     let mut settled = Vec::with_capacity(claimed.len());
     loop {
@@ -722,33 +711,31 @@ async fn batch(
                 break;
             }
             _ = tokio::time::sleep_until(deadline) => {
-                // Held too long: give every row back untouched. The answers already had
-                // are remembered, so their rows are recorded at their next claim, not
-                // resent.
-                let unanswered = sends.len();
-                drop(sends);
-                let answered: Vec<RowUpdate> = settled.into_iter().map(|(_, u)| u).collect();
-                ctx.unrecorded.remember(&answered);
-                warn!(claimed = claimed.len(), answered = answered.len(), unanswered,
+                // Held too long: record what is known (the answers, and an attempt for
+                // each request that went out unanswered) and give the other rows back
+                // untouched, rather than hold the transaction any longer.
+                warn!(claimed = claimed.len(), answered = settled.len(), unanswered = sends.len(),
                       max_batch_duration = ?settings.max_batch_duration,
-                      "batch held its transaction past max_batch_duration: abandoned, its rows released untouched");
-                tokio::time::timeout(ctx.connect_timeout, txn.rollback())
-                    .await
-                    .map_err(|_| anyhow::anyhow!("rolling back an abandoned batch: no answer within {:?}", ctx.connect_timeout))?
-                    .map_err(sql("rolling back an abandoned batch"))?;
+                      "batch held its transaction past max_batch_duration: recording the answered rows, releasing the rest");
                 ctx.metrics.batches_abandoned.inc();
-                return Ok(BatchReport {
-                    claimed: claimed.len(),
-                    abandoned: claimed.len(),
-                    next_due: Some(Instant::now() + Duration::from_secs(1)),
-                    ..BatchReport::default()
-                });
+                break;
             }
         }
     }
     let abandoned = sends.len();
     drop(sends);
     let (mut rows, mut updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
+    // Given up on (the drain's deadline, max_batch_duration): rows whose request went
+    // out unanswered count the attempt.
+    for u in unanswered_attempts(&claimed, &went_out, &updates, settings) {
+        rows.push(
+            claimed
+                .iter()
+                .find(|c| c.notification.id == u.id)
+                .expect("claimed"),
+        );
+        updates.push(u);
+    }
     // The server bounds each statement; this bounds a connection that went silent.
     let commit = tokio::time::timeout(
         2 * ctx.connect_timeout,
@@ -812,11 +799,14 @@ async fn batch(
     }
     // This batch's own retries, and the next scheduled row.
     let committed_at = Instant::now();
+    // Rows released unanswered are due again: claimed again soon, not at once.
+    let released = (abandoned > 0).then(|| committed_at + Duration::from_secs(1));
     report.next_due = updates
         .iter()
         .filter_map(|u| u.retry_in.map(|d| committed_at + d))
         .chain(scheduled)
         .chain(retry_unwritten)
+        .chain(released)
         .min();
     if report.claimed > 0 {
         debug!(
@@ -853,9 +843,39 @@ fn outcomes_not_recorded(ctx: &BatchContext, updates: &[RowUpdate], error: &str)
     held
 }
 
+/// The rows of `claimed` not `answered` whose request went out: each counts an attempt
+/// with no answer, as a timed-out request does.
+fn unanswered_attempts(
+    claimed: &[Claimed],
+    went_out: &[Arc<AtomicBool>],
+    answered: &[RowUpdate],
+    settings: &Settings,
+) -> Vec<RowUpdate> {
+    claimed
+        .iter()
+        .zip(went_out)
+        .filter(|(c, out)| {
+            out.load(Ordering::Relaxed) && !answered.iter().any(|u| u.id == c.notification.id)
+        })
+        .map(|(c, _)| {
+            let reason = format!(
+                "no answer before the batch gave up (max_batch_duration {:?}, or the drain's \
+                 deadline): the request went out, so it counts as an attempt",
+                settings.max_batch_duration
+            );
+            RowUpdate::after(&c.notification, Delivery::retry(reason), &settings.retry)
+        })
+        .collect()
+}
+
 /// One row's fate: not sent at all (expired, unregistered token, an answer already had
-/// whose recording failed), or one attempt.
-async fn settle(c: &Claimed, ctx: &BatchContext, retry: &RetryConfig) -> RowUpdate {
+/// whose recording failed), or one attempt (`went_out` is set once its request left).
+async fn settle(
+    c: &Claimed,
+    ctx: &BatchContext,
+    retry: &RetryConfig,
+    went_out: &Arc<AtomicBool>,
+) -> RowUpdate {
     let n = &c.notification;
     if let Some(answered) = ctx.unrecorded.answer(n.id) {
         return answered;
@@ -871,7 +891,7 @@ async fn settle(c: &Claimed, ctx: &BatchContext, retry: &RetryConfig) -> RowUpda
     }
     let _in_flight = InFlight::new(&ctx.metrics);
     let started = Instant::now();
-    let delivery = ctx.transport.send(n).await;
+    let delivery = transport::watch_request(went_out.clone(), ctx.transport.send(n)).await;
     ctx.metrics
         .apns_latency
         .get_or_create(&ctx.metrics.app_label(&n.app))

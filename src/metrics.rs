@@ -71,7 +71,7 @@ pub struct Metrics {
     pub batch_failures: Counter,
     /// Rows answered whose outcome the database refused to record (see `dispatcher`).
     pub outcome_write_failures: Counter,
-    /// Batches rolled back for holding their transaction past `max_batch_duration`.
+    /// Batches given up for holding their transaction past `max_batch_duration`.
     pub batches_abandoned: Counter,
     pub listener_reconnects: Counter,
     pub queue_depth: Gauge,
@@ -183,7 +183,7 @@ impl Metrics {
         );
         registry.register(
             "batches_abandoned",
-            "Batches rolled back for holding their transaction past max_batch_duration (rows released untouched)",
+            "Batches given up for holding their transaction past max_batch_duration (unanswered rows released; those whose request went out count an attempt)",
             m.batches_abandoned.clone(),
         );
         registry.register(

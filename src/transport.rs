@@ -11,6 +11,8 @@
 //! the daemon sets back to `pending`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
@@ -173,6 +175,28 @@ pub trait Transport: Send + Sync + 'static {
     fn undelivered(&self) -> BoxFuture<'_, Vec<Undelivered>> {
         Box::pin(futures::future::pending())
     }
+}
+
+tokio::task_local! {
+    /// Set by the transport once the request of the row being sent has gone out.
+    static WENT_OUT: Arc<AtomicBool>;
+}
+
+/// Says that the request of the row being sent went out (its body handed to the
+/// connection): from then on the service may act on it, so the attempt counts even if
+/// no answer ever comes (see [`watch_request`]). Called by the transports; does nothing
+/// outside a watched send.
+pub fn request_went_out() {
+    let _ = WENT_OUT.try_with(|flag| flag.store(true, Ordering::Relaxed));
+}
+
+/// Runs one row's `send`, setting `went_out` when its request goes out: a batch given up
+/// before the answer came counts an attempt for that row, and only for that row.
+pub async fn watch_request<F: std::future::Future>(
+    went_out: Arc<AtomicBool>,
+    send: F,
+) -> F::Output {
+    WENT_OUT.scope(went_out, send).await
 }
 
 /// What kind of JSON value a payload's text holds, reading it without converting its

@@ -421,6 +421,7 @@ impl Connection {
         let (response, mut stream, _slot) = opened?;
         let id = u32::from(response.stream_id());
         stream.send_data(body, true).map_err(|e| self.not_sent(e))?;
+        crate::transport::request_went_out();
         let answer = tokio::time::timeout(self.request_timeout, self.answer(response, id)).await;
         drop(stream);
         match answer {

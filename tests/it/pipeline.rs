@@ -614,6 +614,67 @@ async fn a_batch_held_past_max_batch_duration_is_abandoned_and_its_rows_released
 }
 
 #[tokio::test]
+async fn an_abandoned_batch_counts_an_attempt_for_each_request_that_went_out() {
+    // Issue 20, item 8: a batch given up on hands its rows back, and an endpoint slow
+    // enough to outlast every batch resent them for ever with no attempt counted. A row
+    // whose request went out has had its attempt; one still waiting for a stream has not.
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    *transport.delay.lock().unwrap() = Duration::from_secs(3600);
+    transport
+        .goes_out
+        .lock()
+        .unwrap()
+        .extend([token(1), token(2)]);
+    let mut cfg = config(&db.url, "");
+    cfg.database.max_batch_duration = Duration::from_millis(500);
+    cfg.database.awake_linger = Duration::ZERO;
+    let daemon = Daemon::new(cfg, transport.clone());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    wait_for_listener(&client).await;
+    insert_rows(&client, 1, 3).await;
+    // The batch gives up after 0.5 s; the rows' next claim records the attempts (max 3).
+    let failed = wait_for("rows 1 and 2 to fail", Duration::from_secs(30), || async {
+        let rows = client
+            .query(
+                "SELECT device_token, last_error FROM pgpushd.outbox WHERE status = 'failed'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (rows.len() == 2).then_some(rows)
+    })
+    .await;
+    for r in &failed {
+        let error: String = r.get(1);
+        assert!(
+            error.starts_with("gave up after 3 attempts: no answer before the batch gave up"),
+            "{error}"
+        );
+        assert!(r.get::<_, String>(0) != token(3));
+    }
+    let row3 = client
+        .query_one(
+            "SELECT status, attempts FROM pgpushd.outbox WHERE device_token = $1",
+            &[&token(3)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row3.get::<_, String>(0).as_str(), row3.get::<_, i32>(1)),
+        ("pending", 0),
+        "its request never went out"
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn a_claim_stuck_behind_a_lock_gives_up_after_lock_timeout() {
     let db = TestDb::new().await;
     let client = db.client().await;

@@ -367,7 +367,7 @@ async fn metrics_agree_with_the_table_and_healthz_reports_refused_credentials() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_past_its_deadline_releases_unanswered_rows_untouched() {
+async fn a_drain_past_its_deadline_counts_the_requests_out_and_releases_the_rest_untouched() {
     let db = TestDb::new().await;
     let apns = ApnsSetup::new(|_| {}).await;
     let path = write_config(
@@ -401,19 +401,31 @@ async fn a_drain_past_its_deadline_releases_unanswered_rows_untouched() {
         asked.elapsed()
     );
 
+    // A request that went out may have been delivered: its attempt counts (issue 20,
+    // item 8). The rows whose requests never left are released untouched.
     let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE status = 'pending' AND attempts = 0 AND last_error IS NULL), count(*)
+            "SELECT count(*) FILTER (WHERE attempts = 0 AND last_error IS NULL),
+                    count(*) FILTER (WHERE attempts = 1
+                                       AND last_error LIKE 'no answer before the batch gave up%'),
+                    count(*) FILTER (WHERE status = 'pending')
                FROM pgpushd.outbox",
             &[],
         )
         .await
         .unwrap();
-    assert_eq!(
-        row.get::<_, i64>(0),
-        row.get::<_, i64>(1),
-        "rows were touched"
-    );
+    let (untouched, attempted) = (row.get::<_, i64>(0), row.get::<_, i64>(1));
+    assert_eq!(row.get::<_, i64>(2), 500, "every row pending");
+    assert_eq!(untouched + attempted, 500, "rows were touched otherwise");
+    assert!(attempted > 0, "requests were in flight");
+    // An attempt for each request that reached APNs (its stream cut when the daemon
+    // exited), none for the others.
+    wait_for(
+        "the emulator to count the streams cut",
+        Duration::from_secs(5),
+        || async { (apns.emulator.stats().streams_abandoned == attempted as u64).then_some(()) },
+    )
+    .await;
 
     apns.emulator.set_latency(Duration::ZERO);
     let mut again = spawn(&path, &[]);

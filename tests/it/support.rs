@@ -153,6 +153,8 @@ pub struct ScriptedTransport {
     /// Row ids, in the order their requests started.
     pub sent: Mutex<Vec<i64>>,
     pub delay: Mutex<Duration>,
+    /// Tokens whose requests go out (`transport::request_went_out`) before the delay.
+    pub goes_out: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ScriptedTransport {
@@ -175,6 +177,9 @@ impl Transport for ScriptedTransport {
         Box::pin(async move {
             let script = self.scripts.lock().unwrap().get(&n.device_token).cloned();
             self.sent.lock().unwrap().push(n.id);
+            if self.goes_out.lock().unwrap().contains(&n.device_token) {
+                pgpushd::transport::request_went_out();
+            }
             let delay = *self.delay.lock().unwrap();
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;

@@ -189,7 +189,11 @@ impl BinaryApp {
                 }
             };
             let outcome = match conn.submit(push.clone(), row) {
-                Ok(outcome) => outcome,
+                Ok(outcome) => {
+                    // Handed to the connection's writer: on its way to the gateway.
+                    crate::transport::request_went_out();
+                    outcome
+                }
                 Err(_) => {
                     last = "the connection closed before it was written".into();
                     continue;
