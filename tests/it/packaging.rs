@@ -6,8 +6,8 @@
 //! dpkg installs, upgrades, removes and purges it for real, chrooted onto an overlay of
 //! this machine's root (as root; SKIPPED otherwise).
 //!
-//! Needs `cargo deb` (cargo-deb) and `dpkg-deb`; says SKIPPED without them (`.ci/run`
-//! installs cargo-deb).
+//! Needs `cargo deb` (cargo-deb) and `dpkg-deb`; says SKIPPED without them, and fails
+//! without them under CI (`CI=true`; `.ci/run` installs cargo-deb).
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -67,9 +67,9 @@ fn package() -> Option<&'static Package> {
         Some(make_package())
     });
     if made.is_none() {
-        eprintln!(
-            "SKIPPED: the packaging tests need cargo-deb (cargo install cargo-deb --locked) \
-             and dpkg-deb"
+        crate::support::skip_without(
+            "cargo-deb (cargo install cargo-deb --locked) or dpkg-deb, which the packaging \
+             tests need",
         );
     }
     made.as_ref()
@@ -304,8 +304,8 @@ fn the_sysusers_entry_creates_the_user_and_group_the_unit_runs_as() {
         .unwrap();
     assert!(line.starts_with(&format!("u {user} ")), "{line}");
     if !works("systemd-sysusers", &["--version"]) {
-        eprintln!("systemd-sysusers is missing: checked the entry's text only");
-        return;
+        // The entry's text is checked; applying it needs the tool.
+        return crate::support::skip_without("systemd-sysusers");
     }
     // Applied for real, to a copy of the extracted tree: the user and its group appear in
     // its /etc, not the machine's.
