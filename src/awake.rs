@@ -178,10 +178,13 @@ enum Toward {
     Stay,
 }
 
-/// The keeper's connection: (re)connected on use, each statement bounded.
+/// The keeper's connection: (re)connected on use, each statement bounded on both ends. A
+/// statement that gets no answer in time is cancelled on the server and the connection
+/// dropped: a deadline's `setval` that ran later, after the keeper went to sleep, would
+/// tell writers to skip NOTIFY with no daemon awake (issue 20, item 9).
 struct Conn<'k> {
     keeper: &'k Keeper,
-    client: Option<Client>,
+    connection: Option<(Client, db::Canceller)>,
     failures: u32,
     retry_at: Option<Instant>,
 }
@@ -192,7 +195,7 @@ impl<'k> Conn<'k> {
     fn new(keeper: &'k Keeper) -> Conn<'k> {
         Conn {
             keeper,
-            client: None,
+            connection: None,
             failures: 0,
             retry_at: None,
         }
@@ -216,7 +219,7 @@ impl<'k> Conn<'k> {
                 self.retry_at = None;
             }
             Err(e) => {
-                self.client = None;
+                self.connection = None;
                 self.failures += 1;
                 let wait = backoff(
                     self.failures - 1,
@@ -240,13 +243,14 @@ impl<'k> Conn<'k> {
         statement: impl for<'c> FnOnce(&'c Client) -> Statement<'c, T>,
     ) -> anyhow::Result<T> {
         let timeout = self.keeper.connect_timeout;
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(db::connect(&self.keeper.url, timeout, "wakeup").await?);
+        if self.connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            self.connection =
+                Some(db::connect_cancellable(&self.keeper.url, timeout, "wakeup").await?);
         }
-        let client = self.client.as_ref().expect("connected above");
-        tokio::time::timeout(timeout, statement(client))
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))?
+        let (client, canceller) = self.connection.as_ref().expect("connected above");
+        canceller
+            .within(timeout, statement(client))
+            .await?
             .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))
     }
 }

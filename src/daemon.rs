@@ -343,18 +343,21 @@ impl Daemon {
     }
 }
 
-/// The queue's gauges on the monitor's connection, (re)connecting first when needed.
+/// The queue's gauges on the monitor's connection, (re)connecting first when needed; a
+/// read that gets no answer in time is cancelled on the server (the caller then drops the
+/// connection).
 async fn queue_stats(
     db: &DatabaseConfig,
-    client: &mut Option<tokio_postgres::Client>,
+    connection: &mut Option<(tokio_postgres::Client, db::Canceller)>,
 ) -> anyhow::Result<Queue> {
-    if client.as_ref().is_none_or(|c| c.is_closed()) {
-        *client = Some(db::connect(&db.url, db.connect_timeout, "monitor").await?);
+    if connection.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+        *connection = Some(db::connect_cancellable(&db.url, db.connect_timeout, "monitor").await?);
     }
-    let c = client.as_ref().expect("connected above");
-    tokio::time::timeout(db.connect_timeout, Queue::read(c))
+    let (c, canceller) = connection.as_ref().expect("connected above");
+    canceller
+        .within(db.connect_timeout, Queue::read(c))
         .await
-        .map_err(|_| anyhow::anyhow!("queue statistics timed out"))?
+        .map_err(|e| anyhow::anyhow!("queue statistics: {e}"))?
         .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))
 }
 

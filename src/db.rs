@@ -23,14 +23,23 @@
 //! three times; a 60 s `tcp_user_timeout`), and the server is asked through the startup
 //! `options` to do the same (`tcp_keepalives_*`), so that a daemon whose host vanished
 //! loses its backends, its transactions and their row locks within about a minute.
+//!
+//! Bounds: a statement the client stops waiting for goes on running on the server (a
+//! backend notices its client is gone only when it next reads or writes), holding its
+//! snapshot and locks, and may still take effect after the client moved on.
+//! [`Canceller::within`] bounds a statement on both ends: when the client's time is up it
+//! asks the server to cancel the statement, as `psql`'s Ctrl-C does. Drop the connection
+//! afterwards: a cancel that arrives late would hit its next statement.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::future::Future;
+
 use anyhow::Context as _;
 use native_tls::{Certificate, TlsConnector};
 use postgres_native_tls::MakeTlsConnector;
-use tokio_postgres::Client;
+use tokio_postgres::{CancelToken, Client};
 
 use crate::secret::Secret;
 
@@ -397,12 +406,87 @@ pub async fn connect_with(
     env: &PgEnv,
 ) -> anyhow::Result<Client> {
     let (client, connection) = connect_raw_with(url, connect_timeout, role, env).await?;
+    spawn(connection);
+    Ok(client)
+}
+
+/// [`connect`], with the [`Canceller`] of the connection's statements.
+pub async fn connect_cancellable(
+    url: &Secret<String>,
+    connect_timeout: Duration,
+    role: &str,
+) -> anyhow::Result<(Client, Canceller)> {
+    let env = PgEnv::from_process();
+    let Target { config, tls } = target(url.expose(), connect_timeout, role, &env)?;
+    let (client, connection) = handshake(&config, tls.clone(), connect_timeout).await?;
+    spawn(connection);
+    let canceller = Canceller {
+        token: client.cancel_token(),
+        tls,
+        connect_timeout,
+    };
+    Ok((client, canceller))
+}
+
+fn spawn(connection: Connection) {
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection closed");
         }
     });
-    Ok(client)
+}
+
+/// Cancels the statement a connection is running, from outside: its cancel key, sent to
+/// the server on a connection of its own (TLS as the URL says, as for connecting), as
+/// `psql`'s Ctrl-C does. The server then ends the statement at its next check for
+/// interrupts, a lock wait included, and its transaction's snapshot and locks with it; a
+/// stopped backend ends it as soon as it runs again. A backend between statements ignores
+/// a cancel.
+#[derive(Clone)]
+pub struct Canceller {
+    token: CancelToken,
+    tls: MakeTlsConnector,
+    /// Bounds the cancel request's own connection.
+    connect_timeout: Duration,
+}
+
+/// [`Canceller::within`]: the statement did not finish in time (and was cancelled, or
+/// the server could not be told).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no answer within {}", humantime::format_duration(*.0))]
+pub struct NoAnswer(pub Duration);
+
+impl Canceller {
+    /// Runs `statement` (any future of the connection's statements: one, or a whole
+    /// transaction) for at most `timeout`. When the time is up, the server is asked to
+    /// cancel it before this returns (waiting at most `connect_timeout` more for that),
+    /// so that nothing goes on running there after the client gave up: a scan holding its
+    /// snapshot, a write that would land after the caller moved on. Then drop the
+    /// connection (the cancel may land late, on whatever it runs next).
+    pub async fn within<F: Future>(
+        &self,
+        timeout: Duration,
+        statement: F,
+    ) -> Result<F::Output, NoAnswer> {
+        match tokio::time::timeout(timeout, statement).await {
+            Ok(output) => Ok(output),
+            Err(_) => {
+                self.cancel().await;
+                Err(NoAnswer(timeout))
+            }
+        }
+    }
+
+    /// Asks the server to cancel what the connection is running; logs (at debug) when
+    /// the server cannot be told.
+    pub async fn cancel(&self) {
+        let request = self.token.cancel_query(self.tls.clone());
+        match tokio::time::timeout(self.connect_timeout * 2, request).await {
+            Ok(Ok(())) => tracing::debug!("asked the server to cancel a statement"),
+            Ok(Err(e)) => tracing::debug!(error = %describe(&e), "cannot cancel a statement"),
+            Err(_) => tracing::debug!("cannot cancel a statement: no answer"),
+        }
+    }
 }
 
 /// The connection future of [`connect_raw`]; poll it (or `poll_message` it) to make
@@ -429,6 +513,14 @@ async fn connect_raw_with(
     env: &PgEnv,
 ) -> anyhow::Result<(Client, Connection)> {
     let Target { config, tls } = target(url.expose(), connect_timeout, role, env)?;
+    handshake(&config, tls, connect_timeout).await
+}
+
+async fn handshake(
+    config: &tokio_postgres::Config,
+    tls: MakeTlsConnector,
+    connect_timeout: Duration,
+) -> anyhow::Result<(Client, Connection)> {
     // connect_timeout bounds each address tried; bound the whole handshake too.
     tokio::time::timeout(connect_timeout * 2, config.connect(tls))
         .await

@@ -74,7 +74,7 @@ pub async fn run<T: Send + Sync + Debug + 'static>(
 ) {
     let what = kind.what;
     let mut unsaved: Vec<T> = Vec::new();
-    let mut client: Option<Client> = None;
+    let mut client: Option<(Client, db::Canceller)> = None;
     let mut failures = 0u32;
     loop {
         let retry = backoff(failures.saturating_sub(1), RETRY_BASE, RETRY_MAX);
@@ -120,19 +120,21 @@ pub async fn run<T: Send + Sync + Debug + 'static>(
 async fn save<T>(
     kind: &Kind<T>,
     database: &DatabaseConfig,
-    client: &mut Option<Client>,
+    client: &mut Option<(Client, db::Canceller)>,
     reported: &[T],
     timeout: Duration,
 ) -> anyhow::Result<u64> {
     let c = match client.take() {
-        Some(c) if !c.is_closed() => c,
-        _ => db::connect(&database.url, database.connect_timeout, kind.role).await?,
+        Some(c) if !c.0.is_closed() => c,
+        _ => db::connect_cancellable(&database.url, database.connect_timeout, kind.role).await?,
     };
-    let c = client.insert(c);
-    // On a timeout the connection is dropped (the caller forgets it), which ends the
-    // statement still waiting on the server.
-    tokio::time::timeout(timeout, (kind.write)(c, reported))
+    let (c, canceller) = client.insert(c);
+    // A write that gets no answer in time (a revival waits for the batch holding its row)
+    // is cancelled on the server, where it would otherwise wait on and land later, and the
+    // caller drops the connection.
+    canceller
+        .within(timeout, (kind.write)(c, reported))
         .await
-        .map_err(|_| anyhow::anyhow!("writing {} timed out", kind.what))?
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", kind.what))?
         .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))
 }

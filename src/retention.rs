@@ -50,7 +50,7 @@ pub async fn run(
     mut config: watch::Receiver<RetentionConfig>,
     cancel: CancellationToken,
 ) {
-    let mut client: Option<Client> = None;
+    let mut client: Option<(Client, db::Canceller)> = None;
     let mut failures = 0u32;
     let mut announced = RetentionConfig::default();
     loop {
@@ -109,26 +109,30 @@ pub async fn run(
     }
 }
 
-/// One pass on the task's connection, (re)connecting first when needed.
+/// One pass on the task's connection, (re)connecting first when needed. After an error
+/// the caller drops the connection.
 async fn pass(
     database: &DatabaseConfig,
     config: &RetentionConfig,
-    client: &mut Option<Client>,
+    client: &mut Option<(Client, db::Canceller)>,
 ) -> anyhow::Result<Pruned> {
     let c = match client.take() {
-        Some(c) if !c.is_closed() => c,
-        _ => db::connect(&database.url, database.connect_timeout, "retention").await?,
+        Some(c) if !c.0.is_closed() => c,
+        _ => db::connect_cancellable(&database.url, database.connect_timeout, "retention").await?,
     };
-    let c = client.insert(c);
-    prune_once(c, config, database.connect_timeout).await
+    let (c, canceller) = client.insert(c);
+    prune_once(c, canceller, config, database.connect_timeout).await
 }
 
 /// Deletes everything `config` says is due now, batch by batch, each statement bounded by
-/// `statement_timeout` (a half-open connection must not stall the task forever).
+/// `timeout` (a half-open connection must not stall the task forever) and cancelled on
+/// the server when it gets no answer in time (a DELETE must not go on after the task gave
+/// up on it). After an error, drop the connection: a cancel may still be on its way.
 pub async fn prune_once(
     client: &Client,
+    canceller: &db::Canceller,
     config: &RetentionConfig,
-    statement_timeout: Duration,
+    timeout: Duration,
 ) -> anyhow::Result<Pruned> {
     let batch = config.batch_size;
     let mut pruned = Pruned::default();
@@ -136,7 +140,8 @@ pub async fn prune_once(
     loop {
         let n = bounded(
             "stamping settled_at",
-            statement_timeout,
+            canceller,
+            timeout,
             prune::stamp_unsettled(client, batch),
         )
         .await?;
@@ -154,7 +159,8 @@ pub async fn prune_once(
         loop {
             let n = bounded(
                 "deleting settled rows",
-                statement_timeout,
+                canceller,
+                timeout,
                 prune::delete_settled(client, status, age, batch),
             )
             .await?;
@@ -173,13 +179,14 @@ pub async fn prune_once(
 
 async fn bounded(
     what: &str,
+    canceller: &db::Canceller,
     timeout: Duration,
     statement: impl std::future::Future<Output = Result<u64, tokio_postgres::Error>>,
 ) -> anyhow::Result<u64> {
-    match tokio::time::timeout(timeout, statement).await {
+    match canceller.within(timeout, statement).await {
         Ok(Ok(n)) => Ok(n),
         Ok(Err(e)) => Err(anyhow::anyhow!("{what}: {}", db::describe(&e))),
-        Err(_) => Err(anyhow::anyhow!("{what}: no answer within {timeout:?}")),
+        Err(e) => Err(anyhow::anyhow!("{what}: {e}")),
     }
 }
 

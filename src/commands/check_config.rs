@@ -20,7 +20,8 @@ pub fn problems(path: &Path, config: &Config) -> Vec<String> {
     {
         problems.push(
             "note: files under /run/credentials/ are systemd credentials, which exist only \
-             inside the running service: `systemctl start pgpushd` checks them (its problems \
+             inside the running service (the packaged unit copies them there from \
+             /etc/pgpushd/credentials/): `systemctl start pgpushd` checks them (its problems \
              show in `systemctl status pgpushd`)"
                 .to_owned(),
         );

@@ -250,7 +250,19 @@ impl StatusReport {
     /// Reads every figure in one read-only, repeatable-read transaction, so they agree
     /// with each other.
     pub async fn read(client: &mut Client) -> Result<StatusReport, tokio_postgres::Error> {
-        Self::read_with(client, LONG_BATCH).await
+        Self::read_bounded(client, LONG_BATCH, None).await
+    }
+
+    /// [`StatusReport::read`], with each statement bounded by the server to `bound`
+    /// (`statement_timeout`), and the transaction ended by the server should the client
+    /// leave it idle that long (`idle_in_transaction_session_timeout`): a client that
+    /// gave up (or vanished) leaves no scan running, and no snapshot held. Both are local
+    /// to the transaction, so a transaction pooler carries them to no other client.
+    pub async fn read_within(
+        client: &mut Client,
+        bound: Duration,
+    ) -> Result<StatusReport, tokio_postgres::Error> {
+        Self::read_bounded(client, LONG_BATCH, Some(bound)).await
     }
 
     /// [`StatusReport::read`], counting batch transactions open longer than
@@ -259,12 +271,29 @@ impl StatusReport {
         client: &mut Client,
         long_batch_after: Duration,
     ) -> Result<StatusReport, tokio_postgres::Error> {
+        Self::read_bounded(client, long_batch_after, None).await
+    }
+
+    async fn read_bounded(
+        client: &mut Client,
+        long_batch_after: Duration,
+        bound: Option<Duration>,
+    ) -> Result<StatusReport, tokio_postgres::Error> {
         let txn = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
             .read_only(true)
             .start()
             .await?;
+        if let Some(bound) = bound {
+            // Before the first query, which takes the snapshot.
+            let ms = bound.as_millis().clamp(1, i32::MAX as u128);
+            txn.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {ms}; \
+                 SET LOCAL idle_in_transaction_session_timeout = {ms}"
+            ))
+            .await?;
+        }
 
         let mut apps: BTreeMap<String, AppCounts> = BTreeMap::new();
         for r in txn.query(PENDING, &[]).await? {

@@ -198,7 +198,7 @@ fn bad_credentials_are_reported_by_file_and_problem_without_key_material() {
 
     // A key the unit hands over as a systemd credential cannot be read from a shell:
     // check-config says why.
-    let credential = "/run/credentials/pgpushd.service/AuthKey.p8";
+    let credential = "/run/credentials/pgpushd.service/credentials_AuthKey_ABC123DEFG.p8";
     let text = [
         "[database]\nurl = \"postgres://x@127.0.0.1:1/db\"\n".to_string(),
         app("unit", &token(credential).replace("X", "unit")),

@@ -6,8 +6,8 @@
 //! dpkg installs, upgrades, removes and purges it for real, chrooted onto an overlay of
 //! this machine's root (as root; SKIPPED otherwise).
 //!
-//! Needs `cargo deb` (cargo-deb) and `dpkg-deb`; says SKIPPED without them (`.ci/run`
-//! installs cargo-deb).
+//! Needs `cargo deb` (cargo-deb) and `dpkg-deb`; says SKIPPED without them, and fails
+//! without them under CI (`CI=true`; `.ci/run` installs cargo-deb).
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -67,9 +67,9 @@ fn package() -> Option<&'static Package> {
         Some(make_package())
     });
     if made.is_none() {
-        eprintln!(
-            "SKIPPED: the packaging tests need cargo-deb (cargo install cargo-deb --locked) \
-             and dpkg-deb"
+        crate::support::skip_without(
+            "cargo-deb (cargo install cargo-deb --locked) or dpkg-deb, which the packaging \
+             tests need",
         );
     }
     made.as_ref()
@@ -167,26 +167,36 @@ impl Package {
 }
 
 #[test]
-fn every_path_the_unit_names_is_in_the_package_or_a_dependency() {
+fn every_path_the_unit_names_is_in_the_package_made_by_postinst_or_a_dependency() {
     let Some(p) = package() else { return };
     let depends = p.depends();
+    // The directories postinst makes (the unit's credentials directory).
+    let made: Vec<String> = recorded_calls(p, "postinst", &["configure"], &[], &[])
+        .lines
+        .iter()
+        .filter_map(|c| c.strip_prefix("mkdir -p -m 0700 "))
+        .map(str::to_owned)
+        .collect();
     let mut checked = Vec::new();
     for (key, value) in p.unit() {
         for word in value.split_whitespace() {
             let word = word.strip_prefix("file://").unwrap_or(word);
-            // LoadCredential=ID:PATH: the admin puts the file there; the directory is ours.
-            let (path, admins) = match word.split_once(':') {
-                Some((_, path)) if key == "LoadCredential" => (path, true),
-                _ => (word, false),
+            // LoadCredential=ID:PATH: a directory, which postinst makes.
+            let path = match word.split_once(':') {
+                Some((_, path)) if key == "LoadCredential" => {
+                    assert!(
+                        made.iter().any(|m| m == path),
+                        "{path}: postinst made {made:?}"
+                    );
+                    checked.push(format!("{key}: {path}"));
+                    continue;
+                }
+                _ => word,
             };
             if !path.starts_with('/') {
                 continue;
             }
-            let must_exist = if admins {
-                Path::new(path).parent().unwrap().to_str().unwrap()
-            } else {
-                path
-            };
+            let must_exist = path;
             checked.push(format!("{key}: {path}"));
             if p.installed(must_exist).exists() {
                 continue;
@@ -217,7 +227,7 @@ fn every_path_the_unit_names_is_in_the_package_or_a_dependency() {
     }
     assert!(checked
         .iter()
-        .any(|c| c.starts_with("LoadCredential: /etc/pgpushd/")));
+        .any(|c| c == "LoadCredential: /etc/pgpushd/credentials"));
 }
 
 #[test]
@@ -304,8 +314,8 @@ fn the_sysusers_entry_creates_the_user_and_group_the_unit_runs_as() {
         .unwrap();
     assert!(line.starts_with(&format!("u {user} ")), "{line}");
     if !works("systemd-sysusers", &["--version"]) {
-        eprintln!("systemd-sysusers is missing: checked the entry's text only");
-        return;
+        // The entry's text is checked; applying it needs the tool.
+        return crate::support::skip_without("systemd-sysusers");
     }
     // Applied for real, to a copy of the extracted tree: the user and its group appear in
     // its /etc, not the machine's.
@@ -335,11 +345,12 @@ fn the_sysusers_entry_creates_the_user_and_group_the_unit_runs_as() {
     assert_eq!(fields[6], "/usr/sbin/nologin");
 }
 
-/// What a maintainer script called, one command a line, and whether systemd appeared
-/// to run.
+/// What a maintainer script called, one command a line, whether systemd appeared to
+/// run, and what it printed.
 struct Calls {
     lines: Vec<String>,
     booted: bool,
+    said: String,
 }
 
 impl Calls {
@@ -388,6 +399,8 @@ fn recorded_calls(
         ("getent", "exit 2\n"),
         ("deb-systemd-invoke", ""),
         ("rm", ""),
+        ("mkdir", ""),
+        ("rmdir", ""),
     ];
     for (name, body) in recorders {
         if without.contains(&name) {
@@ -442,6 +455,7 @@ fn recorded_calls(
             .map(str::to_owned)
             .collect(),
         booted: namespace || Path::new("/run/systemd/system").is_dir(),
+        said: String::from_utf8(out.stdout).unwrap(),
     }
 }
 
@@ -464,11 +478,12 @@ fn the_maintainer_scripts_are_valid_shell() {
     }
 }
 
-const SETUP: [&str; 5] = [
+const SETUP: [&str; 6] = [
     "dpkg-statoverride --list /etc/pgpushd",
     "dpkg-statoverride --update --add root pgpushd 0750 /etc/pgpushd",
     "dpkg-statoverride --list /etc/pgpushd/pgpushd.toml",
     "dpkg-statoverride --update --add root pgpushd 0640 /etc/pgpushd/pgpushd.toml",
+    "mkdir -p -m 0700 /etc/pgpushd/credentials",
     "systemctl --system daemon-reload",
 ];
 
@@ -510,6 +525,7 @@ fn postinst_creates_the_user_and_sets_the_configs_group_but_never_starts_the_ser
         SETUP[1],
         SETUP[2],
         SETUP[4],
+        SETUP[5],
     ]);
 
     // dpkg's error unwinding calls nothing at all.
@@ -533,30 +549,75 @@ fn removal_stops_the_service_and_purge_undoes_what_postinst_did() {
         "dpkg-statoverride --list /etc/pgpushd",
         "dpkg-statoverride --remove /etc/pgpushd",
         "rm -f /etc/systemd/system/multi-user.target.wants/pgpushd.service",
+        "rmdir --ignore-fail-on-non-empty /etc/pgpushd/credentials /etc/pgpushd",
         "systemctl --system daemon-reload",
     ]);
+}
+
+/// Issue 20, item 11: a first install says what to edit for the unit to start, in the
+/// unit's own terms: where the credential files go (its `LoadCredential=` directory), how
+/// the config names them (where systemd puts that directory's files), which keys.
+#[test]
+fn postinst_says_where_the_credentials_go_and_what_to_edit() {
+    let Some(p) = package() else { return };
+    let unit = p.text("/usr/lib/systemd/system/pgpushd.service");
+    let credentials = crate::systemd::load_credentials(&unit);
+    let [(id, directory)] = &credentials[..] else {
+        panic!("{credentials:?}")
+    };
+    let note = recorded_calls(p, "postinst", &["configure"], &[], &[]).said;
+    for expected in [
+        format!("{}/", directory.display()),
+        "/etc/pgpushd/pgpushd.toml".to_owned(),
+        format!("\"/run/credentials/pgpushd.service/{id}_FILE\""),
+        "[database] url".to_owned(),
+        "key_file".to_owned(),
+        "passphrase_file".to_owned(),
+        "service_account_file".to_owned(),
+        "'pgpushd migrate'".to_owned(),
+        "'systemctl enable --now pgpushd'".to_owned(),
+    ] {
+        assert!(note.contains(&expected), "no {expected} in:\n{note}");
+    }
+    assert_eq!(
+        directory.to_str(),
+        Some(crate::systemd::CREDENTIALS_DIRECTORY)
+    );
+    // An upgrade says to migrate and restart, not the first install's steps.
+    let note = recorded_calls(p, "postinst", &["configure", "0.0.9-1"], &[], &[]).said;
+    assert!(note.contains("upgraded from 0.0.9-1"), "{note}");
+    assert!(!note.contains("To set it up"), "{note}");
 }
 
 /// What the script below prints after each step, `@name value` lines.
 const ON_A_COPY: &str = r#"
 set -e
 show() {
-    echo "@owner $(stat -c '%U:%G %a' /etc/pgpushd) $(stat -c '%U:%G %a' /etc/pgpushd/pgpushd.toml)"
+    echo "@owner $(stat -c '%U:%G %a' /etc/pgpushd) $(stat -c '%U:%G %a' /etc/pgpushd/pgpushd.toml) $(stat -c '%U:%G %a' /etc/pgpushd/credentials)"
 }
-dpkg -i /pgpushd.deb >/dev/null
+echo "@note $(dpkg -i /pgpushd.deb | grep -c 'credential files in /etc/pgpushd/credentials/')"
 echo "@user $(getent passwd pgpushd | cut -d: -f1,6,7)"
 show
 if setpriv --reuid pgpushd --regid pgpushd --clear-groups cat /etc/pgpushd/pgpushd.toml >/dev/null 2>&1; then
     echo "@service-reads-config yes"
 fi
+if ! setpriv --reuid pgpushd --regid pgpushd --clear-groups ls /etc/pgpushd/credentials >/dev/null 2>&1; then
+    echo "@service-reads-credentials-directory no"
+fi
 echo "@version $(/usr/bin/pgpushd --version)"
-dpkg -i /pgpushd.deb >/dev/null
+# The key where earlier packages' unit loaded it: the upgrade says to move it.
+echo key > /etc/pgpushd/AuthKey_ABC123DEFG.p8
+echo "@upgrade-note $(dpkg -i /pgpushd.deb | grep -c 'no longer loads /etc/pgpushd/AuthKey_ABC123DEFG.p8')"
 show
 ln -s /usr/lib/systemd/system/pgpushd.service /etc/systemd/system/multi-user.target.wants/pgpushd.service
 dpkg --remove pgpushd >/dev/null
-echo "@after-remove $(test -e /etc/pgpushd/pgpushd.toml && echo config-kept)"
+echo "@after-remove $(test -e /etc/pgpushd/pgpushd.toml && echo config-kept) $(test -d /etc/pgpushd/credentials && echo credentials-kept)"
+dpkg --purge pgpushd >/dev/null 2>&1
+echo "@after-purge $(ls -A /etc/pgpushd) $(dpkg-statoverride --list | grep -c pgpushd || true) overrides $(test -L /etc/systemd/system/multi-user.target.wants/pgpushd.service && echo enabled) user:$(getent passwd pgpushd | cut -d: -f1)"
+rm /etc/pgpushd/AuthKey_ABC123DEFG.p8
+dpkg -i /pgpushd.deb >/dev/null
 dpkg --purge pgpushd >/dev/null
-echo "@after-purge $(test -e /etc/pgpushd && echo config-dir) $(dpkg-statoverride --list | grep -c pgpushd || true) overrides $(test -L /etc/systemd/system/multi-user.target.wants/pgpushd.service && echo enabled) user:$(getent passwd pgpushd | cut -d: -f1)"
+echo "@after-second-purge $(test -e /etc/pgpushd && echo config-dir)"
 "#;
 
 #[test]
@@ -614,15 +675,21 @@ fn the_package_installs_upgrades_and_purges_on_a_copy_of_this_machine() {
     assert_eq!(
         said,
         [
+            "@note 1",
             "@user pgpushd:/:/usr/sbin/nologin",
-            "@owner root:pgpushd 750 root:pgpushd 640",
+            "@owner root:pgpushd 750 root:pgpushd 640 root:root 700",
             "@service-reads-config yes",
+            "@service-reads-credentials-directory no",
             &version,
+            "@upgrade-note 1",
             // An upgrade keeps them.
-            "@owner root:pgpushd 750 root:pgpushd 640",
-            "@after-remove config-kept",
-            // Purge: no config, no overrides, no enable link; the user stays.
-            "@after-purge  0 overrides  user:pgpushd",
+            "@owner root:pgpushd 750 root:pgpushd 640 root:root 700",
+            "@after-remove config-kept credentials-kept",
+            // Purge: no config, no empty credentials directory, no overrides, no enable
+            // link; the admin's key and the user stay.
+            "@after-purge AuthKey_ABC123DEFG.p8 0 overrides  user:pgpushd",
+            // With nothing of the admin's left, nothing at all.
+            "@after-second-purge ",
         ]
     );
 }

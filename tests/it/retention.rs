@@ -61,7 +61,13 @@ fn retention(sent: Option<&str>, failed: Option<&str>, expired: Option<&str>) ->
 #[tokio::test]
 async fn a_pass_deletes_old_settled_rows_of_configured_statuses_only() {
     let db = TestDb::new().await;
-    let c = db.client().await;
+    let (c, canceller) = pgpushd::db::connect_cancellable(
+        &pgpushd::secret::Secret::new(db.url.clone()),
+        Duration::from_secs(10),
+        "test",
+    )
+    .await
+    .unwrap();
     let mut doomed = BTreeSet::new();
     let mut kept = BTreeSet::new();
     // sent = 7d: five old ones (three batches of two), two younger ones.
@@ -87,7 +93,7 @@ async fn a_pass_deletes_old_settled_rows_of_configured_statuses_only() {
     kept.insert(row(&c, "failed", "1 hour", None, None).await);
 
     let config = retention(Some("7d"), Some("2d"), None);
-    let pruned = prune_once(&c, &config, Duration::from_secs(10))
+    let pruned = prune_once(&c, &canceller, &config, Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(
@@ -112,12 +118,12 @@ async fn a_pass_deletes_old_settled_rows_of_configured_statuses_only() {
     assert_eq!(unstamped, 0);
 
     // Nothing is due any more; expired rows go once an age is set for them.
-    let again = prune_once(&c, &config, Duration::from_secs(10))
+    let again = prune_once(&c, &canceller, &config, Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(again, Pruned::default());
     let config = retention(None, None, Some("1y"));
-    let pruned = prune_once(&c, &config, Duration::from_secs(10))
+    let pruned = prune_once(&c, &canceller, &config, Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(pruned.expired, 1);
@@ -267,4 +273,60 @@ async fn a_reload_turns_retention_on_without_a_restart() {
     .await;
     cancel.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// Issue 20, item 9: a retention statement that gets no answer in time does not go on on
+/// the server. The outbox is held exclusively, so the pass's first statement waits for
+/// it; its backend is stopped there and the pass gives up; once the backend runs again
+/// its statement ends, although the lock is still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_that_gets_no_answer_is_cancelled_on_the_server() {
+    let db = TestDb::new().await;
+    let observer = db.client().await;
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (c, canceller) = pgpushd::db::connect_cancellable(
+        &pgpushd::secret::Secret::new(db.url.clone()),
+        Duration::from_secs(10),
+        "retention-test",
+    )
+    .await
+    .unwrap();
+    let config = retention(Some("7d"), None, None);
+    let pass = tokio::spawn(async move {
+        let result = prune_once(&c, &canceller, &config, Duration::from_secs(2)).await;
+        drop(c); // as the task does after an error
+        result
+    });
+    let backend = || async {
+        observer
+            .query_opt(
+                "SELECT pid, wait_event_type IS NOT DISTINCT FROM 'Lock'
+                   FROM pg_stat_activity WHERE application_name = 'pgpushd-retention-test'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, bool>(1)))
+    };
+    let pid = wait_for(
+        "the pass waiting for the lock",
+        Duration::from_secs(20),
+        || async { backend().await.filter(|b| b.1).map(|b| b.0) },
+    )
+    .await;
+    let stopped = StoppedBackends::stop(vec![pid]);
+    let e = pass.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("no answer within 2s"), "{e}");
+    drop(stopped);
+    wait_for(
+        "the statement to end on the server",
+        Duration::from_secs(10),
+        || async { backend().await.is_none().then_some(()) },
+    )
+    .await;
+    lock.rollback().await.unwrap();
 }

@@ -566,3 +566,149 @@ async fn the_status_watch_refreshes_until_interrupted() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// The sessions `pgpushd status` opened (`application_name` = `pgpushd-status`): pid,
+/// whether it waits for a lock, and whether it holds a snapshot (`backend_xmin`, which
+/// holds back vacuum).
+async fn status_sessions(client: &Client) -> Vec<(i32, bool, bool)> {
+    client
+        .query(
+            "SELECT pid, wait_event_type IS NOT DISTINCT FROM 'Lock', backend_xmin IS NOT NULL
+               FROM pg_stat_activity WHERE application_name = 'pgpushd-status'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Waits for the status read stuck mid-statement (waiting for the outbox's lock, its
+/// snapshot taken) and stops its backend (SIGSTOP): from then on only what the server was
+/// told before can end it.
+async fn stop_the_waiting_read(client: &Client) -> (i32, StoppedBackends) {
+    let pid = wait_for("a status read waiting for the lock", QUICKLY, || async {
+        let sessions = status_sessions(client).await;
+        sessions.iter().find(|s| s.1).map(|s| {
+            assert!(
+                s.2,
+                "a read waiting for the lock holds its snapshot: {sessions:?}"
+            );
+            s.0
+        })
+    })
+    .await;
+    (pid, StoppedBackends::stop(vec![pid]))
+}
+
+async fn wait_gone(client: &Client, pid: i32) {
+    wait_for(
+        "the abandoned read to end on the server",
+        Duration::from_secs(10),
+        || async {
+            let left = status_sessions(client).await;
+            (!left.iter().any(|s| s.0 == pid)).then_some(())
+        },
+    )
+    .await;
+}
+
+const QUICKLY: Duration = Duration::from_secs(20);
+
+/// Issue 20, item 9: a status read that gets no answer in time leaves nothing running on
+/// the server. A session holds the outbox exclusively, so the read waits in its first
+/// statement, its snapshot taken; its backend is stopped there, the client gives up, and
+/// once the backend runs again the statement ends (the lock still held, it would wait on
+/// for ever): for `status` once, and for a `--watch`, whose refreshes would otherwise pile
+/// up such reads, each holding back vacuum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_read_that_gets_no_answer_leaves_nothing_running_on_the_server() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pgpushd.toml");
+    let db = TestDb::new().await;
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{}\"\nconnect_timeout = \"2s\"\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    let client = db.client().await;
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    // Once: it fails within its bound, and its read ends on the server.
+    let mut once = Spawned(
+        pgpushd_command()
+            .args(["status", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (pid, stopped) = stop_the_waiting_read(&client).await;
+    let give_up = std::time::Instant::now() + QUICKLY;
+    let exited = loop {
+        if let Some(exited) = once.try_wait().unwrap() {
+            break exited;
+        }
+        assert!(std::time::Instant::now() < give_up, "status never gave up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(once.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(exited.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no answer within 2s"), "{stderr}");
+    drop(stopped);
+    wait_gone(&client, pid).await;
+
+    // Watched: each refresh that gets no answer ends on the server too.
+    let mut watch = Spawned(
+        pgpushd_command()
+            .args(["status", "--json", "--watch", "100ms", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let failed = |why: &[&str]| {
+        let line = lines.recv_timeout(QUICKLY).expect("a refresh that failed");
+        assert!(why.iter().any(|w| line.contains(w)), "{line}");
+    };
+    let (pid, stopped) = stop_the_waiting_read(&client).await;
+    failed(&["no answer within 2s"]);
+    drop(stopped);
+    wait_gone(&client, pid).await;
+    // More refreshes wait for the lock, one after the other: the server ends them, or
+    // the client cancels them; none is left behind.
+    for _ in 0..2 {
+        failed(&[
+            "no answer within 2s",
+            "canceling statement due to statement timeout",
+        ]);
+    }
+    let sessions = status_sessions(&client).await;
+    assert!(sessions.len() <= 1, "reads piled up: {sessions:?}");
+    drop(watch);
+    lock.rollback().await.unwrap();
+}

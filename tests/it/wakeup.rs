@@ -478,3 +478,82 @@ async fn the_schema_4_trigger_replaces_the_old_one_and_notifies_while_no_daemon_
     })
     .await;
 }
+
+/// The keeper's sessions (`pgpushd-wakeup`): pid, and whether it waits for a lock in
+/// `stay_awake`'s statement (the one that pushes the deadline ahead).
+async fn keeper_sessions(client: &Client) -> Vec<(i32, bool)> {
+    client
+        .query(
+            "SELECT pid, wait_event_type IS NOT DISTINCT FROM 'Lock'
+                         AND query LIKE '%clock_timestamp%'
+               FROM pg_stat_activity WHERE application_name = 'pgpushd-wakeup'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Issue 20, item 9: a deadline the keeper pushed ahead and got no answer for never lands
+/// after the daemon went to sleep (writers would skip NOTIFY with no daemon awake). The
+/// keeper's `setval` waits for the sequence's lock (a session holds it), its backend is
+/// stopped there, the keeper gives up on it, reconnects and, once the lock is free, falls
+/// asleep (the deadline 0). Only then does the stopped backend run again: its statement
+/// must not set the deadline ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_got_no_answer_never_lands_after_the_daemon_slept() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let mut cfg = wakeup_config(&db.url);
+    // Awake long enough for its deadline statement to be caught waiting, and for the
+    // keeper to give up on it (connect_timeout, 2s) before it wants to sleep.
+    cfg.database.awake_linger = Duration::from_secs(5);
+    let d = Awake::start(cfg).await;
+    insert_one(&c, 1).await;
+    d.wait_awake(true).await;
+
+    // ALTER SEQUENCE holds a lock that setval waits for, until this transaction ends.
+    let mut locker = plain_client(&db.url).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("ALTER SEQUENCE pgpushd.awake_until NO CYCLE")
+        .await
+        .unwrap();
+    let stuck = wait_for(
+        "the keeper's deadline waiting for the lock",
+        QUICKLY,
+        || async { keeper_sessions(&c).await.iter().find(|s| s.1).map(|s| s.0) },
+    )
+    .await;
+    let stopped = StoppedBackends::stop(vec![stuck]);
+    // The keeper gives up on it and comes back on a connection of its own.
+    wait_for("the keeper on a new connection", QUICKLY, || async {
+        keeper_sessions(&c)
+            .await
+            .iter()
+            .any(|s| s.0 != stuck)
+            .then_some(())
+    })
+    .await;
+    lock.rollback().await.unwrap();
+    d.wait_awake(false).await;
+    assert_eq!(wakeup::awake_for(&c).await.unwrap(), None);
+
+    // The stopped backend runs again; once it is done, the deadline is still 0.
+    drop(stopped);
+    wait_for("the stopped backend to finish", QUICKLY, || async {
+        (!keeper_sessions(&c).await.iter().any(|s| s.0 == stuck)).then_some(())
+    })
+    .await;
+    let deadline: i64 = c
+        .query_one("SELECT pg_sequence_last_value('pgpushd.awake_until')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        deadline, 0,
+        "a stale deadline landed after the daemon slept"
+    );
+    d.stop().await;
+}

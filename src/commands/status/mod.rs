@@ -1,6 +1,11 @@
 //! `pgpushd status`: the outbox's [`StatusReport`] once, or refreshed in place
 //! (`--watch`), as text for people (`text`: aligned tables) or as JSON for scripts
 //! (`json`: one object per line, so a watch is a JSON Lines stream).
+//!
+//! A read gets `connect_timeout` to answer, and is bounded on the server too (issue 20,
+//! item 9): its statements by a `statement_timeout` local to its transaction, and a read
+//! the client gave up on is cancelled, so that no scan is left running on the server,
+//! holding its snapshot (and back vacuum), let alone one per refresh of a watch.
 
 use std::future::Future;
 use std::io::Write;
@@ -37,8 +42,8 @@ pub async fn once(
     options: Options,
     console: &mut Console<impl Write>,
 ) -> anyhow::Result<()> {
-    let mut client = connect(database).await?;
-    let report = read(&mut client).await?;
+    let (mut client, canceller) = connect(database).await?;
+    let report = read(&mut client, &canceller, database.connect_timeout).await?;
     console.line(render(&report, options).trim_end())?;
     Ok(())
 }
@@ -54,23 +59,16 @@ pub async fn watch(
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(stop);
-    let mut client: Option<Client> = None;
+    let mut connection: Option<(Client, db::Canceller)> = None;
     loop {
         // Interruptible while it reads too, and bounded: a partition or a lock must not
         // hang the watch.
         let refresh = async {
-            let c = match client.as_mut() {
+            let (c, canceller) = match connection.as_mut() {
                 Some(c) => c,
-                None => client.insert(connect(database).await?),
+                None => connection.insert(connect(database).await?),
             };
-            tokio::time::timeout(database.connect_timeout, read(c))
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "reading the outbox: no answer within {}",
-                        humantime::format_duration(database.connect_timeout)
-                    )
-                })?
+            read(c, canceller, database.connect_timeout).await
         };
         let result = tokio::select! {
             _ = &mut stop => return Ok(()),
@@ -94,7 +92,7 @@ pub async fn watch(
             ))?,
         }
         if result.is_err() {
-            client = None;
+            connection = None;
         }
         tokio::select! {
             _ = &mut stop => return Ok(()),
@@ -103,17 +101,29 @@ pub async fn watch(
     }
 }
 
-async fn connect(database: &DatabaseConfig) -> anyhow::Result<Client> {
-    let client = db::connect(&database.url, database.connect_timeout, "status")
+async fn connect(database: &DatabaseConfig) -> anyhow::Result<(Client, db::Canceller)> {
+    let (client, canceller) =
+        db::connect_cancellable(&database.url, database.connect_timeout, "status")
+            .await
+            .context("cannot reach the database")?;
+    canceller
+        .within(database.connect_timeout, migrate::ensure_current(&client))
         .await
-        .context("cannot reach the database")?;
-    migrate::ensure_current(&client).await?;
-    Ok(client)
+        .map_err(|e| anyhow::anyhow!("reading the schema's version: {e}"))??;
+    Ok((client, canceller))
 }
 
-async fn read(client: &mut Client) -> anyhow::Result<StatusReport> {
-    StatusReport::read(client)
+/// The report within `bound`, on the client and the server; after an error, drop the
+/// connection (a cancel may still be on its way).
+async fn read(
+    client: &mut Client,
+    canceller: &db::Canceller,
+    bound: Duration,
+) -> anyhow::Result<StatusReport> {
+    canceller
+        .within(bound, StatusReport::read_within(client, bound))
         .await
+        .map_err(|e| anyhow::anyhow!("reading the outbox: {e}"))?
         .map_err(|e| anyhow::anyhow!("reading the outbox: {}", db::describe(&e)))
 }
 
