@@ -12,10 +12,9 @@
 //! it proves nothing). The log says so once per transition.
 //!
 //! Rows deferred by a pause come back once it is over and the probe has had its time
-//! ([`Pause::backlog_at`]); the daemon moves the app's waiting backlog there too, in one
-//! pass per pause (`set_aside`), leaving one row due when the pause ends for the probe.
-//! So a paused app's backlog is written once per pause and stays out of the other apps'
-//! way in the claim's order.
+//! ([`Pause::backlog_at`]). The daemon parks the app's waiting backlog out of the
+//! claims' way meanwhile, makes one row due when the pause ends for the probe, and
+//! brings the backlog back once the probe is accepted (`paused_apps`).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -35,6 +34,11 @@ pub const MIN_DEFER: Duration = Duration::from_secs(1);
 /// that a busy app's scattered per-device answers (one in twenty, say) never add up to
 /// it by chance; low enough that an app-wide quota costs a few rows one attempt each.
 pub const THROTTLED_TARGETS: usize = 10;
+
+/// Refusals in a row, no request accepted between them, after which a refusal that may
+/// be about its row (its own topic) is the app's after all: credentials revoked while
+/// the app was sending cost at most this many attempts, one row each.
+pub const ROW_REFUSALS: u32 = 3;
 
 /// One app's standing with its push service.
 pub struct AppGate {
@@ -66,27 +70,35 @@ struct Standing {
     until: Option<Instant>,
     /// A request is out testing whether the service takes the app's requests again.
     probing: bool,
-    /// Pauses so far (never reset): tells a new pause from one already seen.
-    pauses: u64,
+    /// The current (or last) pause's number, from [`PAUSES`].
+    pause_number: u64,
     /// The service accepted a request since the app was last paused (or started).
     proven: bool,
     /// Device tokens (hashed) the service throttled in a row, none accepted between.
     throttled: Vec<u64>,
+    /// Refusals that may have been about their row, in a row, none accepted between.
+    row_refusals: u32,
 }
 
 /// An app's pause, as the daemon sets its backlog aside.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pause {
     pub app: String,
-    /// Which pause of the app (each new one counts up).
+    /// Which pause: unique in the process (a reloaded app's new gate counts on).
     pub number: u64,
-    /// When the probe may go out.
+    /// When the probe may go out (past, once the app waits for its probe).
     pub until: Instant,
-    /// How long after `until` the other rows come back: the probe's time to answer.
+    /// How long after `until` the rows the gate deferred come back: the probe's time to
+    /// answer.
     pub probe_wait: Duration,
+    /// A probe is out.
+    pub probing: bool,
     pub cause: Cause,
     pub reason: String,
 }
+
+/// Numbers every pause of every gate.
+static PAUSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Pause {
     /// When the rows deferred by this pause are due again.
@@ -136,16 +148,16 @@ impl AppGate {
         }
     }
 
-    /// The app's pause while it lasts (the probe not yet due).
+    /// The app's pause, until a probe is accepted.
     pub fn pause(&self) -> Option<Pause> {
         let s = self.state.lock().unwrap();
         let (cause, reason) = s.paused.clone()?;
-        let until = s.until.filter(|u| *u > Instant::now())?;
         Some(Pause {
             app: self.app.clone(),
-            number: s.pauses,
-            until,
+            number: s.pause_number,
+            until: s.until?,
             probe_wait: self.probe_wait,
+            probing: s.probing,
             cause,
             reason,
         })
@@ -188,6 +200,22 @@ impl AppGate {
         self.pause_for(Cause::Credentials, reason, None)
     }
 
+    /// The service refused a request that may have been refused for its row (one naming
+    /// its own topic): while the app's other requests are accepted (it is not paused,
+    /// the service took one since its last pause, and fewer than [`ROW_REFUSALS`]
+    /// refusals came in a row) the row is retried, counting the attempt, as `row_reason`
+    /// says; otherwise it is the app's credentials, as [`AppGate::refused`].
+    pub fn refused_maybe_for_row(&self, reason: String, row_reason: String) -> Delivery {
+        {
+            let mut s = self.state.lock().unwrap();
+            s.row_refusals += 1;
+            if s.paused.is_none() && s.proven && s.row_refusals < ROW_REFUSALS {
+                return Delivery::retry(row_reason);
+            }
+        }
+        self.refused(reason)
+    }
+
     /// The service throttles the app as a whole: the row is deferred, the app pauses for
     /// `after` (the service's `Retry-After`) or its backoff.
     pub fn throttled(&self, reason: String, after: Option<Duration>) -> Delivery {
@@ -226,6 +254,7 @@ impl AppGate {
     pub fn accepted(&self, probe: Option<ProbeGuard<'_>>) {
         let mut s = self.state.lock().unwrap();
         s.throttled.clear();
+        s.row_refusals = 0;
         if probe.is_none() && s.paused.is_some() {
             return;
         }
@@ -237,9 +266,7 @@ impl AppGate {
                                           "the service no longer throttles this app"),
             }
         }
-        let pauses = s.pauses;
         *s = Standing {
-            pauses,
             proven: true,
             ..Standing::default()
         };
@@ -261,9 +288,10 @@ impl AppGate {
         };
         s.failures = s.failures.saturating_add(1);
         s.until = Some(now + wait);
-        s.pauses += 1;
+        s.pause_number = PAUSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         s.proven = false;
         s.throttled.clear();
+        s.row_refusals = 0;
         let new = s.paused.as_ref().map(|(c, r)| (*c, r.as_str())) != Some((cause, &reason));
         match (cause, new) {
             (Cause::Credentials, true) => {
@@ -345,7 +373,7 @@ mod tests {
             .unwrap_err()
             .contains("FCM refuses the credentials: no"));
         let pause = g.pause().expect("paused");
-        assert_eq!((pause.number, pause.cause), (1, Cause::Credentials));
+        assert_eq!(pause.cause, Cause::Credentials);
         assert_eq!(pause.backlog_at() - pause.until, Duration::from_secs(5));
         match g.gate() {
             Gate::Closed(d) => assert_eq!(deferred_for(d), after),
@@ -357,8 +385,9 @@ mod tests {
         g.accepted(None);
         assert!(g.health().is_err());
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(g.pause(), None, "the probe is due");
+        assert!(!g.pause().unwrap().probing, "the probe is due, not out");
         let probe = g.gate();
+        assert!(g.pause().unwrap().probing);
         assert!(matches!(probe, Gate::Probe(_)));
         // While the probe is out, others wait for as long as it may take.
         match g.gate() {
@@ -373,18 +402,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_refusal_for_a_rows_own_topic_is_the_rows_while_others_are_accepted() {
+        let g = gate();
+        let row = |d: &Delivery| matches!(d, Delivery::Retry { .. });
+        // Not proven yet: the app's.
+        assert!(!row(&g.refused_maybe_for_row("no".into(), "topic".into())));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        g.accepted(Some(probe_guard(g.gate())));
+        // Proven: a refusal between acceptances is the row's, again and again.
+        for _ in 0..5 {
+            assert!(row(&g.refused_maybe_for_row("no".into(), "topic".into())));
+            g.accepted(None);
+        }
+        // Refusals in a row (a key revoked): the app's, after ROW_REFUSALS - 1 attempts.
+        for _ in 1..ROW_REFUSALS {
+            assert!(row(&g.refused_maybe_for_row("no".into(), "topic".into())));
+        }
+        assert!(!row(&g.refused_maybe_for_row("no".into(), "topic".into())));
+        assert!(g.health().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn throttling_pauses_for_the_services_retry_after_capped() {
         let g = gate();
         let after = deferred_for(g.throttled("UNAVAILABLE".into(), Some(Duration::from_secs(90))));
         assert_eq!(after, Duration::from_secs(95));
         assert!(g.health().unwrap_err().contains("FCM throttles this app"));
+        let first = g.pause().unwrap().number;
         tokio::time::advance(Duration::from_secs(91)).await;
         let probe = probe_guard(g.gate());
         // The probe throttled again: a second pause, for years asked, an hour given.
         drop(probe);
         let after = deferred_for(g.throttled("UNAVAILABLE".into(), Some(Duration::MAX)));
         assert_eq!(after, MAX_RETRY_AFTER + Duration::from_secs(5));
-        assert_eq!(g.pause().unwrap().number, 2);
+        assert!(g.pause().unwrap().number > first, "a new pause");
     }
 
     #[tokio::test(start_paused = true)]
@@ -421,12 +472,13 @@ mod tests {
         // Answers to requests already in flight are deferred, not attempts.
         let d = g.throttled_target("v", "QUOTA_EXCEEDED".into(), None);
         assert!(matches!(d, Delivery::Deferred { .. }), "{d:?}");
+        let first = g.pause().unwrap().number;
         // The probe throttled: paused again at once, for one device.
         tokio::time::advance(Duration::from_secs(31)).await;
         let probe = probe_guard(g.gate());
         let d = g.throttled_target("w", "QUOTA_EXCEEDED".into(), None);
         drop(probe);
         assert!(matches!(d, Delivery::Deferred { .. }), "{d:?}");
-        assert_eq!(g.pause().unwrap().number, 2);
+        assert!(g.pause().unwrap().number > first, "a new pause");
     }
 }

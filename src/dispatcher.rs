@@ -613,8 +613,9 @@ async fn run_batch(
 }
 
 async fn connect(ctx: &BatchContext) -> anyhow::Result<OutboxConn> {
-    let client = db::connect(&ctx.url, ctx.connect_timeout, "batch").await?;
-    OutboxConn::new(client, ctx.connect_timeout)
+    let (client, canceller) =
+        db::connect_cancellable(&ctx.url, ctx.connect_timeout, "batch").await?;
+    OutboxConn::new(client, canceller, ctx.connect_timeout)
         .await
         .map_err(|e| anyhow::anyhow!("preparing the outbox queries: {}", db::describe(&e)))
 }
@@ -624,14 +625,14 @@ async fn connect(ctx: &BatchContext) -> anyhow::Result<OutboxConn> {
 async fn look(conn: &mut OutboxConn, ctx: &BatchContext) -> anyhow::Result<Option<BatchReport>> {
     let mut exclude = ctx.unrecorded.held();
     exclude.extend(ctx.in_flight.ids());
-    let found = tokio::time::timeout(ctx.connect_timeout, conn.look(&exclude))
+    // Outside any transaction, so no statement_timeout of the batch's bounds it: one
+    // without an answer in time is cancelled on the server (a look waiting behind a
+    // lock would otherwise run on, and its connection is dropped).
+    let canceller = conn.canceller().clone();
+    let found = canceller
+        .within(ctx.connect_timeout, conn.look(&exclude))
         .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "looking for rows: no answer within {:?}",
-                ctx.connect_timeout
-            )
-        })?
+        .map_err(|e| anyhow::anyhow!("looking for rows: {e}"))?
         .map_err(|e| anyhow::anyhow!("looking for rows: {}", db::describe(&e)))?;
     let next_due = match found {
         Look::Due => return Ok(None),

@@ -1,17 +1,26 @@
-//! The task that keeps a paused app's backlog out of the other apps' way: for each new
-//! pause the transport reports ([`Transport::paused`]: the service refuses the app's
-//! credentials or throttles it), it sets the app's pending rows aside until the pause
-//! ends ([`outbox::set_aside`]), once, then wakes the dispatcher, which learns when the
-//! probe falls due from its next look.
+//! The task that keeps a paused app's backlog out of the other apps' way (see
+//! `app_gate`: the service refuses the app's credentials or throttles it). It reads the
+//! apps' pauses ([`Transport::paused`]) a few times a second and, through
+//! [`outbox::set_aside`]:
 //!
-//! Like the other writers beside the dispatcher, it survives a lost database (a pause it
-//! could not write is tried again while it lasts) and never stops the daemon. A pause
-//! that ends before its turn costs nothing: the rows claimed meanwhile were deferred by
-//! the gate, as they always are.
+//! - at each new pause, makes one row due when the pause ends (the probe) and parks the
+//!   app's other waiting rows [`PARK`] ahead (rows parked less than half of that ago
+//!   stay where they are, so a dead app's backlog is written once per half hour however
+//!   often its probes fail), then wakes the dispatcher, which learns the probe's time
+//!   from its next look;
+//! - when the pause has ended but no probe went out within a probe's time (the row
+//!   settled without a request, or its answer proved nothing), makes another row due;
+//! - once the app is no longer paused (a probe was accepted, or a reload rebuilt it),
+//!   brings the parked rows back, due at once.
+//!
+//! Like the other writers beside the dispatcher, it survives a lost database (what it
+//! could not do is tried again while it still applies) and never stops the daemon; one
+//! app's failing pass does not hold up the others'. Rows it parked come back by
+//! themselves at their parking time, should the daemon stop before releasing them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -20,64 +29,97 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::app_gate::Pause;
-use crate::backoff::backoff;
 use crate::config::DatabaseConfig;
+use crate::db;
 use crate::metrics::Metrics;
+use crate::outbox::set_aside;
 use crate::transport::Transport;
-use crate::{db, outbox};
 
 /// How often the apps' pauses are read.
-pub const EVERY: Duration = Duration::from_millis(500);
-/// The server's bound on each statement of a pass (a chunk of rows takes milliseconds).
+pub const EVERY: Duration = Duration::from_millis(200);
+/// How far ahead a paused app's backlog is parked.
+pub const PARK: Duration = Duration::from_secs(3600);
+/// The server's bound on each statement (a chunk of rows takes milliseconds).
 const STATEMENT_BOUND: Duration = Duration::from_secs(10);
-/// The client's bound on a whole pass.
+/// The client's bound on one app's pass.
 const PASS_BOUND: Duration = Duration::from_secs(120);
 
 pub struct PausedApps {
     pub transport: Arc<dyn Transport>,
     pub database: DatabaseConfig,
-    /// The dispatcher's wake-up: the probe row's new time is its next due row.
+    /// The dispatcher's wake-up: a probe row's new time is its next due row.
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
 }
 
+/// What the task did for one paused app.
+struct Parked {
+    /// The pause it handled last.
+    pause: u64,
+    /// The times it parked the app's rows at (what a release looks for).
+    at: Vec<SystemTime>,
+    /// When it last made a probe row due.
+    probe_due: Instant,
+}
+
 impl PausedApps {
     pub async fn run(self, cancel: CancellationToken) {
-        // The last pause set aside, by app.
-        let mut done: HashMap<String, u64> = HashMap::new();
+        let mut parked: HashMap<String, Parked> = HashMap::new();
         let mut client: Option<Client> = None;
-        let mut failures = 0u32;
         loop {
-            let wait = match failures {
-                0 => EVERY,
-                n => backoff(n - 1, EVERY, Duration::from_secs(30)),
-            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(EVERY) => {}
             }
-            for pause in self.transport.paused() {
-                if done.get(&pause.app) == Some(&pause.number) {
-                    continue;
+            let paused = self.transport.paused();
+            for pause in &paused {
+                let done = parked.get(&pause.app);
+                let step = match done {
+                    Some(p) if p.pause == pause.number => {
+                        let waited = Instant::now() >= pause.backlog_at()
+                            && p.probe_due + pause.probe_wait <= Instant::now();
+                        if pause.probing || !waited {
+                            continue;
+                        }
+                        Step::ProbeAgain
+                    }
+                    _ => Step::NewPause,
+                };
+                let entry = parked.entry(pause.app.clone()).or_insert_with(|| Parked {
+                    pause: 0,
+                    at: Vec::new(),
+                    probe_due: Instant::now(),
+                });
+                if let Err(e) = self.pass(&mut client, pause, step, entry).await {
+                    client = None;
+                    warn!(app = %pause.app, error = format!("{e:#}"),
+                          "cannot set a paused app's backlog aside; trying again");
                 }
-                match self.set_aside(&mut client, &pause).await {
+            }
+            let reopened: Vec<String> = parked
+                .keys()
+                .filter(|app| !paused.iter().any(|p| &p.app == *app))
+                .cloned()
+                .collect();
+            for app in reopened {
+                match self.release(&mut client, &app, &parked[&app].at).await {
                     Ok(()) => {
-                        done.insert(pause.app.clone(), pause.number);
-                        failures = 0;
+                        parked.remove(&app);
                     }
                     Err(e) => {
                         client = None;
-                        failures += 1;
-                        warn!(app = %pause.app, error = format!("{e:#}"),
-                              "cannot set a paused app's backlog aside; trying again");
-                        break;
+                        warn!(app = %app, error = format!("{e:#}"),
+                              "cannot bring a paused app's backlog back; trying again");
                     }
                 }
             }
         }
     }
 
-    async fn set_aside(&self, client: &mut Option<Client>, pause: &Pause) -> anyhow::Result<()> {
+    async fn connection<'c>(
+        &self,
+        client: &'c mut Option<Client>,
+    ) -> anyhow::Result<&'c mut Client> {
         let c = match client.take() {
             Some(c) if !c.is_closed() => c,
             _ => {
@@ -85,33 +127,101 @@ impl PausedApps {
                 db::connect(&d.url, d.connect_timeout, "paused apps").await?
             }
         };
-        let c = client.insert(c);
-        let now = Instant::now();
-        let pass = outbox::set_aside::set_aside(
-            c,
-            &pause.app,
-            pause.until.saturating_duration_since(now),
-            pause.backlog_at().saturating_duration_since(now),
-            &pause.reason,
-            STATEMENT_BOUND,
-        );
-        // On a timeout the connection is dropped (the caller forgets it), which ends the
-        // statement on the server.
-        let moved = tokio::time::timeout(PASS_BOUND, pass)
+        Ok(client.insert(c))
+    }
+
+    /// A new pause: the probe, then the backlog parked; or another probe.
+    async fn pass(
+        &self,
+        client: &mut Option<Client>,
+        pause: &Pause,
+        step: Step,
+        entry: &mut Parked,
+    ) -> anyhow::Result<()> {
+        let c = self.connection(client).await?;
+        // Rows parked at a time now past have come back already (and were parked again).
+        entry.at.retain(|t| *t > SystemTime::now());
+        let work = async {
+            let now = Instant::now();
+            let probe_at =
+                set_aside::time_ahead(c, pause.until.saturating_duration_since(now)).await?;
+            let probe = set_aside::probe(
+                c,
+                &pause.app,
+                probe_at,
+                &entry.at,
+                &pause.reason,
+                STATEMENT_BOUND,
+            )
+            .await?;
+            let mut moved = 0;
+            if step == Step::NewPause {
+                let threshold = set_aside::time_ahead(c, PARK / 2).await?;
+                let park_at = set_aside::time_ahead(c, PARK).await?;
+                moved = set_aside::park(
+                    c,
+                    &pause.app,
+                    threshold,
+                    park_at,
+                    probe,
+                    &pause.reason,
+                    STATEMENT_BOUND,
+                )
+                .await?;
+                if moved > 0 {
+                    entry.at.push(park_at);
+                }
+            }
+            Ok::<_, tokio_postgres::Error>((probe, moved))
+        };
+        let (probe, moved) = tokio::time::timeout(PASS_BOUND, work)
             .await
-            .map_err(|_| anyhow::anyhow!("setting the backlog aside timed out"))?
+            .map_err(|_| anyhow::anyhow!("no answer within {PASS_BOUND:?}"))?
             .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))?;
+        entry.pause = pause.number;
+        entry.probe_due = pause.until.max(Instant::now());
         let app = self.metrics.app_label(&pause.app);
-        self.metrics.app_pauses.get_or_create(&app).inc();
+        if step == Step::NewPause {
+            self.metrics.app_pauses.get_or_create(&app).inc();
+        }
         self.metrics
             .rows_set_aside
             .get_or_create(&app)
-            .inc_by(moved.rows + u64::from(moved.probe));
-        info!(app = %pause.app, pause = pause.number, cause = ?pause.cause,
-              rows = moved.rows, probe = moved.probe,
-              back_in = ?pause.backlog_at().saturating_duration_since(Instant::now()),
-              "the paused app's backlog is set aside until the pause ends");
+            .inc_by(moved);
+        info!(app = %pause.app, cause = ?pause.cause, parked = moved, probe = ?probe,
+              probe_in = ?pause.until.saturating_duration_since(Instant::now()),
+              again = step == Step::ProbeAgain,
+              "a paused app: its backlog parked, one row due for the probe");
         self.wake.notify_one();
         Ok(())
     }
+
+    /// The app is no longer paused: its parked rows are due now.
+    async fn release(
+        &self,
+        client: &mut Option<Client>,
+        app: &str,
+        at: &[SystemTime],
+    ) -> anyhow::Result<()> {
+        if at.is_empty() {
+            return Ok(());
+        }
+        let c = self.connection(client).await?;
+        let released =
+            tokio::time::timeout(PASS_BOUND, set_aside::release(c, app, at, STATEMENT_BOUND))
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within {PASS_BOUND:?}"))?
+                .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))?;
+        info!(app = %app, released, "the app delivers again: its parked backlog is due");
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The pause is new: a probe row, and the backlog parked.
+    NewPause,
+    /// The probe did not go out (or proved nothing): another row for it.
+    ProbeAgain,
 }

@@ -24,9 +24,10 @@ pub enum Verdict {
     Unregistered { reason: String },
     /// The message is refused for good.
     Rejected { reason: String },
-    /// FCM throttles: the message's target (`QUOTA_EXCEEDED`, `RESOURCE_EXHAUSTED`, 429:
-    /// the row retries, unless target after target is), or the app, FCM being overloaded
-    /// (`UNAVAILABLE`, 503). `after` is FCM's `Retry-After`.
+    /// FCM throttles: the message's target (`QUOTA_EXCEEDED`, `RESOURCE_EXHAUSTED`, 429,
+    /// or a 503 without `Retry-After`: the row retries, unless target after target is
+    /// throttled), or (`app`) the app: FCM overloaded (`UNAVAILABLE`, 503) and saying for
+    /// how long (`after`, its `Retry-After`).
     Throttled {
         reason: String,
         after: Option<Duration>,
@@ -136,7 +137,7 @@ impl Answer {
             (Some("UNAVAILABLE"), _) => Verdict::Throttled {
                 reason,
                 after,
-                app: true,
+                app: after.is_some(),
             },
             (Some("INTERNAL"), _) => Verdict::Retry { reason, after },
             // About the row's target, not the app: the project's APNs key (an iOS target) or
@@ -158,7 +159,7 @@ impl Answer {
             (_, Some("UNAVAILABLE")) => Verdict::Throttled {
                 reason,
                 after,
-                app: true,
+                app: after.is_some(),
             },
             (_, Some("INTERNAL")) => Verdict::Retry { reason, after },
             (_, Some("INVALID_ARGUMENT")) => Verdict::Rejected { reason },
@@ -174,7 +175,7 @@ impl Answer {
             429 | 503 => Verdict::Throttled {
                 reason,
                 after: self.retry_after,
-                app: self.status == 503,
+                app: self.status == 503 && self.retry_after.is_some(),
             },
             408 | 500.. => Verdict::Retry {
                 reason,
@@ -306,13 +307,13 @@ mod tests {
                 503,
                 "UNAVAILABLE",
                 Some("UNAVAILABLE"),
-                throttled("UNAVAILABLE: gone", true),
+                throttled("UNAVAILABLE: gone", false),
             ),
             (
                 503,
                 "UNAVAILABLE",
                 None,
-                throttled("UNAVAILABLE: gone", true),
+                throttled("UNAVAILABLE: gone", false),
             ),
             (
                 429,
@@ -398,11 +399,22 @@ mod tests {
                 app: false,
             }
         );
+        let mut overloaded = answer(503, "");
         assert_eq!(
-            answer(503, "").verdict(),
+            overloaded.verdict(),
             Verdict::Throttled {
                 reason: "HTTP 503".into(),
                 after: None,
+                app: false,
+            },
+            "without Retry-After: one row's, unless row after row"
+        );
+        overloaded.retry_after = Some(Duration::from_secs(20));
+        assert_eq!(
+            overloaded.verdict(),
+            Verdict::Throttled {
+                reason: "HTTP 503".into(),
+                after: Some(Duration::from_secs(20)),
                 app: true,
             }
         );

@@ -189,7 +189,13 @@ impl AccessTokens {
             CONTENT_TYPE,
             HeaderValue::from_static("application/x-www-form-urlencoded"),
         );
-        let answer = conn.send(request, Bytes::from(body)).await;
+        // Not the row's request: whichever row waits for this token, its own has not
+        // gone out (a batch given up meanwhile counts no attempt for it).
+        let answer = crate::transport::watch_request(
+            Default::default(),
+            conn.send(request, Bytes::from(body)),
+        )
+        .await;
         conn.close();
         let answer = answer
             .map_err(|e| TokenError::Failed(format!("the token endpoint did not answer: {e}")))?;

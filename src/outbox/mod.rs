@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::{Client, GenericClient, Statement, ToStatement};
 use uuid::Uuid;
 
+use crate::db::Canceller;
 use crate::outcome::RowUpdate;
 use crate::transport::{Notification, Undelivered, Unregistered};
 
@@ -121,6 +122,9 @@ pub struct Claimed {
 /// A database connection with the outbox's statements prepared on it.
 pub struct OutboxConn {
     client: Client,
+    /// Cancels what the connection runs, on the server: for the look, the one statement
+    /// outside a batch's bounded transaction.
+    canceller: Canceller,
     settings: Statement,
     claim: Statement,
     record: Statement,
@@ -173,6 +177,7 @@ impl OutboxConn {
     /// batch). Prepared statements outlive the transaction they were prepared in.
     pub async fn new(
         client: Client,
+        canceller: Canceller,
         statement_timeout: Duration,
     ) -> Result<OutboxConn, tokio_postgres::Error> {
         client
@@ -190,6 +195,7 @@ impl OutboxConn {
             look: client.prepare(LOOK).await?,
             round_trips: 0,
             client,
+            canceller,
             in_transaction: false,
         };
         conn.client.batch_execute("COMMIT").await?;
@@ -198,6 +204,11 @@ impl OutboxConn {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// What cancels this connection's statement on the server (see [`OutboxConn::look`]).
+    pub fn canceller(&self) -> &Canceller {
+        &self.canceller
     }
 
     /// The round trips this connection made since the last call.
@@ -258,6 +269,7 @@ impl OutboxConn {
             unregister,
             next_due,
             look: _,
+            canceller: _,
             round_trips,
             in_transaction,
         } = self;

@@ -1,17 +1,21 @@
-//! Setting a paused app's backlog aside (see `app_gate`): while its service refuses the
-//! app's credentials or throttles it, the app's pending rows due before the pause ends
-//! move to when it ends, so the claims walking the due rows in order do not meet them,
-//! nor claim and defer them one batch at a time, nor find them all due at once ahead of
-//! the other apps' newer rows when it ends.
+//! Setting a paused app's backlog aside (see `app_gate`, `paused_apps`): while its
+//! service refuses the app's credentials or throttles it, the app's pending rows are
+//! parked, out of the claims' way, and one row is made due when the pause ends, as the
+//! probe; once the probe is accepted, the parked rows come back.
 //!
-//! One row, the first in order, comes due when the pause ends: the probe. The rest come
-//! back a probe's time later (`request_timeout`): by then the probe has said whether the
-//! app may send again, and if it may not, the next pause sets them aside again. So a
-//! dead app's backlog is written once per pause.
+//! - **Park** ([`park`]): the app's rows due before `$threshold` (half the parking time
+//!   ahead) move to `$park_at` (the parking time ahead), so the claims walking the due
+//!   rows in order never meet them, nor claim and defer them a batch at a time, nor find
+//!   them all due at once when the pause ends. A dead app's backlog is written once per
+//!   half parking time, however often its probes fail. Rows already expired stay: the
+//!   claims settle them without sending.
+//! - **Probe** ([`probe`]): the app's first row that can be sent (not expired, no token
+//!   known unregistered), due by then or parked by us, comes due at `$probe_at`. Never
+//!   sooner than it was due: a row only moves earlier from a parking time.
+//! - **Release** ([`release`]): the rows parked at any of `$parked` come due now.
 //!
-//! The rows move in chunks, each its own short transaction that skips rows a batch holds
-//! (those are deferred by the gate, to the same time), so the other apps' claims and
-//! writers never wait on the pass.
+//! Each moves rows in chunks, each its own short transaction that skips rows a batch
+//! holds, so the other apps' claims and writers never wait on it.
 
 use std::time::{Duration, SystemTime};
 
@@ -20,106 +24,156 @@ use tokio_postgres::Client;
 /// Rows moved per statement (and transaction).
 pub const CHUNK: i64 = 1000;
 
-/// Rows this close before the backlog's time are aside already: the gate deferred them
-/// there (by its own reading of the clocks) while a batch held them.
-const ASIDE: Duration = Duration::from_millis(500);
+/// `now + $1 ms`, by the database's clock.
+const AHEAD: &str = "SELECT clock_timestamp() + $1::bigint * interval '1 millisecond'";
 
-/// Where the pause ends, by the database's clock: `$1` and `$2` milliseconds from now,
-/// and `$3` (the rows aside already from then on).
-const TIMES: &str = "
-SELECT clock_timestamp() + $1::bigint * interval '1 millisecond',
-       clock_timestamp() + $2::bigint * interval '1 millisecond',
-       clock_timestamp() + $3::bigint * interval '1 millisecond'";
-
-/// The probe: the app's first row (`$4` is when the backlog comes back) comes due when
-/// the pause ends, `$2`, or stays where it is when that is later: no row is ever sent
-/// sooner than it was due (a row a former pause set aside may lie past this one's end).
 const PROBE: &str = "
 UPDATE pgpushd.outbox
-   SET send_after = greatest(send_after, $2), last_error = $3
- WHERE id = (SELECT id FROM pgpushd.outbox
-              WHERE status = 'pending' AND send_after < $4 AND app = $1
-              ORDER BY send_after, id
+   SET send_after = $2, last_error = $3
+ WHERE id = (SELECT o.id FROM pgpushd.outbox AS o
+              WHERE o.status = 'pending' AND o.app = $1
+                AND (o.send_after <= $2 OR o.send_after = ANY ($4::timestamptz[]))
+                AND (o.expires_at IS NULL OR o.expires_at > $2)
+                AND NOT EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens AS u
+                                 WHERE u.app = o.app
+                                   AND u.device_token =
+                                       CASE WHEN o.device_token ~ '^[0-9A-Fa-f]+$'
+                                            THEN lower(o.device_token)
+                                            ELSE o.device_token END)
+              ORDER BY o.send_after, o.id
               LIMIT 1
-                FOR UPDATE SKIP LOCKED)
+                FOR UPDATE OF o SKIP LOCKED)
 RETURNING id";
 
-/// The rest, a chunk at a time: due before `$6` (shortly before `$2`), they come back at
-/// `$2`. `$4` is the probe row's id (0 for none).
-const BACKLOG: &str = "
+/// One chunk of the parking, after the key `($3, $4)` of the previous chunk's last row
+/// (so no chunk walks past what the others moved). Returns the chunk's last key and its
+/// size.
+const PARK: &str = "
+WITH picked AS (
+    SELECT id, send_after FROM pgpushd.outbox
+     WHERE status = 'pending' AND send_after < $2 AND (send_after, id) > ($3, $4)
+       AND app = $1 AND id <> $5 AND (expires_at IS NULL OR expires_at > now())
+     ORDER BY send_after, id
+     LIMIT $6
+       FOR UPDATE SKIP LOCKED),
+moved AS (
+    UPDATE pgpushd.outbox AS o
+       SET send_after = $7, last_error = $8
+      FROM picked WHERE o.id = picked.id)
+SELECT send_after, id, count(*) OVER () FROM picked ORDER BY send_after DESC, id DESC LIMIT 1";
+
+/// One chunk of the release: rows parked at one of `$2` come due now.
+const RELEASE: &str = "
 UPDATE pgpushd.outbox AS o
-   SET send_after = $2, last_error = $3
+   SET send_after = clock_timestamp()
   FROM (SELECT id FROM pgpushd.outbox
-         WHERE status = 'pending' AND send_after < $6 AND app = $1 AND id <> $4
-         ORDER BY send_after, id
-         LIMIT $5
+         WHERE status = 'pending' AND send_after = ANY ($2::timestamptz[]) AND app = $1
+         LIMIT $3
            FOR UPDATE SKIP LOCKED) AS s
  WHERE o.id = s.id";
 
-/// What one pass moved.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SetAside {
-    /// The probe row was found and moved to the pause's end.
-    pub probe: bool,
-    /// Rows moved to a probe's time after it.
-    pub rows: u64,
+/// The database's clock, `ahead` from now.
+pub async fn time_ahead(
+    client: &Client,
+    ahead: Duration,
+) -> Result<SystemTime, tokio_postgres::Error> {
+    Ok(client.query_one(AHEAD, &[&millis(ahead)]).await?.get(0))
 }
 
-/// Sets `app`'s backlog aside: the probe due in `probe_in`, the rest in `backlog_in`;
-/// `reason` becomes their `last_error`. Each statement is bounded by `timeout` on the
-/// server (`statement_timeout`, `lock_timeout`).
-pub async fn set_aside(
+/// Makes `app`'s first row that can be sent, due by `probe_at` or parked at one of
+/// `parked`, due at `probe_at`; its id, if there was one.
+pub async fn probe(
     client: &mut Client,
     app: &str,
-    probe_in: Duration,
-    backlog_in: Duration,
+    probe_at: SystemTime,
+    parked: &[SystemTime],
     reason: &str,
-    timeout: Duration,
-) -> Result<SetAside, tokio_postgres::Error> {
-    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    let aside_in = backlog_in.saturating_sub(ASIDE).max(probe_in);
-    let times = client
-        .query_one(TIMES, &[&ms(probe_in), &ms(backlog_in), &ms(aside_in)])
-        .await?;
-    let (probe_at, backlog_at, aside_from): (SystemTime, SystemTime, SystemTime) =
-        (times.get(0), times.get(1), times.get(2));
-    let bound = ms(timeout).max(1).to_string();
-    let mut moved = SetAside::default();
-    let txn = bounded(client, &bound).await?;
-    let probe: Option<i64> = txn
-        .query_opt(PROBE, &[&app, &probe_at, &reason, &backlog_at])
+    bound: Duration,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let txn = bounded(client, bound).await?;
+    let id = txn
+        .query_opt(PROBE, &[&app, &probe_at, &reason, &parked])
         .await?
         .map(|r| r.get(0));
     txn.commit().await?;
-    moved.probe = probe.is_some();
+    Ok(id)
+}
+
+/// Parks `app`'s rows due before `threshold` at `park_at` (all but `probe`); how many.
+pub async fn park(
+    client: &mut Client,
+    app: &str,
+    threshold: SystemTime,
+    park_at: SystemTime,
+    probe: Option<i64>,
+    reason: &str,
+    bound: Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    let mut moved = 0;
+    // Before any row: 6,000 years before 1970 (PostgreSQL's timestamps reach 4713 BC).
+    let mut after = (
+        SystemTime::UNIX_EPOCH - Duration::from_secs(6_000 * 365 * 86_400),
+        0i64,
+    );
     loop {
-        let txn = bounded(client, &bound).await?;
-        let n = txn
-            .execute(
-                BACKLOG,
+        let txn = bounded(client, bound).await?;
+        let last = txn
+            .query_opt(
+                PARK,
                 &[
                     &app,
-                    &backlog_at,
-                    &reason,
+                    &threshold,
+                    &after.0,
+                    &after.1,
                     &probe.unwrap_or(0),
                     &CHUNK,
-                    &aside_from,
+                    &park_at,
+                    &reason,
                 ],
             )
             .await?;
         txn.commit().await?;
-        moved.rows += n;
+        let Some(last) = last else {
+            return Ok(moved);
+        };
+        let n: i64 = last.get(2);
+        moved += n as u64;
+        after = (last.get(0), last.get(1));
+        if n < CHUNK {
+            return Ok(moved);
+        }
+    }
+}
+
+/// Makes `app`'s rows parked at one of `parked` due now; how many.
+pub async fn release(
+    client: &mut Client,
+    app: &str,
+    parked: &[SystemTime],
+    bound: Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    let mut moved = 0;
+    loop {
+        let txn = bounded(client, bound).await?;
+        let n = txn.execute(RELEASE, &[&app, &parked, &CHUNK]).await?;
+        txn.commit().await?;
+        moved += n;
         if n < CHUNK as u64 {
             return Ok(moved);
         }
     }
 }
 
-/// A transaction whose statements the server stops after `ms` (as text).
-async fn bounded<'c>(
-    client: &'c mut Client,
-    ms: &str,
-) -> Result<tokio_postgres::Transaction<'c>, tokio_postgres::Error> {
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A transaction whose statements the server stops after `bound`.
+async fn bounded(
+    client: &mut Client,
+    bound: Duration,
+) -> Result<tokio_postgres::Transaction<'_>, tokio_postgres::Error> {
+    let ms = millis(bound).max(1).to_string();
     let txn = client.transaction().await?;
     txn.execute(
         "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",

@@ -52,7 +52,7 @@ async fn two_apps() -> (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_app_goes_on() {
-    let (_db, apns, transport, daemon, client) = two_apps().await;
+    let (_db, apns, _transport, daemon, client) = two_apps().await;
     // Every write of a dead row, counted by a trigger of the test's.
     client
         .batch_execute(
@@ -77,8 +77,9 @@ async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_ap
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_for_status(&client, "sent", healthy as i64, Duration::from_secs(20)).await;
-    let pauses = pauses_so_far(&transport);
+    let metrics = daemon.metrics.clone();
     daemon.stop().await;
+    let pauses = pauses_of(&metrics, "dead");
 
     let r = client
         .query_one(
@@ -91,7 +92,20 @@ async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_ap
         .unwrap();
     assert_eq!(r.get::<_, i64>(0), 5000, "the dead app's rows wait");
     assert_eq!(r.get::<_, i32>(1), 0, "without attempts counted");
-    assert!(r.get::<_, i64>(2) <= 1, "aside, but for the probe");
+    assert!(
+        r.get::<_, i64>(2) <= 1,
+        "parked, but for the probe (or a row the gate deferred to its end)"
+    );
+    let parked: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgpushd.outbox
+              WHERE app = 'dead' AND send_after > now() + interval '30 minutes'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(parked >= 4990, "{parked} rows parked");
     let writes: Vec<(i64, i64)> = client
         .query(
             "SELECT n, count(*) FROM
@@ -106,7 +120,8 @@ async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_ap
     let most = writes.last().map_or(0, |w| w.0);
     eprintln!("{pauses} pauses; rows by writes: {writes:?}");
     assert!(pauses >= 3, "{pauses} pauses");
-    // Once per pause (the first batch's rows were deferred by the gate, then set aside).
+    // Parked once; the first batches' rows were deferred by the gate first; a probe row
+    // is also made due, sent, deferred: within once per pause.
     assert!(
         most <= pauses as i64 + 1,
         "a dead row written {most} times in {pauses} pauses"
@@ -122,13 +137,12 @@ async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_ap
     assert!(refused <= 400 + pauses + 1, "{refused} requests refused");
 }
 
-/// The number of the dead app's latest pause.
-fn pauses_so_far(transport: &Arc<dyn Transport>) -> u64 {
-    transport
-        .paused()
-        .iter()
-        .find(|p| p.app == "dead")
-        .map_or(0, |p| p.number)
+/// The pauses of `app` whose backlog the daemon set aside.
+fn pauses_of(metrics: &pgpushd::metrics::Metrics, app: &str) -> u64 {
+    metrics
+        .app_pauses
+        .get_or_create(&pgpushd::metrics::AppLabels { app: app.into() })
+        .get()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,5 +189,117 @@ async fn a_403_for_a_rows_own_topic_fails_the_row_and_leaves_the_app_open() {
         error.starts_with("gave up after 3 attempts: InvalidProviderToken")
             && error.contains("the row's own topic \"com.example.app.voip\""),
         "{error}"
+    );
+}
+
+/// `[apps.default]` with short pauses (1 to 2 s), its probe's time 1 s.
+async fn one_app_pausing_quickly() -> (
+    TestDb,
+    ApnsSetup,
+    Arc<dyn Transport>,
+    Running,
+    tokio_postgres::Client,
+) {
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let toml = apns
+        .app_toml
+        .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let cfg = config(&db.url, &toml);
+    let transport: Arc<dyn Transport> = Arc::new(
+        pgpushd::apns::Apns::with_options(
+            &cfg.apps,
+            pgpushd::apns::Options {
+                credentials_backoff_base: Duration::from_secs(1),
+                credentials_backoff_max: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let daemon = start(cfg, transport.clone());
+    let client = db.client().await;
+    (db, apns, transport, daemon, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_apps_parked_backlog_is_due_again_at_once() {
+    let (_db, apns, _transport, daemon, client) = one_app_pausing_quickly().await;
+    let rows = 2000;
+    for i in 1..=rows {
+        apns.emulator.script(&token(i), 403, "InvalidProviderToken");
+    }
+    client
+        .batch_execute(&format!(
+            "INSERT INTO pgpushd.outbox (device_token, payload)
+             SELECT lpad(to_hex(i), 64, '0'), '{{\"aps\":{{\"alert\":\"x\"}}}}'
+               FROM generate_series(1, {rows}) AS i"
+        ))
+        .await
+        .unwrap();
+    wait_for("the backlog parked", Duration::from_secs(30), || async {
+        let parked: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pgpushd.outbox
+                  WHERE send_after > now() + interval '30 minutes'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (parked > rows as i64 - 10).then_some(())
+    })
+    .await;
+    // APNs takes the key again: the next probe is accepted, and the parked rows, an
+    // hour ahead, are due at once.
+    apns.emulator.clear_scripts();
+    wait_for_status(&client, "sent", rows as i64, Duration::from_secs(60)).await;
+    let attempts: i64 = client
+        .query_one("SELECT sum(attempts) FROM pgpushd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        attempts, rows as i64,
+        "one attempt each: the refusals cost none"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_while_rows_carry_their_own_topic_pauses_the_app_after_a_few_attempts() {
+    let (_db, apns, transport, daemon, client) = one_app_pausing_quickly().await;
+    insert_rows(&client, 1, 3).await;
+    wait_for_status(&client, "sent", 3, Duration::from_secs(20)).await;
+    // Every request refused from now on, the rows naming a topic of their own (a VoIP
+    // push's): not one row's topic, the app's key.
+    for i in 256..286 {
+        apns.emulator.script(&token(i), 403, "InvalidProviderToken");
+    }
+    client
+        .batch_execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload, push_type, topic)
+             SELECT lpad(to_hex(i), 64, '0'), '{\"aps\":{}}', 'voip', 'com.example.app.voip'
+               FROM generate_series(256, 285) AS i",
+        )
+        .await
+        .unwrap();
+    wait_for("the app paused", Duration::from_secs(20), || async {
+        (!transport.paused().is_empty()).then_some(())
+    })
+    .await;
+    let attempts: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(attempts), 0) FROM pgpushd.outbox WHERE push_type = 'voip'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    daemon.stop().await;
+    let limit = i64::from(pgpushd::app_gate::ROW_REFUSALS) - 1;
+    assert!(
+        attempts <= limit,
+        "{attempts} attempts burned (at most {limit})"
     );
 }

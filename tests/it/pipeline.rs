@@ -908,12 +908,10 @@ async fn an_awake_look_walks_the_index_without_the_batch_settings() {
 
 #[tokio::test]
 async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
-    use pgpushd::outbox::{Bounds, Claim, OutboxConn};
+    use pgpushd::outbox::{Bounds, Claim};
     let db = TestDb::new().await;
     let client = db.client().await;
-    let mut conn = OutboxConn::new(plain_client(&db.url).await, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut conn = outbox_conn(&db.url).await;
     let bounds = Bounds {
         statement: Duration::from_secs(10),
         idle: Duration::from_secs(60),
@@ -930,9 +928,7 @@ async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
     assert_eq!(rows.len(), 1);
     batch.rollback().await.unwrap();
     // Rolled back: due again, for anyone.
-    let mut other = OutboxConn::new(plain_client(&db.url).await, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut other = outbox_conn(&db.url).await;
     let Claim { rows, batch, .. } = other.claim(bounds, 10, &[]).await.unwrap();
     assert_eq!(rows.len(), 1);
     batch.rollback().await.unwrap();
@@ -992,4 +988,18 @@ async fn outcomes_are_committed_with_the_configured_synchronous_commit() {
         .unwrap()
         .get(0);
     assert_eq!(after, "on");
+}
+
+/// The outbox's statements on a connection of their own.
+async fn outbox_conn(url: &str) -> pgpushd::outbox::OutboxConn {
+    let (client, canceller) = pgpushd::db::connect_cancellable(
+        &pgpushd::secret::Secret::new(url.to_owned()),
+        Duration::from_secs(10),
+        "test",
+    )
+    .await
+    .unwrap();
+    pgpushd::outbox::OutboxConn::new(client, canceller, Duration::from_secs(10))
+        .await
+        .unwrap()
 }

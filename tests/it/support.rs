@@ -360,6 +360,7 @@ impl Drop for Spawned {
 
 /// A daemon running in this process, on this runtime.
 pub struct Running {
+    pub metrics: Arc<pgpushd::metrics::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -367,12 +368,17 @@ pub struct Running {
 /// Starts a daemon with `transport`.
 pub fn start(config: Config, transport: Arc<dyn Transport>) -> Running {
     let daemon = pgpushd::daemon::Daemon::new(config, transport);
+    let metrics = daemon.metrics().clone();
     let cancel = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn({
         let cancel = cancel.clone();
         async move { daemon.run(cancel).await }
     });
-    Running { cancel, task }
+    Running {
+        metrics,
+        cancel,
+        task,
+    }
 }
 
 impl Running {

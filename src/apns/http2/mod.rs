@@ -126,15 +126,16 @@ impl Http2App {
         };
         let delivery = match self.exchange(&request).await {
             Exchanged::Row(d) => d,
-            Exchanged::Refused(reason) if self.may_be_the_rows_topic(n) => {
-                Delivery::retry(format!(
+            Exchanged::Refused { reason, by_apns } if by_apns && self.has_own_topic(n) => {
+                let row_reason = format!(
                     "{reason}, for the row's own topic {:?} while APNs accepts this app's \
                      other requests: does the topic belong to the team of the key or \
                      certificate?",
                     n.topic.as_deref().unwrap_or_default()
-                ))
+                );
+                self.gate.refused_maybe_for_row(reason, row_reason)
             }
-            Exchanged::Refused(reason) => self.gate.refused(reason),
+            Exchanged::Refused { reason, .. } => self.gate.refused(reason),
             Exchanged::Throttled { reason, app: true } => self.gate.throttled(reason, None),
             Exchanged::Throttled { reason, app: false } => {
                 self.gate.throttled_target(&n.device_token, reason, None)
@@ -151,12 +152,12 @@ impl Http2App {
         delivery
     }
 
-    /// A 403 is about the app's credentials, unless the row names a topic of its own
-    /// and APNs has taken the app's requests since its last pause: then it may be that
-    /// topic (another team's bundle id), and the row is retried, counting its attempts,
-    /// rather than pausing the whole app for it.
-    fn may_be_the_rows_topic(&self, n: &Notification) -> bool {
-        n.topic.is_some() && n.topic != self.config.topic && self.gate.proven()
+    /// A 403 is about the app's credentials, unless the row names a topic other than
+    /// the app's: then it may be that topic (another team's bundle id), and while APNs
+    /// takes the app's other requests the row is retried, counting its attempts, rather
+    /// than pausing the whole app for it (see [`AppGate::refused_maybe_for_row`]).
+    fn has_own_topic(&self, n: &Notification) -> bool {
+        self.config.topic.is_some() && n.topic.is_some() && n.topic != self.config.topic
     }
 
     /// Sends `request` until APNs answers for the row, refreshing a stale provider token
@@ -165,7 +166,9 @@ impl Http2App {
         let mut bearer = match &self.signer {
             Some(signer) => match signer.token() {
                 Ok(t) => Some(t),
-                Err(e) => return Exchanged::Refused(format!("cannot sign a provider token: {e}")),
+                Err(e) => {
+                    return Exchanged::refused_here(format!("cannot sign a provider token: {e}"))
+                }
             },
             None => None,
         };
@@ -178,17 +181,19 @@ impl Http2App {
             match response::verdict(&answer, SystemTime::now()) {
                 Verdict::Row(delivery) => return Exchanged::Row(delivery),
                 Verdict::Credentials(reason) => {
-                    return Exchanged::Refused(reason.explain(answer.status))
+                    return Exchanged::Refused {
+                        reason: reason.explain(answer.status),
+                        by_apns: true,
+                    }
                 }
                 Verdict::Throttled { reason, app } => return Exchanged::Throttled { reason, app },
                 Verdict::RefreshToken => {
                     let stale = match (&self.signer, &bearer) {
                         (Some(signer), Some(stale)) if !refreshed => signer.refresh(stale),
                         _ => {
-                            return Exchanged::Refused(
+                            return Exchanged::refused_here(
                                 "ExpiredProviderToken: APNs calls a freshly signed provider \
-                                 token expired; is the system clock right?"
-                                    .into(),
+                                 token expired; is the system clock right?",
                             )
                         }
                     };
@@ -198,15 +203,16 @@ impl Http2App {
                             refreshed = true;
                         }
                         Ok(None) => {
-                            return Exchanged::Refused(
+                            return Exchanged::refused_here(
                                 "ExpiredProviderToken: APNs calls the provider token expired \
                                  although it is younger than 20 minutes; is the system clock \
-                                 right, or does another process sign with this key?"
-                                    .into(),
+                                 right, or does another process sign with this key?",
                             )
                         }
                         Err(e) => {
-                            return Exchanged::Refused(format!("cannot sign a provider token: {e}"))
+                            return Exchanged::refused_here(format!(
+                                "cannot sign a provider token: {e}"
+                            ))
                         }
                     }
                 }
@@ -254,11 +260,26 @@ impl Http2App {
 /// How an exchange ended: an answer for the row, or one about the app.
 enum Exchanged {
     Row(Delivery),
-    /// APNs refuses the credentials; why, for `last_error` and the log.
-    Refused(String),
+    /// The credentials are refused, why (for `last_error` and the log), and whether APNs
+    /// said so (rather than this side, unable to sign a token).
+    Refused {
+        reason: String,
+        by_apns: bool,
+    },
     /// APNs throttles the device token, or (`app`) the app.
     Throttled {
         reason: String,
         app: bool,
     },
+}
+
+impl Exchanged {
+    /// Credentials refused on this side (no provider token could be signed, or APNs
+    /// calls a fresh one expired): never about the row.
+    fn refused_here(reason: impl Into<String>) -> Exchanged {
+        Exchanged::Refused {
+            reason: reason.into(),
+            by_apns: false,
+        }
+    }
 }
