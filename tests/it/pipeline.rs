@@ -674,6 +674,61 @@ async fn an_abandoned_batch_counts_an_attempt_for_each_request_that_went_out() {
     task.await.unwrap().unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_look_that_gets_no_answer_is_cancelled_on_the_server() {
+    // Issue 20, item 9: the look runs outside any transaction, so no statement_timeout
+    // of the batch's bounds it; given up on by the client, it must not run on.
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    let mut cfg = config(&db.url, "");
+    cfg.database.poll_interval = Duration::from_millis(200);
+    let daemon = Daemon::new(cfg, transport.clone());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { daemon.run(cancel).await }
+    });
+    wait_for_listener(&client).await;
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let look = || async {
+        client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity
+                  WHERE application_name = 'pgpushd-batch' AND wait_event_type = 'Lock'
+                    AND query LIKE '%LIMIT 1'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0))
+    };
+    let pid = wait_for("a look waiting for the lock", Duration::from_secs(20), look).await;
+    let stopped = StoppedBackends::stop(vec![pid]);
+    // The client gives up after connect_timeout (2 s) and asks the server to cancel.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(stopped);
+    wait_for(
+        "the look to end on the server",
+        Duration::from_secs(10),
+        || async {
+            let alive = client
+                .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                .await
+                .unwrap();
+            alive.is_none().then_some(())
+        },
+    )
+    .await;
+    lock.rollback().await.unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_claim_stuck_behind_a_lock_gives_up_after_lock_timeout() {
     let db = TestDb::new().await;
