@@ -21,10 +21,7 @@ fn python_h2() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!(
-            "SKIPPED: `python3 -c \"import h2\"` failed; the churn tests need Python's h2 \
-             package (pip install h2)"
-        );
+        skip_without("Python's h2 package (`python3 -c \"import h2\"` failed; pip install h2)");
     }
     ok
 }

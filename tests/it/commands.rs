@@ -319,7 +319,7 @@ fn the_demo_delivers_every_row() {
 #[test]
 fn the_demo_shows_progress_in_place_on_a_terminal() {
     if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: util-linux's `script` is missing; it gives the demo a terminal");
+        skip_without("util-linux's `script` (it gives the demo a terminal)");
         return;
     }
     let demo = format!("{} demo --rows 2000", env!("CARGO_BIN_EXE_pgpushd"));

@@ -642,7 +642,7 @@ fn promtool() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: promtool is missing (Debian: apt-get install prometheus)");
+        skip_without("promtool (Debian: apt-get install prometheus)");
     }
     ok
 }

@@ -1011,9 +1011,7 @@ async fn curl_gets_a_token_and_sends() {
     let version = match std::process::Command::new("curl").arg("--version").output() {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
         _ => {
-            eprintln!(
-                "SKIPPED: curl is not installed; the curl check of the FCM emulator needs it"
-            );
+            crate::skip_without("curl (the curl check of the FCM emulator needs it)");
             return;
         }
     };
@@ -1021,7 +1019,7 @@ async fn curl_gets_a_token_and_sends() {
         .lines()
         .any(|l| l.starts_with("Features:") && l.contains("HTTP2"))
     {
-        eprintln!("SKIPPED: this curl lacks HTTP/2 (no HTTP2 in `curl --version`'s features)");
+        crate::skip_without("a curl with HTTP/2 (no HTTP2 in `curl --version`'s features)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

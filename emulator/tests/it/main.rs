@@ -8,3 +8,12 @@ mod fcm;
 mod http2;
 mod node_apn;
 mod untrusted;
+
+/// A tool a test needs is missing: the test says SKIPPED and returns, except under
+/// `CI=true`, where every tool must be installed and a missing one fails the test.
+pub fn skip_without(tool: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{tool} is missing, and CI=true: every tool the tests use must be there");
+    }
+    eprintln!("SKIPPED: {tool} is missing");
+}

@@ -26,10 +26,10 @@ fn node_apn_installed() -> bool {
     let installed = node_dir().join("node_modules/@parse/node-apn").is_dir()
         && Command::new("node").arg("--version").output().is_ok();
     if !installed {
-        eprintln!(
-            "SKIPPED: node-apn is not installed (npm install --prefix {}); .ci/run installs it",
+        crate::skip_without(&format!(
+            "node-apn (npm install --prefix {}; .ci/run installs it)",
             node_dir().display()
-        );
+        ));
     }
     installed
 }
