@@ -32,7 +32,7 @@ use crate::backoff::backoff;
 use crate::config::RetryConfig;
 use crate::db;
 use crate::metrics::Metrics;
-use crate::outbox::{Bounds, Claimed, Look, OutboxConn};
+use crate::outbox::{Bounds, Claimed, LeftOut, Look, OutboxConn};
 use crate::outcome::{RowStatus, RowUpdate};
 use crate::secret::Secret;
 use crate::transport::{self, Delivery, Transport};
@@ -620,17 +620,36 @@ async fn connect(ctx: &BatchContext) -> anyhow::Result<OutboxConn> {
         .map_err(|e| anyhow::anyhow!("preparing the outbox queries: {}", db::describe(&e)))
 }
 
+/// The apps paused whose probe is not due yet (see `app_gate`), which looks and claims
+/// leave out, and when the first of those probes is due.
+fn paused(ctx: &BatchContext) -> (Vec<String>, Option<Instant>) {
+    let now = Instant::now();
+    let pauses: Vec<_> = ctx
+        .transport
+        .paused()
+        .into_iter()
+        .filter(|p| p.until > now)
+        .collect();
+    let first = pauses.iter().map(|p| p.until).min();
+    (pauses.into_iter().map(|p| p.app).collect(), first)
+}
+
 /// A look (see `outbox::LOOK`): `None` when a row is due (claim it now), else what the
 /// look found, as a report of no rows.
 async fn look(conn: &mut OutboxConn, ctx: &BatchContext) -> anyhow::Result<Option<BatchReport>> {
-    let mut exclude = ctx.unrecorded.held();
-    exclude.extend(ctx.in_flight.ids());
+    let mut rows = ctx.unrecorded.held();
+    rows.extend(ctx.in_flight.ids());
+    let (apps, first_probe) = paused(ctx);
+    let left_out = LeftOut {
+        rows: &rows,
+        apps: &apps,
+    };
     // Outside any transaction, so no statement_timeout of the batch's bounds it: one
     // without an answer in time is cancelled on the server (a look waiting behind a
     // lock would otherwise run on, and its connection is dropped).
     let canceller = conn.canceller().clone();
     let found = canceller
-        .within(ctx.connect_timeout, conn.look(&exclude))
+        .within(ctx.connect_timeout, conn.look(left_out))
         .await
         .map_err(|e| anyhow::anyhow!("looking for rows: {e}"))?
         .map_err(|e| anyhow::anyhow!("looking for rows: {}", db::describe(&e)))?;
@@ -639,6 +658,8 @@ async fn look(conn: &mut OutboxConn, ctx: &BatchContext) -> anyhow::Result<Optio
         Look::In(wait) => Instant::now().checked_add(wait),
         Look::Nothing => None,
     };
+    // A paused app left out of the look has its probe due when its pause ends.
+    let next_due = next_due.into_iter().chain(first_probe).min();
     ctx.signals.claimed(0);
     Ok(Some(BatchReport {
         looked_only: true,
@@ -671,8 +692,13 @@ async fn batch(
         synchronous_commit: settings.synchronous_commit,
     };
     let deadline = Instant::now() + settings.max_batch_duration;
+    let (paused_apps, _) = paused(ctx);
+    let left_out = LeftOut {
+        rows: &ctx.unrecorded.held(),
+        apps: &paused_apps,
+    };
     let claim = conn
-        .claim(bounds, settings.batch_size, &ctx.unrecorded.held())
+        .claim(bounds, settings.batch_size, left_out)
         .await
         .map_err(sql("claiming rows"))?;
     let (txn, claimed) = (claim.batch, claim.rows);

@@ -36,7 +36,7 @@ SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.
                                            ELSE o.device_token END) AS unregistered
   FROM pgpushd.outbox o
  WHERE o.status = 'pending' AND o.send_after <= now()
-   AND o.id <> ALL ($2::bigint[])
+   AND o.id <> ALL ($2::bigint[]) AND o.app <> ALL ($3::text[])
  ORDER BY o.send_after, o.id
  LIMIT $1
    FOR UPDATE OF o SKIP LOCKED";
@@ -82,9 +82,9 @@ SELECT extract(epoch FROM min(send_after) - now())::float8
  WHERE status = 'pending' AND send_after > now() AND send_after < 'infinity'";
 
 /// A look, before a poll's claim: when the first pending row not in `$1` (the rows this
-/// daemon's batches hold, and rows held back) falls due, after `now()`; zero or less when
-/// one is due already; no row when no other is pending. One statement outside any
-/// transaction block:
+/// daemon's batches hold, and rows held back) nor of an app in `$2` (apps paused) falls
+/// due, after `now()`; zero or less when one is due already; no row when no other is
+/// pending. One statement outside any transaction block:
 /// a look that finds nothing costs the database one round trip and one index probe
 /// (issue 19), where a claim costs a transaction. `ORDER BY ... LIMIT 1` in the index's
 /// order leaves the planner no plan but walking the index from its start.
@@ -92,8 +92,19 @@ pub const LOOK: &str = "
 SELECT extract(epoch FROM send_after - now())::float8
   FROM pgpushd.outbox
  WHERE status = 'pending' AND send_after < 'infinity' AND id <> ALL ($1::bigint[])
+   AND app <> ALL ($2::text[])
  ORDER BY send_after, id
  LIMIT 1";
+
+/// What a claim and a look leave out: rows (held by this daemon's batches, or held back
+/// while their outcome cannot be written) and apps (paused, their probe not yet due: see
+/// `app_gate`; their rows would only be deferred, and stand in the other apps' way until
+/// `paused_apps` has parked them).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LeftOut<'a> {
+    pub rows: &'a [i64],
+    pub apps: &'a [String],
+}
 
 /// What a look found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,10 +241,13 @@ impl OutboxConn {
     /// the caller bounds it and drops the connection past that (a look queued behind an
     /// exclusive lock on the outbox then waits on the server until the lock goes, and
     /// ends).
-    pub async fn look(&mut self, exclude: &[i64]) -> Result<Look, tokio_postgres::Error> {
+    pub async fn look(&mut self, left_out: LeftOut<'_>) -> Result<Look, tokio_postgres::Error> {
         self.rollback_leftover().await?;
         self.round_trips += 1;
-        let row = self.client.query_opt(&self.look, &[&exclude]).await?;
+        let row = self
+            .client
+            .query_opt(&self.look, &[&left_out.rows, &left_out.apps])
+            .await?;
         let Some(secs) = row.and_then(|r| r.get::<_, Option<f64>>(0)) else {
             return Ok(Look::Nothing);
         };
@@ -246,8 +260,7 @@ impl OutboxConn {
 
     /// Opens a batch's transaction, bounded on the server's side by `bounds`, and locks
     /// up to `limit` due rows in it, oldest `send_after` first, skipping rows other
-    /// batches or daemons hold and the rows in `held` (whose outcome could not be
-    /// recorded, see `dispatcher`).
+    /// batches or daemons hold and what is `left_out`.
     ///
     /// The BEGIN, the transaction's settings ([`BATCH_SETTINGS`]: planning and bounds), the
     /// claim and the look for the next due row go in one round trip (pipelined): a daemon
@@ -257,7 +270,7 @@ impl OutboxConn {
         &mut self,
         bounds: Bounds,
         limit: usize,
-        held: &[i64],
+        left_out: LeftOut<'_>,
     ) -> Result<Claim<'_>, tokio_postgres::Error> {
         self.rollback_leftover().await?;
         self.round_trips += 1;
@@ -285,7 +298,7 @@ impl OutboxConn {
                 &*settings,
                 &[&statement_ms, &idle_ms, &bounds.synchronous_commit],
             ),
-            client.query(&*claim, &[&limit, &held]),
+            client.query(&*claim, &[&limit, &left_out.rows, &left_out.apps]),
             client.query_one(&*next_due, &[]),
         )
         .await?;

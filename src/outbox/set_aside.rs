@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::Client;
 
 /// Rows moved per statement (and transaction).
-pub const CHUNK: i64 = 1000;
+pub const CHUNK: i64 = 5000;
 
 /// `now + $1 ms`, by the database's clock.
 const AHEAD: &str = "SELECT clock_timestamp() + $1::bigint * interval '1 millisecond'";
@@ -168,7 +168,9 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// A transaction whose statements the server stops after `bound`.
+/// A transaction whose statements the server stops after `bound`, committing without
+/// waiting for its WAL to reach the disk (a crash forgets at most a moment of moves: the
+/// rows are then where they were, pending).
 async fn bounded(
     client: &mut Client,
     bound: Duration,
@@ -176,7 +178,8 @@ async fn bounded(
     let ms = millis(bound).max(1).to_string();
     let txn = client.transaction().await?;
     txn.execute(
-        "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",
+        "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true),
+                set_config('synchronous_commit', 'off', true)",
         &[&ms],
     )
     .await?;

@@ -919,7 +919,13 @@ async fn a_batch_looks_rows_up_by_index_even_when_planned_on_an_empty_outbox() {
         .batch_execute("SET jit_above_cost = 0")
         .await
         .unwrap();
-    let claim = batch_plan(&client, "claim", pgpushd::outbox::CLAIM, "claim(500, '{}')").await;
+    let claim = batch_plan(
+        &client,
+        "claim",
+        pgpushd::outbox::CLAIM,
+        "claim(500, '{}', '{}')",
+    )
+    .await;
     assert!(
         claim.contains("Index Scan using outbox_pending_due")
             && !claim.contains("Seq Scan")
@@ -948,7 +954,7 @@ async fn an_awake_look_walks_the_index_without_the_batch_settings() {
         .await
         .unwrap();
     let plan: Vec<String> = client
-        .query("EXPLAIN EXECUTE look('{}')", &[])
+        .query("EXPLAIN EXECUTE look('{}', '{}')", &[])
         .await
         .unwrap()
         .iter()
@@ -972,28 +978,34 @@ async fn a_batch_dropped_mid_way_is_rolled_back_before_the_next_claim() {
         idle: Duration::from_secs(60),
         synchronous_commit: "off",
     };
-    let claim = conn.claim(bounds, 10, &[]).await.unwrap();
+    let claim = conn.claim(bounds, 10, Default::default()).await.unwrap();
     assert!(claim.rows.is_empty());
     drop(claim);
     // A row due after that transaction began: a claim still inside it (whose now() is
     // its start) would not see it due.
     insert_rows(&client, 1, 1).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let Claim { rows, batch, .. } = conn.claim(bounds, 10, &[]).await.unwrap();
+    let Claim { rows, batch, .. } = conn.claim(bounds, 10, Default::default()).await.unwrap();
     assert_eq!(rows.len(), 1);
     batch.rollback().await.unwrap();
     // Rolled back: due again, for anyone.
     let mut other = outbox_conn(&db.url).await;
-    let Claim { rows, batch, .. } = other.claim(bounds, 10, &[]).await.unwrap();
+    let Claim { rows, batch, .. } = other.claim(bounds, 10, Default::default()).await.unwrap();
     assert_eq!(rows.len(), 1);
     batch.rollback().await.unwrap();
     // A batch dropped with rows releases them as it goes, not at its connection's next
     // claim.
-    let held = conn.claim(bounds, 10, &[]).await.unwrap();
+    let held = conn.claim(bounds, 10, Default::default()).await.unwrap();
     assert_eq!(held.rows.len(), 1);
     drop(held);
     let give_up = std::time::Instant::now() + Duration::from_secs(5);
-    while other.claim(bounds, 10, &[]).await.unwrap().rows.is_empty() {
+    while other
+        .claim(bounds, 10, Default::default())
+        .await
+        .unwrap()
+        .rows
+        .is_empty()
+    {
         assert!(
             std::time::Instant::now() < give_up,
             "the dropped batch's row is still locked"
