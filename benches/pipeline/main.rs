@@ -292,8 +292,10 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             let secs = if plan.quick { 10 } else { 30 };
             let d = dead_app::dead_app(&env, 200, Duration::from_secs(secs), 200_000).await?;
             progress(run, "p99 alone", d.p99_ms_alone, "ms");
+            progress(run, "p99 as a dead app arrives", d.p99_ms_arrival, "ms");
             progress(run, "p99 beside a dead app", d.p99_ms_beside_dead, "ms");
             progress(run, "dead app p99 ratio", d.p99_ratio, "");
+            progress(run, "dead backlog parked after", d.parked_after_s, "s");
             progress(
                 run,
                 "dead writes/row/pause",
@@ -301,9 +303,13 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 "",
             );
             samples.add("dead_app_p99_ms_alone", d.p99_ms_alone);
-            samples.add("dead_app_p99_ms_beside", d.p99_ms_beside_dead);
+            samples.add("dead_app_p50_ms_arrival", d.p50_ms_arrival);
+            samples.add("dead_app_p99_ms_arrival", d.p99_ms_arrival);
             samples.add("dead_app_p50_ms_beside", d.p50_ms_beside_dead);
+            samples.add("dead_app_p99_ms_beside", d.p99_ms_beside_dead);
             samples.add("dead_app_p99_ratio", d.p99_ratio);
+            samples.add("dead_app_parked_after_s", d.parked_after_s);
+            samples.add("dead_app_vacuumed_after_s", d.vacuumed_after_s);
             samples.add("dead_app_pauses", d.pauses);
             samples.add(
                 "dead_app_writes_per_row_per_pause",

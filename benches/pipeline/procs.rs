@@ -289,7 +289,11 @@ pub fn spawn_emulator(
     banner: &str,
 ) -> anyhow::Result<EmulatorProc> {
     let mut child = cmd
-        .env("RUST_LOG", "warn")
+        // PGPUSHD_BENCH_RUST_LOG=info (say) for a closer look at what the daemon did.
+        .env(
+            "RUST_LOG",
+            std::env::var("PGPUSHD_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(fs::File::create(work.path(log))?)

@@ -170,7 +170,7 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
     let sessions_before = daemon_sessions_cpu_s(&env.client).await?;
     let before = watched.mark();
     let started = tokio::time::Instant::now();
-    let mut committed = produce(&env.url, rate, duration).await?;
+    let mut committed = produce(&env.url, rate, duration, 1).await?;
     let total = committed.len() as u64;
     let elapsed = started.elapsed();
     let offered = total as f64 / elapsed.as_secs_f64();
@@ -196,12 +196,14 @@ pub async fn latency(env: &Env<'_>, rate: u64, duration: Duration) -> anyhow::Re
     })
 }
 
-/// Producers commit single-row INSERTs (app `default`) at `rate` rows/s for `duration`;
-/// returns when each row's COMMIT returned to its producer, by token.
+/// Producers commit single-row INSERTs (app `default`) at `rate` rows/s for `duration`,
+/// their tokens numbered from `first`; returns when each row's COMMIT returned to its
+/// producer, by token.
 pub async fn produce(
     url: &str,
     rate: u64,
     duration: Duration,
+    first: u64,
 ) -> anyhow::Result<HashMap<String, SystemTime>> {
     // Enough producers that fsync'd commits keep up with the rate.
     const PRODUCERS: u64 = 8;
@@ -222,8 +224,8 @@ pub async fn produce(
                 tokio::time::interval_at(started + period * p as u32 / PRODUCERS as u32, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut committed = Vec::new();
-            let mut seq = 1 + p;
-            while seq <= total {
+            let mut seq = first + p;
+            while seq < first + total {
                 tick.tick().await;
                 client
                     .execute(&insert, &[&db::token(seq), &format!("Latency #{seq}")])

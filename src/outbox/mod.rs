@@ -82,9 +82,11 @@ SELECT extract(epoch FROM min(send_after) - now())::float8
  WHERE status = 'pending' AND send_after > now() AND send_after < 'infinity'";
 
 /// A look, before a poll's claim: when the first pending row not in `$1` (the rows this
-/// daemon's batches hold, and rows held back) nor of an app in `$2` (apps paused) falls
-/// due, after `now()`; zero or less when one is due already; no row when no other is
-/// pending. One statement outside any transaction block:
+/// daemon's batches hold, and rows held back) falls due, after `now()`, leaving out the
+/// due rows of the apps in `$2` (paused: the claims leave them out); zero or less when
+/// one is due already; no row when no other is pending. A paused app's rows not yet due
+/// (its parked backlog) still end the walk, so a look never walks past them. One
+/// statement outside any transaction block:
 /// a look that finds nothing costs the database one round trip and one index probe
 /// (issue 19), where a claim costs a transaction. `ORDER BY ... LIMIT 1` in the index's
 /// order leaves the planner no plan but walking the index from its start.
@@ -92,7 +94,7 @@ pub const LOOK: &str = "
 SELECT extract(epoch FROM send_after - now())::float8
   FROM pgpushd.outbox
  WHERE status = 'pending' AND send_after < 'infinity' AND id <> ALL ($1::bigint[])
-   AND app <> ALL ($2::text[])
+   AND (app <> ALL ($2::text[]) OR send_after > now())
  ORDER BY send_after, id
  LIMIT 1";
 
