@@ -754,13 +754,8 @@ async fn batch(
     let (mut rows, mut updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
     // Given up on (the drain's deadline, max_batch_duration): rows whose request went
     // out unanswered count the attempt.
-    for u in unanswered_attempts(&claimed, &went_out, &updates, settings) {
-        rows.push(
-            claimed
-                .iter()
-                .find(|c| c.notification.id == u.id)
-                .expect("claimed"),
-        );
+    for (c, u) in unanswered_attempts(&claimed, &went_out, &updates, settings) {
+        rows.push(c);
         updates.push(u);
     }
     // The server bounds each statement; this bounds a connection that went silent.
@@ -872,25 +867,27 @@ fn outcomes_not_recorded(ctx: &BatchContext, updates: &[RowUpdate], error: &str)
 
 /// The rows of `claimed` not `answered` whose request went out: each counts an attempt
 /// with no answer, as a timed-out request does.
-fn unanswered_attempts(
-    claimed: &[Claimed],
+fn unanswered_attempts<'c>(
+    claimed: &'c [Claimed],
     went_out: &[Arc<AtomicBool>],
     answered: &[RowUpdate],
     settings: &Settings,
-) -> Vec<RowUpdate> {
+) -> Vec<(&'c Claimed, RowUpdate)> {
+    let answered: std::collections::HashSet<i64> = answered.iter().map(|u| u.id).collect();
     claimed
         .iter()
         .zip(went_out)
-        .filter(|(c, out)| {
-            out.load(Ordering::Relaxed) && !answered.iter().any(|u| u.id == c.notification.id)
-        })
+        .filter(|(c, out)| out.load(Ordering::Relaxed) && !answered.contains(&c.notification.id))
         .map(|(c, _)| {
             let reason = format!(
                 "no answer before the batch gave up (max_batch_duration {:?}, or the drain's \
                  deadline): the request went out, so it counts as an attempt",
                 settings.max_batch_duration
             );
-            RowUpdate::after(&c.notification, Delivery::retry(reason), &settings.retry)
+            (
+                c,
+                RowUpdate::after(&c.notification, Delivery::retry(reason), &settings.retry),
+            )
         })
         .collect()
 }
