@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::backoff::backoff;
 use crate::outcome::MAX_RETRY_AFTER;
-use crate::transport::Delivery;
+use crate::transport::{Delivery, Pause, PauseCause};
 
 /// `Deferred` never asks to come back sooner than this (no busy loop on a dead app).
 pub const MIN_DEFER: Duration = Duration::from_secs(1);
@@ -52,19 +52,10 @@ pub struct AppGate {
     state: Mutex<Standing>,
 }
 
-/// Why an app is paused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// The service refuses the app's credentials.
-    Credentials,
-    /// The service throttles the app (quota, overload).
-    Throttled,
-}
-
 #[derive(Default)]
 struct Standing {
     /// Why the app is paused, while it is.
-    paused: Option<(Cause, String)>,
+    paused: Option<(PauseCause, String)>,
     /// Pauses in a row: the backoff grows with them.
     failures: u32,
     until: Option<Instant>,
@@ -80,32 +71,8 @@ struct Standing {
     row_refusals: u32,
 }
 
-/// An app's pause, as the daemon sets its backlog aside.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pause {
-    pub app: String,
-    /// Which pause: unique in the process (a reloaded app's new gate counts on).
-    pub number: u64,
-    /// When the probe may go out (past, once the app waits for its probe).
-    pub until: Instant,
-    /// How long after `until` the rows the gate deferred come back: the probe's time to
-    /// answer.
-    pub probe_wait: Duration,
-    /// A probe is out.
-    pub probing: bool,
-    pub cause: Cause,
-    pub reason: String,
-}
-
 /// Numbers every pause of every gate.
 static PAUSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-impl Pause {
-    /// When the rows deferred by this pause are due again.
-    pub fn backlog_at(&self) -> Instant {
-        self.until + self.probe_wait
-    }
-}
 
 /// What the app's standing allows for the next request.
 pub enum Gate<'a> {
@@ -137,11 +104,11 @@ impl AppGate {
     /// `Err` with the service's reason while the app is paused.
     pub fn health(&self) -> Result<(), String> {
         match &self.state.lock().unwrap().paused {
-            Some((Cause::Credentials, reason)) => Err(format!(
+            Some((PauseCause::Credentials, reason)) => Err(format!(
                 "{} refuses the credentials: {reason}",
                 self.service
             )),
-            Some((Cause::Throttled, reason)) => {
+            Some((PauseCause::Throttled, reason)) => {
                 Err(format!("{} throttles this app: {reason}", self.service))
             }
             None => Ok(()),
@@ -197,7 +164,7 @@ impl AppGate {
 
     /// The service refused the app's credentials: the row is deferred, the app pauses.
     pub fn refused(&self, reason: String) -> Delivery {
-        self.pause_for(Cause::Credentials, reason, None)
+        self.pause_for(PauseCause::Credentials, reason, None)
     }
 
     /// The service refused a request that may have been refused for its row (one naming
@@ -219,7 +186,7 @@ impl AppGate {
     /// The service throttles the app as a whole: the row is deferred, the app pauses for
     /// `after` (the service's `Retry-After`) or its backoff.
     pub fn throttled(&self, reason: String, after: Option<Duration>) -> Delivery {
-        self.pause_for(Cause::Throttled, reason, after)
+        self.pause_for(PauseCause::Throttled, reason, after)
     }
 
     /// The service throttled one device token: the row is retried (counting the
@@ -260,9 +227,9 @@ impl AppGate {
         }
         if let Some((cause, _)) = s.paused.take() {
             match cause {
-                Cause::Credentials => info!(app = %self.app, service = self.service,
+                PauseCause::Credentials => info!(app = %self.app, service = self.service,
                                            "the service accepts this app's credentials again"),
-                Cause::Throttled => info!(app = %self.app, service = self.service,
+                PauseCause::Throttled => info!(app = %self.app, service = self.service,
                                           "the service no longer throttles this app"),
             }
         }
@@ -272,7 +239,7 @@ impl AppGate {
         };
     }
 
-    fn pause_for(&self, cause: Cause, reason: String, after: Option<Duration>) -> Delivery {
+    fn pause_for(&self, cause: PauseCause, reason: String, after: Option<Duration>) -> Delivery {
         let mut s = self.state.lock().unwrap();
         let now = Instant::now();
         // Requests already in flight when the pause began do not start another.
@@ -294,11 +261,11 @@ impl AppGate {
         s.row_refusals = 0;
         let new = s.paused.as_ref().map(|(c, r)| (*c, r.as_str())) != Some((cause, &reason));
         match (cause, new) {
-            (Cause::Credentials, true) => {
+            (PauseCause::Credentials, true) => {
                 error!(app = %self.app, service = self.service, reason = %reason, retry_in = ?wait,
                        "the service refuses this app's credentials; its rows stay pending")
             }
-            (Cause::Throttled, true) => {
+            (PauseCause::Throttled, true) => {
                 warn!(app = %self.app, service = self.service, reason = %reason, retry_in = ?wait,
                       "the service throttles this app; its rows wait without using attempts")
             }
@@ -373,7 +340,7 @@ mod tests {
             .unwrap_err()
             .contains("FCM refuses the credentials: no"));
         let pause = g.pause().expect("paused");
-        assert_eq!(pause.cause, Cause::Credentials);
+        assert_eq!(pause.cause, PauseCause::Credentials);
         assert_eq!(pause.backlog_at() - pause.until, Duration::from_secs(5));
         match g.gate() {
             Gate::Closed(d) => assert_eq!(deferred_for(d), after),

@@ -28,11 +28,11 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app_gate::Pause;
 use crate::config::DatabaseConfig;
 use crate::db;
 use crate::metrics::Metrics;
 use crate::outbox::set_aside;
+use crate::transport::Pause;
 use crate::transport::Transport;
 
 /// How often the apps' pauses are read.

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use futures::future::BoxFuture;
 
 use crate::apns::Apns;
-use crate::app_gate::Pause;
 use crate::config::{AppConfig, Config};
 use crate::fcm::Fcm;
+use crate::transport::Pause;
 use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
 
 /// Loading an app failed; the message names the app and the file.

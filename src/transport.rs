@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
+use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::app_gate::Pause;
 use crate::config::AppConfig;
 
 /// One outbox row, as claimed, ready to be sent.
@@ -114,6 +114,40 @@ impl std::fmt::Debug for Unregistered {
             )
             .field("at", &humantime::format_rfc3339_seconds(self.at))
             .finish()
+    }
+}
+
+/// Why an app is paused (see `app_gate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseCause {
+    /// The service refuses the app's credentials.
+    Credentials,
+    /// The service throttles the app (quota, overload).
+    Throttled,
+}
+
+/// An app paused (see `app_gate`), as the transport reports it: the daemon parks the
+/// app's backlog meanwhile (`paused_apps`) and leaves it out of the claims.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pause {
+    pub app: String,
+    /// Which pause: unique in the process (a reloaded app's new gate counts on).
+    pub number: u64,
+    /// When the probe may go out (past, once the app waits for its probe).
+    pub until: Instant,
+    /// How long after `until` the rows the gate deferred come back: the probe's time to
+    /// answer.
+    pub probe_wait: Duration,
+    /// A probe is out.
+    pub probing: bool,
+    pub cause: PauseCause,
+    pub reason: String,
+}
+
+impl Pause {
+    /// When the rows deferred by this pause are due again.
+    pub fn backlog_at(&self) -> Instant {
+        self.until + self.probe_wait
     }
 }
 

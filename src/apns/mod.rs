@@ -15,8 +15,8 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::app_gate::Pause;
 use crate::config::{AppConfig, Config, Fingerprint, Protocol, Provider};
+use crate::transport::Pause;
 use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
 
 pub mod binary;

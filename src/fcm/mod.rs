@@ -19,8 +19,8 @@ use std::sync::{Arc, RwLock};
 
 use futures::future::BoxFuture;
 
-use crate::app_gate::Pause;
 use crate::config::{AppConfig, Config, Fingerprint, Provider};
+use crate::transport::Pause;
 use crate::transport::{Delivery, Notification, Transport};
 
 pub mod access_token;

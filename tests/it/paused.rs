@@ -34,19 +34,7 @@ async fn two_apps() -> (
     .replace("[apps.default", "[apps.dead")
     .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
     let cfg = config(&db.url, &format!("{}{dead}", apns.app_toml));
-    let transport: Arc<dyn Transport> = Arc::new(
-        pgpushd::apns::Apns::with_options(
-            &cfg.apps,
-            pgpushd::apns::Options {
-                credentials_backoff_base: Duration::from_secs(1),
-                credentials_backoff_max: Duration::from_secs(2),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
-    let daemon = start(cfg, transport.clone());
-    let client = db.client().await;
+    let (transport, daemon, client) = start_pausing_quickly(&db, cfg).await;
     (db, apns, transport, daemon, client)
 }
 
@@ -192,6 +180,26 @@ async fn a_403_for_a_rows_own_topic_fails_the_row_and_leaves_the_app_open() {
     );
 }
 
+/// A daemon for `cfg` whose apps pause for 1 to 2 s; its transport, and a client.
+async fn start_pausing_quickly(
+    db: &TestDb,
+    cfg: pgpushd::config::Config,
+) -> (Arc<dyn Transport>, Running, tokio_postgres::Client) {
+    let transport: Arc<dyn Transport> = Arc::new(
+        pgpushd::apns::Apns::with_options(
+            &cfg.apps,
+            pgpushd::apns::Options {
+                credentials_backoff_base: Duration::from_secs(1),
+                credentials_backoff_max: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let daemon = start(cfg, transport.clone());
+    (transport, daemon, db.client().await)
+}
+
 /// `[apps.default]` with short pauses (1 to 2 s), its probe's time 1 s.
 async fn one_app_pausing_quickly() -> (
     TestDb,
@@ -206,19 +214,7 @@ async fn one_app_pausing_quickly() -> (
         .app_toml
         .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
     let cfg = config(&db.url, &toml);
-    let transport: Arc<dyn Transport> = Arc::new(
-        pgpushd::apns::Apns::with_options(
-            &cfg.apps,
-            pgpushd::apns::Options {
-                credentials_backoff_base: Duration::from_secs(1),
-                credentials_backoff_max: Duration::from_secs(2),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
-    let daemon = start(cfg, transport.clone());
-    let client = db.client().await;
+    let (transport, daemon, client) = start_pausing_quickly(&db, cfg).await;
     (db, apns, transport, daemon, client)
 }
 
