@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::backoff::backoff;
 use crate::outcome::MAX_RETRY_AFTER;
+use crate::service::{Exchanged, Scope};
 use crate::transport::{Delivery, Pause, PauseCause};
 
 /// `Deferred` never asks to come back sooner than this (no busy loop on a dead app).
@@ -160,6 +161,47 @@ impl AppGate {
                 Gate::Probe(ProbeGuard(self))
             }
         }
+    }
+
+    /// One attempt for a row to `token`, through the gate: deferred without a request
+    /// while the app is paused; else `exchange` (building the request, sending it, reading
+    /// the answer; not started while paused) and its [`Exchanged`] turned into the row's
+    /// delivery, a pause begun or ended on the way.
+    pub async fn attempt(
+        &self,
+        token: &str,
+        exchange: impl std::future::Future<Output = Exchanged>,
+    ) -> Delivery {
+        let probe = match self.gate() {
+            Gate::Closed(deferred) => return deferred,
+            Gate::Open => None,
+            Gate::Probe(guard) => Some(guard),
+        };
+        let delivery = match exchange.await {
+            Exchanged::Row(delivery) => delivery,
+            Exchanged::Refused {
+                reason,
+                row_reason: Some(row_reason),
+            } => self.refused_maybe_for_row(reason, row_reason),
+            Exchanged::Refused { reason, .. } => self.refused(reason),
+            Exchanged::Throttled {
+                reason,
+                after,
+                scope: Scope::App,
+            } => self.throttled(reason, after),
+            Exchanged::Throttled {
+                reason,
+                after,
+                scope: Scope::Target,
+            } => self.throttled_target(token, reason, after),
+        };
+        if matches!(
+            delivery,
+            Delivery::Sent { .. } | Delivery::Unregistered { .. }
+        ) {
+            self.accepted(probe);
+        }
+        delivery
     }
 
     /// The service refused the app's credentials: the row is deferred, the app pauses.

@@ -29,6 +29,7 @@
 //! - [`systemd`]: sd_notify (READY, WATCHDOG, STATUS, RELOADING, STOPPING);
 //! - [`app_gate`]: an app paused while its service refuses its credentials or throttles it;
 //! - [`paused_apps`]: setting a paused app's backlog aside until its pause ends;
+//! - [`service`]: what the HTTP/2 push services share once a request is built;
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
@@ -62,6 +63,7 @@ pub mod proxy;
 pub mod reports;
 pub mod retention;
 pub mod secret;
+pub mod service;
 pub mod systemd;
 #[cfg(test)]
 mod testutil;

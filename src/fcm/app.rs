@@ -15,12 +15,13 @@ use super::request::{self, FcmRequest};
 use super::response::{self, Verdict};
 use super::service_account::ServiceAccount;
 use super::token_source::{AccessTokens, NoToken};
-use crate::app_gate::{AppGate, Gate, MIN_DEFER};
+use crate::app_gate::{AppGate, MIN_DEFER};
 use crate::config::{AppConfig, Auth, Endpoint};
 use crate::http2::connection::ConnectOptions;
-use crate::http2::pool::{Pool, PoolError, PoolOptions};
+use crate::http2::pool::{Pool, PoolOptions};
 use crate::http2::Answer;
 use crate::secret::Secret;
+use crate::service::{self, Exchanged};
 use crate::tls;
 use crate::transport::{short_token, Delivery, MessageId, Notification};
 
@@ -33,19 +34,6 @@ pub(crate) struct FcmApp {
     pool: Pool,
     tokens: Arc<AccessTokens>,
     pub(crate) gate: AppGate,
-}
-
-/// Why Google refuses the app's credentials, for `last_error` and the log.
-/// What FCM (or its token endpoint) said about the app rather than the row.
-enum AboutTheApp {
-    /// The app's credentials are refused; why.
-    Refused(String),
-    /// FCM throttles the row's target, or (`app`) the app.
-    Throttled {
-        reason: String,
-        after: Option<std::time::Duration>,
-        app: bool,
-    },
 }
 
 impl FcmApp {
@@ -158,40 +146,25 @@ impl FcmApp {
     }
 
     pub(crate) async fn deliver(&self, n: &Notification) -> Delivery {
-        let probe = match self.gate.gate() {
-            Gate::Closed(deferred) => return deferred,
-            Gate::Open => None,
-            Gate::Probe(guard) => Some(guard),
-        };
-        let request = match self.request(n) {
-            Ok(r) => r,
-            Err(reason) => {
-                debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
-                       reason = %reason, "row refused before sending");
-                return Delivery::Rejected { reason };
-            }
-        };
-        let delivery = match self.exchange(&request).await {
-            Ok(d) => d,
-            Err(AboutTheApp::Refused(reason)) => self.gate.refused(reason),
-            Err(AboutTheApp::Throttled {
-                reason,
-                after,
-                app: true,
-            }) => self.gate.throttled(reason, after),
-            Err(AboutTheApp::Throttled { reason, after, .. }) => {
-                self.gate.throttled_target(&n.device_token, reason, after)
-            }
-        };
-        if matches!(
-            delivery,
-            Delivery::Sent { .. } | Delivery::Unregistered { .. }
-        ) {
-            self.gate.accepted(probe);
-        }
+        let delivery = self
+            .gate
+            .attempt(&n.device_token, self.exchange_row(n))
+            .await;
         debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
                outcome = ?delivery, "push attempt");
         delivery
+    }
+
+    /// Builds the row's request and sends it: what FCM (or its token endpoint) said.
+    async fn exchange_row(&self, n: &Notification) -> Exchanged {
+        match self.request(n) {
+            Ok(request) => self.exchange(&request).await,
+            Err(reason) => {
+                debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
+                       reason = %reason, "row refused before sending");
+                Exchanged::Row(Delivery::Rejected { reason })
+            }
+        }
     }
 
     /// The row's request (pure): what FCM would refuse is refused here.
@@ -205,8 +178,8 @@ impl FcmApp {
     }
 
     /// Sends `request` until FCM answers for the row, renewing a refused access token
-    /// once; `Err` when Google refuses the app's credentials.
-    async fn exchange(&self, request: &FcmRequest) -> Result<Delivery, AboutTheApp> {
+    /// once; or what Google said about the app.
+    async fn exchange(&self, request: &FcmRequest) -> Exchanged {
         let mut bearer = match self.tokens.bearer().await {
             Ok(token) => token,
             Err(no) => return no_token(no),
@@ -215,31 +188,40 @@ impl FcmApp {
         loop {
             let answer = match self.send(request, &bearer).await {
                 Ok(answer) => answer,
-                Err(delivery) => return Ok(delivery),
+                Err(delivery) => return Exchanged::Row(delivery),
             };
+            let row = |delivery| Exchanged::Row(delivery);
             match verdict(&answer) {
                 Verdict::Sent { name } => {
-                    return Ok(Delivery::Sent {
+                    return row(Delivery::Sent {
                         id: name.map(MessageId::Fcm),
                     })
                 }
                 Verdict::Unregistered { reason } => {
-                    return Ok(Delivery::Unregistered {
+                    return row(Delivery::Unregistered {
                         reason,
                         at: SystemTime::now(),
                     })
                 }
-                Verdict::Rejected { reason } => return Ok(Delivery::Rejected { reason }),
-                Verdict::Retry { reason, after } => return Ok(Delivery::Retry { reason, after }),
-                Verdict::Throttled { reason, after, app } => {
-                    return Err(AboutTheApp::Throttled { reason, after, app })
+                Verdict::Rejected { reason } => return row(Delivery::Rejected { reason }),
+                Verdict::Retry { reason, after } => return row(Delivery::Retry { reason, after }),
+                Verdict::Throttled {
+                    reason,
+                    after,
+                    scope,
+                } => {
+                    return Exchanged::Throttled {
+                        reason,
+                        after,
+                        scope,
+                    }
                 }
-                Verdict::Credentials { reason } => return Err(AboutTheApp::Refused(reason)),
+                Verdict::Credentials { reason } => return Exchanged::refused(reason),
                 Verdict::RenewToken { reason } if renewed => {
-                    return Err(AboutTheApp::Refused(format!(
+                    return Exchanged::refused(format!(
                         "{reason} (a freshly issued access token too: is the system clock \
                          right?)"
-                    )))
+                    ))
                 }
                 Verdict::RenewToken { .. } => {
                     renewed = true;
@@ -259,22 +241,10 @@ impl FcmApp {
         bearer: &Secret<String>,
     ) -> Result<Answer, Delivery> {
         let make = || request.to_http(bearer.expose());
-        match self.pool.send(make, request.body.clone()).await {
-            Ok(answer) => Ok(answer),
-            Err(PoolError::Unavailable {
-                reason,
-                retry_after,
-            }) => Err(Delivery::Deferred {
-                reason: format!("FCM is unreachable: {reason}"),
-                after: retry_after.max(MIN_DEFER),
-            }),
-            // It never left: no attempt, and the row comes back soon.
-            Err(PoolError::Busy(wait)) => Err(Delivery::Deferred {
-                reason: format!("FCM connections are busy: no HTTP/2 stream free within {wait:?}"),
-                after: MIN_DEFER,
-            }),
-            Err(e) => Err(Delivery::retry(e.to_string())),
-        }
+        self.pool
+            .send(make, request.body.clone())
+            .await
+            .map_err(|e| service::unanswered("FCM", e))
     }
 
     /// One push, the raw answer: for `pgpushd send`.
@@ -310,10 +280,10 @@ pub(crate) fn verdict(answer: &Answer) -> Verdict {
 /// No access token: a refused account is the app's credentials; an endpoint that failed
 /// otherwise defers the row until the next token request may be made. Either way no
 /// request reached FCM, so no attempt counts.
-fn no_token(no: NoToken) -> Result<Delivery, AboutTheApp> {
+fn no_token(no: NoToken) -> Exchanged {
     match no.error {
-        TokenError::Refused(_) => Err(AboutTheApp::Refused(no.error.to_string())),
-        TokenError::Failed(_) => Ok(Delivery::Deferred {
+        TokenError::Refused(_) => Exchanged::refused(no.error.to_string()),
+        TokenError::Failed(_) => Exchanged::Row(Delivery::Deferred {
             reason: format!("FCM: {}", no.error),
             after: no.retry_in.max(MIN_DEFER),
         }),

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::service::Scope;
+
 /// FCM's answer, as the connection read it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
@@ -26,12 +28,12 @@ pub enum Verdict {
     Rejected { reason: String },
     /// FCM throttles: the message's target (`QUOTA_EXCEEDED`, `RESOURCE_EXHAUSTED`, 429,
     /// or a 503 without `Retry-After`: the row retries, unless target after target is
-    /// throttled), or (`app`) the app: FCM overloaded (`UNAVAILABLE`, 503) and saying for
+    /// throttled), or the app (`Scope::App`): FCM overloaded (`UNAVAILABLE`, 503) and saying for
     /// how long (`after`, its `Retry-After`).
     Throttled {
         reason: String,
         after: Option<Duration>,
-        app: bool,
+        scope: Scope,
     },
     /// Try again later (at `after` when FCM said so).
     Retry {
@@ -132,12 +134,16 @@ impl Answer {
             (Some("QUOTA_EXCEEDED"), _) => Verdict::Throttled {
                 reason,
                 after,
-                app: false,
+                scope: Scope::Target,
             },
             (Some("UNAVAILABLE"), _) => Verdict::Throttled {
                 reason,
                 after,
-                app: after.is_some(),
+                scope: if after.is_some() {
+                    Scope::App
+                } else {
+                    Scope::Target
+                },
             },
             (Some("INTERNAL"), _) => Verdict::Retry { reason, after },
             // About the row's target, not the app: the project's APNs key (an iOS target) or
@@ -154,12 +160,16 @@ impl Answer {
             (_, Some("RESOURCE_EXHAUSTED")) => Verdict::Throttled {
                 reason,
                 after,
-                app: false,
+                scope: Scope::Target,
             },
             (_, Some("UNAVAILABLE")) => Verdict::Throttled {
                 reason,
                 after,
-                app: after.is_some(),
+                scope: if after.is_some() {
+                    Scope::App
+                } else {
+                    Scope::Target
+                },
             },
             (_, Some("INTERNAL")) => Verdict::Retry { reason, after },
             (_, Some("INVALID_ARGUMENT")) => Verdict::Rejected { reason },
@@ -175,7 +185,10 @@ impl Answer {
             429 | 503 => Verdict::Throttled {
                 reason,
                 after: self.retry_after,
-                app: self.status == 503 && self.retry_after.is_some(),
+                scope: match self.status == 503 && self.retry_after.is_some() {
+                    true => Scope::App,
+                    false => Scope::Target,
+                },
             },
             408 | 500.. => Verdict::Retry {
                 reason,
@@ -271,10 +284,10 @@ mod tests {
             reason: r.into(),
             after: None,
         };
-        let throttled = |r: &str, app| Verdict::Throttled {
+        let throttled = |r: &str, scope| Verdict::Throttled {
             reason: r.into(),
             after: None,
-            app,
+            scope,
         };
         for (status, google_status, fcm, expected) in [
             (
@@ -301,25 +314,25 @@ mod tests {
                 429,
                 "RESOURCE_EXHAUSTED",
                 Some("QUOTA_EXCEEDED"),
-                throttled("QUOTA_EXCEEDED: gone", false),
+                throttled("QUOTA_EXCEEDED: gone", Scope::Target),
             ),
             (
                 503,
                 "UNAVAILABLE",
                 Some("UNAVAILABLE"),
-                throttled("UNAVAILABLE: gone", false),
+                throttled("UNAVAILABLE: gone", Scope::Target),
             ),
             (
                 503,
                 "UNAVAILABLE",
                 None,
-                throttled("UNAVAILABLE: gone", false),
+                throttled("UNAVAILABLE: gone", Scope::Target),
             ),
             (
                 429,
                 "RESOURCE_EXHAUSTED",
                 None,
-                throttled("RESOURCE_EXHAUSTED: gone", false),
+                throttled("RESOURCE_EXHAUSTED: gone", Scope::Target),
             ),
             (500, "INTERNAL", Some("INTERNAL"), retry("INTERNAL: gone")),
             (
@@ -396,7 +409,7 @@ mod tests {
             Verdict::Throttled {
                 reason: "QUOTA_EXCEEDED: slow down".into(),
                 after: Some(Duration::from_secs(30)),
-                app: false,
+                scope: Scope::Target,
             }
         );
         let mut overloaded = answer(503, "");
@@ -405,7 +418,7 @@ mod tests {
             Verdict::Throttled {
                 reason: "HTTP 503".into(),
                 after: None,
-                app: false,
+                scope: Scope::Target,
             },
             "without Retry-After: one row's, unless row after row"
         );
@@ -415,7 +428,7 @@ mod tests {
             Verdict::Throttled {
                 reason: "HTTP 503".into(),
                 after: Some(Duration::from_secs(20)),
-                app: true,
+                scope: Scope::App,
             }
         );
         assert_eq!(

@@ -11,10 +11,11 @@ use crate::apns::error::LoadError;
 use crate::apns::identity;
 use crate::apns::options::Options;
 use crate::apns::provider_token::JwtSigner;
-use crate::app_gate::{AppGate, Gate, MIN_DEFER};
+use crate::app_gate::AppGate;
 use crate::config::{AppConfig, Auth};
 use crate::http2::connection::ConnectOptions;
-use crate::http2::pool::{Pool, PoolError, PoolOptions};
+use crate::http2::pool::{Pool, PoolOptions};
+use crate::service::{self, Exchanged};
 use crate::tls;
 use crate::transport::{short_token, Delivery, Notification};
 
@@ -111,64 +112,46 @@ impl Http2App {
     }
 
     pub(crate) async fn deliver(&self, n: &Notification) -> Delivery {
-        let probe = match self.gate.gate() {
-            Gate::Closed(deferred) => return deferred,
-            Gate::Open => None,
-            Gate::Probe(guard) => Some(guard),
-        };
-        let request = match request::build(n, &self.config, Uuid::new_v4()) {
+        let apns_id = Uuid::new_v4();
+        let delivery = self
+            .gate
+            .attempt(&n.device_token, self.exchange_row(n, apns_id))
+            .await;
+        debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
+               apns_id = %apns_id, outcome = ?delivery, "push attempt");
+        delivery
+    }
+
+    /// Builds the row's request and sends it: what APNs said.
+    async fn exchange_row(&self, n: &Notification, apns_id: Uuid) -> Exchanged {
+        let request = match request::build(n, &self.config, apns_id) {
             Ok(r) => r,
             Err(reason) => {
                 debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
                        reason = %reason, "row refused before sending");
-                return Delivery::Rejected { reason };
+                return Exchanged::Row(Delivery::Rejected { reason });
             }
         };
-        let delivery = match self.exchange(&request).await {
-            Exchanged::Row(d) => d,
-            Exchanged::Refused { reason, by_apns } if by_apns && self.has_own_topic(n) => {
-                let row_reason = format!(
-                    "{reason}, for the row's own topic {:?} while APNs accepts this app's \
-                     other requests: does the topic belong to the team of the key or \
-                     certificate?",
-                    n.topic.as_deref().unwrap_or_default()
-                );
-                self.gate.refused_maybe_for_row(reason, row_reason)
-            }
-            Exchanged::Refused { reason, .. } => self.gate.refused(reason),
-            Exchanged::Throttled { reason, app: true } => self.gate.throttled(reason, None),
-            Exchanged::Throttled { reason, app: false } => {
-                self.gate.throttled_target(&n.device_token, reason, None)
-            }
-        };
-        if matches!(
-            delivery,
-            Delivery::Sent { .. } | Delivery::Unregistered { .. }
-        ) {
-            self.gate.accepted(probe);
-        }
-        debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
-               apns_id = %request.apns_id, outcome = ?delivery, "push attempt");
-        delivery
+        self.exchange(&request, self.own_topic(n)).await
     }
 
     /// A 403 is about the app's credentials, unless the row names a topic other than
     /// the app's: then it may be that topic (another team's bundle id), and while APNs
     /// takes the app's other requests the row is retried, counting its attempts, rather
     /// than pausing the whole app for it (see [`AppGate::refused_maybe_for_row`]).
-    fn has_own_topic(&self, n: &Notification) -> bool {
-        self.config.topic.is_some() && n.topic.is_some() && n.topic != self.config.topic
+    fn own_topic<'n>(&self, n: &'n Notification) -> Option<&'n str> {
+        let own = self.config.topic.is_some() && n.topic != self.config.topic;
+        n.topic.as_deref().filter(|_| own)
     }
 
     /// Sends `request` until APNs answers for the row, refreshing a stale provider token
-    /// once; or what APNs said about the app.
-    async fn exchange(&self, request: &ApnsRequest) -> Exchanged {
+    /// once; or what APNs said about the app. A refusal may be about the row's
+    /// `own_topic`, when it has one.
+    async fn exchange(&self, request: &ApnsRequest, own_topic: Option<&str>) -> Exchanged {
         let mut bearer = match &self.signer {
             Some(signer) => match signer.token() {
                 Ok(t) => Some(t),
-                Err(e) => {
-                    return Exchanged::refused_here(format!("cannot sign a provider token: {e}"))
-                }
+                Err(e) => return Exchanged::refused(format!("cannot sign a provider token: {e}")),
             },
             None => None,
         };
@@ -181,17 +164,30 @@ impl Http2App {
             match response::verdict(&answer, SystemTime::now()) {
                 Verdict::Row(delivery) => return Exchanged::Row(delivery),
                 Verdict::Credentials(reason) => {
+                    let reason = reason.explain(answer.status);
                     return Exchanged::Refused {
-                        reason: reason.explain(answer.status),
-                        by_apns: true,
+                        row_reason: own_topic.map(|topic| {
+                            format!(
+                                "{reason}, for the row's own topic {topic:?} while APNs \
+                                 accepts this app's other requests: does the topic belong \
+                                 to the team of the key or certificate?"
+                            )
+                        }),
+                        reason,
+                    };
+                }
+                Verdict::Throttled { reason, scope } => {
+                    return Exchanged::Throttled {
+                        reason,
+                        after: None,
+                        scope,
                     }
                 }
-                Verdict::Throttled { reason, app } => return Exchanged::Throttled { reason, app },
                 Verdict::RefreshToken => {
                     let stale = match (&self.signer, &bearer) {
                         (Some(signer), Some(stale)) if !refreshed => signer.refresh(stale),
                         _ => {
-                            return Exchanged::refused_here(
+                            return Exchanged::refused(
                                 "ExpiredProviderToken: APNs calls a freshly signed provider \
                                  token expired; is the system clock right?",
                             )
@@ -203,16 +199,14 @@ impl Http2App {
                             refreshed = true;
                         }
                         Ok(None) => {
-                            return Exchanged::refused_here(
+                            return Exchanged::refused(
                                 "ExpiredProviderToken: APNs calls the provider token expired \
                                  although it is younger than 20 minutes; is the system clock \
                                  right, or does another process sign with this key?",
                             )
                         }
                         Err(e) => {
-                            return Exchanged::refused_here(format!(
-                                "cannot sign a provider token: {e}"
-                            ))
+                            return Exchanged::refused(format!("cannot sign a provider token: {e}"))
                         }
                     }
                 }
@@ -223,22 +217,11 @@ impl Http2App {
     /// One request through the pool; `Err` is the delivery when there was no answer.
     async fn send(&self, request: &ApnsRequest, bearer: Option<&str>) -> Result<Answer, Delivery> {
         let make = || request.to_http(bearer);
-        match self.pool.send(make, request.body.clone()).await {
-            Ok(answer) => Ok(answer.into()),
-            Err(PoolError::Unavailable {
-                reason,
-                retry_after,
-            }) => Err(Delivery::Deferred {
-                reason: format!("APNs is unreachable: {reason}"),
-                after: retry_after.max(MIN_DEFER),
-            }),
-            // It never left: no attempt, and the row comes back soon.
-            Err(PoolError::Busy(wait)) => Err(Delivery::Deferred {
-                reason: format!("APNs connections are busy: no HTTP/2 stream free within {wait:?}"),
-                after: MIN_DEFER,
-            }),
-            Err(e) => Err(Delivery::retry(e.to_string())),
-        }
+        self.pool
+            .send(make, request.body.clone())
+            .await
+            .map(Answer::from)
+            .map_err(|e| service::unanswered("APNs", e))
     }
 
     /// One push, the raw answer: for `pgpushd send`.
@@ -254,32 +237,5 @@ impl Http2App {
             .send(|| request.to_http(bearer.as_deref()), request.body.clone())
             .await?;
         Ok((request.apns_id, answer.into()))
-    }
-}
-
-/// How an exchange ended: an answer for the row, or one about the app.
-enum Exchanged {
-    Row(Delivery),
-    /// The credentials are refused, why (for `last_error` and the log), and whether APNs
-    /// said so (rather than this side, unable to sign a token).
-    Refused {
-        reason: String,
-        by_apns: bool,
-    },
-    /// APNs throttles the device token, or (`app`) the app.
-    Throttled {
-        reason: String,
-        app: bool,
-    },
-}
-
-impl Exchanged {
-    /// Credentials refused on this side (no provider token could be signed, or APNs
-    /// calls a fresh one expired): never about the row.
-    fn refused_here(reason: impl Into<String>) -> Exchanged {
-        Exchanged::Refused {
-            reason: reason.into(),
-            by_apns: false,
-        }
     }
 }

@@ -8,6 +8,8 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+
+use crate::service::Scope;
 use uuid::Uuid;
 
 use crate::apns::reason::Reason;
@@ -22,7 +24,7 @@ pub enum Verdict {
     Credentials(Reason),
     /// APNs throttles: one device token (`TooManyRequests`: the row retries, unless
     /// device after device is), or the app itself (`TooManyProviderTokenUpdates`).
-    Throttled { reason: String, app: bool },
+    Throttled { reason: String, scope: Scope },
     /// The provider token is stale: mint a new one and send the request again.
     RefreshToken,
 }
@@ -107,11 +109,11 @@ pub fn verdict(answer: &Answer, now: SystemTime) -> Verdict {
         (403, _) => Verdict::Credentials(reason),
         (429, Reason::TooManyProviderTokenUpdates) => Verdict::Throttled {
             reason: explained,
-            app: true,
+            scope: Scope::App,
         },
         (429, _) => Verdict::Throttled {
             reason: explained,
-            app: false,
+            scope: Scope::Target,
         },
         // The connection idled out under the request: nothing is wrong with the row.
         (400, Reason::IdleTimeout) => Verdict::Row(Delivery::retry(explained)),
@@ -295,13 +297,19 @@ mod tests {
     #[test]
     fn too_many_requests_is_the_devices_too_many_token_updates_the_apps() {
         match with_reason(429, &Reason::TooManyRequests) {
-            Verdict::Throttled { reason, app: false } => {
+            Verdict::Throttled {
+                reason,
+                scope: Scope::Target,
+            } => {
                 assert!(reason.starts_with("TooManyRequests"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
         match with_reason(429, &Reason::TooManyProviderTokenUpdates) {
-            Verdict::Throttled { reason, app: true } => {
+            Verdict::Throttled {
+                reason,
+                scope: Scope::App,
+            } => {
                 assert!(
                     reason.starts_with("TooManyProviderTokenUpdates"),
                     "{reason}"
