@@ -128,23 +128,26 @@ impl Answer {
             _ => code.clone(),
         };
         let after = self.retry_after;
+        // A quota is the target's (the row retries, unless target after target meets it);
+        // FCM overloaded is the app's when it says for how long.
+        let quota = |reason| Verdict::Throttled {
+            reason,
+            after,
+            scope: Scope::Target,
+        };
+        let overloaded = |reason| Verdict::Throttled {
+            reason,
+            after,
+            scope: match after {
+                Some(_) => Scope::App,
+                None => Scope::Target,
+            },
+        };
         match (fcm_code.as_deref(), status.status.as_deref()) {
             (Some("UNREGISTERED"), _) => Verdict::Unregistered { reason },
             (Some("INVALID_ARGUMENT" | "SENDER_ID_MISMATCH"), _) => Verdict::Rejected { reason },
-            (Some("QUOTA_EXCEEDED"), _) => Verdict::Throttled {
-                reason,
-                after,
-                scope: Scope::Target,
-            },
-            (Some("UNAVAILABLE"), _) => Verdict::Throttled {
-                reason,
-                after,
-                scope: if after.is_some() {
-                    Scope::App
-                } else {
-                    Scope::Target
-                },
-            },
+            (Some("QUOTA_EXCEEDED"), _) => quota(reason),
+            (Some("UNAVAILABLE"), _) => overloaded(reason),
             (Some("INTERNAL"), _) => Verdict::Retry { reason, after },
             // About the row's target, not the app: the project's APNs key (an iOS target) or
             // web push credentials (a browser) are missing or invalid at Firebase. Its
@@ -157,20 +160,8 @@ impl Answer {
             (_, Some("PERMISSION_DENIED")) => Verdict::Credentials { reason },
             // Without an FcmError a 404 is the project or the URL, not the token.
             (None, Some("NOT_FOUND")) => Verdict::Credentials { reason },
-            (_, Some("RESOURCE_EXHAUSTED")) => Verdict::Throttled {
-                reason,
-                after,
-                scope: Scope::Target,
-            },
-            (_, Some("UNAVAILABLE")) => Verdict::Throttled {
-                reason,
-                after,
-                scope: if after.is_some() {
-                    Scope::App
-                } else {
-                    Scope::Target
-                },
-            },
+            (_, Some("RESOURCE_EXHAUSTED")) => quota(reason),
+            (_, Some("UNAVAILABLE")) => overloaded(reason),
             (_, Some("INTERNAL")) => Verdict::Retry { reason, after },
             (_, Some("INVALID_ARGUMENT")) => Verdict::Rejected { reason },
             // UNSPECIFIED_ERROR and anything new: the HTTP status decides.

@@ -9,15 +9,18 @@ use pgpushd::transport::Transport;
 
 use crate::support::*;
 
-/// The healthy `[apps.default]` and `[apps.dead]`, whose key the emulator does not know
-/// (every request answered 403 InvalidProviderToken), probing after 1 s.
-async fn two_apps() -> (
+/// A test's database, emulator, the daemon's transport, the daemon, and a client.
+type Setup = (
     TestDb,
     ApnsSetup,
     Arc<dyn Transport>,
     Running,
     tokio_postgres::Client,
-) {
+);
+
+/// The healthy `[apps.default]` and `[apps.dead]`, whose key the emulator does not know
+/// (every request answered 403 InvalidProviderToken), probing after 1 s.
+async fn two_apps() -> Setup {
     let db = TestDb::new().await;
     let apns = ApnsSetup::new(|_| {}).await;
     let foreign = apns.dir.path().join("Foreign.p8");
@@ -201,13 +204,7 @@ async fn start_pausing_quickly(
 }
 
 /// `[apps.default]` with short pauses (1 to 2 s), its probe's time 1 s.
-async fn one_app_pausing_quickly() -> (
-    TestDb,
-    ApnsSetup,
-    Arc<dyn Transport>,
-    Running,
-    tokio_postgres::Client,
-) {
+async fn one_app_pausing_quickly() -> Setup {
     let db = TestDb::new().await;
     let apns = ApnsSetup::new(|_| {}).await;
     let toml = apns
