@@ -75,10 +75,10 @@ impl PausedApps {
             for pause in &paused {
                 let done = parked.get(&pause.app);
                 let step = match done {
+                    // No probe out a probe's time after the last was due (never before
+                    // the pause's end): another.
                     Some(p) if p.pause == pause.number => {
-                        let waited = Instant::now() >= pause.backlog_at()
-                            && p.probe_due + pause.probe_wait <= Instant::now();
-                        if pause.probing || !waited {
+                        if pause.probing || p.probe_due + pause.probe_wait > Instant::now() {
                             continue;
                         }
                         Step::ProbeAgain

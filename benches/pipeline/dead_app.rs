@@ -87,24 +87,7 @@ struct Healthy {
 fn dead_app_toml(work: &Workdir, endpoint: &str) -> anyhow::Result<String> {
     let key = work.path("Dead.p8");
     std::fs::write(&key, pgpushd_emulator::jwt::generate_signing_key()?)?;
-    Ok(format!(
-        r#"
-[apps.dead]
-topic = "{topic}"
-endpoint = "{endpoint}"
-ca_file = "{ca}"
-
-[apps.dead.token]
-key_file = "{key}"
-key_id = "{key_id}"
-team_id = "{team_id}"
-"#,
-        topic = procs::TOPIC,
-        ca = work.ca_file().display(),
-        key = key.display(),
-        key_id = procs::KEY_ID,
-        team_id = procs::TEAM_ID,
-    ))
+    Ok(work.app_toml("dead", endpoint, &key))
 }
 
 async fn healthy_app(
@@ -197,41 +180,6 @@ async fn healthy_app(
         vacuumed_after_s = arrived.elapsed().as_secs_f64();
     }
     let mut arrival = producing.await??;
-    if std::env::var_os("PGPUSHD_BENCH_EXPLAIN").is_some() {
-        for _ in 0..3 {
-            let plan = env
-                .client
-                .simple_query(
-                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) SELECT id FROM pgpushd.outbox o
-                      WHERE o.status = 'pending' AND o.send_after <= now()
-                      ORDER BY o.send_after, o.id LIMIT 500",
-                )
-                .await?;
-            for m in plan {
-                if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-                    eprintln!("  {}", r.get(0).unwrap_or_default());
-                }
-            }
-        }
-        let activity = env
-            .client
-            .simple_query(
-                "SELECT application_name, state, backend_xmin, left(query, 60)
-                   FROM pg_stat_activity WHERE backend_xmin IS NOT NULL",
-            )
-            .await?;
-        for m in activity {
-            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-                eprintln!(
-                    "  xmin: {:?} {:?} {:?} {:?}",
-                    r.get(0),
-                    r.get(1),
-                    r.get(2),
-                    r.get(3)
-                );
-            }
-        }
-    }
     let mut steady = None;
     if dead_rows > 0 {
         let explain = std::env::var_os("PGPUSHD_BENCH_EXPLAIN").is_some();
@@ -279,10 +227,6 @@ async fn healthy_app(
     let updated = updates().await? - updates_before;
     daemon.stop()?;
     emulator.proc.stop()?; // flushes the record file
-    if std::env::var_os("PGPUSHD_BENCH_EXPLAIN").is_some() {
-        std::fs::copy(env.work.path("daemon.log"), "/tmp/dead-app-daemon.log")?;
-        std::fs::copy(&record, "/tmp/dead-app-record.jsonl")?;
-    }
 
     let percentiles = |committed: &mut HashMap<String, SystemTime>| -> anyhow::Result<(f64, f64)> {
         let mut latencies = answer_latencies(&record, committed)?;

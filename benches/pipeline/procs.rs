@@ -74,25 +74,34 @@ url = "{db_url}"
 poll_interval = "5s"
 {keys}
 {database}
-
-[apps.default]
-topic = "{TOPIC}"
-endpoint = "{endpoint}"
-ca_file = "{ca}"
-
-[apps.default.token]
-key_file = "{key}"
-key_id = "{KEY_ID}"
-team_id = "{TEAM_ID}"
-
+{app}
 {metrics}"#,
             keys = self.database_keys,
-            ca = self.ca_file().display(),
-            key = self.key_file().display(),
+            app = self.app_toml("default", endpoint, &self.key_file()),
         );
         let path = self.path("pgpushd.toml");
         fs::write(&path, text)?;
         Ok(path)
+    }
+
+    /// `[apps.NAME]` with token auth (`key_file`, the bench's key and team ids) against
+    /// `endpoint`, trusting the emulator's CA.
+    pub fn app_toml(&self, name: &str, endpoint: &str, key_file: &Path) -> String {
+        format!(
+            r#"
+[apps.{name}]
+topic = "{TOPIC}"
+endpoint = "{endpoint}"
+ca_file = "{ca}"
+
+[apps.{name}.token]
+key_file = "{key}"
+key_id = "{KEY_ID}"
+team_id = "{TEAM_ID}"
+"#,
+            ca = self.ca_file().display(),
+            key = key_file.display(),
+        )
     }
 }
 
@@ -289,11 +298,7 @@ pub fn spawn_emulator(
     banner: &str,
 ) -> anyhow::Result<EmulatorProc> {
     let mut child = cmd
-        // PGPUSHD_BENCH_RUST_LOG=info (say) for a closer look at what the daemon did.
-        .env(
-            "RUST_LOG",
-            std::env::var("PGPUSHD_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(fs::File::create(work.path(log))?)
