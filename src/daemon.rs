@@ -142,7 +142,7 @@ impl Daemon {
                 connect_timeout: db.connect_timeout,
                 settings: self.settings.subscribe(),
                 transport: self.transport.clone(),
-                wake,
+                wake: wake.clone(),
                 progress: self.progress.clone(),
                 metrics: self.metrics.clone(),
                 heartbeat: self.heartbeat.clone(),
@@ -201,7 +201,7 @@ impl Daemon {
 
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = self.ready() => {
+            _ = self.ready(&wake) => {
                 info!(apps = self.config.apps.len(), "pgpushd ready");
                 self.notifier.ready();
                 self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -227,11 +227,14 @@ impl Daemon {
     }
 
     /// Completes once LISTEN is in place and a claim has completed after it (the
-    /// catch-up): from then on no row can be missed.
-    async fn ready(&self) {
+    /// catch-up): from then on no row can be missed. It asks for that claim itself: the
+    /// listener's catch-up may have completed before this read the count, and an idle
+    /// daemon would then wait for the next wake-up to say it is ready.
+    async fn ready(&self, wake: &Notify) {
         let mut listening = self.listening.subscribe();
         let _ = listening.wait_for(|l| *l).await;
         let after = self.progress.borrow().claims;
+        wake.notify_one();
         let _ = self
             .progress
             .subscribe()
