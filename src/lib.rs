@@ -27,9 +27,9 @@
 //! - [`retention`]: deleting settled rows once they are old enough;
 //! - [`metrics`]: Prometheus `/metrics` and `/healthz`;
 //! - [`systemd`]: sd_notify (READY, WATCHDOG, STATUS, RELOADING, STOPPING);
-//! - [`app_gate`]: an app paused while its service refuses its credentials or throttles it;
 //! - [`paused_apps`]: setting a paused app's backlog aside until its pause ends;
-//! - [`service`]: what the HTTP/2 push services share once a request is built;
+//! - [`service`]: the layer every push service shares: the per-app registry and gate,
+//!   timings, what an exchange came to;
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`daemon`]: wiring it all together;
 //! - [`devdb`]: a throwaway PostgreSQL cluster;
@@ -38,7 +38,6 @@
 //! - [`console`]: output that changes in place (progress, `status --watch`).
 
 pub mod apns;
-pub mod app_gate;
 pub mod arrival_rate;
 pub mod awake;
 pub mod backoff;

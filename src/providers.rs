@@ -1,103 +1,170 @@
 //! The push services side by side: [`Providers`] is the [`Transport`] the daemon, `main`
-//! and the demo use. It holds the APNs transport and FCM's, routes each row by its app's
-//! provider, and merges what both report (health, connections, unregistered tokens,
-//! undelivered rows). A reload applies to both or to neither.
+//! and the demo use. It keeps every app of the config in one `service::Registry`, each
+//! app's client built by its provider ([`load`], the one place that names every
+//! service), and takes what the services report on their own (APNs's binary feedback
+//! service, rows it found undelivered). A reload applies to every app or to none.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::BoxFuture;
+use tokio::sync::mpsc;
 
-use crate::apns::Apns;
-use crate::config::{AppConfig, Config};
-use crate::fcm::Fcm;
-use crate::transport::Pause;
-use crate::transport::{Delivery, Notification, Transport, Undelivered, Unregistered};
+use crate::config::{AppConfig, Config, Provider};
+use crate::service::{AppClient, LoadError, OneAnswer, Registry, Timings};
+use crate::transport::{Delivery, Notification, Pause, Transport, Undelivered, Unregistered};
+use crate::{apns, fcm};
 
-/// Loading an app failed; the message names the app and the file.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error(transparent)]
-    Apns(#[from] crate::apns::LoadError),
-    #[error(transparent)]
-    Fcm(#[from] crate::fcm::LoadError),
+/// Every service's timings that are not in the config: sensible for the real services,
+/// shortened by tests.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub timings: Timings,
+    pub apns: apns::Options,
+    pub fcm: fcm::Options,
 }
 
 pub struct Providers {
-    apns: Apns,
-    fcm: Fcm,
+    pub(crate) registry: Registry,
+    options: Options,
+    unregistered: Reports<Unregistered>,
+    /// Set by the first [`Transport::unregistered`] call: from then on every app's
+    /// reporter runs (before, nobody would record what they found).
+    reports_wanted: AtomicBool,
+    /// Rows the binary apps reported sent and then found undelivered.
+    undelivered: Reports<Undelivered>,
 }
 
 impl Providers {
     /// Loads every app's credentials, each by its provider; the first problem fails
     /// start-up. Connects lazily.
     pub fn new(apps: &BTreeMap<String, AppConfig>) -> Result<Providers, LoadError> {
-        Ok(Providers::from_parts(Apns::new(apps)?, Fcm::new(apps)?))
+        Providers::with_options(apps, Options::default())
     }
 
-    /// Two transports built with their own options (tests, the benchmark).
-    pub fn from_parts(apns: Apns, fcm: Fcm) -> Providers {
-        Providers { apns, fcm }
+    pub fn with_options(
+        apps: &BTreeMap<String, AppConfig>,
+        options: Options,
+    ) -> Result<Providers, LoadError> {
+        let undelivered = Reports::new();
+        let registry = Registry::new(apps, options.timings.clone(), &|config| {
+            load(config, &options, &undelivered.sender)
+        })?;
+        Ok(Providers {
+            registry,
+            options,
+            unregistered: Reports::new(),
+            reports_wanted: AtomicBool::new(false),
+            undelivered,
+        })
     }
 
-    pub fn apns(&self) -> &Apns {
-        &self.apns
+    /// Applies a reloaded config (see `Registry::reload`); returns the names of the apps
+    /// rebuilt, added or removed.
+    pub fn reload(&self, apps: &BTreeMap<String, AppConfig>) -> Result<Vec<String>, LoadError> {
+        let changed = self.registry.reload(apps, &|config| {
+            load(config, &self.options, &self.undelivered.sender)
+        })?;
+        if self.reports_wanted.load(Ordering::SeqCst) {
+            self.registry.start_reporters(&self.unregistered.sender);
+        }
+        Ok(changed)
     }
+}
 
-    pub fn fcm(&self) -> &Fcm {
-        &self.fcm
+/// An app's client, by its provider.
+pub fn load(
+    config: &AppConfig,
+    options: &Options,
+    undelivered: &mpsc::UnboundedSender<Vec<Undelivered>>,
+) -> Result<Box<dyn AppClient>, LoadError> {
+    let timings = &options.timings;
+    match config.provider() {
+        Provider::Apns => apns::load(config, timings, &options.apns, undelivered),
+        Provider::Fcm => fcm::load(config, timings, &options.fcm),
     }
 }
 
 impl Transport for Providers {
-    /// An app FCM does not have goes to APNs, which also answers for apps nobody has.
     fn send<'a>(&'a self, n: &'a Notification) -> BoxFuture<'a, Delivery> {
-        match self.fcm.has(&n.app) {
-            true => Box::pin(self.fcm.deliver(n)),
-            false => Box::pin(self.apns.deliver(n)),
-        }
+        Box::pin(self.registry.deliver(n))
     }
 
     fn health(&self) -> Vec<(String, Result<(), String>)> {
-        let mut all = self.apns.health();
-        all.extend(Transport::health(&self.fcm));
-        all
+        self.registry.health()
     }
 
     fn open_connections(&self) -> Vec<(String, usize)> {
-        let mut all = Transport::open_connections(&self.apns);
-        all.extend(Transport::open_connections(&self.fcm));
-        all
+        self.registry.open_connections()
     }
 
     fn paused(&self) -> Vec<Pause> {
-        let mut all = Transport::paused(&self.apns);
-        all.extend(Transport::paused(&self.fcm));
-        all
+        self.registry.paused()
     }
 
-    /// FCM's apps are loaded first and put in use only once APNs's have loaded too.
     fn reload(&self, apps: &BTreeMap<String, AppConfig>) -> Result<Vec<String>, String> {
-        let staged = self.fcm.stage(apps).map_err(|e| e.to_string())?;
-        let mut changed = self.apns.reload(apps).map_err(|e| e.to_string())?;
-        changed.extend(staged.apply());
-        changed.sort();
-        Ok(changed)
+        Providers::reload(self, apps).map_err(|e| e.to_string())
     }
 
-    /// Only APNs reports tokens on its own (the binary protocol's feedback service).
+    /// What the apps' reporters found (only APNs's binary feedback service reports on
+    /// its own); they start with the first call.
     fn unregistered(&self) -> BoxFuture<'_, Vec<Unregistered>> {
-        Box::pin(self.apns.unregistered())
+        if !self.reports_wanted.swap(true, Ordering::SeqCst) {
+            self.registry.start_reporters(&self.unregistered.sender);
+        }
+        Box::pin(self.unregistered.next())
     }
 
     /// Only APNs's binary protocol finds rows undelivered after it reported them sent.
     fn undelivered(&self) -> BoxFuture<'_, Vec<Undelivered>> {
-        Box::pin(self.apns.undelivered())
+        Box::pin(self.undelivered.next())
     }
 }
 
-/// Loads every app's credentials, as `pgpushd check-config` does; one line per problem.
+/// A channel whose receiving end is taken by one caller at a time.
+struct Reports<T> {
+    sender: mpsc::UnboundedSender<Vec<T>>,
+    receiver: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<T>>>,
+}
+
+impl<T> Reports<T> {
+    fn new() -> Reports<T> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        Reports {
+            sender,
+            receiver: tokio::sync::Mutex::new(receiver),
+        }
+    }
+
+    async fn next(&self) -> Vec<T> {
+        match self.receiver.lock().await.recv().await {
+            Some(reports) => reports,
+            // `self` holds a sender: the channel never closes while it lives.
+            None => futures::future::pending().await,
+        }
+    }
+}
+
+/// Sends one push for `app` without a database and returns the service's answer as it
+/// is (`pgpushd send`). Errors: the credentials, a row the service would refuse, no
+/// connection.
+pub async fn send_one(app: &AppConfig, n: &Notification) -> anyhow::Result<OneAnswer> {
+    let mut config = app.clone();
+    config.connections = 1;
+    let (undelivered, _) = mpsc::unbounded_channel();
+    let client = load(&config, &Options::default(), &undelivered)?;
+    client.send_one(n).await
+}
+
+/// Loads every app's credentials, as `pgpushd check-config` does; one line per problem,
+/// none when all is well.
 pub fn check(config: &Config) -> Vec<String> {
-    let mut problems = crate::apns::check(config);
-    problems.extend(crate::fcm::check(config));
-    problems
+    let options = Options::default();
+    let (undelivered, _) = mpsc::unbounded_channel();
+    config
+        .apps
+        .values()
+        .filter_map(|app| load(app, &options, &undelivered).err())
+        .map(|e| e.to_string())
+        .collect()
 }

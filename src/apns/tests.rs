@@ -2,9 +2,15 @@
 //! from Apple's documentation, not from this client): routing by app, reloads, token and
 //! certificate auth, answers becoming outcomes, refused credentials, lost connections.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use super::*;
-use crate::config::{Auth, CertificateAuth, Endpoint, Protocol, TokenAuth};
+use crate::config::{AppConfig, Auth, CertificateAuth, Config, Endpoint, Protocol, TokenAuth};
+use crate::providers::{check, send_one, Options, Providers};
+use crate::service::Timings;
 use crate::testutil::{self, eventually, TestEmulator, DEADLINE};
+use crate::transport::{Delivery, Notification, Transport};
 use openssl::ec::EcKey;
 use openssl::pkey::Public;
 use pgpushd_emulator::{EmulatorAuth, EmulatorConfig};
@@ -17,10 +23,13 @@ const TEAM_ID: &str = "DEF123GHIJ";
 
 fn options() -> Options {
     Options {
-        reconnect_base: Duration::from_millis(20),
-        reconnect_max: Duration::from_millis(200),
-        credentials_backoff_base: Duration::from_millis(300),
-        credentials_backoff_max: Duration::from_millis(600),
+        timings: Timings {
+            reconnect_base: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(200),
+            pause_backoff_base: Duration::from_millis(300),
+            pause_backoff_max: Duration::from_millis(600),
+            ..Timings::default()
+        },
         ..Options::default()
     }
 }
@@ -78,9 +87,9 @@ async fn token_emulator(config: EmulatorConfig) -> (TestEmulator, AppConfig, EcK
     (server, app, public)
 }
 
-fn client(apps: &[AppConfig], options: Options) -> Apns {
+fn client(apps: &[AppConfig], options: Options) -> Providers {
     let apps = apps.iter().map(|a| (a.name.clone(), a.clone())).collect();
-    Apns::with_options(&apps, options).unwrap_or_else(|e| panic!("{e}"))
+    Providers::with_options(&apps, options).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn row(app: &str, token: &str) -> Notification {
@@ -107,8 +116,9 @@ async fn reload_rebuilds_only_apps_whose_config_or_files_changed() {
         .into_iter()
         .map(|c| (c.name.clone(), c))
         .collect();
-    let apns = Apns::with_options(&apps, options()).unwrap();
-    let before = apns.apps.read().unwrap().clone();
+    let apns = Providers::with_options(&apps, options()).unwrap();
+    let loaded = |name| apns.registry.get(name).unwrap();
+    let before = [loaded("a"), loaded("b")];
 
     // Nothing changed: nothing rebuilt.
     assert!(apns.reload(&apps).unwrap().is_empty());
@@ -122,12 +132,12 @@ async fn reload_rebuilds_only_apps_whose_config_or_files_changed() {
     let mut changed = apns.reload(&next).unwrap();
     changed.sort();
     assert_eq!(changed, ["b", "c"]);
-    let after = apns.apps.read().unwrap().clone();
+    let after = [loaded("a"), loaded("b")];
     assert!(
-        Arc::ptr_eq(&before["a"], &after["a"]),
+        Arc::ptr_eq(&before[0], &after[0]),
         "an unchanged app lost its connections"
     );
-    assert!(!Arc::ptr_eq(&before["b"], &after["b"]));
+    assert!(!Arc::ptr_eq(&before[1], &after[1]));
 
     // A bad credential: the reload is refused whole, the running apps stay.
     let mut broken = next.clone();
@@ -136,8 +146,8 @@ async fn reload_rebuilds_only_apps_whose_config_or_files_changed() {
     }
     let err = apns.reload(&broken).unwrap_err().to_string();
     assert!(err.contains("missing.p8"), "{err}");
-    assert!(Arc::ptr_eq(&after["a"], &apns.apps.read().unwrap()["a"]));
-    assert!(apns.apps.read().unwrap().contains_key("c"));
+    assert!(Arc::ptr_eq(&after[0], &loaded("a")));
+    assert!(apns.registry.get("c").is_some());
 }
 
 fn unix_secs() -> u64 {
@@ -302,7 +312,10 @@ async fn a_stale_provider_token_is_replaced_and_the_push_resent() {
     let apns = client(
         &[config],
         Options {
-            token_min_interval: Duration::ZERO,
+            apns: super::Options {
+                token_min_interval: Duration::ZERO,
+                ..super::Options::default()
+            },
             ..options()
         },
     );
@@ -414,8 +427,11 @@ async fn an_unreachable_endpoint_defers_rows() {
     let apns = client(
         &[config],
         Options {
-            reconnect_base: Duration::from_secs(60),
-            reconnect_max: Duration::from_secs(60),
+            timings: Timings {
+                reconnect_base: Duration::from_secs(60),
+                reconnect_max: Duration::from_secs(60),
+                ..options().timings
+            },
             ..options()
         },
     );
@@ -476,7 +492,7 @@ fn start_up_refuses_what_cannot_work() {
     };
     let build = |apps: &[AppConfig]| {
         let apps = apps.iter().map(|a| (a.name.clone(), a.clone())).collect();
-        Apns::new(&apps).err().map(|e| e.to_string())
+        Providers::new(&apps).err().map(|e| e.to_string())
     };
     let e = build(std::slice::from_ref(&base)).unwrap();
     assert!(
@@ -519,7 +535,7 @@ fn start_up_refuses_what_cannot_work() {
     good.name = "good".into();
     good.ca_file = None;
 
-    let mut config = crate::config::Config::from_file_str(
+    let mut config = Config::from_file_str(
         std::path::Path::new("x.toml"),
         "[database]\nurl = \"postgres://x@y/z\"\n",
         None,

@@ -47,8 +47,5 @@ pub async fn run(config: &Config, push: Push) -> anyhow::Result<String> {
         expires_at: None,
         attempts: 0,
     };
-    Ok(match fcm {
-        true => crate::fcm::send_one(app, &n).await?.to_string(),
-        false => crate::apns::send_one(app, &n).await?.to_string(),
-    })
+    Ok(crate::providers::send_one(app, &n).await?.to_string())
 }

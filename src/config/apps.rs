@@ -120,6 +120,16 @@ pub struct FcmAuth {
     pub project_id: Option<String>,
 }
 
+impl Provider {
+    /// The service's name, in the log and in `/healthz`.
+    pub fn service(self) -> &'static str {
+        match self {
+            Provider::Apns => "APNs",
+            Provider::Fcm => "FCM",
+        }
+    }
+}
+
 impl AppConfig {
     pub fn provider(&self) -> Provider {
         match self.auth {

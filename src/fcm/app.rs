@@ -1,27 +1,26 @@
-//! One FCM app's client ([`FcmApp`]): its service account and access tokens, its pool of
-//! long-lived HTTP/2 connections to FCM (`crate::http2`), and its [`AppGate`] for
-//! while Google refuses the account (the app backs off and probes; its rows wait).
+//! One FCM app's client ([`FcmApp`]): its service account and access tokens, and its
+//! pool of long-lived HTTP/2 connections to FCM (`crate::http2`). What Google says
+//! about the account goes to the app's gate (`crate::service`) as an [`Exchanged`].
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use futures::future::BoxFuture;
 use http::Uri;
 use tracing::debug;
 
 use super::access_token::TokenError;
-use super::error::LoadError;
 use super::options::Options;
 use super::request::{self, FcmRequest};
 use super::response::{self, Verdict};
 use super::service_account::ServiceAccount;
 use super::token_source::{AccessTokens, NoToken};
-use crate::app_gate::{AppGate, MIN_DEFER};
 use crate::config::{AppConfig, Auth, Endpoint};
-use crate::http2::connection::ConnectOptions;
-use crate::http2::pool::{Pool, PoolOptions};
+use crate::http2::pool::Pool;
 use crate::http2::Answer;
 use crate::secret::Secret;
-use crate::service::{self, Exchanged};
+use crate::service::app_gate::MIN_DEFER;
+use crate::service::{self, AppClient, Exchanged, LoadError, OneAnswer, Timings};
 use crate::tls;
 use crate::transport::{short_token, Delivery, MessageId, Notification};
 
@@ -33,59 +32,47 @@ pub(crate) struct FcmApp {
     authority: String,
     pool: Pool,
     tokens: Arc<AccessTokens>,
-    pub(crate) gate: AppGate,
 }
 
 impl FcmApp {
     /// Loads the service account and sets up TLS; connects later, on the first request.
-    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<FcmApp, LoadError> {
-        let app = config.name.clone();
-        let Auth::Fcm(auth) = &config.auth else {
-            return Err(LoadError::NotFcm { app });
+    pub(crate) fn new(
+        config: &AppConfig,
+        timings: &Timings,
+        options: &Options,
+    ) -> Result<FcmApp, LoadError> {
+        let app = &config.name;
+        let (Auth::Fcm(auth), Endpoint::Custom { host, port }) = (&config.auth, &config.endpoint)
+        else {
+            return Err(LoadError::new(app, "not an FCM app"));
         };
-        let Endpoint::Custom { host, port } = &config.endpoint else {
-            return Err(LoadError::NotFcm { app });
-        };
-        let account = ServiceAccount::load(&auth.service_account_file).map_err(|message| {
-            LoadError::ServiceAccount {
-                app: app.clone(),
-                message,
-            }
-        })?;
+        let account = ServiceAccount::load(&auth.service_account_file)
+            .map_err(|message| LoadError::at(app, ".fcm.service_account_file", message))?;
         let project = match &auth.project_id {
             Some(p) if *p != account.project_id => {
-                return Err(LoadError::OtherProject {
+                return Err(LoadError::at(
                     app,
-                    configured: p.clone(),
-                    key: account.project_id.clone(),
-                    file: auth.service_account_file.display().to_string(),
-                })
+                    ".fcm.project_id",
+                    format!(
+                        "{p:?}, but {} is a key of project {:?}; use that project's key, or \
+                         drop project_id to send as the key's project",
+                        auth.service_account_file.display(),
+                        account.project_id
+                    ),
+                ))
             }
             Some(p) => p.clone(),
             None => account.project_id.clone(),
         };
-        let tls = tls::connector(config.ca_file.as_deref(), None, &["h2"]).map_err(|message| {
-            LoadError::Tls {
-                app: app.clone(),
-                message,
-            }
-        })?;
-        let connect = |service, host: &str, port| ConnectOptions {
-            service,
-            host: host.to_owned(),
-            port,
-            proxy: config.proxy.for_target(host, port).cloned(),
-            tls: tls.clone(),
-            connect_timeout: options.connect_timeout,
-            request_timeout: config.request_timeout,
-            ping_interval: options.ping_interval,
-            ping_timeout: options.ping_timeout,
-        };
+        let tls = tls::connector(config.ca_file.as_deref(), None, &["h2"])
+            .map_err(|e| LoadError::new(app, e))?;
         let token_uri = account.token_uri.clone();
-        let bad_uri = |message: &str| LoadError::TokenUri {
-            app: app.clone(),
-            uri: token_uri.clone(),
-            message: message.to_owned(),
+        let bad_uri = |message: &str| {
+            LoadError::at(
+                app,
+                ".fcm.service_account_file",
+                format!("token_uri {token_uri:?}: {message}"),
+            )
         };
         let uri: Uri = token_uri.parse().map_err(|_| bad_uri("not a URL"))?;
         let token_host = uri
@@ -96,24 +83,14 @@ impl FcmApp {
             .to_owned();
         let token_port = uri.port_u16().unwrap_or(443);
         let tokens = AccessTokens::new(
-            &app,
+            app,
             account,
-            connect("the token endpoint", &token_host, token_port),
+            timings.connect(config, "the token endpoint", &token_host, token_port, &tls),
             uri,
             options.token_retry_base,
             options.token_retry_max,
         );
-        let pool = Pool::new(
-            &app,
-            PoolOptions {
-                connect: connect("FCM", host, *port),
-                connections: config.connections,
-                reconnect_base: options.reconnect_base,
-                reconnect_max: options.reconnect_max,
-                max_resends: options.max_resends,
-                stream_wait: options.stream_wait,
-            },
-        );
+        let connect = timings.connect(config, "FCM", host, *port, &tls);
         let authority = match (host.contains(':'), *port) {
             (true, p) => format!("[{host}]:{p}"),
             (false, 443) => host.clone(),
@@ -123,36 +100,9 @@ impl FcmApp {
             config: config.clone(),
             project,
             authority,
-            pool,
+            pool: timings.pool(app, config.connections, connect),
             tokens: Arc::new(tokens),
-            gate: AppGate::new(
-                &app,
-                "FCM",
-                options.credentials_backoff_base,
-                options.credentials_backoff_max,
-                config.request_timeout,
-            ),
         })
-    }
-
-    pub(crate) fn open_connections(&self) -> usize {
-        self.pool.open_connections()
-    }
-
-    pub(crate) fn health(&self) -> Result<(), String> {
-        self.gate.health()?;
-        self.tokens.health()?;
-        self.pool.health()
-    }
-
-    pub(crate) async fn deliver(&self, n: &Notification) -> Delivery {
-        let delivery = self
-            .gate
-            .attempt(&n.device_token, self.exchange_row(n))
-            .await;
-        debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
-               outcome = ?delivery, "push attempt");
-        delivery
     }
 
     /// Builds the row's request and sends it: what FCM (or its token endpoint) said.
@@ -247,8 +197,8 @@ impl FcmApp {
             .map_err(|e| service::unanswered("FCM", e))
     }
 
-    /// One push, the raw answer: for `pgpushd send`.
-    pub(crate) async fn send_one(&self, n: &Notification) -> anyhow::Result<Answer> {
+    /// One push, FCM's answer as it is: for `pgpushd send`.
+    async fn send_raw(&self, n: &Notification) -> anyhow::Result<OneAnswer> {
         let request = self
             .request(n)
             .map_err(|reason| anyhow::anyhow!("this push would be refused: {reason}"))?;
@@ -261,7 +211,40 @@ impl FcmApp {
             .pool
             .send(|| request.to_http(bearer.expose()), request.body.clone())
             .await?;
-        Ok(answer)
+        let (name, reason) = match verdict(&answer) {
+            Verdict::Sent { name } => (name, None),
+            Verdict::Unregistered { reason }
+            | Verdict::Rejected { reason }
+            | Verdict::Retry { reason, .. }
+            | Verdict::Throttled { reason, .. }
+            | Verdict::RenewToken { reason }
+            | Verdict::Credentials { reason } => (None, Some(reason)),
+        };
+        Ok(OneAnswer {
+            status: answer.status,
+            id: name.map(|name| ("name", name)),
+            reason,
+        })
+    }
+}
+
+impl AppClient for FcmApp {
+    fn exchange<'a>(&'a self, n: &'a Notification) -> BoxFuture<'a, Exchanged> {
+        Box::pin(self.exchange_row(n))
+    }
+
+    fn send_one<'a>(&'a self, n: &'a Notification) -> BoxFuture<'a, anyhow::Result<OneAnswer>> {
+        Box::pin(self.send_raw(n))
+    }
+
+    /// `Err` while no access token can be had, or no connection.
+    fn health(&self) -> Result<(), String> {
+        self.tokens.health()?;
+        self.pool.health()
+    }
+
+    fn open_connections(&self) -> usize {
+        self.pool.open_connections()
     }
 }
 

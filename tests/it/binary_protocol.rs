@@ -122,8 +122,9 @@ passphrase_file = "{pass}"
 }
 
 pub(crate) fn start_binary(config: Config) -> Running {
-    let transport: Arc<dyn Transport> =
-        Arc::new(pgpushd::apns::Apns::new(&config.apps).unwrap_or_else(|e| panic!("{e}")));
+    let transport: Arc<dyn Transport> = Arc::new(
+        pgpushd::providers::Providers::new(&config.apps).unwrap_or_else(|e| panic!("{e}")),
+    );
     start(config, transport)
 }
 

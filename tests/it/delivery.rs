@@ -452,14 +452,17 @@ async fn a_server_that_stops_answering_is_noticed_by_ping_and_replaced() {
         &db.url,
         &apns.app_toml.replace("connections = 2", "connections = 1"),
     );
-    let options = pgpushd::apns::Options {
-        ping_interval: Duration::from_millis(200),
-        ping_timeout: Duration::from_millis(300),
-        reconnect_base: Duration::from_millis(50),
+    let options = pgpushd::providers::Options {
+        timings: pgpushd::service::Timings {
+            ping_interval: Duration::from_millis(200),
+            ping_timeout: Duration::from_millis(300),
+            reconnect_base: Duration::from_millis(50),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let transport: Arc<dyn Transport> =
-        Arc::new(pgpushd::apns::Apns::with_options(&cfg.apps, options).unwrap());
+        Arc::new(pgpushd::providers::Providers::with_options(&cfg.apps, options).unwrap());
     let daemon = start(cfg, transport);
     let client = db.client().await;
     insert_rows(&client, 1, 1).await;

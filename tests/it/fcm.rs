@@ -59,21 +59,21 @@ service_account_file = "{key}"
     }
 }
 
-/// FCM's client with short credential backoffs, beside APNs's, as the daemon routes.
+/// The apps' clients, with short pauses and token retries.
 fn transport(config: &pgpushd::config::Config) -> Arc<Providers> {
-    let fcm = pgpushd::fcm::Fcm::with_options(
-        &config.apps,
-        pgpushd::fcm::Options {
-            credentials_backoff_base: Duration::from_millis(200),
-            credentials_backoff_max: Duration::from_millis(400),
-            token_retry_base: Duration::from_millis(100),
-            token_retry_max: Duration::from_millis(200),
+    let options = pgpushd::providers::Options {
+        timings: pgpushd::service::Timings {
+            pause_backoff_base: Duration::from_millis(200),
+            pause_backoff_max: Duration::from_millis(400),
             ..Default::default()
         },
-    )
-    .unwrap();
-    let apns = pgpushd::apns::Apns::new(&config.apps).unwrap();
-    Arc::new(Providers::from_parts(apns, fcm))
+        fcm: pgpushd::fcm::Options {
+            token_retry_base: Duration::from_millis(100),
+            token_retry_max: Duration::from_millis(200),
+        },
+        ..Default::default()
+    };
+    Arc::new(Providers::with_options(&config.apps, options).unwrap())
 }
 
 /// A registration token, distinct per `i`, in both cases (FCM's tokens are
@@ -502,7 +502,7 @@ async fn a_quota_on_the_whole_app_pauses_it_and_its_backlog_keeps_its_attempts()
     fcm.emulator.clear_scripts();
     wait_for_status(&client, "sent", rows as i64, Duration::from_secs(40)).await;
     daemon.stop().await;
-    let limit = pgpushd::app_gate::THROTTLED_TARGETS as i64 - 1;
+    let limit = pgpushd::service::app_gate::THROTTLED_TARGETS as i64 - 1;
     assert!(
         during <= limit,
         "{during} attempts burned by the quota (at most {limit}: the answers before the pause)"
@@ -886,7 +886,7 @@ async fn a_reload_applies_to_both_providers_or_to_neither() {
     let e = providers
         .reload(&cfg(&broken_apns, &more_connections).apps)
         .unwrap_err();
-    assert!(e.contains("apps.default"), "{e}");
+    assert!(e.to_string().contains("apps.default"), "{e}");
     assert_eq!(
         providers.reload(&start_cfg.apps).unwrap(),
         Vec::<String>::new()
@@ -901,7 +901,11 @@ async fn a_reload_applies_to_both_providers_or_to_neither() {
             .apps,
         )
         .unwrap_err();
-    assert!(e.contains("apps.android.fcm.service_account_file"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("apps.android.fcm.service_account_file"),
+        "{e}"
+    );
     assert_eq!(
         providers.reload(&start_cfg.apps).unwrap(),
         Vec::<String>::new()

@@ -2,6 +2,7 @@
 //! backlog is set aside for each pause, written once per pause, while a healthy app on
 //! the same daemon goes on; a 403 about one row's own topic fails that row, not the app.
 
+use pgpushd::providers::Providers;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -189,11 +190,14 @@ async fn start_pausing_quickly(
     cfg: pgpushd::config::Config,
 ) -> (Arc<dyn Transport>, Running, tokio_postgres::Client) {
     let transport: Arc<dyn Transport> = Arc::new(
-        pgpushd::apns::Apns::with_options(
+        Providers::with_options(
             &cfg.apps,
-            pgpushd::apns::Options {
-                credentials_backoff_base: Duration::from_secs(1),
-                credentials_backoff_max: Duration::from_secs(2),
+            pgpushd::providers::Options {
+                timings: pgpushd::service::Timings {
+                    pause_backoff_base: Duration::from_secs(1),
+                    pause_backoff_max: Duration::from_secs(2),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
         )
@@ -290,7 +294,7 @@ async fn a_key_revoked_while_rows_carry_their_own_topic_pauses_the_app_after_a_f
         .unwrap()
         .get(0);
     daemon.stop().await;
-    let limit = i64::from(pgpushd::app_gate::ROW_REFUSALS) - 1;
+    let limit = i64::from(pgpushd::service::app_gate::ROW_REFUSALS) - 1;
     assert!(
         attempts <= limit,
         "{attempts} attempts burned (at most {limit})"

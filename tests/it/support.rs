@@ -329,7 +329,7 @@ impl ApnsSetup {
 
     /// The daemon's transport for `config`.
     pub fn transport(config: &Config) -> Arc<dyn Transport> {
-        Arc::new(pgpushd::apns::Apns::new(&config.apps).unwrap())
+        Arc::new(pgpushd::providers::Providers::new(&config.apps).unwrap())
     }
 }
 

@@ -20,13 +20,13 @@ pub(crate) mod pool;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::apns::error::LoadError;
 use crate::apns::identity;
-use crate::apns::options::Options;
 use crate::config::{AppConfig, Auth, Endpoint, Environment};
+use crate::service::{AppClient, Exchanged, LoadError, OneAnswer, Reporter, Timings};
 use crate::tls;
 use crate::transport::{short_token, Delivery, Notification, Undelivered};
 
@@ -59,23 +59,16 @@ pub fn feedback_service(endpoint: &Endpoint) -> (&str, u16) {
 /// The TLS settings of a binary-protocol app: its client certificate (the only auth the
 /// protocol knows), the system's roots plus `ca_file`, TLS 1.2 or later, no ALPN.
 pub fn tls_connector(config: &AppConfig) -> Result<native_tls::TlsConnector, LoadError> {
-    let app = config.name.clone();
+    let app = &config.name;
     let Auth::Certificate(auth) = &config.auth else {
-        return Err(LoadError::Tls {
+        return Err(LoadError::new(
             app,
-            message: "the binary protocol needs certificate auth ([certificate])".into(),
-        });
+            "the binary protocol needs certificate auth ([certificate])",
+        ));
     };
-    let identity = identity::load_for_app(&app, auth).map_err(|source| LoadError::Identity {
-        app: app.clone(),
-        source,
-    })?;
-    tls::connector(config.ca_file.as_deref(), Some(identity), &[]).map_err(|message| {
-        LoadError::Tls {
-            app: app.clone(),
-            message,
-        }
-    })
+    let identity = identity::load_for_app(app, auth).map_err(|e| LoadError::new(app, e))?;
+    tls::connector(config.ca_file.as_deref(), Some(identity), &[])
+        .map_err(|e| LoadError::new(app, e))
 }
 
 /// One binary-protocol app: its certificate, its gateway connections.
@@ -95,7 +88,7 @@ impl BinaryApp {
     /// reported sent and later found undelivered (a late error packet) go to `undelivered`.
     pub(crate) fn new(
         config: &AppConfig,
-        options: &Options,
+        timings: &Timings,
         undelivered: mpsc::UnboundedSender<Vec<Undelivered>>,
     ) -> Result<BinaryApp, LoadError> {
         let tls = tls_connector(config)?;
@@ -110,7 +103,7 @@ impl BinaryApp {
                 proxy: config.proxy.for_target(host, port).cloned(),
                 tls: tls.clone(),
                 interval: f.interval,
-                connect_timeout: options.connect_timeout,
+                connect_timeout: timings.connect_timeout,
             }
         });
         let pool = Pool::new(
@@ -120,35 +113,22 @@ impl BinaryApp {
                 port,
                 proxy: config.proxy.for_target(host, port).cloned(),
                 tls,
-                connect_timeout: options.connect_timeout,
+                connect_timeout: timings.connect_timeout,
                 settle,
                 undelivered,
             },
             config.connections,
-            options.reconnect_base,
-            options.reconnect_max,
+            timings.reconnect_base,
+            timings.reconnect_max,
         );
         Ok(BinaryApp {
             name: config.name.clone(),
             pool,
             timeout: config.request_timeout + settle,
-            max_resends: options.max_resends,
+            max_resends: timings.max_resends,
             connections: config.connections as u32,
             feedback,
         })
-    }
-
-    /// The app's feedback poller, not yet running.
-    pub(crate) fn feedback_poller(&self) -> Option<FeedbackPoller> {
-        self.feedback.clone()
-    }
-
-    pub(crate) fn health(&self) -> Result<(), String> {
-        self.pool.health()
-    }
-
-    pub(crate) fn open_connections(&self) -> usize {
-        self.pool.open_connections()
     }
 
     /// One attempt for one row: sent again on another connection while the gateway has
@@ -222,6 +202,38 @@ impl BinaryApp {
             }
         }
         Delivery::retry(format!("not taken after {counted} tries; last: {last}"))
+    }
+}
+
+/// The binary protocol has no credential refusals or throttling of its own (a refused
+/// certificate fails the TLS handshake, which is the connection's backoff): every
+/// exchange is about its row, so its app's gate stays open.
+impl AppClient for BinaryApp {
+    fn exchange<'a>(&'a self, n: &'a Notification) -> BoxFuture<'a, Exchanged> {
+        Box::pin(async move { Exchanged::Row(self.deliver(n).await) })
+    }
+
+    fn send_one<'a>(&'a self, _: &'a Notification) -> BoxFuture<'a, anyhow::Result<OneAnswer>> {
+        Box::pin(async move {
+            anyhow::bail!(
+                "apps.{}: pgpushd send speaks HTTP/2 only; this app uses the binary protocol",
+                self.name
+            )
+        })
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.pool.health()
+    }
+
+    fn open_connections(&self) -> usize {
+        self.pool.open_connections()
+    }
+
+    /// The app's feedback service, when `feedback_interval` is not zero.
+    fn reporter(&self) -> Option<Reporter> {
+        let poller = self.feedback.clone()?;
+        Some(Box::new(move |sink, stop| Box::pin(poller.run(sink, stop))))
     }
 }
 

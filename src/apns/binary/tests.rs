@@ -74,10 +74,10 @@ impl Setup {
     }
 
     fn client(&self, auth: Auth) -> Arc<BinaryApp> {
-        let options = Options {
+        let options = crate::service::Timings {
             reconnect_base: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(200),
-            ..Options::default()
+            ..Default::default()
         };
         let (undelivered, _) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(
@@ -349,7 +349,7 @@ fn with_feedback(mut app: AppConfig, feedback: &BinaryEmulator) -> AppConfig {
 
 #[tokio::test]
 async fn feedback_comes_back_through_the_seam_and_a_reload_moves_the_poller() {
-    use crate::apns::Apns;
+    use crate::providers::Providers;
     use crate::transport::{Transport, Unregistered};
     use std::collections::BTreeMap;
 
@@ -357,7 +357,7 @@ async fn feedback_comes_back_through_the_seam_and_a_reload_moves_the_poller() {
     let auth = first.encrypted_pem(&first.ca);
     let apps = |app: AppConfig| BTreeMap::from([(app.name.clone(), app)]);
     let apns: Arc<dyn Transport> = Arc::new(
-        Apns::new(&apps(with_feedback(
+        Providers::new(&apps(with_feedback(
             first.app(auth.clone()),
             &first.emulator,
         )))

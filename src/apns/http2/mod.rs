@@ -4,26 +4,21 @@
 
 use std::time::SystemTime;
 
+use futures::future::BoxFuture;
 use tracing::debug;
 use uuid::Uuid;
 
-use crate::apns::error::LoadError;
 use crate::apns::identity;
 use crate::apns::options::Options;
 use crate::apns::provider_token::JwtSigner;
-use crate::app_gate::AppGate;
 use crate::config::{AppConfig, Auth};
-use crate::http2::connection::ConnectOptions;
-use crate::http2::pool::{Pool, PoolOptions};
-use crate::service::{self, Exchanged};
+use crate::http2::pool::Pool;
+use crate::service::{self, AppClient, Exchanged, LoadError, OneAnswer, Timings};
 use crate::tls;
 use crate::transport::{short_token, Delivery, Notification};
 
 pub mod request;
 pub mod response;
-mod send_one;
-
-pub use send_one::{send_one, OneAnswer};
 
 use request::{host_port, ApnsRequest};
 use response::{Answer, Verdict};
@@ -32,98 +27,45 @@ pub(crate) struct Http2App {
     pub(crate) config: AppConfig,
     pool: Pool,
     signer: Option<JwtSigner>,
-    pub(crate) gate: AppGate,
 }
 
 impl Http2App {
     /// Loads the credentials and sets up TLS; connects later, on the first request.
-    pub(crate) fn new(config: &AppConfig, options: &Options) -> Result<Http2App, LoadError> {
-        let app = config.name.clone();
+    pub(crate) fn new(
+        config: &AppConfig,
+        timings: &Timings,
+        options: &Options,
+    ) -> Result<Http2App, LoadError> {
+        let app = &config.name;
         let (signer, identity) = match &config.auth {
             Auth::Token(t) => {
                 let signer = JwtSigner::load(t)
-                    .map_err(|source| LoadError::Key {
-                        app: app.clone(),
-                        source,
-                    })?
+                    .map_err(|e| LoadError::new(app, e))?
                     .with_intervals(options.token_refresh_after, options.token_min_interval);
                 (Some(signer), None)
             }
             Auth::Certificate(c) => {
                 let identity =
-                    identity::load_for_app(&app, c).map_err(|source| LoadError::Identity {
-                        app: app.clone(),
-                        source,
-                    })?;
+                    identity::load_for_app(app, c).map_err(|e| LoadError::new(app, e))?;
                 (None, Some(identity))
             }
-            Auth::Fcm(_) => return Err(LoadError::NotApns { app }),
+            _ => return Err(LoadError::new(app, "not an APNs app")),
         };
-        let tls =
-            tls::connector(config.ca_file.as_deref(), identity, &["h2"]).map_err(|message| {
-                LoadError::Tls {
-                    app: app.clone(),
-                    message,
-                }
-            })?;
+        let tls = tls::connector(config.ca_file.as_deref(), identity, &["h2"])
+            .map_err(|e| LoadError::new(app, e))?;
         let (host, port) = host_port(&config.endpoint);
-        let pool = Pool::new(
-            &app,
-            PoolOptions {
-                connect: ConnectOptions {
-                    service: "APNs",
-                    host: host.to_owned(),
-                    port,
-                    proxy: config.proxy.for_target(host, port).cloned(),
-                    tls,
-                    connect_timeout: options.connect_timeout,
-                    request_timeout: config.request_timeout,
-                    ping_interval: options.ping_interval,
-                    ping_timeout: options.ping_timeout,
-                },
-                connections: config.connections,
-                reconnect_base: options.reconnect_base,
-                reconnect_max: options.reconnect_max,
-                max_resends: options.max_resends,
-                stream_wait: options.stream_wait,
-            },
-        );
+        let connect = timings.connect(config, "APNs", host, port, &tls);
         Ok(Http2App {
             config: config.clone(),
-            pool,
+            pool: timings.pool(app, config.connections, connect),
             signer,
-            gate: AppGate::new(
-                &app,
-                "APNs",
-                options.credentials_backoff_base,
-                options.credentials_backoff_max,
-                config.request_timeout,
-            ),
         })
     }
 
-    pub(crate) fn open_connections(&self) -> usize {
-        self.pool.open_connections()
-    }
-
-    pub(crate) fn health(&self) -> Result<(), String> {
-        self.gate.health()?;
-        self.pool.health()
-    }
-
-    pub(crate) async fn deliver(&self, n: &Notification) -> Delivery {
-        let apns_id = Uuid::new_v4();
-        let delivery = self
-            .gate
-            .attempt(&n.device_token, self.exchange_row(n, apns_id))
-            .await;
-        debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
-               apns_id = %apns_id, outcome = ?delivery, "push attempt");
-        delivery
-    }
-
     /// Builds the row's request and sends it: what APNs said.
-    async fn exchange_row(&self, n: &Notification, apns_id: Uuid) -> Exchanged {
+    async fn exchange_row(&self, n: &Notification) -> Exchanged {
+        let apns_id = Uuid::new_v4();
+        debug!(app = %self.config.name, id = n.id, apns_id = %apns_id, "apns-id");
         let request = match request::build(n, &self.config, apns_id) {
             Ok(r) => r,
             Err(reason) => {
@@ -224,18 +166,46 @@ impl Http2App {
             .map_err(|e| service::unanswered("APNs", e))
     }
 
-    /// One push, the raw answer: for `pgpushd send`.
-    pub(crate) async fn send_one(&self, n: &Notification) -> anyhow::Result<(Uuid, Answer)> {
+    /// One push, APNs's answer as it is: for `pgpushd send`.
+    async fn send_raw(&self, n: &Notification) -> anyhow::Result<OneAnswer> {
         let request = request::build(n, &self.config, Uuid::new_v4())
             .map_err(|reason| anyhow::anyhow!("this push would be refused: {reason}"))?;
         let bearer = match &self.signer {
             Some(signer) => Some(signer.token()?),
             None => None,
         };
-        let answer = self
+        let answer: Answer = self
             .pool
             .send(|| request.to_http(bearer.as_deref()), request.body.clone())
-            .await?;
-        Ok((request.apns_id, answer.into()))
+            .await?
+            .into();
+        let apns_id = answer.apns_id.clone();
+        Ok(OneAnswer {
+            status: answer.status,
+            reason: answer.reason().map(|r| r.to_string()),
+            // The one we sent, unless APNs chose another.
+            id: Some((
+                "apns-id",
+                apns_id.unwrap_or_else(|| request.apns_id.to_string()),
+            )),
+        })
+    }
+}
+
+impl AppClient for Http2App {
+    fn exchange<'a>(&'a self, n: &'a Notification) -> BoxFuture<'a, Exchanged> {
+        Box::pin(self.exchange_row(n))
+    }
+
+    fn send_one<'a>(&'a self, n: &'a Notification) -> BoxFuture<'a, anyhow::Result<OneAnswer>> {
+        Box::pin(self.send_raw(n))
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.pool.health()
+    }
+
+    fn open_connections(&self) -> usize {
+        self.pool.open_connections()
     }
 }

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use crate::app_gate::MIN_DEFER;
 use crate::http2::pool::PoolError;
+use crate::service::app_gate::MIN_DEFER;
 use crate::transport::Delivery;
 
 /// What one exchange with the service came to.
