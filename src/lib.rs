@@ -69,3 +69,4 @@ pub mod systemd;
 mod testutil;
 pub mod tls;
 pub mod transport;
+pub mod webpush;

@@ -1,0 +1,13 @@
+//! Web Push, for browsers: a row's payload delivered to the service worker of the page
+//! that subscribed, through the browser's push service (Mozilla's autopush, Google's
+//! FCM, Apple's, Microsoft's), over the Web Push protocol (RFC 8030): the payload
+//! encrypted for the browser (RFC 8291, `aes128gcm`, RFC 8188) and the request signed
+//! with the app's VAPID key (RFC 8292).
+//!
+//! The rules, pure and tested on their own:
+//!
+//! - [`subscription`]: a row's `device_token`, the browser's `PushSubscription` JSON;
+//! - [`base64url`]: how Web Push writes bytes.
+
+pub mod base64url;
+pub mod subscription;
