@@ -7,7 +7,10 @@
 //! The rules, pure and tested on their own:
 //!
 //! - [`subscription`]: a row's `device_token`, the browser's `PushSubscription` JSON;
+//! - [`encrypt`]: the payload encrypted for the browser (`aes128gcm`), and how large it
+//!   may be;
 //! - [`base64url`]: how Web Push writes bytes.
 
 pub mod base64url;
+pub mod encrypt;
 pub mod subscription;
