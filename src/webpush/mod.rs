@@ -9,8 +9,10 @@
 //! - [`subscription`]: a row's `device_token`, the browser's `PushSubscription` JSON;
 //! - [`encrypt`]: the payload encrypted for the browser (`aes128gcm`), and how large it
 //!   may be;
+//! - [`vapid`]: the app's key, its tokens (one per push service, 12 hours each);
 //! - [`base64url`]: how Web Push writes bytes.
 
 pub mod base64url;
 pub mod encrypt;
 pub mod subscription;
+pub mod vapid;
