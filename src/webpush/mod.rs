@@ -9,10 +9,12 @@
 //! - [`subscription`]: a row's `device_token`, the browser's `PushSubscription` JSON;
 //! - [`encrypt`]: the payload encrypted for the browser (`aes128gcm`), and how large it
 //!   may be;
+//! - [`request`]: a row as the request, its columns as `TTL`, `Urgency` and `Topic`;
 //! - [`vapid`]: the app's key, its tokens (one per push service, 12 hours each);
 //! - [`base64url`]: how Web Push writes bytes.
 
 pub mod base64url;
 pub mod encrypt;
+pub mod request;
 pub mod subscription;
 pub mod vapid;
