@@ -10,11 +10,13 @@
 //! - [`encrypt`]: the payload encrypted for the browser (`aes128gcm`), and how large it
 //!   may be;
 //! - [`request`]: a row as the request, its columns as `TTL`, `Urgency` and `Topic`;
+//! - [`response`]: what the push service's answer means for the row;
 //! - [`vapid`]: the app's key, its tokens (one per push service, 12 hours each);
 //! - [`base64url`]: how Web Push writes bytes.
 
 pub mod base64url;
 pub mod encrypt;
 pub mod request;
+pub mod response;
 pub mod subscription;
 pub mod vapid;
