@@ -13,6 +13,12 @@
 //! - [`response`]: what the push service's answer means for the row;
 //! - [`vapid`]: the app's key, its tokens (one per push service, 12 hours each);
 //! - [`base64url`]: how Web Push writes bytes.
+//!
+//! One row, put together: [`subscription::Subscription::parse`] its `device_token`,
+//! [`request::build`] the request, [`encrypt::encrypt`] its payload for the body (103
+//! bytes longer), [`vapid::VapidSigner::authorization`] for the request's origin, then
+//! [`request::WebPushRequest::to_http`]; the answer read as [`response::Answer`] gives
+//! its [`response::Verdict`]. The transport that does the sending is not here.
 
 pub mod base64url;
 pub mod encrypt;
