@@ -68,3 +68,4 @@ pub mod systemd;
 mod testutil;
 pub mod tls;
 pub mod transport;
+pub mod webpush;
