@@ -45,6 +45,7 @@ mod stats;
 mod stream_limit;
 pub mod tls;
 pub mod validate;
+pub mod webpush;
 
 use std::fmt;
 use std::net::SocketAddr;
