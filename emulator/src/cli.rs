@@ -2,7 +2,9 @@
 //! the arguments and the run loop behind both `pgpushd-emulator` and `pgpushd emulator`.
 //! `--protocol binary` runs the retired binary protocol's gateway and feedback service
 //! instead ([`crate::binary`]); `--protocol fcm` runs Firebase Cloud Messaging's HTTP v1
-//! API and its token endpoint ([`crate::fcm`]).
+//! API and its token endpoint ([`crate::fcm`]); `--protocol webpush` runs a Web Push
+//! service (RFC 8030, 8291, 8292) that makes the subscriptions it accepts pushes for
+//! ([`crate::webpush`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,6 +16,7 @@ use clap::{Args, ValueEnum};
 
 use super::binary::{BinaryEmulator, BinaryEmulatorConfig};
 use super::fcm::{FcmEmulator, FcmEmulatorConfig, DEFAULT_PROJECT};
+use super::webpush::{WebPushEmulator, WebPushEmulatorConfig};
 use super::{Emulator, EmulatorAuth, EmulatorConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -24,12 +27,16 @@ pub enum ProtocolArg {
     /// Firebase Cloud Messaging's HTTP v1 API and OAuth token endpoint (needs --tls-dir,
     /// where it writes service-account.json, or --service-account).
     Fcm,
+    /// A Web Push service: RFC 8030 push, RFC 8291 encryption, RFC 8292 VAPID (needs
+    /// --tls-dir, where it writes the CA and, with --subscriptions, subscriptions.jsonl).
+    Webpush,
 }
 
 #[derive(Args, Debug)]
 pub struct EmulatorArgs {
     /// Address to listen on [default: 127.0.0.1:2197 (HTTP/2: APNs uses 443, 2197 is its
-    /// alternative port), 127.0.0.1:2195 (binary), 127.0.0.1:2198 (fcm)].
+    /// alternative port), 127.0.0.1:2195 (binary), 127.0.0.1:2198 (fcm), 127.0.0.1:2199
+    /// (webpush)].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Which APNs protocol to speak.
@@ -86,6 +93,27 @@ pub struct EmulatorArgs {
     /// lopsided).
     #[command(flatten)]
     pub fcm: Box<FcmArgs>,
+    /// The options of --protocol webpush.
+    #[command(flatten)]
+    pub webpush: WebPushArgs,
+}
+
+/// The options only `--protocol webpush` takes.
+#[derive(Args, Debug)]
+pub struct WebPushArgs {
+    /// webpush: make N subscriptions at start and write their PushSubscription JSON, one
+    /// per line, to TLS_DIR/subscriptions.jsonl (more: POST /subscribe).
+    #[arg(long, value_name = "N")]
+    pub subscriptions: Option<usize>,
+    /// webpush: offer only ALPN http/1.1 (an origin that speaks HTTP/1.1 only).
+    #[arg(long, conflicts_with = "http2_only")]
+    pub http1_only: bool,
+    /// webpush: offer only ALPN h2.
+    #[arg(long)]
+    pub http2_only: bool,
+    /// webpush: subscription ids answered 410 Gone (unsubscribed, expired).
+    #[arg(long, num_args = 1..)]
+    pub gone: Vec<String>,
 }
 
 /// The options only `--protocol fcm` takes.
@@ -120,10 +148,31 @@ impl EmulatorArgs {
         .find_map(|(flag, given)| given.then_some(flag))
     }
 
-    fn into_config(self) -> anyhow::Result<EmulatorConfig> {
+    /// The webpush-only flags given, for the other protocols to refuse.
+    fn webpush_only(&self) -> Option<&'static str> {
+        [
+            ("--subscriptions", self.webpush.subscriptions.is_some()),
+            ("--http1-only", self.webpush.http1_only),
+            ("--http2-only", self.webpush.http2_only),
+            ("--gone", !self.webpush.gone.is_empty()),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
+
+    /// Refuses the flags of --protocol fcm and webpush.
+    fn refuse_other_modes(&self) -> anyhow::Result<()> {
         if let Some(flag) = self.fcm_only() {
             anyhow::bail!("{flag} applies to --protocol fcm only");
         }
+        if let Some(flag) = self.webpush_only() {
+            anyhow::bail!("{flag} applies to --protocol webpush only");
+        }
+        Ok(())
+    }
+
+    fn into_config(self) -> anyhow::Result<EmulatorConfig> {
+        self.refuse_other_modes()?;
         if !(0.0..=1.0).contains(&self.error_rate) {
             anyhow::bail!(
                 "--error-rate must be between 0 and 1, not {}",
@@ -170,9 +219,7 @@ impl EmulatorArgs {
         if let Some((flag, _)) = http2_only.iter().find(|(_, given)| *given) {
             anyhow::bail!("{flag} applies to --protocol http2 only");
         }
-        if let Some(flag) = self.fcm_only() {
-            anyhow::bail!("{flag} applies to --protocol fcm only");
-        }
+        self.refuse_other_modes()?;
         let Some(ca) = &self.client_ca else {
             anyhow::bail!(
                 "--protocol binary needs --client-ca FILE: the CA that signs the client \
@@ -203,6 +250,7 @@ pub async fn run(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> anyh
     match args.protocol {
         ProtocolArg::Binary => return run_binary(args, shutdown).await,
         ProtocolArg::Fcm => return run_fcm(args, shutdown).await,
+        ProtocolArg::Webpush => return run_webpush(args, shutdown).await,
         ProtocolArg::Http2 => {}
     }
     let tls_dir = args.tls_dir.clone();
@@ -240,6 +288,9 @@ impl EmulatorArgs {
         ];
         if let Some((flag, _)) = apns_only.iter().find(|(_, given)| *given) {
             anyhow::bail!("{flag} applies to the APNs protocols only, not to --protocol fcm");
+        }
+        if let Some(flag) = self.webpush_only() {
+            anyhow::bail!("{flag} applies to --protocol webpush only");
         }
         if !(0.0..=1.0).contains(&self.error_rate) {
             anyhow::bail!(
@@ -297,6 +348,80 @@ async fn run_fcm(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> anyh
     if let (Some(path), Some(project)) = (emulator.service_account_path(), emulator.project_id()) {
         println!(
             "service account key file: {} (project {project})",
+            path.display()
+        );
+    }
+    print_ca(tls_dir, emulator.ca_pem());
+    shutdown.await;
+    emulator.shutdown().await;
+    Ok(())
+}
+
+impl EmulatorArgs {
+    fn into_webpush_config(self) -> anyhow::Result<WebPushEmulatorConfig> {
+        let apns_only = [
+            ("--token-key", self.token_key.is_some()),
+            ("--client-ca", self.client_ca.is_some()),
+            ("--topic", self.topic.is_some()),
+            ("--bad-token", !self.bad_token.is_empty()),
+            ("--unregistered", !self.unregistered.is_empty()),
+        ];
+        if let Some((flag, _)) = apns_only.iter().find(|(_, given)| *given) {
+            let hint = if flag == &"--unregistered" {
+                " (webpush: --gone ID...)"
+            } else {
+                ""
+            };
+            anyhow::bail!("{flag} does not apply to --protocol webpush{hint}");
+        }
+        if let Some(flag) = self.fcm_only() {
+            anyhow::bail!("{flag} applies to --protocol fcm only");
+        }
+        if !(0.0..=1.0).contains(&self.error_rate) {
+            anyhow::bail!(
+                "--error-rate must be between 0 and 1, not {}",
+                self.error_rate
+            );
+        }
+        if self.tls_dir.is_none() {
+            anyhow::bail!(
+                "--protocol webpush needs --tls-dir DIR: it writes the CA senders must trust \
+                 (DIR/ca.pem) and the subscriptions it makes (DIR/subscriptions.jsonl) there"
+            );
+        }
+        let webpush = self.webpush;
+        Ok(WebPushEmulatorConfig {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 2199))),
+            tls_dir: self.tls_dir,
+            http1_only: webpush.http1_only,
+            http2_only: webpush.http2_only,
+            subscriptions: webpush.subscriptions.unwrap_or(0),
+            gone: webpush.gone,
+            record: self.record,
+            error_rate: self.error_rate,
+            latency: self.latency,
+            goaway_every: self.goaway_every,
+            max_streams: self.max_streams,
+            keep_records: 0,
+        })
+    }
+}
+
+async fn run_webpush(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls_dir = args.tls_dir.clone();
+    let emulator = WebPushEmulator::start(args.into_webpush_config()?).await?;
+    println!(
+        "Web Push emulator listening on {} (push resources {}/push/ID; new subscriptions: POST {}/subscribe)",
+        emulator.endpoint(),
+        emulator.endpoint(),
+        emulator.endpoint()
+    );
+    if let Some(path) = emulator.subscriptions_path() {
+        println!(
+            "{} subscriptions (PushSubscription JSON, one per line): {}",
+            emulator.initial_subscriptions().len(),
             path.display()
         );
     }

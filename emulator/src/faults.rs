@@ -1,7 +1,8 @@
 //! Answers that do not depend on the request's validity: scripted answers per device
 //! token (standing, or for the next requests only), tokens listed at start (APNs: the
 //! unregistered and bad tokens; FCM: the unregistered ones), random server errors, and
-//! latency. Generic over the protocol's answer, so the APNs and FCM emulators share it.
+//! latency. Generic over the protocol's answer, so the APNs, FCM and Web Push emulators
+//! share it.
 //! All adjustable at run time from any thread; reading them costs a few atomic loads.
 
 use std::collections::{HashMap, VecDeque};
@@ -150,23 +151,34 @@ impl<A: FaultAnswer> Faults<A> {
     /// an answer scripted once first, then a standing scripted answer, then a random
     /// server error, then the listed tokens.
     pub fn answer_for(&self, token: &str) -> Option<A> {
-        if self.any_scripted.load(Ordering::Acquire) {
-            let mut once = self.once.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(queue) = once.get_mut(&*self.key(token)) {
-                let answer = queue.pop_front();
-                if queue.is_empty() {
-                    once.remove(&*self.key(token));
-                }
-                if answer.is_some() {
-                    return answer;
-                }
+        self.scripted_for(token)
+            .or_else(|| self.random_error())
+            .or_else(|| self.listed_for(token))
+    }
+
+    /// The answer scripted for `token`, if any: one scripted once first (used up), then a
+    /// standing one.
+    pub fn scripted_for(&self, token: &str) -> Option<A> {
+        if !self.any_scripted.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut once = self.once.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = once.get_mut(&*self.key(token)) {
+            let answer = queue.pop_front();
+            if queue.is_empty() {
+                once.remove(&*self.key(token));
             }
-            drop(once);
-            let scripted = self.scripted.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(answer) = scripted.get(&*self.key(token)) {
-                return Some(answer.clone());
+            if answer.is_some() {
+                return answer;
             }
         }
+        drop(once);
+        let scripted = self.scripted.read().unwrap_or_else(|e| e.into_inner());
+        scripted.get(&*self.key(token)).cloned()
+    }
+
+    /// A random server error, as often as the error rate says.
+    pub fn random_error(&self) -> Option<A> {
         let rate = f64::from_bits(self.error_rate.load(Ordering::Relaxed));
         if rate > 0.0 {
             let mut rng = rand::thread_rng();
@@ -174,12 +186,14 @@ impl<A: FaultAnswer> Faults<A> {
                 return Some(A::random_server_error(&mut rng));
             }
         }
-        if !self.listed.is_empty() {
-            if let Some(answer) = self.listed.get(&*self.key(token)) {
-                return Some(answer.clone());
-            }
-        }
         None
+    }
+
+    fn listed_for(&self, token: &str) -> Option<A> {
+        if self.listed.is_empty() {
+            return None;
+        }
+        self.listed.get(&*self.key(token)).cloned()
     }
 
     fn key<'t>(&self, token: &'t str) -> std::borrow::Cow<'t, str> {

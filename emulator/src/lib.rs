@@ -24,8 +24,10 @@
 //!
 //! The retired binary protocol (gateway and feedback service, and its byte format) is
 //! [`binary`]'s. Firebase Cloud Messaging's HTTP v1 API, with the OAuth token endpoint its
-//! clients get access tokens from, is [`fcm`]'s; it shares the TLS, faults, records and
-//! counters above.
+//! clients get access tokens from, is [`fcm`]'s; a Web Push service (RFC 8030 push, RFC
+//! 8291 encryption, RFC 8292 VAPID, over HTTP/2 or HTTP/1.1) that also plays the browser,
+//! making the subscriptions and decrypting what they are sent, is [`webpush`]'s. Both
+//! share the TLS, faults, records and counters above.
 //!
 //! The library prints nothing; it logs with `tracing`.
 
@@ -45,6 +47,7 @@ mod stats;
 mod stream_limit;
 pub mod tls;
 pub mod validate;
+pub mod webpush;
 
 use std::fmt;
 use std::net::SocketAddr;

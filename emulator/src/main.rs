@@ -1,6 +1,6 @@
-//! `pgpushd-emulator`: the APNs (or FCM) emulator on its own, the same command as
-//! `pgpushd emulator`. Logs to standard error (`RUST_LOG` filters, default `info`); stops on
-//! SIGINT or SIGTERM.
+//! `pgpushd-emulator`: the APNs (or FCM, or Web Push) emulator on its own, the same
+//! command as `pgpushd emulator`. Logs to standard error (`RUST_LOG` filters, default
+//! `info`); stops on SIGINT or SIGTERM.
 
 use std::process::ExitCode;
 
@@ -11,7 +11,7 @@ use pgpushd_emulator::cli::{self, EmulatorArgs};
 #[command(
     name = "pgpushd-emulator",
     version,
-    about = "Runs a local APNs emulator (HTTP/2, or the retired binary protocol) or FCM emulator (HTTP v1)"
+    about = "Runs a local APNs emulator (HTTP/2, or the retired binary protocol), FCM emulator (HTTP v1) or Web Push service (RFC 8030, 8291, 8292)"
 )]
 struct Cli {
     #[command(flatten)]

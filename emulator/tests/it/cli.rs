@@ -106,3 +106,113 @@ fn a_missing_tls_dir_is_created_for_this_user_alone() {
     assert_eq!(mode, 0o700);
     assert!(dir.join("ca.pem").exists() && dir.join("server.key").exists());
 }
+
+/// Runs `pgpushd-emulator ARGS` and waits for it to exit by itself (within 10 s).
+fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpushd-emulator"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > give_up {
+            child.kill().unwrap();
+            panic!("the emulator started with {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn webpush_flags_belong_to_webpush_and_it_needs_a_tls_dir() {
+    let (code, stderr) = run_to_exit(&["--listen", "127.0.0.1:0", "--http1-only"]);
+    assert!(code.is_some_and(|c| c != 0), "{stderr}");
+    assert!(
+        stderr.contains("--http1-only applies to --protocol webpush only"),
+        "{stderr}"
+    );
+    let (code, stderr) = run_to_exit(&["--protocol", "webpush", "--listen", "127.0.0.1:0"]);
+    assert!(code.is_some_and(|c| c != 0), "{stderr}");
+    assert!(
+        stderr.contains("--protocol webpush needs --tls-dir"),
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) = run_to_exit(&[
+        "--protocol",
+        "webpush",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-dir",
+        dir.path().to_str().unwrap(),
+        "--token-key",
+        "k.p8",
+        "--key-id",
+        "K",
+        "--team-id",
+        "T",
+    ]);
+    assert!(code.is_some_and(|c| c != 0), "{stderr}");
+    assert!(
+        stderr.contains("--token-key does not apply to --protocol webpush"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn webpush_writes_its_subscriptions_and_says_where() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("webpush");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpushd-emulator"))
+        .args(["--protocol", "webpush", "--listen", "127.0.0.1:0"])
+        .args(["--subscriptions", "2", "--http1-only", "--tls-dir"])
+        .arg(&tls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        printed.push(line);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        printed[0].starts_with("Web Push emulator listening on https://127.0.0.1:"),
+        "{printed:?}"
+    );
+    let file = tls.join("subscriptions.jsonl");
+    assert!(
+        printed[1].contains(&file.display().to_string()),
+        "{printed:?}"
+    );
+    assert!(
+        printed[2].contains(&tls.join("ca.pem").display().to_string()),
+        "{printed:?}"
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for line in lines {
+        assert!(line["endpoint"].as_str().unwrap().contains("/push/"));
+        assert_eq!(line["keys"]["auth"].as_str().unwrap().len(), 22);
+        assert_eq!(line["keys"]["p256dh"].as_str().unwrap().len(), 87);
+    }
+}

@@ -1,6 +1,6 @@
 //! The emulator's integration tests, one binary, a module per protocol: each drives the
 //! emulator through its public API with a client written here, from Apple's (or, for
-//! `fcm`, Google's) description of the protocol.
+//! `fcm`, Google's; for `webpush`, the RFCs') description of the protocol.
 
 mod binary;
 mod cli;
@@ -8,6 +8,7 @@ mod fcm;
 mod http2;
 mod node_apn;
 mod untrusted;
+mod webpush;
 
 /// A tool a test needs is missing: the test says SKIPPED and returns, except under
 /// `CI=true`, where every tool must be installed and a missing one fails the test.
