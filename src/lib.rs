@@ -16,9 +16,11 @@
 //!   `Unregistered`);
 //! - [`apns`]: the APNs client: `apns::http2` (the provider API) beside `apns::binary`
 //!   (the retired binary protocol), what both use at `apns/`;
-//! - [`http2`]: the HTTP/2 client (connection, pool) that APNs and FCM share;
+//! - [`http2`]: the HTTP/2 client (connection, pool) the push services share;
+//! - [`http1`]: the HTTP/1.1 keep-alive client, for push services without HTTP/2;
 //! - [`tls`]: TLS to the push services;
 //! - [`fcm`]: Firebase Cloud Messaging (HTTP v1), for Android;
+//! - [`webpush`]: Web Push (RFC 8030, 8291, 8292), for browsers;
 //! - [`providers`]: the transport the daemon uses: APNs and FCM, each row routed by its
 //!   app's provider;
 //! - [`proxy`]: HTTP proxies to APNs: which one a connection takes, the CONNECT tunnel;
@@ -50,6 +52,7 @@ pub mod demo;
 pub mod devdb;
 pub mod dispatcher;
 pub mod fcm;
+pub mod http1;
 pub mod http2;
 pub mod listener;
 pub mod metrics;

@@ -55,6 +55,9 @@ enum Command {
     Status(StatusArgs),
     /// Send one push without the database and print APNs's answer.
     Send(SendArgs),
+    /// Make a VAPID key for a Web Push app (or read one with --show) and print the
+    /// application server key web pages subscribe with.
+    WebpushKey(WebpushKeyArgs),
     /// Run a local APNs emulator.
     Emulator(pgpushd_emulator::cli::EmulatorArgs),
     /// Deliver N rows through a throwaway PostgreSQL and the emulator.
@@ -85,6 +88,16 @@ struct ConfigArg {
         default_value = "/etc/pgpushd/pgpushd.toml"
     )]
     config: PathBuf,
+}
+
+#[derive(Args)]
+struct WebpushKeyArgs {
+    /// Where to write the new key (PEM, mode 600); an existing file is never replaced.
+    #[arg(long, value_name = "FILE", required_unless_present = "show")]
+    out: Option<PathBuf>,
+    /// Read this key (PEM or raw base64url) instead, and print its application server key.
+    #[arg(long, value_name = "FILE", conflicts_with = "out")]
+    show: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -119,7 +132,8 @@ struct SendArgs {
     /// The `[apps.NAME]` section to send with.
     #[arg(long, default_value = "default")]
     app: String,
-    /// The device token: hex for APNs, the registration token for FCM.
+    /// The device token: hex for APNs, the registration token for FCM, the
+    /// subscription's JSON for Web Push.
     #[arg(long)]
     token: String,
     /// The alert text (builds `{"aps":{"alert":TEXT}}`, for FCM
@@ -222,6 +236,12 @@ async fn dispatch(command: Command) -> ExitCode {
                 .map(|answer| println!("{answer}")),
             Err(code) => return code,
         },
+        Command::WebpushKey(a) => match (a.out, a.show) {
+            (_, Some(path)) => pgpushd::commands::webpush_key::show(&path),
+            (Some(path), None) => pgpushd::commands::webpush_key::make(&path),
+            (None, None) => unreachable!("clap requires --out or --show"),
+        }
+        .map(|text| println!("{text}")),
         Command::Emulator(args) => pgpushd_emulator::cli::run(args, shutdown_signal()).await,
         Command::Demo { rows, provider } => match pgpushd::demo::run(
             rows,

@@ -50,6 +50,8 @@ pub struct RowUpdate {
     pub apns_id: Option<Uuid>,
     /// FCM's name for a sent message.
     pub fcm_name: Option<String>,
+    /// The push message's URL a Web Push service gave a sent message (`Location`).
+    pub webpush_location: Option<String>,
     /// For rows going back to `pending`: when to try again, from now.
     pub retry_in: Option<Duration>,
     /// Whether a request was made; it counts against `max_attempts`.
@@ -66,6 +68,7 @@ impl RowUpdate {
             last_error: None,
             apns_id: None,
             fcm_name: None,
+            webpush_location: None,
             retry_in: None,
             attempted: false,
             unregistered_at: None,
@@ -104,8 +107,12 @@ impl RowUpdate {
                     Some(MessageId::Apns(id)) => Some(*id),
                     _ => None,
                 },
-                fcm_name: match id {
-                    Some(MessageId::Fcm(name)) => Some(name),
+                fcm_name: match &id {
+                    Some(MessageId::Fcm(name)) => Some(name.clone()),
+                    _ => None,
+                },
+                webpush_location: match id {
+                    Some(MessageId::Webpush(location)) => Some(location),
                     _ => None,
                 },
                 ..attempted(RowStatus::Sent)

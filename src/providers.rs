@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::config::{AppConfig, Config, Provider};
 use crate::service::{AppClient, LoadError, OneAnswer, Registry, Timings};
 use crate::transport::{Delivery, Notification, Pause, Transport, Undelivered, Unregistered};
-use crate::{apns, fcm};
+use crate::{apns, fcm, webpush};
 
 /// Every service's timings that are not in the config: sensible for the real services,
 /// shortened by tests.
@@ -82,6 +82,7 @@ pub fn load(
     match config.provider() {
         Provider::Apns => apns::load(config, timings, &options.apns, undelivered),
         Provider::Fcm => fcm::load(config, timings, &options.fcm),
+        Provider::Webpush => webpush::load(config, timings),
     }
 }
 

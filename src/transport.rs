@@ -48,7 +48,7 @@ pub struct Notification {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delivery {
     /// The service accepted it; `id` is what the service called the message, kept in
-    /// the row (`apns_id`, `fcm_name`).
+    /// the row (`apns_id`, `fcm_name`, `webpush_location`).
     Sent { id: Option<MessageId> },
     /// Permanently refused (bad token, payload too large, bad row, ...): `failed`.
     Rejected { reason: String },
@@ -89,6 +89,8 @@ pub enum MessageId {
     Apns(Uuid),
     /// FCM's `name` (`projects/P/messages/ID`).
     Fcm(String),
+    /// A Web Push service's `Location`: the push message's URL.
+    Webpush(String),
 }
 
 /// A device token the push service reported unregistered on its own, not in answer to a

@@ -3,9 +3,11 @@
 //! - [`check_config`]: `pgpushd check-config`;
 //! - [`migrate`]: `pgpushd migrate`;
 //! - [`send`]: `pgpushd send`;
-//! - [`status`]: `pgpushd status` (`--json`, `--watch`).
+//! - [`status`]: `pgpushd status` (`--json`, `--watch`);
+//! - [`webpush_key`]: `pgpushd webpush-key`.
 
 pub mod check_config;
 pub mod migrate;
 pub mod send;
 pub mod status;
+pub mod webpush_key;

@@ -8,7 +8,8 @@ use crate::transport::{payload_kind, Notification};
 pub struct Push {
     pub app: String,
     pub token: String,
-    /// Text for a plain alert (APNs `aps.alert`, FCM `notification.body`)...
+    /// Text for a plain alert (APNs `aps.alert`, FCM `notification.body`, Web Push
+    /// `body`)...
     pub alert: Option<String>,
     /// ... or the whole payload, sent as given (FCM: the message without its token).
     pub payload: Option<String>,
@@ -24,10 +25,14 @@ pub async fn run(config: &Config, push: Push) -> anyhow::Result<String> {
         .apps
         .get(&push.app)
         .ok_or_else(|| anyhow::anyhow!("no [apps.{}] section in the config", push.app))?;
-    let fcm = app.provider() == Provider::Fcm;
     let payload = match (push.alert, push.payload) {
-        (Some(text), _) if fcm => serde_json::json!({"notification": {"body": text}}).to_string(),
-        (Some(text), _) => serde_json::json!({"aps": {"alert": text}}).to_string(),
+        (Some(text), _) => match app.provider() {
+            Provider::Apns => serde_json::json!({"aps": {"alert": text}}),
+            Provider::Fcm => serde_json::json!({"notification": {"body": text}}),
+            // What the README's service worker shows.
+            Provider::Webpush => serde_json::json!({"title": "pgpushd", "body": text}),
+        }
+        .to_string(),
         // Sent as given, as a row's text is.
         (None, Some(json)) => {
             payload_kind(&json).map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;

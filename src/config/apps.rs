@@ -1,5 +1,6 @@
 //! `[apps.NAME]`: one section per app the outbox names — which push service it uses
-//! ([`Provider`]: APNs, or FCM with its `[apps.NAME.fcm]`), where its notifications go
+//! ([`Provider`]: APNs, FCM with its `[apps.NAME.fcm]`, or Web Push with its
+//! `[apps.NAME.webpush]`), where its notifications go
 //! ([`Endpoint`], [`Protocol`]), how it authenticates ([`Auth`]), and the binary
 //! protocol's own settings ([`BinaryConfig`]).
 
@@ -29,6 +30,8 @@ pub enum Provider {
     Apns,
     /// Firebase Cloud Messaging, HTTP v1.
     Fcm,
+    /// Web Push (RFC 8030, 8291, 8292), to browsers.
+    Webpush,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -45,6 +48,8 @@ pub enum Endpoint {
     Apple(Environment),
     /// Any other host (FCM's, an emulator, a gateway): `https://host:port` or `host:port`.
     Custom { host: String, port: u16 },
+    /// Web Push: each row's subscription names its push service.
+    PerRow,
 }
 
 /// FCM's endpoint unless `endpoint` says otherwise.
@@ -107,6 +112,21 @@ pub enum Auth {
     Certificate(CertificateAuth),
     /// FCM: a service account (`provider = "fcm"`).
     Fcm(FcmAuth),
+    /// Web Push: the VAPID key and subject (`provider = "webpush"`).
+    Webpush(WebpushAuth),
+}
+
+/// `[apps.NAME.webpush]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebpushAuth {
+    /// The VAPID key: a P-256 private key, PEM or the raw base64url form web-push tools
+    /// print (`pgpushd webpush-key` makes one); read when the app loads.
+    pub key_file: PathBuf,
+    /// Who to contact about this sender (`mailto:` or `https:`): push services require it.
+    pub subject: String,
+    /// How long a push service keeps a row's message for an offline browser when the row
+    /// has no `expires_at` (the `TTL` header).
+    pub ttl: Duration,
 }
 
 /// `[apps.NAME.fcm]`.
@@ -126,6 +146,7 @@ impl Provider {
         match self {
             Provider::Apns => "APNs",
             Provider::Fcm => "FCM",
+            Provider::Webpush => "Web Push",
         }
     }
 }
@@ -134,6 +155,7 @@ impl AppConfig {
     pub fn provider(&self) -> Provider {
         match self.auth {
             Auth::Fcm(_) => Provider::Fcm,
+            Auth::Webpush(_) => Provider::Webpush,
             Auth::Token(_) | Auth::Certificate(_) => Provider::Apns,
         }
     }
@@ -183,6 +205,16 @@ pub(super) struct AppFile {
     feedback_endpoint: Option<String>,
     proxy: Option<String>,
     fcm: Option<FcmFile>,
+    webpush: Option<WebpushFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebpushFile {
+    key_file: PathBuf,
+    subject: String,
+    #[serde(default = "defaults::webpush_ttl", with = "duration")]
+    ttl: Duration,
 }
 
 #[derive(Deserialize)]
@@ -236,6 +268,10 @@ mod defaults {
     pub fn feedback_interval() -> Duration {
         Duration::from_secs(3600)
     }
+    /// Four weeks, as web-push libraries default to (and about what the services keep).
+    pub fn webpush_ttl() -> Duration {
+        Duration::from_secs(28 * 24 * 3600)
+    }
 }
 
 // ---- validation ------------------------------------------------------------------------
@@ -255,13 +291,21 @@ impl Validator<'_> {
             .map(|p| self.proxy_setting(&key("proxy"), &p))
             .transpose()?;
         let proxy = self.proxy_policy(&key("proxy"), proxy, network, env)?;
-        if a.provider == Provider::Fcm {
-            return self.fcm_app(name, a, proxy);
+        match a.provider {
+            Provider::Fcm => return self.fcm_app(name, a, proxy),
+            Provider::Webpush => return self.webpush_app(name, a, proxy),
+            Provider::Apns => {}
         }
         if a.fcm.is_some() {
             return Err(self.invalid(
                 key("fcm"),
                 "only applies to provider = \"fcm\" (this app's provider is \"apns\")",
+            ));
+        }
+        if a.webpush.is_some() {
+            return Err(self.invalid(
+                key("webpush"),
+                "only applies to provider = \"webpush\" (this app's provider is \"apns\")",
             ));
         }
         let protocol = a.protocol.unwrap_or_else(defaults::protocol);
@@ -312,14 +356,8 @@ impl Validator<'_> {
         })
     }
 
-    /// An FCM app: `[apps.NAME.fcm]`, the shared keys, and none of APNs's.
-    fn fcm_app(
-        &self,
-        name: String,
-        a: AppFile,
-        proxy: ProxyPolicy,
-    ) -> Result<AppConfig, ConfigError> {
-        let key = |k: &str| format!("apps.{name}.{k}");
+    /// APNs's keys, refused in an app of another provider.
+    fn no_apns_keys(&self, name: &str, a: &AppFile) -> Result<(), ConfigError> {
         let apns_only = [
             ("topic", a.topic.is_some()),
             ("environment", a.environment.is_some()),
@@ -330,10 +368,105 @@ impl Validator<'_> {
             ("feedback_interval", a.feedback_interval.is_some()),
             ("feedback_endpoint", a.feedback_endpoint.is_some()),
         ];
-        if let Some((k, _)) = apns_only.iter().find(|(_, set)| *set) {
+        match apns_only.iter().find(|(_, set)| *set) {
+            Some((k, _)) => Err(self.invalid(
+                format!("apps.{name}.{k}"),
+                format!(
+                    "only applies to APNs apps; this app's provider is \"{}\"",
+                    match a.provider {
+                        Provider::Fcm => "fcm",
+                        _ => "webpush",
+                    }
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A Web Push app: `[apps.NAME.webpush]`, the shared keys, none of APNs's or FCM's,
+    /// and no `endpoint`: each row's subscription names its push service.
+    fn webpush_app(
+        &self,
+        name: String,
+        a: AppFile,
+        proxy: ProxyPolicy,
+    ) -> Result<AppConfig, ConfigError> {
+        let key = |k: &str| format!("apps.{name}.{k}");
+        self.no_apns_keys(&name, &a)?;
+        let others = [
+            ("fcm", a.fcm.is_some(), "only applies to provider = \"fcm\""),
+            (
+                "endpoint",
+                a.endpoint.is_some(),
+                "a Web Push app has none: each row's subscription names its push service",
+            ),
+        ];
+        if let Some((k, _, why)) = others.iter().find(|(_, set, _)| *set) {
             return Err(self.invalid(
                 key(k),
-                "only applies to APNs apps; this app's provider is \"fcm\"",
+                format!("{why} (this app's provider is \"webpush\")"),
+            ));
+        }
+        let Some(webpush) = a.webpush else {
+            return Err(self.invalid(
+                format!("apps.{name}"),
+                format!(
+                    "provider = \"webpush\" needs [apps.{name}.webpush] with key_file (the \
+                     VAPID key; `pgpushd webpush-key` makes one) and subject (mailto: or \
+                     https:)"
+                ),
+            ));
+        };
+        let subject = webpush.subject.trim();
+        let has_rest = |scheme: &str| {
+            subject
+                .strip_prefix(scheme)
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
+        };
+        if !(has_rest("mailto:") || has_rest("https://")) {
+            return Err(self.invalid(
+                key("webpush.subject"),
+                format!(
+                    "{subject:?}: push services require a contact, a mailto: address or an \
+                     https: URL (\"mailto:ops@example.com\")"
+                ),
+            ));
+        }
+        Ok(AppConfig {
+            connections: self.positive(&key("connections"), a.connections, 64)?,
+            request_timeout: self.bounded(
+                &key("request_timeout"),
+                a.request_timeout,
+                10 * MINUTE,
+            )?,
+            ca_file: a.ca_file.map(|p| self.file_path(p)),
+            topic: None,
+            endpoint: Endpoint::PerRow,
+            protocol: Protocol::Http2,
+            auth: Auth::Webpush(WebpushAuth {
+                key_file: self.file_path(webpush.key_file),
+                subject: subject.to_owned(),
+                ttl: self.bounded(&key("webpush.ttl"), webpush.ttl, 28 * DAY)?,
+            }),
+            binary: BinaryConfig::default(),
+            proxy,
+            name,
+        })
+    }
+
+    /// An FCM app: `[apps.NAME.fcm]`, the shared keys, and none of APNs's.
+    fn fcm_app(
+        &self,
+        name: String,
+        a: AppFile,
+        proxy: ProxyPolicy,
+    ) -> Result<AppConfig, ConfigError> {
+        let key = |k: &str| format!("apps.{name}.{k}");
+        self.no_apns_keys(&name, &a)?;
+        if a.webpush.is_some() {
+            return Err(self.invalid(
+                key("webpush"),
+                "only applies to provider = \"webpush\" (this app's provider is \"fcm\")",
             ));
         }
         let Some(fcm) = a.fcm else {
@@ -480,6 +613,7 @@ impl Validator<'_> {
                 host: host.clone(),
                 port: FEEDBACK_PORT,
             },
+            (None, Endpoint::PerRow) => unreachable!("an APNs app has an endpoint"),
         };
         Ok(BinaryConfig {
             settle,
@@ -530,6 +664,55 @@ mod tests {
 
     use super::super::testing::{parse, MINIMAL};
     use super::*;
+
+    #[test]
+    fn webpush_apps_take_a_vapid_key_and_a_subject_and_no_endpoint() {
+        let web = "[apps.web]\nprovider = \"webpush\"\n";
+        let section = "[apps.web.webpush]\nkey_file = \"vapid.pem\"\n";
+        let c = parse(&format!(
+            "{MINIMAL}{web}connections = 3\n{section}subject = \" mailto:ops@example.com \"\n"
+        ))
+        .unwrap();
+        let a = &c.apps["web"];
+        assert_eq!(a.provider(), Provider::Webpush);
+        assert_eq!((a.endpoint.clone(), a.connections), (Endpoint::PerRow, 3));
+        let Auth::Webpush(w) = &a.auth else { panic!() };
+        assert_eq!(w.subject, "mailto:ops@example.com");
+        assert_eq!(w.ttl, Duration::from_secs(28 * 24 * 3600));
+        assert!(w.key_file.ends_with("vapid.pem"));
+
+        let refused = [
+            (
+                format!("{web}{section}subject = \"ops@example.com\"\n"),
+                "apps.web.webpush.subject: \"ops@example.com\": push services require",
+            ),
+            (
+                format!("{web}{section}subject = \"mailto:\"\n"),
+                "apps.web.webpush.subject",
+            ),
+            (
+                format!("{web}{section}subject = \"https://x.example\"\nttl = \"60d\"\n"),
+                "apps.web.webpush.ttl",
+            ),
+            (
+                format!("{web}endpoint = \"https://push.example\"\n{section}subject = \"mailto:a@b\"\n"),
+                "apps.web.endpoint: a Web Push app has none",
+            ),
+            (
+                format!("{web}topic = \"com.example\"\n{section}subject = \"mailto:a@b\"\n"),
+                "apps.web.topic: only applies to APNs apps; this app's provider is \"webpush\"",
+            ),
+            (web.to_owned(), "provider = \"webpush\" needs [apps.web.webpush]"),
+            (
+                format!("[apps.web]\n{section}subject = \"mailto:a@b\"\n[apps.web.token]\nkey_file = \"k.p8\"\nkey_id = \"ABC123DEFG\"\nteam_id = \"DEF123GHIJ\"\n"),
+                "apps.web.webpush: only applies to provider = \"webpush\"",
+            ),
+        ];
+        for (text, expected) in refused {
+            let e = parse(&format!("{MINIMAL}{text}")).unwrap_err().to_string();
+            assert!(e.contains(expected), "{expected}: {e}");
+        }
+    }
 
     #[test]
     fn binary_apps_get_settle_and_feedback_defaults() {

@@ -25,6 +25,7 @@ impl Fingerprint {
                 paths.extend(c.passphrase_file.as_deref());
             }
             Auth::Fcm(f) => paths.push(&f.service_account_file),
+            Auth::Webpush(w) => paths.push(&w.key_file),
         }
         Fingerprint {
             config: format!("{config:?}"),

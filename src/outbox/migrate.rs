@@ -52,6 +52,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "fcm_tokens",
         include_str!("../../sql/006_fcm_tokens.sql"),
     ),
+    (7, "webpush", include_str!("../../sql/007_webpush.sql")),
 ];
 
 /// How long any statement of `migrate` waits for a lock before it gives up, and so the

@@ -51,6 +51,7 @@ UPDATE pgpushd.outbox AS o
        last_error = v.last_error,
        apns_id    = coalesce(v.apns_id, o.apns_id),
        fcm_name   = coalesce(v.fcm_name, o.fcm_name),
+       webpush_location = coalesce(v.webpush_location, o.webpush_location),
        sent_at    = CASE WHEN v.status = 'sent' THEN clock_timestamp() ELSE o.sent_at END,
        settled_at = CASE WHEN v.status = 'pending' THEN NULL ELSE clock_timestamp() END,
        send_after = CASE WHEN v.retry_ms IS NOT NULL
@@ -59,8 +60,8 @@ UPDATE pgpushd.outbox AS o
                          WHEN isfinite(o.created_at) THEN o.created_at
                          ELSE clock_timestamp() END
   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::bool[],
-              $7::text[])
-       AS v(id, status, last_error, apns_id, retry_ms, attempted, fcm_name)
+              $7::text[], $8::text[])
+       AS v(id, status, last_error, apns_id, retry_ms, attempted, fcm_name, webpush_location)
  WHERE o.id = v.id";
 
 const UNREGISTER: &str = "
@@ -518,10 +519,14 @@ async fn write_updates(
     let retry_ms: Vec<Option<i64>> = updates.iter().map(|u| u.retry_in.map(millis)).collect();
     let attempted: Vec<bool> = updates.iter().map(|u| u.attempted).collect();
     let fcm_names: Vec<Option<&str>> = updates.iter().map(|u| u.fcm_name.as_deref()).collect();
+    let locations: Vec<Option<&str>> = updates
+        .iter()
+        .map(|u| u.webpush_location.as_deref())
+        .collect();
     txn.execute(
         record,
         &[
-            &ids, &statuses, &errors, &apns_ids, &retry_ms, &attempted, &fcm_names,
+            &ids, &statuses, &errors, &apns_ids, &retry_ms, &attempted, &fcm_names, &locations,
         ],
     )
     .await?;

@@ -18,11 +18,24 @@
 //! [`request::build`] the request, [`encrypt::encrypt`] its payload for the body (103
 //! bytes longer), [`vapid::VapidSigner::authorization`] for the request's origin, then
 //! [`request::WebPushRequest::to_http`]; the answer read as [`response::Answer`] gives
-//! its [`response::Verdict`]. The transport that does the sending is not here.
+//! its [`response::Verdict`]. `app.rs` is the app's client (`AppClient`) that does the
+//! sending: its VAPID tokens and its connections, a pool per push service.
 
+mod app;
 pub mod base64url;
 pub mod encrypt;
 pub mod request;
 pub mod response;
 pub mod subscription;
 pub mod vapid;
+
+use crate::config::AppConfig;
+use crate::service::{AppClient, LoadError, Timings};
+
+pub use app::{MAX_ORIGINS, ORIGIN_IDLE};
+
+/// A Web Push app's client: loads its VAPID key and sets up TLS; connects to a push
+/// service when a row first goes there.
+pub fn load(config: &AppConfig, timings: &Timings) -> Result<Box<dyn AppClient>, LoadError> {
+    Ok(Box::new(app::WebpushApp::new(config, timings)?))
+}

@@ -188,7 +188,7 @@ async fn bad_rows_fail_before_any_request_and_block_nothing() {
     client
         .batch_execute(
             "ALTER TABLE pgpushd.outbox
-               DROP CONSTRAINT outbox_device_token_must_be_apns_hex_or_fcm,
+               DROP CONSTRAINT outbox_device_token_is_apns_fcm_or_webpush,
                DROP CONSTRAINT outbox_push_type_must_be_known,
                DROP CONSTRAINT outbox_priority_must_be_1_5_or_10,
                DROP CONSTRAINT outbox_collapse_id_must_be_at_most_64_bytes,

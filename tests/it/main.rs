@@ -26,3 +26,4 @@ mod tinyproxy;
 mod untrusted;
 mod upgrade;
 mod wakeup;
+mod webpush;

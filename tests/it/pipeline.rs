@@ -344,28 +344,44 @@ async fn check_constraints_refuse_bad_rows_inside_the_producers_transaction() {
         (
             "device_token",
             "'abc'",
-            "outbox_device_token_must_be_apns_hex_or_fcm",
+            "outbox_device_token_is_apns_fcm_or_webpush",
         ),
         (
             "device_token",
             "'zz'",
-            "outbox_device_token_must_be_apns_hex_or_fcm",
+            "outbox_device_token_is_apns_fcm_or_webpush",
         ),
         // FCM's characters, but no ':'; and a ':' with a character FCM never uses.
         (
             "device_token",
             "'APA91b-x_y'",
-            "outbox_device_token_must_be_apns_hex_or_fcm",
+            "outbox_device_token_is_apns_fcm_or_webpush",
         ),
         (
             "device_token",
             "'dXf1:APA91b/x'",
-            "outbox_device_token_must_be_apns_hex_or_fcm",
+            "outbox_device_token_is_apns_fcm_or_webpush",
         ),
         (
             "device_token",
             "'dXf1:' || repeat('b', 1020)",
-            "outbox_device_token_must_be_apns_hex_or_fcm",
+            "outbox_device_token_is_apns_fcm_or_webpush",
+        ),
+        // A Web Push subscription's shape, but an http endpoint; no keys; too long.
+        (
+            "device_token",
+            r#"'{"endpoint":"http://push.example/x","keys":{"p256dh":"B","auth":"A"}}'"#,
+            "outbox_device_token_is_apns_fcm_or_webpush",
+        ),
+        (
+            "device_token",
+            r#"'{"endpoint":"https://push.example/x"}'"#,
+            "outbox_device_token_is_apns_fcm_or_webpush",
+        ),
+        (
+            "device_token",
+            r#"'{"endpoint":"https://push.example/' || repeat('x', 2000) || '","keys":{"p256dh":"B","auth":"A"}}'"#,
+            "outbox_device_token_is_apns_fcm_or_webpush",
         ),
         ("push_type", "'shout'", "outbox_push_type_must_be_known"),
         ("priority", "7", "outbox_priority_must_be_1_5_or_10"),
@@ -906,7 +922,7 @@ async fn a_batch_looks_rows_up_by_index_even_when_planned_on_an_empty_outbox() {
         "record",
         pgpushd::outbox::RECORD,
         "record('{1,2}', '{sent,sent}', '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}', \
-         '{t,t}', '{NULL,NULL}')",
+         '{t,t}', '{NULL,NULL}', '{NULL,NULL}')",
     )
     .await;
     assert!(

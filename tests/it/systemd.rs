@@ -195,6 +195,7 @@ fn credential_files(config: &Config) -> Vec<PathBuf> {
                 .flatten()
                 .collect(),
             Auth::Fcm(f) => vec![f.service_account_file.clone()],
+            Auth::Webpush(w) => vec![w.key_file.clone()],
         })
         .collect()
 }

@@ -44,6 +44,7 @@ pub fn gateway(endpoint: &Endpoint) -> (&str, u16) {
         Endpoint::Apple(Environment::Production) => ("gateway.push.apple.com", 2195),
         Endpoint::Apple(Environment::Sandbox) => ("gateway.sandbox.push.apple.com", 2195),
         Endpoint::Custom { host, port } => (host.as_str(), *port),
+        Endpoint::PerRow => unreachable!("only a Web Push app has no endpoint (config::apps)"),
     }
 }
 
@@ -53,6 +54,7 @@ pub fn feedback_service(endpoint: &Endpoint) -> (&str, u16) {
         Endpoint::Apple(Environment::Production) => ("feedback.push.apple.com", 2196),
         Endpoint::Apple(Environment::Sandbox) => ("feedback.sandbox.push.apple.com", 2196),
         Endpoint::Custom { host, port } => (host.as_str(), *port),
+        Endpoint::PerRow => unreachable!("only a Web Push app has no endpoint (config::apps)"),
     }
 }
 

@@ -74,6 +74,7 @@ pub fn host_port(endpoint: &Endpoint) -> (&str, u16) {
         Endpoint::Apple(Environment::Production) => ("api.push.apple.com", 443),
         Endpoint::Apple(Environment::Sandbox) => ("api.sandbox.push.apple.com", 443),
         Endpoint::Custom { host, port } => (host.as_str(), *port),
+        Endpoint::PerRow => unreachable!("only a Web Push app has no endpoint (config::apps)"),
     }
 }
 
