@@ -1,7 +1,7 @@
 //! `pgpushd demo`: the whole pipeline on one machine with nothing configured — a
 //! throwaway PostgreSQL, the APNs emulator with token auth (or the FCM emulator with its
-//! service account, or both: [`Services`]), and the daemon — delivering N rows and
-//! saying how it went.
+//! service account, or the Web Push emulator with browsers' subscriptions, or several:
+//! [`Services`]), and the daemon — delivering N rows and saying how it went.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use pgpushd_emulator::fcm::{FcmEmulator, FcmEmulatorConfig, FcmEndpoint};
+use pgpushd_emulator::webpush::{WebPushEmulator, WebPushEmulatorConfig};
 use pgpushd_emulator::{Emulator, EmulatorAuth, EmulatorConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +22,7 @@ use crate::devdb::DevDb;
 use crate::outbox::status::Totals;
 use crate::providers::Providers;
 use crate::secret::Secret;
+use crate::webpush::vapid::VapidKey;
 use crate::{db, outbox};
 
 const TOPIC: &str = "com.example.pgpushd-demo";
@@ -34,9 +36,39 @@ pub enum Services {
     Apns,
     /// FCM: every row, for Android, to the FCM emulator.
     Fcm,
-    /// Half the rows each way, through one daemon.
+    /// Web Push: every row, for a browser, to the Web Push emulator.
+    Webpush,
+    /// APNs and FCM, half the rows each, through one daemon.
     Both,
+    /// APNs, FCM and Web Push, a third of the rows each, through one daemon.
+    All,
 }
+
+impl Services {
+    /// How many rows go to APNs, FCM and Web Push.
+    fn split(self, rows: u64) -> (u64, u64, u64) {
+        match self {
+            Services::Apns => (rows, 0, 0),
+            Services::Fcm => (0, rows, 0),
+            Services::Webpush => (0, 0, rows),
+            Services::Both => (rows - rows / 2, rows / 2, 0),
+            Services::All => (rows - 2 * (rows / 3), rows / 3, rows / 3),
+        }
+    }
+
+    fn emulators(self) -> &'static str {
+        match self {
+            Services::Apns => "the APNs emulator",
+            Services::Fcm => "the FCM emulator",
+            Services::Webpush => "the Web Push emulator",
+            Services::Both => "the APNs and FCM emulators",
+            Services::All => "the APNs, FCM and Web Push emulators",
+        }
+    }
+}
+
+/// Browsers the Web Push rows go to (rows beyond take turns).
+const BROWSERS: u64 = 100;
 
 /// What the demo saw, for its summary (and its test).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,16 +84,8 @@ pub struct Summary {
 pub async fn run(rows: u64, services: Services) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let mut out = std::io::stdout();
-    let (apns_rows, fcm_rows) = match services {
-        Services::Apns => (rows, 0),
-        Services::Fcm => (0, rows),
-        Services::Both => (rows - rows / 2, rows / 2),
-    };
-    let emulators = match services {
-        Services::Apns => "the APNs emulator",
-        Services::Fcm => "the FCM emulator",
-        Services::Both => "the APNs and FCM emulators",
-    };
+    let (apns_rows, fcm_rows, webpush_rows) = services.split(rows);
+    let emulators = services.emulators();
     writeln!(
         out,
         "pgpushd demo: {rows} notifications through a throwaway PostgreSQL and {emulators}"
@@ -102,6 +126,21 @@ pub async fn run(rows: u64, services: Services) -> anyhow::Result<Summary> {
         }
     };
 
+    let webpush = match webpush_rows {
+        0 => None,
+        _ => {
+            let (emulator, toml, subscriptions) = start_webpush(dir.path(), webpush_rows).await?;
+            writeln!(
+                out,
+                "  emulator    {} (Web Push, {} browsers subscribed with the app's VAPID key)",
+                emulator.endpoint(),
+                subscriptions.len()
+            )?;
+            apps.push_str(&toml);
+            Some((emulator, subscriptions))
+        }
+    };
+
     let config = demo_config(dir.path(), &url, &apps)?;
     let client = db::connect(&Secret::new(url.clone()), Duration::from_secs(10), "demo").await?;
     {
@@ -129,6 +168,9 @@ pub async fn run(rows: u64, services: Services) -> anyhow::Result<Summary> {
     let insert_started = Instant::now();
     insert(&client, APNS_ROWS, apns_rows).await?;
     insert(&client, FCM_ROWS, fcm_rows).await?;
+    if let Some((_, subscriptions)) = &webpush {
+        insert_webpush(&client, subscriptions, webpush_rows).await?;
+    }
 
     let deadline = Instant::now() + Duration::from_secs(60 + rows / 500);
     let mut console = Console::stdout();
@@ -157,12 +199,17 @@ pub async fn run(rows: u64, services: Services) -> anyhow::Result<Summary> {
             .filter(|r| r.endpoint == FcmEndpoint::Send && r.status == 200)
             .count() as u64
     });
+    let webpush_accepted = webpush.as_ref().map_or(0, |(e, _)| {
+        e.records().iter().filter(|r| r.status == 201).count() as u64
+    });
     let summary = Summary {
         rows,
         sent,
         failed,
         pending,
-        emulator_accepted: apns.as_ref().map_or(0, |e| e.stats().count(200)) + fcm_accepted,
+        emulator_accepted: apns.as_ref().map_or(0, |e| e.stats().count(200))
+            + fcm_accepted
+            + webpush_accepted,
     };
     writeln!(
         out,
@@ -177,6 +224,9 @@ pub async fn run(rows: u64, services: Services) -> anyhow::Result<Summary> {
         e.shutdown().await;
     }
     if let Some(e) = fcm {
+        e.shutdown().await;
+    }
+    if let Some((e, _)) = webpush {
         e.shutdown().await;
     }
     drop(cluster);
@@ -256,6 +306,74 @@ SELECT 'android', 'demo' || g || ':APA91b' || encode(sha256(('demo' || g)::bytea
                                                              'body', 'Hello #' || g),
                           'data', jsonb_build_object('n', g::text))
   FROM generate_series($1::bigint, $2::bigint) g";
+
+/// `n` rows for the browser app, taking turns over `subscriptions`: what the service
+/// worker's push event gets as each payload.
+async fn insert_webpush(
+    client: &tokio_postgres::Client,
+    subscriptions: &[String],
+    n: u64,
+) -> anyhow::Result<()> {
+    let mut inserted = 0u64;
+    while inserted < n {
+        let chunk = (n - inserted).min(100);
+        let tokens: Vec<&str> = (inserted..inserted + chunk)
+            .map(|i| subscriptions[(i % subscriptions.len() as u64) as usize].as_str())
+            .collect();
+        client
+            .execute(
+                "INSERT INTO pgpushd.outbox (app, device_token, payload)
+                 SELECT 'web', s, jsonb_build_object('title', 'pgpushd demo',
+                                                     'body', 'Hello #' || ($2 + g))
+                   FROM unnest($1::text[]) WITH ORDINALITY AS t(s, g)",
+                &[&tokens, &(inserted as i64)],
+            )
+            .await
+            .context("inserting demo rows")?;
+        inserted += chunk;
+    }
+    Ok(())
+}
+
+/// The Web Push emulator, a VAPID key, the browsers' subscriptions made with it, and the
+/// `[apps.web]` that reaches them; it keeps a record of each of the `rows` pushes.
+async fn start_webpush(
+    dir: &Path,
+    rows: u64,
+) -> anyhow::Result<(WebPushEmulator, String, Vec<String>)> {
+    let emulator = WebPushEmulator::start(WebPushEmulatorConfig {
+        keep_records: usize::try_from(rows)
+            .unwrap_or(usize::MAX)
+            .saturating_add(100),
+        ..WebPushEmulatorConfig::default()
+    })
+    .await
+    .context("starting the Web Push emulator")?;
+    let ca_file = dir.join("webpush-emulator-ca.pem");
+    std::fs::write(&ca_file, emulator.ca_pem())?;
+    let key = VapidKey::generate().map_err(anyhow::Error::msg)?;
+    let key_file = dir.join("vapid.pem");
+    std::fs::write(&key_file, key.to_pem().map_err(anyhow::Error::msg)?)?;
+    let application_server_key = crate::webpush::base64url::decode(&key.public_key_b64url())
+        .context("the VAPID key's public key")?;
+    let subscriptions = (0..rows.min(BROWSERS))
+        .map(|_| Ok(emulator.subscribe(Some(&application_server_key))?.to_json()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let toml = format!(
+        r#"
+[apps.web]
+provider = "webpush"
+ca_file = "{ca}"
+
+[apps.web.webpush]
+key_file = "{key}"
+subject = "mailto:demo@example.com"
+"#,
+        ca = ca_file.display(),
+        key = key_file.display(),
+    );
+    Ok((emulator, toml, subscriptions))
+}
 
 /// The APNs emulator with token auth, and the `[apps.default]` that reaches it.
 async fn start_apns(dir: &Path) -> anyhow::Result<(Emulator, String)> {

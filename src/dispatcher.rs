@@ -917,7 +917,7 @@ async fn settle(
     let started = Instant::now();
     let delivery = transport::watch_request(went_out.clone(), ctx.transport.send(n)).await;
     ctx.metrics
-        .apns_latency
+        .request_latency
         .get_or_create(&ctx.metrics.app_label(&n.app))
         .observe(started.elapsed().as_secs_f64());
     RowUpdate::after(n, delivery, retry)
@@ -928,14 +928,14 @@ struct InFlight<'m>(&'m Metrics);
 
 impl<'m> InFlight<'m> {
     fn new(metrics: &'m Metrics) -> Self {
-        metrics.apns_in_flight.inc();
+        metrics.requests_in_flight.inc();
         InFlight(metrics)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.apns_in_flight.dec();
+        self.0.requests_in_flight.dec();
     }
 }
 

@@ -26,7 +26,7 @@ mod exit {
 #[command(
     name = "pgpushd",
     version,
-    about = "Delivers rows of a PostgreSQL outbox table as Apple push notifications"
+    about = "Delivers rows of a PostgreSQL outbox table as push notifications (APNs, FCM, Web Push)"
 )]
 struct Cli {
     /// Log format: `text` for terminals and journald, `json` for log shippers.
@@ -53,19 +53,20 @@ enum Command {
     /// Show the outbox: rows by app and status, the oldest due row, common errors,
     /// unregistered tokens.
     Status(StatusArgs),
-    /// Send one push without the database and print APNs's answer.
+    /// Send one push without the database and print the push service's answer.
     Send(SendArgs),
     /// Make a VAPID key for a Web Push app (or read one with --show) and print the
     /// application server key web pages subscribe with.
     WebpushKey(WebpushKeyArgs),
-    /// Run a local APNs emulator.
+    /// Run a local push service: APNs (the default), FCM or Web Push (--protocol).
     Emulator(pgpushd_emulator::cli::EmulatorArgs),
     /// Deliver N rows through a throwaway PostgreSQL and the emulator.
     Demo {
         /// How many notifications.
         #[arg(long, default_value_t = 1000)]
         rows: u64,
-        /// Where they go: the APNs emulator, the FCM emulator, or half to each.
+        /// Where they go: the APNs emulator, the FCM emulator, the Web Push emulator,
+        /// APNs and FCM half each (both), or a third to each (all).
         #[arg(long, value_enum, default_value_t = DemoProvider::Apns)]
         provider: DemoProvider,
     },
@@ -75,7 +76,9 @@ enum Command {
 enum DemoProvider {
     Apns,
     Fcm,
+    Webpush,
     Both,
+    All,
 }
 
 #[derive(Args)]
@@ -248,7 +251,9 @@ async fn dispatch(command: Command) -> ExitCode {
             match provider {
                 DemoProvider::Apns => pgpushd::demo::Services::Apns,
                 DemoProvider::Fcm => pgpushd::demo::Services::Fcm,
+                DemoProvider::Webpush => pgpushd::demo::Services::Webpush,
                 DemoProvider::Both => pgpushd::demo::Services::Both,
+                DemoProvider::All => pgpushd::demo::Services::All,
             },
         )
         .await

@@ -63,9 +63,9 @@ pub struct AppLabels {
 pub struct Metrics {
     registry: Registry,
     pub rows: Family<RowLabels, Counter>,
-    pub apns_latency: Family<AppLabels, Histogram, fn() -> Histogram>,
-    pub apns_in_flight: Gauge,
-    pub apns_connections: Family<AppLabels, Gauge>,
+    pub request_latency: Family<AppLabels, Histogram, fn() -> Histogram>,
+    pub requests_in_flight: Gauge,
+    pub connections: Family<AppLabels, Gauge>,
     pub app_healthy: Family<AppLabels, Gauge>,
     pub batches: Counter,
     pub batch_failures: Counter,
@@ -120,9 +120,9 @@ impl Metrics {
         let mut registry = Registry::with_prefix("pgpushd");
         let m = Metrics {
             rows: Family::default(),
-            apns_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
-            apns_in_flight: Gauge::default(),
-            apns_connections: Family::default(),
+            request_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            requests_in_flight: Gauge::default(),
+            connections: Family::default(),
             app_healthy: Family::default(),
             batches: Counter::default(),
             batch_failures: Counter::default(),
@@ -147,27 +147,44 @@ impl Metrics {
         };
         registry.register(
             "rows",
-            "Rows settled, by app, outcome and APNs reason",
+            "Rows settled, by app, outcome and the push service's reason",
             m.rows.clone(),
         );
         registry.register(
+            "push_request_duration_seconds",
+            "Time from handing a row to its push service to the answer, by app",
+            m.request_latency.clone(),
+        );
+        registry.register(
+            "push_requests_in_flight",
+            "Requests to the push services awaiting an answer",
+            m.requests_in_flight.clone(),
+        );
+        registry.register(
+            "push_connections",
+            "Open connections to the push services, by app",
+            m.connections.clone(),
+        );
+        // The same series under their names from before Web Push, when they said apns_
+        // for every service; kept for one release so dashboards and alerts do not break.
+        registry.register(
             "apns_request_duration_seconds",
-            "Time from handing a row to the APNs transport to its answer",
-            m.apns_latency.clone(),
+            "Deprecated: pgpushd_push_request_duration_seconds",
+            m.request_latency.clone(),
         );
         registry.register(
             "apns_requests_in_flight",
-            "APNs requests awaiting an answer",
-            m.apns_in_flight.clone(),
+            "Deprecated: pgpushd_push_requests_in_flight",
+            m.requests_in_flight.clone(),
         );
         registry.register(
             "apns_connections",
-            "Open APNs connections, by app",
-            m.apns_connections.clone(),
+            "Deprecated: pgpushd_push_connections",
+            m.connections.clone(),
         );
         registry.register(
             "app_healthy",
-            "1 while APNs accepts the app's credentials and a connection can be had",
+            "1 while the app's push service accepts its credentials and a connection can be had",
             m.app_healthy.clone(),
         );
         registry.register("batches", "Batches claimed and recorded", m.batches.clone());
@@ -336,7 +353,7 @@ impl Sources {
     fn refresh(&self) {
         for (app, n) in self.transport.open_connections() {
             self.metrics
-                .apns_connections
+                .connections
                 .get_or_create(&AppLabels { app })
                 .set(n as i64);
         }
@@ -598,6 +615,28 @@ mod tests {
     }
 
     /// A transport with no apps, which is never asked to send.
+    #[test]
+    fn the_request_series_are_named_for_every_service_and_still_by_their_old_names() {
+        let m = Metrics::new();
+        let app = AppLabels { app: "web".into() };
+        m.connections.get_or_create(&app).set(3);
+        m.requests_in_flight.set(2);
+        m.request_latency.get_or_create(&app).observe(0.004);
+        let text = m.encode();
+        for name in ["push", "apns"] {
+            for line in [
+                format!("pgpushd_{name}_connections{{app=\"web\"}} 3"),
+                format!("pgpushd_{name}_requests_in_flight 2"),
+                format!("pgpushd_{name}_request_duration_seconds_count{{app=\"web\"}} 1"),
+            ] {
+                assert!(text.contains(&line), "{line} missing:\n{text}");
+            }
+        }
+        assert!(
+            text.contains("# HELP pgpushd_apns_connections Deprecated: pgpushd_push_connections")
+        );
+    }
+
     #[test]
     fn a_stuck_batch_makes_the_daemon_unhealthy() {
         let (_database, database) = watch::channel(Ok(()));

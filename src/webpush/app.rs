@@ -232,11 +232,16 @@ impl WebpushApp {
             Err(exchanged) => anyhow::bail!("this push would not be sent: {exchanged:?}"),
         };
         let answer = read(self.send(&sub, &request, &authorization, body).await?);
-        let verdict = answer.verdict();
+        // The verdict's reason names the status, which the answer's line shows first.
+        let status = format!("HTTP {}: ", answer.status);
+        let reason = answer
+            .verdict()
+            .reason()
+            .map(|r| r.strip_prefix(&status).map(str::to_owned).unwrap_or(r));
         Ok(OneAnswer {
             status: answer.status,
             id: answer.location.clone().map(|l| ("location", l)),
-            reason: verdict.reason(),
+            reason,
         })
     }
 }

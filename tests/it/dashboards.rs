@@ -44,10 +44,10 @@ const PROMETHEUS_OWN: [&str; 1] = ["up"];
 /// The daemon's series with an `app` label, which the dashboard's `$app` selects.
 const PER_APP: [&str; 6] = [
     "pgpushd_rows_total",
-    "pgpushd_apns_request_duration_seconds_bucket",
-    "pgpushd_apns_request_duration_seconds_count",
-    "pgpushd_apns_request_duration_seconds_sum",
-    "pgpushd_apns_connections",
+    "pgpushd_push_request_duration_seconds_bucket",
+    "pgpushd_push_request_duration_seconds_count",
+    "pgpushd_push_request_duration_seconds_sum",
+    "pgpushd_push_connections",
     "pgpushd_app_healthy",
 ];
 /// Labels Prometheus adds to every series it scrapes.
@@ -154,7 +154,7 @@ async fn scrape_a_working_daemon() -> Exported {
             (status == 200
                 && body.contains(r#"outcome="sent""#)
                 && body.contains(r#"outcome="failed",reason="BadDeviceToken""#)
-                && body.contains("pgpushd_apns_request_duration_seconds_bucket")
+                && body.contains("pgpushd_push_request_duration_seconds_bucket")
                 && body.contains(r#"pgpushd_wakeup_transitions_total{to="awake"}"#))
             .then_some(body)
         },
@@ -430,10 +430,12 @@ async fn the_dashboard_and_the_rules_name_only_series_the_daemon_exports() {
     }
 
     // The per-app series are those the daemon labels with `app`.
+    // (The deprecated `pgpushd_apns_*` names of three of them aside: exported one more
+    // release, and named by neither the dashboard nor the rules.)
     let with_app: BTreeSet<&str> = exported
         .series
         .iter()
-        .filter(|(_, labels)| labels.contains("app"))
+        .filter(|(name, labels)| labels.contains("app") && !name.starts_with("pgpushd_apns_"))
         .map(|(name, _)| name.as_str())
         .collect();
     assert_eq!(with_app, PER_APP.into_iter().collect());

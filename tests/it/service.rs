@@ -344,7 +344,7 @@ async fn metrics_agree_with_the_table_and_healthz_reports_refused_credentials() 
         count(&client, "failed").await
     );
     assert_eq!(
-        metric("pgpushd_apns_request_duration_seconds_count") as i64,
+        metric("pgpushd_push_request_duration_seconds_count") as i64,
         100
     );
     assert_eq!(metric(r#"pgpushd_app_healthy{app="default"}"#), 1.0);

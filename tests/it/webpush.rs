@@ -543,3 +543,76 @@ async fn a_push_service_speaking_only_http1_beside_one_speaking_http2() {
     let texts: std::collections::HashSet<_> = r1.iter().filter_map(|r| r.text.clone()).collect();
     assert_eq!(texts.len(), 30);
 }
+
+#[test]
+fn the_demo_delivers_through_all_three_services() {
+    let out = pgpushd_command()
+        .args(["demo", "--rows", "300", "--provider", "all"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("(APNs, token auth"), "{stdout}");
+    assert!(stdout.contains("(FCM, service account"), "{stdout}");
+    assert!(stdout.contains("(Web Push, 100 browsers"), "{stdout}");
+    assert!(
+        stdout.contains("delivered 300 of 300") && stdout.contains("emulators accepted 300"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_pushes_once_to_a_browser_and_prints_the_answer() {
+    let web = WebpushSetup::new(|_| {}).await;
+    let path = web.dir.path().join("pgpushd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"postgres://nobody@127.0.0.1:1/x\"\n{}",
+            web.app_toml
+        ),
+    )
+    .unwrap();
+    let send = |token: String| {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            pgpushd_command()
+                .args(["send", "--app", "web", "--alert", "Hi there", "--token"])
+                .arg(token)
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap()
+        })
+    };
+    let sub = web.subscribe();
+    let out = send(sub.to_json()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("HTTP 201 (location https://"),
+        "{stdout}"
+    );
+    let record = web.emulator.records().pop().unwrap();
+    assert_eq!(
+        record.text.as_deref(),
+        Some(r#"{"body":"Hi there","title":"pgpushd"}"#)
+    );
+    web.emulator.unsubscribe(&sub.id);
+    let out = send(sub.to_json()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("HTTP 410 the subscription is gone"),
+        "{stdout}"
+    );
+}
