@@ -18,15 +18,15 @@ use crate::support::*;
 
 /// The FCM emulator, its CA and service-account key in files, and the `[apps.android]`
 /// that reaches it.
-struct FcmSetup {
-    emulator: FcmEmulator,
-    dir: tempfile::TempDir,
+pub struct FcmSetup {
+    pub emulator: FcmEmulator,
+    pub dir: tempfile::TempDir,
     /// TOML for `[apps.android]`.
-    app_toml: String,
+    pub app_toml: String,
 }
 
 impl FcmSetup {
-    async fn new(tweak: impl FnOnce(&mut FcmEmulatorConfig)) -> FcmSetup {
+    pub async fn new(tweak: impl FnOnce(&mut FcmEmulatorConfig)) -> FcmSetup {
         let mut cfg = FcmEmulatorConfig::default();
         tweak(&mut cfg);
         let emulator = FcmEmulator::start(cfg).await.unwrap();
@@ -78,12 +78,12 @@ fn transport(config: &pgpushd::config::Config) -> Arc<Providers> {
 
 /// A registration token, distinct per `i`, in both cases (FCM's tokens are
 /// case-sensitive), with the ':' every current token has.
-fn fcm_token(i: u64) -> String {
+pub fn fcm_token(i: u64) -> String {
     format!("dKx{i}Qa:APA91bH-Zz_{i:06}")
 }
 
 /// Inserts rows for `app` with FCM tokens `fcm_token(first..first+n)`.
-async fn insert_fcm_rows(client: &tokio_postgres::Client, first: u64, n: u64) {
+pub async fn insert_fcm_rows(client: &tokio_postgres::Client, first: u64, n: u64) {
     for i in first..first + n {
         client
             .execute(

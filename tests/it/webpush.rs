@@ -616,3 +616,101 @@ async fn send_pushes_once_to_a_browser_and_prints_the_answer() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_outbox_reaches_apns_fcm_and_browsers_each_row_keeping_its_id() {
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let fcm = crate::fcm::FcmSetup::new(|_| {}).await;
+    let web = WebpushSetup::new(|_| {}).await;
+    let cfg = config(
+        &db.url,
+        &format!("{}{}{}", apns.app_toml, fcm.app_toml, web.app_toml),
+    );
+    let daemon = start(cfg.clone(), quick_providers(&cfg));
+    let client = db.client().await;
+    insert_rows(&client, 1, 50).await;
+    crate::fcm::insert_fcm_rows(&client, 1, 50).await;
+    for _ in 0..50 {
+        insert(&client, &web.subscribe(), r#"{"body": "hi"}"#).await;
+    }
+    wait_for_status(&client, "sent", 150, Duration::from_secs(30)).await;
+    daemon.stop().await;
+
+    // Each row keeps its own service's id, and only that one.
+    let ids = client
+        .query(
+            "SELECT app, count(apns_id), count(fcm_name), count(webpush_location), count(*)
+               FROM pgpushd.outbox GROUP BY app ORDER BY app",
+            &[],
+        )
+        .await
+        .unwrap();
+    let ids: Vec<(String, i64, i64, i64, i64)> = ids
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("android".to_owned(), 0, 50, 0, 50),
+            ("default".to_owned(), 50, 0, 0, 50),
+            ("web".to_owned(), 0, 0, 50, 50),
+        ]
+    );
+    assert_eq!(apns.emulator.stats().count(200), 50);
+    assert_eq!(web.emulator.records().len(), 50);
+}
+
+/// pgpushd's VAPID token, checked with Python's `cryptography` (OpenSSL underneath, but
+/// none of our code): ES256 over the JWT, by the key in `k`, with the claims RFC 8292
+/// asks for.
+#[test]
+fn python_verifies_pgpushds_vapid_token() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        return skip_without("python3 with cryptography (pip install pywebpush)");
+    }
+    let vapid = pgpushd::webpush::vapid::Vapid::new(
+        VapidKey::generate().unwrap(),
+        "mailto:ops@example.com",
+    )
+    .unwrap();
+    let exp = std::time::SystemTime::now() + Duration::from_secs(12 * 3600);
+    let header = vapid
+        .authorization("https://push.example:8443", exp)
+        .unwrap();
+    let script = r#"
+import sys, json, base64, time
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives import hashes
+d = lambda s: base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+scheme, params = sys.argv[1].split(" ", 1)
+assert scheme == "vapid", scheme
+fields = dict(p.strip().split("=", 1) for p in params.split(","))
+head, claims, sig = fields["t"].split(".")
+key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), d(fields["k"]))
+raw = d(sig)
+assert len(raw) == 64, len(raw)
+der = utils.encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+key.verify(der, (head + "." + claims).encode(), ec.ECDSA(hashes.SHA256()))
+h, c = json.loads(d(head)), json.loads(d(claims))
+assert h == {"typ": "JWT", "alg": "ES256"}, h
+assert c["aud"] == "https://push.example:8443", c
+assert c["sub"] == "mailto:ops@example.com", c
+assert time.time() < c["exp"] <= time.time() + 24 * 3600, c
+print("ok")
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &header])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
