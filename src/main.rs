@@ -107,7 +107,7 @@ struct WebpushKeyArgs {
 struct StatusArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// Show device tokens whole (by default only their first 8 hex digits, as the logs).
+    /// Show device tokens whole (by default only their first 8 characters, as the logs).
     #[arg(long)]
     full_tokens: bool,
     /// Print one JSON object (per refresh, one per line) instead of text tables.

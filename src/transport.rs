@@ -251,17 +251,58 @@ pub fn payload_kind(text: &str) -> Result<Option<&'static str>, String> {
     })
 }
 
-/// The first 8 hex digits of a device token: enough to find it, too little to use it.
+/// Enough of a device token to find it, too little to use it: the first 8 characters
+/// of an APNs or FCM token; of a Web Push subscription, its endpoint up to the first 8
+/// characters of the endpoint's last path segment (the push service, and which of its
+/// subscriptions), never its keys.
 pub fn short_token(token: &str) -> &str {
-    match token.char_indices().nth(8) {
-        Some((i, _)) => &token[..i],
-        None => token,
+    let first_8 = |text: &str| match text.char_indices().nth(8) {
+        Some((i, _)) => i,
+        None => text.len(),
+    };
+    match subscription_endpoint(token) {
+        Some((start, endpoint)) => {
+            let id = endpoint.rfind('/').map_or(0, |i| i + 1);
+            &token[start..start + id + first_8(&endpoint[id..])]
+        }
+        None => &token[..first_8(token)],
     }
+}
+
+/// A Web Push subscription's endpoint (where it starts in `token`, and its text), found
+/// without parsing the JSON (a log line's helper must not fail).
+fn subscription_endpoint(token: &str) -> Option<(usize, &str)> {
+    if !token.trim_start().starts_with('{') {
+        return None;
+    }
+    let key = token.find("\"endpoint\"")? + "\"endpoint\"".len();
+    let rest = &token[key..];
+    let open = key + rest.find('"')? + 1;
+    let len = token[open..].find('"')?;
+    Some((open, &token[open..open + len]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_is_shortened_to_what_finds_it() {
+        assert_eq!(short_token(&"ab".repeat(32)), "abababab");
+        assert_eq!(short_token("dXf1:APA91b-x_y"), "dXf1:APA");
+        assert_eq!(short_token("abc"), "abc");
+        let sub = r#"{"endpoint":"https://fcm.googleapis.com/fcm/send/dX3Abc123456789","expirationTime":null,"keys":{"p256dh":"BN","auth":"tB"}}"#;
+        assert_eq!(
+            short_token(sub),
+            "https://fcm.googleapis.com/fcm/send/dX3Abc12"
+        );
+        assert_eq!(
+            short_token(r#"{"endpoint": "https://x.example/p/s"}"#),
+            "https://x.example/p/s"
+        );
+        // Not a subscription after all: the first 8 characters, as for any token.
+        assert_eq!(short_token(r#"{"keys": {"auth": "x"}}"#), r#"{"keys":"#);
+    }
 
     #[test]
     fn an_unregistered_token_is_logged_shortened() {
