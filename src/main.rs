@@ -50,6 +50,9 @@ enum Command {
     Migrate(ConfigArg),
     /// Load the config and every key and certificate it names; report each problem.
     CheckConfig(ConfigArg),
+    /// Ask the running daemon's /healthz (at [metrics] listen): exit 0 when healthy, 1
+    /// when not or when it does not answer (a container's health check).
+    Health(HealthArgs),
     /// Show the outbox: rows by app and status, the oldest due row, common errors,
     /// unregistered tokens.
     Status(StatusArgs),
@@ -91,6 +94,15 @@ struct ConfigArg {
         default_value = "/etc/pgpushd/pgpushd.toml"
     )]
     config: PathBuf,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -229,6 +241,27 @@ async fn dispatch(command: Command) -> ExitCode {
             Err(code) => return code,
         },
         Command::CheckConfig(a) => return check_config(&a.config),
+        Command::Health(a) => {
+            let config = match load(&a.config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let addr = match pgpushd::commands::health::address(&config) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    eprintln!("pgpushd: {e:#}");
+                    return ExitCode::from(exit::CONFIG);
+                }
+            };
+            match pgpushd::commands::health::ask(addr, a.timeout).await {
+                Ok(h) if h.healthy => {
+                    println!("{}", h.said);
+                    return ExitCode::SUCCESS;
+                }
+                Ok(h) => Err(anyhow::anyhow!("unhealthy: {}", h.said)),
+                Err(e) => Err(e),
+            }
+        }
         Command::Status(a) => match load(&a.config.config) {
             Ok(config) => status(&config, a).await,
             Err(code) => return code,

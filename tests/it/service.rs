@@ -350,6 +350,17 @@ async fn metrics_agree_with_the_table_and_healthz_reports_refused_credentials() 
     assert_eq!(metric(r#"pgpushd_app_healthy{app="default"}"#), 1.0);
     assert_eq!(metric("pgpushd_database_up"), 1.0);
     assert_eq!(http_get(port, "/healthz").0, 200);
+    // `pgpushd health` (a container's health check) says the same, by its exit code.
+    let health = || {
+        pgpushd_command()
+            .args(["health", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = health();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("HTTP/1.1 200"));
 
     // The emulator refuses the credentials: the app turns unhealthy.
     apns.emulator
@@ -361,9 +372,19 @@ async fn metrics_agree_with_the_table_and_healthz_reports_refused_credentials() 
     })
     .await;
     assert!(body.contains("InvalidProviderToken"), "{body}");
+    let out = health();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("unhealthy: HTTP/1.1 503") && stderr.contains("InvalidProviderToken"),
+        "{stderr}"
+    );
 
     signal(&daemon, nix::sys::signal::Signal::SIGTERM);
     assert!(wait_exit(&mut daemon, Duration::from_secs(25)).success());
+    let out = health();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running?"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
