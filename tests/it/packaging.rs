@@ -230,6 +230,19 @@ fn every_path_the_unit_names_is_in_the_package_made_by_postinst_or_a_dependency(
         .any(|c| c == "LoadCredential: /etc/pgpushd/credentials"));
 }
 
+/// The template unit for one daemon per database ships beside the unit, as written.
+#[test]
+fn the_package_ships_the_template_unit() {
+    let Some(p) = package() else { return };
+    let shipped = p.text("/usr/lib/systemd/system/pgpushd@.service");
+    let source = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/pgpushd@.service"),
+    )
+    .unwrap();
+    assert_eq!(shipped, source);
+    assert!(shipped.contains("ExecStart=/usr/bin/pgpushd run --config /etc/pgpushd/%i.toml"));
+}
+
 #[test]
 fn the_packaged_binary_runs_and_is_the_packages_version() {
     let Some(p) = package() else { return };

@@ -353,3 +353,86 @@ fn the_unit_is_hardened_to_an_exposure_of_2_or_less() {
     );
     assert!(text.contains("Overall exposure level"), "{text}");
 }
+
+/// A unit's directives (comments and blank lines aside), in order.
+fn directives(unit: &str) -> Vec<String> {
+    unit.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The template is the unit for one instance of several: the same directives, the same
+/// hardening, but the config, the credentials and the name it says.
+#[test]
+fn the_template_unit_is_the_unit_with_an_instance_s_config_and_credentials() {
+    let (_, unit) = file("pgpushd.service");
+    let (_, template) = file("pgpushd@.service");
+    let per_instance = |line: String| match line.split_once('=') {
+        Some(("Description", d)) => format!(
+            "Description={}",
+            d.replacen("pgpushd:", "pgpushd for %i:", 1)
+        ),
+        Some(("ExecStart", e)) => format!(
+            "ExecStart={}",
+            e.replace("/etc/pgpushd/pgpushd.toml", "/etc/pgpushd/%i.toml")
+        ),
+        Some(("LoadCredential", _)) => {
+            "LoadCredential=credentials:/etc/pgpushd/%i.credentials".to_owned()
+        }
+        _ => line,
+    };
+    let expected: Vec<String> = directives(&unit).into_iter().map(per_instance).collect();
+    assert_eq!(directives(&template), expected);
+}
+
+/// `systemd-analyze verify` finds nothing to say about either unit (an unknown key, a
+/// bad value, a missing command all make it speak), with the binary where the test
+/// built it; and the template's instances are hardened as the unit is.
+#[test]
+fn both_units_verify_cleanly_and_an_instance_is_hardened() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return crate::support::skip_without("systemd-analyze");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let binary = env!("CARGO_BIN_EXE_pgpushd");
+    for (name, installed) in [
+        ("pgpushd.service", "pgpushd.service"),
+        ("pgpushd@.service", "pgpushd@orders.service"),
+    ] {
+        let (_, text) = file(name);
+        let path = dir.path().join(installed);
+        std::fs::write(&path, text.replace("/usr/bin/pgpushd", binary)).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{name}: {said}"
+        );
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager", "--threshold=20"])
+        .arg(dir.path().join("pgpushd@orders.service"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Overall exposure level for pgpushd@orders.service"),
+        "{text}"
+    );
+}
