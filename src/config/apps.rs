@@ -339,12 +339,8 @@ impl Validator<'_> {
             &endpoint,
         )?;
         Ok(AppConfig {
-            connections: self.positive(&key("connections"), a.connections, 64)?,
-            request_timeout: self.bounded(
-                &key("request_timeout"),
-                a.request_timeout,
-                10 * MINUTE,
-            )?,
+            connections: self.connections(&name, a.connections)?,
+            request_timeout: self.request_timeout(&name, a.request_timeout)?,
             ca_file: a.ca_file.map(|p| self.file_path(p)),
             topic: a.topic,
             endpoint,
@@ -354,6 +350,16 @@ impl Validator<'_> {
             proxy,
             name,
         })
+    }
+
+    /// `connections`, which every provider's app takes.
+    fn connections(&self, name: &str, value: i64) -> Result<usize, ConfigError> {
+        self.positive(&format!("apps.{name}.connections"), value, 64)
+    }
+
+    /// `request_timeout`, which every provider's app takes.
+    fn request_timeout(&self, name: &str, value: Duration) -> Result<Duration, ConfigError> {
+        self.bounded(&format!("apps.{name}.request_timeout"), value, 10 * MINUTE)
     }
 
     /// APNs's keys, refused in an app of another provider.
@@ -433,12 +439,8 @@ impl Validator<'_> {
             ));
         }
         Ok(AppConfig {
-            connections: self.positive(&key("connections"), a.connections, 64)?,
-            request_timeout: self.bounded(
-                &key("request_timeout"),
-                a.request_timeout,
-                10 * MINUTE,
-            )?,
+            connections: self.connections(&name, a.connections)?,
+            request_timeout: self.request_timeout(&name, a.request_timeout)?,
             ca_file: a.ca_file.map(|p| self.file_path(p)),
             topic: None,
             endpoint: Endpoint::PerRow,
@@ -499,12 +501,8 @@ impl Validator<'_> {
             None => (FCM_HOST.to_owned(), 443),
         };
         Ok(AppConfig {
-            connections: self.positive(&key("connections"), a.connections, 64)?,
-            request_timeout: self.bounded(
-                &key("request_timeout"),
-                a.request_timeout,
-                10 * MINUTE,
-            )?,
+            connections: self.connections(&name, a.connections)?,
+            request_timeout: self.request_timeout(&name, a.request_timeout)?,
             ca_file: a.ca_file.map(|p| self.file_path(p)),
             topic: None,
             endpoint: Endpoint::Custom { host, port },
