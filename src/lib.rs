@@ -19,6 +19,7 @@
 //! - [`http2`]: the HTTP/2 client (connection, pool) the push services share;
 //! - [`http1`]: the HTTP/1.1 keep-alive client, for push services without HTTP/2;
 //! - [`tls`]: TLS to the push services;
+//! - [`es256`]: ES256 JSON Web Tokens (APNs's provider tokens, Web Push's VAPID);
 //! - [`fcm`]: Firebase Cloud Messaging (HTTP v1), for Android;
 //! - [`webpush`]: Web Push (RFC 8030, 8291, 8292), for browsers;
 //! - [`providers`]: the transport the daemon uses: APNs and FCM, each row routed by its
@@ -51,6 +52,7 @@ pub mod db;
 pub mod demo;
 pub mod devdb;
 pub mod dispatcher;
+pub mod es256;
 pub mod fcm;
 pub mod http1;
 pub mod http2;

@@ -11,13 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use openssl::ec::EcKey;
-use openssl::ecdsa::EcdsaSig;
 use openssl::nid::Nid;
 use openssl::pkey::{Id, PKey, Private};
-use openssl::sha::sha256;
 use tokio::time::Instant;
 
 use crate::config::TokenAuth;
@@ -202,30 +198,25 @@ impl JwtSigner {
     fn sign(&self, iat: u64) -> Result<String, KeyError> {
         let header = serde_json::json!({"alg": "ES256", "kid": self.key_id});
         let claims = serde_json::json!({"iss": self.team_id, "iat": iat});
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let failed = |e: openssl::error::ErrorStack| KeyError::Sign {
-            path: self.path.clone(),
-            message: crate::openssl_reason::openssl_reason(&e),
-        };
-        let digest = sha256(signing_input.as_bytes());
-        let sig = EcdsaSig::sign(&digest, &self.key).map_err(failed)?;
-        // JWS wants the raw 32-byte r and s, not OpenSSL's DER ECDSA-Sig-Value.
-        let mut raw = sig.r().to_vec_padded(32).map_err(failed)?;
-        raw.extend(sig.s().to_vec_padded(32).map_err(failed)?);
-        Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(raw)))
+        crate::es256::sign(&self.key, &header.to_string(), &claims.to_string()).map_err(|e| {
+            KeyError::Sign {
+                path: self.path.clone(),
+                message: crate::openssl_reason::openssl_reason(&e),
+            }
+        })
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
     use openssl::bn::BigNum;
     use openssl::ec::EcGroup;
+    use openssl::ecdsa::EcdsaSig;
     use openssl::pkey::Public;
+    use openssl::sha::sha256;
 
     /// A fresh P-256 key as an Apple `.p8` (PKCS#8 PEM), and its public half.
     pub(crate) fn p8() -> (Vec<u8>, EcKey<Public>) {

@@ -26,11 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::Uri;
 use openssl::bn::{BigNum, BigNumContext};
 use openssl::ec::{EcGroup, EcKey, EcPoint, PointConversionForm};
-use openssl::ecdsa::EcdsaSig;
 use openssl::error::ErrorStack;
 use openssl::nid::Nid;
 use openssl::pkey::{Id, PKey, Private};
-use openssl::sha::sha256;
 
 use super::base64url;
 use crate::openssl_reason::openssl_reason;
@@ -210,17 +208,8 @@ impl VapidKey {
     /// `base64url(header).base64url(claims).base64url(r || s)`.
     fn sign_jwt(&self, claims: &str) -> Result<String, String> {
         const HEADER: &str = r#"{"typ":"JWT","alg":"ES256"}"#;
-        let input = format!(
-            "{}.{}",
-            base64url::encode(HEADER.as_bytes()),
-            base64url::encode(claims.as_bytes())
-        );
-        let failed = |e: ErrorStack| format!("cannot sign a VAPID token: {}", openssl_reason(&e));
-        let sig = EcdsaSig::sign(&sha256(input.as_bytes()), &self.key).map_err(failed)?;
-        // JWS wants the raw 32-byte r and s, not OpenSSL's DER ECDSA-Sig-Value.
-        let mut raw = sig.r().to_vec_padded(32).map_err(failed)?;
-        raw.extend(sig.s().to_vec_padded(32).map_err(failed)?);
-        Ok(format!("{input}.{}", base64url::encode(&raw)))
+        crate::es256::sign(&self.key, HEADER, claims)
+            .map_err(|e| format!("cannot sign a VAPID token: {}", openssl_reason(&e)))
     }
 }
 
@@ -362,7 +351,9 @@ fn usable(exp: SystemTime, now: SystemTime) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openssl::ecdsa::EcdsaSig;
     use openssl::pkey::Public;
+    use openssl::sha::sha256;
     use std::io::Write;
 
     const ORIGIN: &str = "https://push.example.net";
