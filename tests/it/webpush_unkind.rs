@@ -275,6 +275,35 @@ async fn http1_closing_without_an_answer_fails_the_row_after_its_attempts() {
     daemon.stop().await;
 }
 
+/// A request the server read whole on a connection just made (the ALPN probe's, the
+/// pool's first) is not sent again within the same attempt: the server may have acted
+/// on it. Only a kept-alive connection's idle-close race justifies resending. So each
+/// attempt of a row is one request to a server that closes without answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_does_not_resend_a_request_read_on_a_fresh_connection() {
+    if !python_h2() {
+        return;
+    }
+    let web = setup().await;
+    let server = Unkind::start(web.dir.path(), "silent-close", &[]);
+    let db = TestDb::new().await;
+    let cfg = config(&db.url, &web.app_toml);
+    let daemon = start(cfg.clone(), providers(&cfg, Duration::from_millis(200)));
+    let client = db.client().await;
+
+    let id = insert(&client, &[server.subscription("once")]).await[0];
+    let r = finished(&client, id, Duration::from_secs(20)).await;
+    daemon.stop().await;
+    failed_unanswered(&r);
+    assert_eq!(
+        server.requests("once"),
+        r.attempts as usize,
+        "requests the push service read whole, for {} attempts: {:?}",
+        r.attempts,
+        server.events.lock().unwrap()
+    );
+}
+
 /// A service that completes the TLS handshake and closes at once, every time: each
 /// attempt is a bounded number of connections (no reconnecting loop within one send),
 /// and the row fails after its attempts.
@@ -473,5 +502,125 @@ async fn http2_goaway_with_streams_in_flight_sends_every_row_exactly_once() {
     assert!(
         server.count("OPEN ") >= 4,
         "GOAWAY after 3 requests: 12 rows need 4 connections"
+    );
+}
+
+/// A host that accepts TCP and never speaks TLS (a black hole behind a load balancer):
+/// its rows' connection attempts each wait `connect_timeout`, but not one after another:
+/// every row of the batch has its attempt counted within about one `connect_timeout`,
+/// and the emulator's row in the same batch is recorded sent as soon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_for_a_black_hole_do_not_wait_for_each_others_connection_attempts() {
+    if !python_h2() {
+        return;
+    }
+    let web = setup().await;
+    let hole = Unkind::start(web.dir.path(), "tarpit", &[]);
+    let db = TestDb::new().await;
+    let cfg = config(&db.url, &web.app_toml);
+    let daemon = start(cfg.clone(), providers(&cfg, Duration::from_millis(200)));
+    let client = db.client().await;
+
+    let mut tokens: Vec<String> = (0..6)
+        .map(|i| hole.subscription(&format!("h{i}")))
+        .collect();
+    tokens.push(web.subscribe().to_json());
+    let started = Instant::now();
+    let ids = insert(&client, &tokens).await;
+    // connect_timeout is 1 s: each row's first attempt is over by about then.
+    let waited = wait_for(
+        "an attempt counted for every black-holed row",
+        Duration::from_secs(15),
+        || async {
+            for id in &ids[..6] {
+                if row(&client, *id).await.attempts == 0 {
+                    return None;
+                }
+            }
+            Some(started.elapsed())
+        },
+    )
+    .await;
+    let good = row(&client, ids[6]).await;
+    daemon.stop().await;
+    assert!(
+        waited < Duration::from_millis(2500),
+        "6 rows to one unreachable push service took {waited:?} to get their first \
+         attempt (connect_timeout 1s): their connection attempts ran one after another"
+    );
+    assert_eq!(good.status, "sent", "{good:?}");
+}
+
+/// A push service that refuses the app's VAPID token (401) for every row, as one run by
+/// anyone who can store a subscription could: it is that service's rows' trouble, not
+/// the app's; another push service's rows go out meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_push_service_refusing_the_vapid_token_does_not_pause_the_others() {
+    one_push_service_refusing_does_not_pause_the_others(&["--status", "401"], 3).await;
+}
+
+/// The same for a push service throttling (429) subscription after subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_push_service_throttling_every_row_does_not_pause_the_others() {
+    one_push_service_refusing_does_not_pause_the_others(
+        &["--status", "429", "--retry-after", "30"],
+        pgpushd::service::app_gate::THROTTLED_TARGETS,
+    )
+    .await;
+}
+
+async fn one_push_service_refusing_does_not_pause_the_others(args: &[&str], rows: usize) {
+    if !python_h2() {
+        return;
+    }
+    let web = setup().await;
+    let refusing = Unkind::start(web.dir.path(), "status", args);
+    let db = TestDb::new().await;
+    let cfg = config(&db.url, &web.app_toml);
+    // A pause long enough to be seen (the default is 10 s).
+    let providers = providers(&cfg, Duration::from_secs(10));
+    let daemon = start(cfg.clone(), providers.clone());
+    let client = db.client().await;
+
+    // The emulator proves the app's key first.
+    let first = insert(&client, &[web.subscribe().to_json()]).await[0];
+    assert_eq!(
+        finished(&client, first, Duration::from_secs(10))
+            .await
+            .status,
+        "sent"
+    );
+
+    let tokens: Vec<String> = (0..rows)
+        .map(|i| refusing.subscription(&format!("r{i}")))
+        .collect();
+    insert(&client, &tokens).await;
+    wait_for(
+        "the refusing service's answers",
+        Duration::from_secs(10),
+        || async { (refusing.count("ANSWERED ") >= rows.min(3)).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let paused: Vec<String> = Transport::paused(&*providers)
+        .iter()
+        .map(|p| format!("{p:?}"))
+        .collect();
+    eprintln!("paused after the refusing service's answers: {paused:?}");
+
+    let id = insert(&client, &[web.subscribe().to_json()]).await[0];
+    let started = Instant::now();
+    let mut r = row(&client, id).await;
+    while r.status == "pending" && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r = row(&client, id).await;
+    }
+    daemon.stop().await;
+    assert_eq!(
+        r.status,
+        "sent",
+        "a row for a well-behaved push service still {r:?} after {:?}: the app was paused \
+         for another push service's answers ({paused:?})",
+        started.elapsed()
     );
 }
