@@ -27,3 +27,4 @@ mod untrusted;
 mod upgrade;
 mod wakeup;
 mod webpush;
+mod webpush_unkind;
