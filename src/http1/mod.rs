@@ -17,6 +17,7 @@ use http::header::{CONNECTION, HOST};
 use http::{HeaderValue, Request, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::TrySendError;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -81,6 +82,7 @@ pub struct Http1Pool {
     /// One permit per connection: a request holds one while it is out.
     slots: Semaphore,
     open: Arc<AtomicUsize>,
+    slots_total: usize,
     stream_wait: Duration,
     reconnect_after: Duration,
 }
@@ -101,6 +103,7 @@ impl Http1Pool {
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(connections.max(1)),
             open: Arc::new(AtomicUsize::new(0)),
+            slots_total: connections.max(1),
             stream_wait,
             reconnect_after,
         };
@@ -117,28 +120,28 @@ impl Http1Pool {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Sends `request` with `body` on a free connection, a new one if none is open; a
-    /// kept-alive connection the server closed meanwhile is replaced and the request
-    /// sent there (it never reached the server).
+    /// Sends `request` with `body` on a free connection, a new one if none is open. A
+    /// request the connection gave back unwritten (a kept-alive connection the server
+    /// closed meanwhile) goes out on another; one that was written is never sent again
+    /// here: the server may have read it.
     pub async fn send(&self, request: Request<()>, body: Bytes) -> Result<Answer, PoolError> {
         let _slot = tokio::time::timeout(self.stream_wait, self.slots.acquire())
             .await
             .map_err(|_| PoolError::Busy(self.stream_wait))?
             .expect("the semaphore is never closed");
-        loop {
-            let (mut sender, reused) = match self.take_idle() {
-                Some(sender) => (sender, true),
-                None => (self.open().await?, false),
+        let mut request = self.prepare(&request, body);
+        // Every idle connection may have gone bad meanwhile, and then a new one.
+        for _ in 0..=self.slots_total + 1 {
+            let mut sender = match self.take_idle() {
+                Some(sender) => sender,
+                None => self.open().await?,
             };
             if sender.ready().await.is_err() {
                 continue;
             }
-            let request = self.prepare(&request, body.clone());
             crate::transport::request_went_out();
-            let answer =
-                tokio::time::timeout(self.opts.request_timeout, exchange(&mut sender, request))
-                    .await;
-            match answer {
+            let exchange = exchange(&mut sender, request);
+            match tokio::time::timeout(self.opts.request_timeout, exchange).await {
                 Err(_) => return Err(PoolError::Timeout(self.opts.request_timeout)),
                 Ok(Ok((answer, keep))) => {
                     if keep && !sender.is_closed() {
@@ -146,20 +149,28 @@ impl Http1Pool {
                     }
                     return Ok(answer);
                 }
-                // The server closed a kept-alive connection as the request went out:
-                // nothing of it was read. Once, on a fresh connection.
-                Ok(Err(e)) if reused && (e.is_canceled() || e.is_incomplete_message()) => {
-                    debug!(origin = %self.opts.host, error = %e,
-                           "kept-alive connection closed; sending on a new one");
-                }
-                Ok(Err(e)) => {
-                    return Err(PoolError::Unanswered {
-                        attempts: 1,
-                        last: format!("HTTP/1.1 to {}: {e}", self.opts.host),
-                    })
-                }
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(unwritten) => {
+                        debug!(origin = %self.opts.host, error = %e.error(),
+                               "connection closed before the request was written; another");
+                        request = unwritten;
+                    }
+                    None => {
+                        return Err(PoolError::Unanswered {
+                            attempts: 1,
+                            last: format!("HTTP/1.1 to {}: {}", self.opts.host, e.error()),
+                        })
+                    }
+                },
             }
         }
+        Err(PoolError::Unavailable {
+            reason: format!(
+                "HTTP/1.1 to {}: every connection closed before the request was written",
+                self.opts.host
+            ),
+            retry_after: self.reconnect_after,
+        })
     }
 
     fn take_idle(&self) -> Option<SendRequest<Full<Bytes>>> {
@@ -221,19 +232,21 @@ impl Http1Pool {
     }
 }
 
-/// One request and its whole answer; whether the connection may carry another.
+/// One request and its whole answer; whether the connection may carry another. The
+/// error gives the request back when it was never written.
 async fn exchange(
     sender: &mut SendRequest<Full<Bytes>>,
     request: Request<Full<Bytes>>,
-) -> Result<(Answer, bool), hyper::Error> {
-    let response = sender.send_request(request).await?;
+) -> Result<(Answer, bool), TrySendError<Request<Full<Bytes>>>> {
+    let response = sender.try_send_request(request).await?;
     let (parts, body) = response.into_parts();
     let keep = !parts
         .headers
         .get(CONNECTION)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-    // Answers are small; a longer body is cut, as the HTTP/2 client cuts it.
+    // Answers are small; a longer body is cut, as the HTTP/2 client cuts it. A body cut
+    // short by the server is what arrived of it: the status is what counts.
     let body = match Limited::new(body, MAX_RESPONSE_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),

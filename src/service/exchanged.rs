@@ -65,7 +65,8 @@ pub fn unanswered(service: &str, error: PoolError) -> Delivery {
         // It never left: no attempt, and the row comes back soon.
         PoolError::Busy(wait) => Delivery::Deferred {
             reason: format!(
-                "{service} connections are busy: no HTTP/2 stream free within {wait:?}"
+                "{service} connections are busy: none free (no HTTP/2 stream, no HTTP/1.1 \
+                 connection) within {wait:?}"
             ),
             after: MIN_DEFER,
         },

@@ -19,11 +19,13 @@
 //! bytes longer), [`vapid::VapidSigner::authorization`] for the request's origin, then
 //! [`request::WebPushRequest::to_http`]; the answer read as [`response::Answer`] gives
 //! its [`response::Verdict`]. `app.rs` is the app's client (`AppClient`) that does the
-//! sending: its VAPID tokens and its connections, a pool per push service.
+//! sending, with its VAPID tokens; `origins.rs` the push services it sends to, each with
+//! its own connections and its own gate.
 
 mod app;
 pub mod base64url;
 pub mod encrypt;
+mod origins;
 pub mod request;
 pub mod response;
 pub mod subscription;
@@ -32,7 +34,7 @@ pub mod vapid;
 use crate::config::AppConfig;
 use crate::service::{AppClient, LoadError, Timings};
 
-pub use app::{MAX_ORIGINS, ORIGIN_IDLE};
+pub use origins::{MAX_ORIGINS, ORIGIN_IDLE};
 
 /// A Web Push app's client: loads its VAPID key and sets up TLS; connects to a push
 /// service when a row first goes there.

@@ -283,11 +283,20 @@ fn check_subject(subject: &str) -> Result<(), String> {
 }
 
 /// Signs the app's tokens, one per origin, kept until [`RENEW_BEFORE`] their expiry.
-#[derive(Debug)]
 pub struct VapidSigner {
     vapid: Vapid,
     /// Per origin: the `Authorization` value and its token's `exp`.
     cache: Mutex<HashMap<String, (String, SystemTime)>>,
+}
+
+/// Not the tokens it keeps: each is a bearer credential for 12 hours.
+impl fmt::Debug for VapidSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VapidSigner")
+            .field("vapid", &self.vapid)
+            .field("cached", &self.cached())
+            .finish()
+    }
 }
 
 impl VapidSigner {
@@ -396,6 +405,19 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text).unwrap();
         f
+    }
+
+    #[test]
+    fn a_signer_never_shows_the_tokens_it_keeps() {
+        let vapid = Vapid::new(VapidKey::generate().unwrap(), "mailto:a@b.example").unwrap();
+        let signer = VapidSigner::new(vapid);
+        let header = signer
+            .authorization("https://push.example", SystemTime::now())
+            .unwrap();
+        let token = header.split(['=', ',']).nth(1).unwrap();
+        let shown = format!("{signer:?}");
+        assert!(!shown.contains(token), "{shown}");
+        assert!(shown.contains("cached: 1"), "{shown}");
     }
 
     #[test]
