@@ -8,7 +8,8 @@
 //! process used and the machine).
 //!
 //! Flags (after `--`): `--quick`, `--rows N` (drain backlog, default 200,000),
-//! `--runs N`, `--only drain,drain20,latency,producer,db_cost,dead_app,backlog,fcm_drain`,
+//! `--runs N`,
+//! `--only drain,drain20,latency,producer,db_cost,dead_app,backlog,fcm_drain,webpush_drain`,
 //! `--no-fsync`,
 //! `--awake-poll-interval D` (every daemon of the run looks that often while awake).
 
@@ -20,6 +21,7 @@ mod procs;
 mod raw;
 mod report;
 mod scenarios;
+mod webpush;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -178,6 +180,39 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             progress(run, "FCM drain", drain.rows_per_s, "rows/s");
             samples.add("fcm_drain_rows_per_s", drain.rows_per_s);
             this.insert("fcm_drain", serde_json::to_value(&drain)?);
+        }
+        if plan.wants("webpush_drain") {
+            let drain = webpush::drain(&env, plan.rows).await?;
+            progress(run, "Web Push drain", drain.rows_per_s, "rows/s");
+            samples.add("webpush_drain_rows_per_s", drain.rows_per_s);
+            // Against the drains of the same run (the machine's speed moves between runs):
+            // what encrypting each message costs beside the APNs and FCM requests.
+            for (other, key) in [
+                ("drain", "webpush_drain_vs_drain"),
+                ("fcm_drain", "webpush_drain_vs_fcm_drain"),
+            ] {
+                if let Some(rate) = this.get(other).and_then(|d| d["rows_per_s"].as_f64()) {
+                    samples.add(key, drain.rows_per_s / rate);
+                }
+            }
+            // Where the CPU goes: microseconds per row of the daemon (encrypting, VAPID,
+            // HTTP/2, its database work), the emulator (decrypting, checking) and PostgreSQL.
+            let us_per_row = |cores: f64| cores * drain.elapsed_s / plan.rows as f64 * 1e6;
+            samples.add(
+                "webpush_drain_daemon_us_per_row",
+                us_per_row(drain.cpu.daemon),
+            );
+            samples.add(
+                "webpush_drain_emulator_us_per_row",
+                us_per_row(drain.cpu.emulator),
+            );
+            samples.add(
+                "webpush_drain_postgres_us_per_row",
+                us_per_row(drain.cpu.postgres),
+            );
+            samples.add("webpush_drain_machine_cores", drain.cpu.machine);
+            samples.add("others_cpu_cores_webpush_drain", drain.cpu.others);
+            this.insert("webpush_drain", serde_json::to_value(&drain)?);
         }
         if plan.wants("drain20") {
             let (drain, raw) =
