@@ -19,9 +19,11 @@
 //!
 //! OpenSSL does every primitive (ECDH, HKDF, AES-GCM, the random salt and key).
 
+use std::sync::OnceLock;
+
 use openssl::bn::BigNumContext;
 use openssl::derive::Deriver;
-use openssl::ec::{EcGroup, EcKey, EcKeyRef, EcPoint, PointConversionForm};
+use openssl::ec::{EcGroup, EcGroupRef, EcKey, EcKeyRef, EcPoint, PointConversionForm};
 use openssl::error::ErrorStack;
 use openssl::md::Md;
 use openssl::nid::Nid;
@@ -65,8 +67,7 @@ pub fn check_size(len: usize) -> Result<(), String> {
 pub fn encrypt(plaintext: &[u8], sub: &Subscription) -> Result<Vec<u8>, String> {
     check_size(plaintext.len())?;
     let failed = |e: ErrorStack| format!("cannot encrypt the payload: {}", openssl_reason(&e));
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).map_err(failed)?;
-    let as_key = EcKey::generate(&group).map_err(failed)?;
+    let as_key = EcKey::generate(p256().map_err(failed)?).map_err(failed)?;
     let mut salt = [0; SALT_LEN];
     openssl::rand::rand_bytes(&mut salt).map_err(failed)?;
     encrypt_with(plaintext, sub.p256dh(), sub.auth(), &as_key, &salt)
@@ -166,8 +167,22 @@ fn ecdh(
     peer: &PKey<impl openssl::pkey::HasPublic>,
 ) -> Result<Vec<u8>, ErrorStack> {
     let mut deriver = Deriver::new(own)?;
-    deriver.set_peer(peer)?;
+    // Not validated again: the browser's point was checked on the curve when its
+    // subscription was read (`Subscription::parse`), and on P-256 (cofactor 1) that is
+    // all there is to check. The full check costs a scalar multiplication, as much as
+    // the ECDH itself.
+    deriver.set_peer_ex(peer, false)?;
     deriver.derive_to_vec()
+}
+
+/// The P-256 curve, made once: OpenSSL makes a group afresh each time it is asked.
+pub(crate) fn p256() -> Result<&'static EcGroupRef, ErrorStack> {
+    static P256: OnceLock<EcGroup> = OnceLock::new();
+    if let Some(group) = P256.get() {
+        return Ok(group);
+    }
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+    Ok(P256.get_or_init(|| group))
 }
 
 /// HKDF-SHA-256 (RFC 5869), extract then expand, filling `out`.
