@@ -265,7 +265,9 @@ pub fn hkdf(salt: &[u8], ikm: &[u8], info: &[u8], len: usize) -> Result<Vec<u8>,
 /// The shared secret of ECDH between `private` and `public` (the x coordinate, 32 bytes).
 pub fn ecdh(private: &PKeyRef<Private>, public: &PKeyRef<Public>) -> Result<Vec<u8>, ErrorStack> {
     let mut deriver = Deriver::new(private)?;
-    deriver.set_peer(public)?;
+    // Checked when it was read ([`public_key`]); checking again costs a scalar
+    // multiplication per message.
+    deriver.set_peer_ex(public, false)?;
     deriver.derive_to_vec()
 }
 
@@ -277,10 +279,11 @@ pub fn public_key(uncompressed: &[u8]) -> Result<PKey<Public>, ErrorStack> {
         // Compressed points and other lengths are not what Web Push sends.
         return Err(ErrorStack::get());
     }
+    // Decoding checks that the point is on the curve. P-256's cofactor is 1, so that is
+    // the whole of a public key's validation (NIST SP 800-56A's partial validation):
+    // OpenSSL's full check would add a scalar multiplication and find nothing more.
     let point = EcPoint::from_bytes(&group, uncompressed, &mut ctx)?;
-    let key = EcKey::from_public_key(&group, &point)?;
-    key.check_key()?;
-    PKey::from_ec_key(key)
+    PKey::from_ec_key(EcKey::from_public_key(&group, &point)?)
 }
 
 /// The uncompressed encoding (65 bytes) of a P-256 key's public half.
