@@ -15,10 +15,11 @@
 //! Needs podman, runc and debootstrap; says SKIPPED without them, fails without them
 //! under CI (`CI=true`; `.ci/run` installs them).
 //!
-//! Cost on 2 cores: the release build (a few minutes unless `.ci/run` or the developer
-//! built it already), the base image (~1.5 min, once), the image (~30 s, mostly apt;
-//! then cached but for the binary), the scenario (~15 s). Images of older binaries stay
-//! behind as dangling layers of podman's build cache: `podman image prune` clears them.
+//! Cost on 2 cores: the release build (6 min from nothing; `.ci/run` builds it before
+//! the tests, and then it is a no-op here), the base image (under a minute, once), the
+//! image (15 s cold, mostly apt; 2 s once podman caches all but a new binary), the
+//! scenario (8 s). Images of older binaries stay behind as dangling layers of podman's
+//! build cache: `podman image prune` clears them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -353,6 +354,8 @@ async fn the_image_checks_migrates_delivers_answers_health_and_drains_on_stop() 
         added < 40_000_000,
         "the image adds {added} bytes to its base"
     );
+    let user = podman.run(&["image", "inspect", "--format", "{{.Config.User}}", IMAGE]);
+    assert_eq!(user.trim(), "10001:10001", "the image runs as root");
     let prepared = started.elapsed();
 
     // The database URL comes from the environment, the credentials from files mounted
