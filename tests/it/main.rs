@@ -6,6 +6,7 @@
 mod binary_protocol;
 mod churn;
 mod commands;
+mod container;
 mod dashboards;
 mod delivery;
 mod docs;
