@@ -359,3 +359,67 @@ async fn https_proxy_and_no_proxy_steer_a_spawned_daemon() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// Browser rows go through the proxy to every push service, whichever protocol each
+/// speaks: the HTTP/2 pool's tunnels, the HTTP/1.1 pool's, and the first connection
+/// that asks the service which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_push_rows_reach_each_push_service_through_the_proxy() {
+    use pgpushd_emulator::webpush::{WebPushEmulator, WebPushEmulatorConfig};
+
+    if !tinyproxy::available("web_push_rows_reach_each_push_service_through_the_proxy") {
+        return;
+    }
+    let proxy = Tinyproxy::start(None);
+    let db = TestDb::new().await;
+    let h2 = crate::webpush::WebpushSetup::new(|_| {}).await;
+    let h1 = WebPushEmulator::start(WebPushEmulatorConfig {
+        http1_only: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ca = h2.dir.path().join("webpush-ca.pem");
+    let mut both = h2.emulator.ca_pem().to_vec();
+    both.extend_from_slice(h1.ca_pem());
+    std::fs::write(&ca, both).unwrap();
+    let cfg = config(
+        &db.url,
+        &format!("{}\n[network]\nproxy = \"{}\"\n", h2.app_toml, proxy.url()),
+    );
+    let daemon = start(
+        cfg.clone(),
+        Arc::new(pgpushd::providers::Providers::new(&cfg.apps).unwrap()),
+    );
+    let client = db.client().await;
+    for i in 0..20 {
+        for sub in [h2.subscribe(), h1.subscribe(Some(&h2.public_key)).unwrap()] {
+            client
+                .execute(
+                    "INSERT INTO pgpushd.outbox (app, device_token, payload)
+                     VALUES ('web', $1, jsonb_build_object('n', $2::int))",
+                    &[&sub.to_json(), &i],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    wait_for_status(&client, "sent", 40, Duration::from_secs(30)).await;
+    daemon.stop().await;
+    let connects = proxy.connects();
+    let targets = [h2.emulator.addr().to_string(), h1.addr().to_string()];
+    assert!(connects.iter().all(|c| targets.contains(c)), "{connects:?}");
+    for target in &targets {
+        assert!(
+            connects.contains(target),
+            "{target} not tunnelled: {connects:?}"
+        );
+    }
+    assert_eq!(h1.records().len(), 20);
+    assert_eq!(h2.emulator.records().len(), 20);
+    assert_eq!(
+        connects.len() as u64,
+        h2.emulator.stats().connections_accepted + h1.stats().connections_accepted,
+        "every connection a push service accepted came through the proxy: {connects:?}"
+    );
+}
