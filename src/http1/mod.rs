@@ -130,14 +130,18 @@ impl Http1Pool {
             .map_err(|_| PoolError::Busy(self.stream_wait))?
             .expect("the semaphore is never closed");
         let mut request = self.prepare(&request, body);
-        // Every idle connection may have gone bad meanwhile, and then a new one.
-        for _ in 0..=self.slots_total + 1 {
-            let mut sender = match self.take_idle() {
-                Some(sender) => sender,
-                None => self.open().await?,
+        // Each kept-alive connection may have gone bad meanwhile; a new one that fails
+        // before the request is written ends the try (no reconnecting loop).
+        for _ in 0..=self.slots_total {
+            let (mut sender, new) = match self.take_idle() {
+                Some(sender) => (sender, false),
+                None => (self.open().await?, true),
             };
             if sender.ready().await.is_err() {
-                continue;
+                match new {
+                    true => return Err(self.closed_unwritten()),
+                    false => continue,
+                }
             }
             crate::transport::request_went_out();
             let exchange = exchange(&mut sender, request);
@@ -150,11 +154,12 @@ impl Http1Pool {
                     return Ok(answer);
                 }
                 Ok(Err(mut e)) => match e.take_message() {
-                    Some(unwritten) => {
+                    Some(unwritten) if !new => {
                         debug!(origin = %self.opts.host, error = %e.error(),
-                               "connection closed before the request was written; another");
+                               "kept-alive connection closed before the request was written");
                         request = unwritten;
                     }
+                    Some(_) => return Err(self.closed_unwritten()),
                     None => {
                         return Err(PoolError::Unanswered {
                             attempts: 1,
@@ -164,13 +169,18 @@ impl Http1Pool {
                 },
             }
         }
-        Err(PoolError::Unavailable {
+        Err(self.closed_unwritten())
+    }
+
+    /// A new connection closed before the request was written: as if none could be had.
+    fn closed_unwritten(&self) -> PoolError {
+        PoolError::Unavailable {
             reason: format!(
-                "HTTP/1.1 to {}: every connection closed before the request was written",
+                "HTTP/1.1 to {}: the connection closed before the request was written",
                 self.opts.host
             ),
             retry_after: self.reconnect_after,
-        })
+        }
     }
 
     fn take_idle(&self) -> Option<SendRequest<Full<Bytes>>> {
