@@ -19,14 +19,11 @@
 //!
 //! OpenSSL does every primitive (ECDH, HKDF, AES-GCM, the random salt and key).
 
-use std::sync::OnceLock;
-
 use openssl::bn::BigNumContext;
 use openssl::derive::Deriver;
-use openssl::ec::{EcGroup, EcGroupRef, EcKey, EcKeyRef, EcPoint, PointConversionForm};
+use openssl::ec::{EcKey, EcKeyRef, EcPoint, PointConversionForm};
 use openssl::error::ErrorStack;
 use openssl::md::Md;
-use openssl::nid::Nid;
 use openssl::pkey::{Id, PKey, Private};
 use openssl::pkey_ctx::PkeyCtx;
 use openssl::symm::{encrypt_aead, Cipher};
@@ -67,7 +64,7 @@ pub fn check_size(len: usize) -> Result<(), String> {
 pub fn encrypt(plaintext: &[u8], sub: &Subscription) -> Result<Vec<u8>, String> {
     check_size(plaintext.len())?;
     let failed = |e: ErrorStack| format!("cannot encrypt the payload: {}", openssl_reason(&e));
-    let as_key = EcKey::generate(p256().map_err(failed)?).map_err(failed)?;
+    let as_key = EcKey::generate(super::p256::group().map_err(failed)?).map_err(failed)?;
     let mut salt = [0; SALT_LEN];
     openssl::rand::rand_bytes(&mut salt).map_err(failed)?;
     encrypt_with(plaintext, sub.p256dh(), sub.auth(), &as_key, &salt)
@@ -175,16 +172,6 @@ fn ecdh(
     deriver.derive_to_vec()
 }
 
-/// The P-256 curve, made once: OpenSSL makes a group afresh each time it is asked.
-pub(crate) fn p256() -> Result<&'static EcGroupRef, ErrorStack> {
-    static P256: OnceLock<EcGroup> = OnceLock::new();
-    if let Some(group) = P256.get() {
-        return Ok(group);
-    }
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
-    Ok(P256.get_or_init(|| group))
-}
-
 /// HKDF-SHA-256 (RFC 5869), extract then expand, filling `out`.
 fn hkdf(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) -> Result<(), ErrorStack> {
     let mut ctx = PkeyCtx::new_id(Id::HKDF)?;
@@ -216,12 +203,12 @@ pub(crate) mod tests {
 
     /// A P-256 private key from its scalar (base64url), its public key derived.
     fn key(private: &str) -> EcKey<Private> {
-        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let group = crate::webpush::p256::group().unwrap();
         let d = BigNum::from_slice(&base64url::decode(private).unwrap()).unwrap();
         let mut ctx = BigNumContext::new().unwrap();
-        let mut public = EcPoint::new(&group).unwrap();
-        public.mul_generator2(&group, &d, &mut ctx).unwrap();
-        EcKey::from_private_components(&group, &d, &public).unwrap()
+        let mut public = EcPoint::new(group).unwrap();
+        public.mul_generator2(group, &d, &mut ctx).unwrap();
+        EcKey::from_private_components(group, &d, &public).unwrap()
     }
 
     fn array<const N: usize>(text: &str) -> [u8; N] {

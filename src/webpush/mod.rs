@@ -26,6 +26,7 @@ mod app;
 pub mod base64url;
 pub mod encrypt;
 mod origins;
+mod p256;
 pub mod request;
 pub mod response;
 pub mod subscription;

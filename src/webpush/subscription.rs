@@ -247,7 +247,7 @@ fn on_p256(point: &[u8]) -> bool {
     // key check would add a scalar multiplication and find nothing more.
     let check = || -> Result<(), openssl::error::ErrorStack> {
         let mut ctx = BigNumContext::new()?;
-        EcPoint::from_bytes(super::encrypt::p256()?, point, &mut ctx)?;
+        EcPoint::from_bytes(super::p256::group()?, point, &mut ctx)?;
         Ok(())
     };
     check().is_ok()

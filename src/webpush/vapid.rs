@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Uri;
 use openssl::bn::{BigNum, BigNumContext};
-use openssl::ec::{EcGroup, EcKey, EcPoint, PointConversionForm};
+use openssl::ec::{EcGroupRef, EcKey, EcPoint, PointConversionForm};
 use openssl::error::ErrorStack;
 use openssl::nid::Nid;
 use openssl::pkey::{Id, PKey, Private};
@@ -67,8 +67,8 @@ impl PartialEq for VapidKey {
     }
 }
 
-fn p256() -> Result<EcGroup, ErrorStack> {
-    EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)
+fn p256() -> Result<&'static EcGroupRef, ErrorStack> {
+    super::p256::group()
 }
 
 impl VapidKey {
@@ -154,9 +154,9 @@ impl VapidKey {
                     "not a P-256 private key (out of the curve's range)".into()
                 ));
             }
-            let mut public = EcPoint::new(&group)?;
-            public.mul_generator2(&group, &d, &mut ctx)?;
-            Ok(Ok(EcKey::from_private_components(&group, &d, &public)?))
+            let mut public = EcPoint::new(group)?;
+            public.mul_generator2(group, &d, &mut ctx)?;
+            Ok(Ok(EcKey::from_private_components(group, &d, &public)?))
         };
         let key =
             derive().map_err(|e| format!("cannot use the VAPID key: {}", openssl_reason(&e)))??;
@@ -177,7 +177,7 @@ impl VapidKey {
     /// A new random key.
     pub fn generate() -> Result<VapidKey, String> {
         let key = p256()
-            .and_then(|group| EcKey::generate(&group))
+            .and_then(EcKey::generate)
             .map_err(|e| format!("cannot generate a VAPID key: {}", openssl_reason(&e)))?;
         VapidKey::new(key)
     }
@@ -375,9 +375,8 @@ mod tests {
     fn public_of(b64: &str) -> EcKey<Public> {
         let group = p256().unwrap();
         let mut ctx = BigNumContext::new().unwrap();
-        let point =
-            EcPoint::from_bytes(&group, &base64url::decode(b64).unwrap(), &mut ctx).unwrap();
-        EcKey::from_public_key(&group, &point).unwrap()
+        let point = EcPoint::from_bytes(group, &base64url::decode(b64).unwrap(), &mut ctx).unwrap();
+        EcKey::from_public_key(group, &point).unwrap()
     }
 
     /// Checks the `Authorization` value the way a push service does: the token verifies
@@ -528,7 +527,8 @@ mod tests {
 
     #[test]
     fn other_keys_are_refused_naming_the_file() {
-        let p384 = EcKey::generate(&EcGroup::from_curve_name(Nid::SECP384R1).unwrap()).unwrap();
+        let p384 = EcKey::generate(&openssl::ec::EcGroup::from_curve_name(Nid::SECP384R1).unwrap())
+            .unwrap();
         let e = load_err(&p384.private_key_to_pem().unwrap());
         assert_eq!(
             e,
