@@ -1,7 +1,8 @@
 //! APNs: an app's client ([`load`]) over its `protocol`: [`http2`] (the provider API) or
 //! [`binary`] (the retired binary protocol), each an `AppClient` of the shared service
 //! layer (`crate::service`). What both protocols use lives here: client certificates
-//! ([`identity`]), the push types ([`push_type`]), Apple's reasons ([`reason`]), the
+//! ([`identity`]), the push types ([`push_type`]) and Live Activity pushes' rules
+//! ([`live_activity`]), Apple's reasons ([`reason`]), the
 //! provider token ([`provider_token`], HTTP/2's token auth) and its timings
 //! ([`options`]).
 
@@ -14,6 +15,7 @@ use crate::transport::Undelivered;
 pub mod binary;
 pub mod http2;
 pub mod identity;
+pub mod live_activity;
 pub mod options;
 pub mod provider_token;
 pub mod push_type;

@@ -569,3 +569,66 @@ passphrase_file = "{dir}/pass"
     daemon.stop().await;
     assert_eq!(emulator.stats().count(200), 20);
 }
+
+/// A Live Activity's three events as rows: sent with their push type and topic; one a
+/// device would drop fails before any request, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_activity_rows_start_update_and_end_and_bad_ones_fail_unsent() {
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rows = [
+        (
+            token(1),
+            serde_json::json!({"aps": {"event": "start", "timestamp": now,
+                "attributes-type": "DeliveryAttributes", "attributes": {"order": "1234"},
+                "content-state": {"eta": "12:30"},
+                "alert": {"title": "Order 1234", "body": "On its way"}}}),
+        ),
+        (
+            token(2),
+            serde_json::json!({"aps": {"event": "update", "timestamp": now + 1,
+                "content-state": {"eta": "12:40"}}}),
+        ),
+        (
+            token(2),
+            serde_json::json!({"aps": {"event": "end", "timestamp": now + 2,
+                "content-state": {"eta": "delivered"}, "dismissal-date": now + 600}}),
+        ),
+        // No content-state: the device would drop it.
+        (
+            token(3),
+            serde_json::json!({"aps": {"event": "update", "timestamp": now}}),
+        ),
+    ];
+    for (token, payload) in &rows {
+        client
+            .execute(
+                "INSERT INTO pgpushd.outbox (device_token, payload, push_type)
+                 VALUES ($1, $2, 'liveactivity')",
+                &[token, payload],
+            )
+            .await
+            .unwrap();
+    }
+    wait_for("every row settled", Duration::from_secs(20), || async {
+        (count(&client, "pending").await == 0).then_some(())
+    })
+    .await;
+    daemon.stop().await;
+    assert_eq!(count(&client, "sent").await, 3);
+    let failed: String = client
+        .query_one(
+            "SELECT last_error FROM pgpushd.outbox WHERE status = 'failed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(failed.contains("needs aps.content-state"), "{failed}");
+    let records = apns.emulator.records();
+    assert_eq!(records.len(), 3, "the bad row cost a request");
+    assert!(records.iter().all(|r| r.status == 200), "{records:?}");
+}

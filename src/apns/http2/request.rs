@@ -219,6 +219,9 @@ fn payload(n: &Notification, push_type: PushType) -> Result<Bytes, String> {
         }
         Err(e) => return Err(format!("BadPayload: the payload is not JSON: {e}")),
     }
+    if push_type == PushType::LiveActivity {
+        crate::apns::live_activity::check(&n.payload)?;
+    }
     let limit = push_type.max_payload();
     if n.payload.len() > limit {
         return Err(format!(
