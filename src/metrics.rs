@@ -326,10 +326,28 @@ pub fn reason_label(last_error: &str) -> String {
             .chain(fcm::response::KNOWN_CODES.iter().map(|c| c.to_string()))
             .collect()
     });
-    last_error
+    let named = last_error
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .find_map(|w| NAMES.iter().find(|name| *name == w))
-        .map_or_else(|| "other".to_owned(), Clone::clone)
+        .find_map(|w| NAMES.iter().find(|name| *name == w));
+    match named {
+        Some(name) => name.clone(),
+        None => http_status_label(last_error).unwrap_or_else(|| "other".to_owned()),
+    }
+}
+
+/// A Web Push service's answers have no reason words, only statuses: `HTTP_410` for a
+/// reason that starts `HTTP 410`, among the statuses the README names (a closed set, so
+/// the series stay bounded).
+fn http_status_label(last_error: &str) -> Option<String> {
+    const STATUSES: [&str; 11] = [
+        "400", "401", "403", "404", "410", "413", "429", "500", "502", "503", "504",
+    ];
+    // At the start, or after "gave up after N attempts: ".
+    let (at, _) = last_error
+        .match_indices("HTTP ")
+        .find(|(i, _)| *i == 0 || last_error[..*i].ends_with(": "))?;
+    let status = last_error.get(at + 5..at + 8)?;
+    STATUSES.contains(&status).then(|| format!("HTTP_{status}"))
 }
 
 /// What `/healthz` and the read-on-scrape metrics read besides [`Metrics`]: the live
@@ -526,6 +544,21 @@ pub async fn serve_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn web_push_reasons_are_labelled_by_their_status() {
+        assert_eq!(
+            reason_label("HTTP 410: the subscription is gone (the browser unsubscribed)"),
+            "HTTP_410"
+        );
+        assert_eq!(reason_label("HTTP 429: Too Many Requests"), "HTTP_429");
+        assert_eq!(
+            reason_label("gave up after 3 attempts: HTTP 503: the push service failed"),
+            "HTTP_503"
+        );
+        assert_eq!(reason_label("HTTP 418: I'm a teapot"), "other");
+        assert_eq!(reason_label("the payload is HTTP 410 bytes"), "other");
+    }
 
     #[test]
     fn reason_labels_are_apples_words() {
