@@ -39,7 +39,7 @@ pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
 pub const RENEW_BEFORE: Duration = Duration::from_secs(3600);
 /// The origins whose tokens are kept; push services are few, so this is never reached
 /// but by a flood of subscriptions to odd endpoints.
-pub const MAX_ORIGINS: usize = 1024;
+pub const MAX_TOKENS: usize = 1024;
 
 /// The length of a raw P-256 private key.
 const SCALAR_LEN: usize = 32;
@@ -329,9 +329,9 @@ impl VapidSigner {
             .as_secs();
         let exp = UNIX_EPOCH + Duration::from_secs(secs);
         let header = self.vapid.authorization(origin, exp)?;
-        if cache.len() >= MAX_ORIGINS && !cache.contains_key(origin) {
+        if cache.len() >= MAX_TOKENS && !cache.contains_key(origin) {
             cache.retain(|_, (_, exp)| usable(*exp, now));
-            if cache.len() >= MAX_ORIGINS {
+            if cache.len() >= MAX_TOKENS {
                 let soonest = cache
                     .iter()
                     .min_by_key(|(_, (_, exp))| *exp)
@@ -474,16 +474,16 @@ mod tests {
     fn the_cache_keeps_at_most_1024_origins() {
         let signer = VapidSigner::new(Vapid::new(VapidKey::generate().unwrap(), SUBJECT).unwrap());
         let start = at(1_800_000_000);
-        for i in 0..MAX_ORIGINS {
+        for i in 0..MAX_TOKENS {
             signer
                 .authorization(&format!("https://h{i}.example"), start)
                 .unwrap();
         }
-        assert_eq!(signer.cached(), MAX_ORIGINS);
+        assert_eq!(signer.cached(), MAX_TOKENS);
         // All still usable: the one expiring soonest goes.
         let later = start + Duration::from_secs(60);
         signer.authorization("https://new.example", later).unwrap();
-        assert_eq!(signer.cached(), MAX_ORIGINS);
+        assert_eq!(signer.cached(), MAX_TOKENS);
         // Those no longer usable all go at once.
         let much_later = start + Duration::from_secs(11 * 3600 + 1);
         signer
