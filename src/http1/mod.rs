@@ -5,8 +5,9 @@
 //! same timings, and answers come back as the same [`Answer`], so a service's rules read
 //! both alike. It knows no service's rules.
 //!
-//! [`connect_tls`] is the TLS connection both clients start from; [`Negotiated`] says
-//! which protocol the server chose by ALPN, for a caller that offers both.
+//! [`connect_tls`] makes this pool's connections, and a caller's that offers both
+//! protocols (a Web Push origin's first); [`Negotiated`] says which the server chose by
+//! ALPN. The HTTP/2 client makes its own (`http2::connection`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
