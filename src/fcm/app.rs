@@ -254,7 +254,7 @@ pub(crate) fn verdict(answer: &Answer) -> Verdict {
         status: answer.status,
         retry_after: answer
             .header(http::header::RETRY_AFTER.as_str())
-            .and_then(|v| response::retry_after(v, std::time::SystemTime::now())),
+            .and_then(|v| crate::http2::retry_after(v, std::time::SystemTime::now())),
         body: answer.body.clone(),
     }
     .verdict()

@@ -12,7 +12,7 @@ use crate::service::Scope;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
     pub status: u16,
-    /// `Retry-After`, in seconds or as an HTTP-date (see [`retry_after`]).
+    /// `Retry-After`, in seconds or as an HTTP-date (see [`crate::http2::retry_after`]).
     pub retry_after: Option<Duration>,
     pub body: bytes::Bytes,
 }
@@ -196,44 +196,9 @@ pub const THIRD_PARTY_AUTH_HINT: &str = "FCM could not use this project's creden
     targets) or check the web push certificates in the Firebase console, Project \
     settings > Cloud Messaging";
 
-/// `Retry-After` in either of HTTP's forms (RFC 9110, 10.2.3): delta-seconds (what FCM
-/// sends) or an HTTP-date, read against `now` (a date already past: no wait). Unbounded
-/// here; `outcome` caps what a row waits.
-pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or_default())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_reads_seconds_and_http_dates() {
-        let now = httpdate::parse_http_date("Sun, 06 Dec 2026 01:00:00 GMT").unwrap();
-        assert_eq!(retry_after(" 120 ", now), Some(Duration::from_secs(120)));
-        assert_eq!(
-            retry_after("Sun, 06 Dec 2026 01:02:30 GMT", now),
-            Some(Duration::from_secs(150))
-        );
-        assert_eq!(
-            retry_after("Sat, 05 Dec 2026 23:00:00 GMT", now),
-            Some(Duration::ZERO),
-            "a date already past"
-        );
-        // Read as-is; the row's wait is capped by `outcome::MAX_RETRY_AFTER`.
-        assert_eq!(
-            retry_after("99999999999", now),
-            Some(Duration::from_secs(99_999_999_999))
-        );
-        for bad in ["", "soon", "-5", "1.5", "Sun, 06 Dec 2026"] {
-            assert_eq!(retry_after(bad, now), None, "{bad:?}");
-        }
-    }
 
     fn answer(status: u16, body: &str) -> Answer {
         Answer {
@@ -394,7 +359,7 @@ mod tests {
                 "slow down",
             ),
         );
-        a.retry_after = retry_after(" 30 ", std::time::SystemTime::now());
+        a.retry_after = crate::http2::retry_after(" 30 ", std::time::SystemTime::now());
         assert_eq!(
             a.verdict(),
             Verdict::Throttled {

@@ -131,7 +131,7 @@ impl Answer {
         Answer {
             status,
             location: text(LOCATION).map(str::to_owned),
-            retry_after: text(RETRY_AFTER).and_then(|v| crate::fcm::response::retry_after(v, now)),
+            retry_after: text(RETRY_AFTER).and_then(|v| crate::http2::retry_after(v, now)),
             body,
         }
     }
