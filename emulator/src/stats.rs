@@ -29,9 +29,11 @@ pub struct Stats {
     pub channel_calls: u64,
     /// Channel management calls answered, by status.
     pub channel_calls_by_status: BTreeMap<u16, u64>,
-    /// Channels made by management calls (not by [`Emulator::create_channel`](crate::Emulator::create_channel)).
+    /// Channels made by management calls (not those of
+    /// [`Emulator::create_channel`](crate::Emulator::create_channel)).
     pub channels_created: u64,
-    /// Channels deleted by management calls (not by [`Emulator::delete_channel`](crate::Emulator::delete_channel)).
+    /// Channels deleted by management calls (not those of
+    /// [`Emulator::delete_channel`](crate::Emulator::delete_channel)).
     pub channels_deleted: u64,
 }
 

@@ -3,7 +3,7 @@
 //! APNs" describe them:
 //!
 //! - the channels themselves, per bundle id (one emulator is one environment): this
-//!   module's [`ChannelStore`], shared by both listeners and by the out-of-band methods
+//!   module's `ChannelStore`, shared by both listeners and by the out-of-band methods
 //!   on [`Emulator`](crate::Emulator);
 //! - the channel management API, on its own listener as Apple has it on its own host and
 //!   port (`api-manage-broadcast[.sandbox].push.apple.com`, 2195 sandbox / 2196
