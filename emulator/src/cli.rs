@@ -89,6 +89,13 @@ pub struct EmulatorArgs {
     /// SETTINGS_MAX_CONCURRENT_STREAMS (APNs: 1000).
     #[arg(long, default_value_t = 1000)]
     pub max_streams: u32,
+    /// Also serve the broadcast channel management API on this address (Apple: port
+    /// 2195 sandbox, 2196 production), with the same TLS, auth and faults [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub channels_listen: Option<SocketAddr>,
+    /// How many channels a bundle id may have at once (Apple: 10000).
+    #[arg(long, value_name = "N", default_value_t = crate::channels::DEFAULT_CHANNEL_LIMIT)]
+    pub channel_limit: usize,
     /// The options of --protocol fcm (boxed: they would make `pgpushd`'s command enum
     /// lopsided).
     #[command(flatten)]
@@ -160,6 +167,20 @@ impl EmulatorArgs {
         .find_map(|(flag, given)| given.then_some(flag))
     }
 
+    /// The flags of the HTTP/2 APNs mode's broadcast channels, for the other protocols
+    /// to refuse.
+    fn channels_only(&self) -> Option<&'static str> {
+        [
+            ("--channels-listen", self.channels_listen.is_some()),
+            (
+                "--channel-limit",
+                self.channel_limit != crate::channels::DEFAULT_CHANNEL_LIMIT,
+            ),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
+
     /// Refuses the flags of --protocol fcm and webpush.
     fn refuse_other_modes(&self) -> anyhow::Result<()> {
         if let Some(flag) = self.fcm_only() {
@@ -205,6 +226,8 @@ impl EmulatorArgs {
             goaway_every: self.goaway_every,
             max_streams: self.max_streams,
             keep_records: 0,
+            channels_listen: self.channels_listen,
+            channel_limit: self.channel_limit,
         })
     }
 
@@ -217,6 +240,9 @@ impl EmulatorArgs {
             ("--goaway-every", self.goaway_every.is_some()),
         ];
         if let Some((flag, _)) = http2_only.iter().find(|(_, given)| *given) {
+            anyhow::bail!("{flag} applies to --protocol http2 only");
+        }
+        if let Some(flag) = self.channels_only() {
             anyhow::bail!("{flag} applies to --protocol http2 only");
         }
         self.refuse_other_modes()?;
@@ -256,6 +282,9 @@ pub async fn run(args: EmulatorArgs, shutdown: impl Future<Output = ()>) -> anyh
     let tls_dir = args.tls_dir.clone();
     let emulator = Emulator::start(args.into_config()?).await?;
     println!("APNs emulator listening on {}", emulator.endpoint());
+    if let Some(channels) = emulator.channels_endpoint() {
+        println!("APNs channel management listening on {channels}");
+    }
     print_ca(tls_dir, emulator.ca_pem());
     shutdown.await;
     emulator.shutdown().await;
@@ -291,6 +320,9 @@ impl EmulatorArgs {
         }
         if let Some(flag) = self.webpush_only() {
             anyhow::bail!("{flag} applies to --protocol webpush only");
+        }
+        if let Some(flag) = self.channels_only() {
+            anyhow::bail!("{flag} applies to --protocol http2 only");
         }
         if !(0.0..=1.0).contains(&self.error_rate) {
             anyhow::bail!(
@@ -376,6 +408,9 @@ impl EmulatorArgs {
         }
         if let Some(flag) = self.fcm_only() {
             anyhow::bail!("{flag} applies to --protocol fcm only");
+        }
+        if let Some(flag) = self.channels_only() {
+            anyhow::bail!("{flag} applies to --protocol http2 only");
         }
         if !(0.0..=1.0).contains(&self.error_rate) {
             anyhow::bail!(

@@ -1,5 +1,8 @@
 //! Serving one TCP connection: TLS, the HTTP/2 handshake, then a loop over new streams,
-//! answered streams and control events (GOAWAY, drop, stall, shutdown).
+//! answered streams and control events (GOAWAY, drop, stall, shutdown). The push
+//! listener's connections take device pushes and broadcasts; the channels listener's,
+//! channel management calls. Both have the same TLS, authentication, stream limits and
+//! faults.
 //!
 //! A connection's streams run as futures inside its own task (not one task each): no
 //! spawn per request, and stalling the connection is simply not polling it.
@@ -11,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use futures::future::Either;
 use futures::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::RecvStream;
@@ -23,12 +27,22 @@ use tokio_openssl::SslStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use super::channels::{broadcast, management};
 use super::jwt::ConnectionTokens;
 use super::request;
 use super::stats::Counters;
 use super::stream_limit::{RaiseHandle, StreamLimitIo};
 use super::validate::{self, AuthMode, Rejection};
 use super::{Control, Shared};
+
+/// Which of the emulator's listeners a connection came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    /// Device pushes (`/3/device/...`) and broadcasts (`/4/broadcasts/apps/...`).
+    Push,
+    /// The channel management API (`/1/apps/...`).
+    Channels,
+}
 
 /// Per-stream receive window: large, so flow control never throttles a benchmark.
 const STREAM_WINDOW: u32 = 1 << 20;
@@ -44,15 +58,22 @@ pub(crate) async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
+    listener: Listener,
     cancel: CancellationToken,
 ) {
-    let span = tracing::debug_span!("connection", id, %peer);
-    serve_connection(&shared, tcp, id, cancel)
+    let span = tracing::debug_span!("connection", id, %peer, ?listener);
+    serve_connection(&shared, tcp, id, listener, cancel)
         .instrument(span)
         .await
 }
 
-async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: CancellationToken) {
+async fn serve_connection(
+    shared: &Shared,
+    tcp: TcpStream,
+    id: u64,
+    listener: Listener,
+    cancel: CancellationToken,
+) {
     let _open = shared.counters.connection_opened();
     let mut control = shared.control.subscribe();
     let at_start = *control.borrow_and_update();
@@ -98,6 +119,7 @@ async fn serve_connection(shared: &Shared, tcp: TcpStream, id: u64, cancel: Canc
     let state = Streams {
         shared,
         id,
+        listener,
         tokens: ConnectionTokens::default(),
         accepted: 0,
         in_flight: 0,
@@ -144,6 +166,7 @@ type H2 = h2::server::Connection<StreamLimitIo<SslStream<TcpStream>>, Bytes>;
 struct Streams<'a> {
     shared: &'a Shared,
     id: u64,
+    listener: Listener,
     tokens: ConnectionTokens,
     accepted: u64,
     in_flight: usize,
@@ -256,7 +279,7 @@ impl<'a> Streams<'a> {
         }
         let (head, body) = request.into_parts();
         let tokens = &mut self.tokens;
-        let checked = validate::check_head(&head, &shared.policy, |authorization| {
+        let provider_token = |authorization: &http::HeaderValue| {
             let key = shared.token_key.as_ref().expect("token auth has a key");
             tokens
                 .check(key, authorization.as_bytes(), unix_now())
@@ -264,16 +287,35 @@ impl<'a> Streams<'a> {
                     status: super::reason::status_of(reason).unwrap_or(403),
                     reason,
                 })
-        });
+        };
         self.in_flight += 1;
-        Some(request::handle(
-            shared, self.id, head, body, respond, checked,
-        ))
+        let policy = &shared.policy;
+        let answer = match self.listener {
+            Listener::Channels => {
+                let checked = management::check_head(&head, policy, provider_token);
+                Either::Left(management::handle(shared, head, body, respond, checked))
+            }
+            Listener::Push if broadcast::is_broadcast_path(head.uri.path()) => {
+                let checked = broadcast::check_head(&head, policy, provider_token);
+                Either::Right(Either::Left(broadcast::handle(
+                    shared, self.id, head, body, respond, checked,
+                )))
+            }
+            Listener::Push => {
+                let checked = validate::check_head(&head, policy, provider_token);
+                Either::Right(Either::Right(request::handle(
+                    shared, self.id, head, body, respond, checked,
+                )))
+            }
+        };
+        Some(answer)
     }
 
     fn answered(&mut self, status: Option<u16>) {
         self.in_flight -= 1;
-        if status == Some(200) {
+        // Any success: a device push's or broadcast's 200, a management call's 200, 201
+        // or 204.
+        if status.is_some_and(|s| (200..300).contains(&s)) {
             if let Some(raise) = self.raise.take() {
                 raise.raise();
                 self.limit = self.shared.max_streams as usize;

@@ -20,7 +20,14 @@
 //!   can be set in the config and changed at run time;
 //! - every answer can be observed: [`Emulator::subscribe`], [`Emulator::records`], a
 //!   JSON-lines file, and [`Emulator::stats`];
-//! - the command line (`pgpushd-emulator`, also `pgpushd emulator`): [`cli`].
+//! - the command line (`pgpushd-emulator`, also `pgpushd emulator`): [`cli`];
+//! - broadcast channels (iOS 18 Live Activities): with
+//!   [`EmulatorConfig::channels_listen`] a second listener serves Apple's channel
+//!   management API (create, read, delete, read all), as Apple has it on its own host
+//!   and port, with the same TLS, authentication and faults; broadcasts to the channels
+//!   (`POST /4/broadcasts/apps/<bundle>`) come to the push listener, and are recorded
+//!   and counted as pushes are. Tests make and delete channels behind a client's back
+//!   with [`Emulator::create_channel`] and [`Emulator::delete_channel`]: [`channels`].
 //!
 //! The retired binary protocol (gateway and feedback service, and its byte format) is
 //! [`binary`]'s. Firebase Cloud Messaging's HTTP v1 API, with the OAuth token endpoint its
@@ -34,6 +41,7 @@
 mod accept;
 mod answer;
 pub mod binary;
+pub mod channels;
 pub mod cli;
 mod connection;
 mod faults;
@@ -67,6 +75,8 @@ pub use record::Record;
 pub use stats::Stats;
 
 use answer::Answer;
+use channels::ChannelStore;
+use connection::Listener;
 use faults::Faults;
 use jwt::TokenKey;
 use record::Recorder;
@@ -104,6 +114,14 @@ pub struct EmulatorConfig {
     /// How many of the latest records [`Emulator::records`] keeps (0: none; benchmarks
     /// set 0 so no record is built unless someone subscribes or a file is written).
     pub keep_records: usize,
+    /// Also serve the broadcast channel management API here (Apple: 2195 sandbox, 2196
+    /// production, on a host of its own), with the push listener's TLS, auth and faults.
+    /// `None`: no channels listener (broadcasts are still served on `listen`, to
+    /// channels made with [`Emulator::create_channel`]).
+    pub channels_listen: Option<SocketAddr>,
+    /// How many channels a bundle id may have at once; a create beyond it is answered
+    /// 400 `CannotCreateChannelConfig`. Apple's: 10,000.
+    pub channel_limit: usize,
 }
 
 impl Default for EmulatorConfig {
@@ -121,6 +139,8 @@ impl Default for EmulatorConfig {
             goaway_every: None,
             max_streams: 1000,
             keep_records: 10_000,
+            channels_listen: None,
+            channel_limit: channels::DEFAULT_CHANNEL_LIMIT,
         }
     }
 }
@@ -180,12 +200,15 @@ pub(crate) struct Shared {
     recorder: Recorder,
     counters: Counters,
     control: watch::Sender<Control>,
+    channels: ChannelStore,
+    channel_limit: usize,
 }
 
 /// A running emulator. Dropping it stops it too, without waiting; prefer
 /// [`Emulator::shutdown`].
 pub struct Emulator {
     addr: SocketAddr,
+    channels_addr: Option<SocketAddr>,
     ca_pem: Vec<u8>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -193,7 +216,8 @@ pub struct Emulator {
 }
 
 impl Emulator {
-    /// Binds `config.listen`, makes the certificates and starts serving.
+    /// Binds `config.listen` (and `config.channels_listen`), makes the certificates and
+    /// starts serving.
     pub async fn start(config: EmulatorConfig) -> anyhow::Result<Emulator> {
         ensure!(
             (0.0..=1.0).contains(&config.error_rate),
@@ -219,13 +243,28 @@ impl Emulator {
                 (AuthMode::Certificate, None, Some(ca_pem.as_slice()))
             }
         };
-        let tls = tls::server_tls(config.listen, config.tls_dir.as_deref(), client_ca)
+        let listens: Vec<SocketAddr> = std::iter::once(config.listen)
+            .chain(config.channels_listen)
+            .collect();
+        let tls = tls::server_tls_on(&listens, config.tls_dir.as_deref(), client_ca)
             .context("emulator TLS")?;
         let recorder = Recorder::new(config.record.as_deref(), config.keep_records)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let channels_listener = match config.channels_listen {
+            Some(at) => Some(
+                TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("cannot listen on {at} (channels)"))?,
+            ),
+            None => None,
+        };
+        let channels_addr = channels_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -248,21 +287,31 @@ impl Emulator {
             recorder,
             counters: Counters::default(),
             control: watch::Sender::new(Control::default()),
+            channels: ChannelStore::default(),
+            channel_limit: config.channel_limit,
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(accept::accept_loop(listener, cancel.clone(), {
-            let (shared, cancel, tracker) = (shared.clone(), cancel.clone(), tracker.clone());
-            move |tcp, peer, id| {
-                tracker.spawn(connection::serve(
-                    shared.clone(),
-                    tcp,
-                    peer,
-                    id,
-                    cancel.clone(),
-                ));
-            }
-        }));
+        let listeners = std::iter::once((listener, Listener::Push))
+            .chain(channels_listener.map(|l| (l, Listener::Channels)));
+        for (tcp_listener, kind) in listeners {
+            tracker.spawn(accept::accept_loop(tcp_listener, cancel.clone(), {
+                let (shared, cancel, tracker) = (shared.clone(), cancel.clone(), tracker.clone());
+                move |tcp, peer, id| {
+                    tracker.spawn(connection::serve(
+                        shared.clone(),
+                        tcp,
+                        peer,
+                        id,
+                        kind,
+                        cancel.clone(),
+                    ));
+                }
+            }));
+        }
+        if let Some(channels_addr) = channels_addr {
+            info!(%channels_addr, limit = config.channel_limit, "APNs channel management listening");
+        }
         info!(
             %addr,
             auth = ?config.auth,
@@ -275,6 +324,7 @@ impl Emulator {
         }
         Ok(Emulator {
             addr,
+            channels_addr,
             ca_pem: tls.ca_pem,
             shared,
             cancel,
@@ -289,6 +339,44 @@ impl Emulator {
     /// `https://127.0.0.1:PORT`, for an app's `endpoint`.
     pub fn endpoint(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// Where the channel management API listens, if it does
+    /// ([`EmulatorConfig::channels_listen`]).
+    pub fn channels_addr(&self) -> Option<SocketAddr> {
+        self.channels_addr
+    }
+
+    /// `https://127.0.0.1:PORT` of the channel management API, if it listens.
+    pub fn channels_endpoint(&self) -> Option<String> {
+        self.channels_addr.map(|addr| format!("https://{addr}"))
+    }
+
+    /// The existing channels of `bundle` (id, `message-storage-policy`), oldest first.
+    pub fn channels(&self, bundle: &str) -> Vec<(String, u8)> {
+        self.shared.channels.list(bundle)
+    }
+
+    /// Makes a channel of `bundle` out of band (as if another client had, or one whose
+    /// creation a client lost) and returns its id. Not held to the channel limit.
+    ///
+    /// # Panics
+    /// If `policy` is not 0 ("No Message Stored") or 1 ("Most Recent Message Stored").
+    pub fn create_channel(&self, bundle: &str, policy: u8) -> String {
+        assert!(
+            policy <= channels::POLICY_MOST_RECENT_MESSAGE_STORED,
+            "message-storage-policy is 0 or 1, not {policy}"
+        );
+        self.shared
+            .channels
+            .create(bundle, policy, None)
+            .expect("no limit out of band")
+    }
+
+    /// Deletes a channel of `bundle` out of band (behind a client's back): broadcasts to
+    /// it are then answered `ChannelNotRegistered`. `false` if there was no such channel.
+    pub fn delete_channel(&self, bundle: &str, id: &str) -> bool {
+        self.shared.channels.delete(bundle, id)
     }
 
     /// The CA (PEM) clients must trust to connect.
@@ -314,6 +402,11 @@ impl Emulator {
 
     /// From now on answer valid requests for `token` with `status` and `reason` (any
     /// reason, Apple's or not; 410 gets a timestamp of now; 200 answers success).
+    ///
+    /// `token` is a device token; for a broadcast, its channel id; for a channel
+    /// management call, its channel id (read, delete) or its bundle id (any call, after
+    /// its channel id's script). A scripted management answer changes nothing: a create
+    /// answered 503 makes no channel.
     pub fn script(&self, token: &str, status: u16, reason: &str) {
         if !(200..=599).contains(&status) {
             warn!(status, "scripted status out of range: ignored");

@@ -1,6 +1,7 @@
 //! The `reason` strings APNs answers with, and the status each comes with.
 //!
-//! Apple's list ("Handling notification responses from APNs"). The emulator produces most
+//! Apple's lists ("Handling notification responses from APNs", and for broadcast
+//! channels "Handling error responses from APNs"). The emulator produces most
 //! of them from what it validates; the rest (`IdleTimeout`, `Forbidden`, `Shutdown`, ...)
 //! only through [`Emulator::script`](super::Emulator::script), so clients can test how they
 //! handle them.
@@ -38,7 +39,23 @@ pub const INTERNAL_SERVER_ERROR: &str = "InternalServerError";
 pub const SERVICE_UNAVAILABLE: &str = "ServiceUnavailable";
 pub const SHUTDOWN: &str = "Shutdown";
 
-/// Every documented reason with its status.
+// Broadcast channels: the management API and broadcast publishing.
+pub const BAD_CHANNEL_ID: &str = "BadChannelId";
+pub const BAD_REQUEST_PARAMS: &str = "BadRequestParams";
+pub const BAD_REQUEST_PAYLOAD: &str = "BadRequestPayload";
+pub const CANNOT_CREATE_CHANNEL_CONFIG: &str = "CannotCreateChannelConfig";
+pub const CHANNEL_NOT_REGISTERED: &str = "ChannelNotRegistered";
+/// Apple's name for an app without the broadcast capability.
+pub const FEATURE_NOT_ENABLED: &str = "FeatureNotEnabled";
+/// What the live service answers instead of [`FEATURE_NOT_ENABLED`] (not in Apple's
+/// table; only scripted).
+pub const BROADCAST_FEATURE_NOT_ENABLED: &str = "BroadcastFeatureNotEnabled";
+pub const MISSING_CHANNEL_ID: &str = "MissingChannelId";
+pub const MISSING_PUSH_TYPE: &str = "MissingPushType";
+pub const TOPIC_MISMATCH: &str = "TopicMismatch";
+
+/// Every documented reason with its status (and the one seen live,
+/// [`BROADCAST_FEATURE_NOT_ENABLED`]).
 pub const ALL: &[(u16, &str)] = &[
     (400, BAD_COLLAPSE_ID),
     (400, BAD_DEVICE_TOKEN),
@@ -72,6 +89,16 @@ pub const ALL: &[(u16, &str)] = &[
     (500, INTERNAL_SERVER_ERROR),
     (503, SERVICE_UNAVAILABLE),
     (503, SHUTDOWN),
+    (400, BAD_CHANNEL_ID),
+    (400, BAD_REQUEST_PARAMS),
+    (400, BAD_REQUEST_PAYLOAD),
+    (400, CANNOT_CREATE_CHANNEL_CONFIG),
+    (400, CHANNEL_NOT_REGISTERED),
+    (400, FEATURE_NOT_ENABLED),
+    (400, BROADCAST_FEATURE_NOT_ENABLED),
+    (400, MISSING_CHANNEL_ID),
+    (400, MISSING_PUSH_TYPE),
+    (403, TOPIC_MISMATCH),
 ];
 
 /// The status Apple documents for `reason`, if it is one of [`ALL`].

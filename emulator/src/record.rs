@@ -24,7 +24,8 @@ pub struct Record {
     pub at: SystemTime,
     /// The connection it came on (numbered from 1 in accept order).
     pub connection: u64,
-    /// The `apns-id` answered: the request's, or the one the emulator made up.
+    /// The `apns-id` answered: the request's, or the one the emulator made up (a
+    /// broadcast: its `apns-request-id`).
     pub apns_id: String,
     /// As in the path; empty when the path had none.
     pub device_token: String,
@@ -38,9 +39,20 @@ pub struct Record {
     pub payload: Bytes,
     pub status: u16,
     pub reason: Option<String>,
+    /// A broadcast's `apns-channel-id` (empty if it had none); `None` for a device push.
+    /// A broadcast's `topic` is the bundle id in its path, its `apns_id` the
+    /// `apns-request-id` answered, and its `device_token` empty. Left out of the JSON
+    /// line when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_id: Option<String>,
 }
 
 impl Record {
+    /// Whether it is a broadcast (`POST /4/broadcasts/apps/<bundle>`).
+    pub fn is_broadcast(&self) -> bool {
+        self.channel_id.is_some()
+    }
+
     /// The payload as JSON, if it is JSON.
     pub fn payload_json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.payload).ok()
@@ -215,6 +227,7 @@ mod tests {
             payload: Bytes::from_static(payload),
             status: 200,
             reason: None,
+            channel_id: None,
         }
     }
 
@@ -226,6 +239,16 @@ mod tests {
         assert_eq!(line["status"], 200);
         let text = serde_json::to_value(sample(b"not json")).unwrap();
         assert_eq!(text["payload"], "not json");
+        assert!(text.get("channel_id").is_none());
+        let broadcast = Record {
+            channel_id: Some("AAAA".into()),
+            ..sample(b"{}")
+        };
+        assert!(broadcast.is_broadcast());
+        assert_eq!(
+            serde_json::to_value(broadcast).unwrap()["channel_id"],
+            "AAAA"
+        );
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub(crate) async fn handle(
 
 /// The request body, up to `limit` bytes (the rest is not needed to answer). Usually a
 /// single DATA frame, kept without copying.
-async fn read_payload(body: &mut RecvStream, limit: usize) -> Result<Bytes, h2::Error> {
+pub(crate) async fn read_payload(body: &mut RecvStream, limit: usize) -> Result<Bytes, h2::Error> {
     let mut first = Bytes::new();
     let mut more: Option<BytesMut> = None;
     while let Some(chunk) = body.data().await {
@@ -147,6 +147,7 @@ fn record(
         payload: Bytes::copy_from_slice(payload),
         status: answer.status,
         reason: answer.reason.as_deref().map(str::to_owned),
+        channel_id: None,
     }
 }
 

@@ -23,12 +23,32 @@ pub struct Stats {
     pub streams_abandoned: u64,
     /// Requests being handled now (reading the payload or waiting out the latency).
     pub requests_in_flight: u64,
+    /// Broadcasts answered on the push listener (any status; also in `requests`).
+    pub broadcasts: u64,
+    /// Channel management calls answered on the channels listener (not in `requests`).
+    pub channel_calls: u64,
+    /// Channel management calls answered, by status.
+    pub channel_calls_by_status: BTreeMap<u16, u64>,
+    /// Channels made by management calls (not those of
+    /// [`Emulator::create_channel`](crate::Emulator::create_channel)).
+    pub channels_created: u64,
+    /// Channels deleted by management calls (not those of
+    /// [`Emulator::delete_channel`](crate::Emulator::delete_channel)).
+    pub channels_deleted: u64,
 }
 
 impl Stats {
     /// Requests answered with `status`.
     pub fn count(&self, status: u16) -> u64 {
         self.by_status.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Channel management calls answered with `status`.
+    pub fn channel_count(&self, status: u16) -> u64 {
+        self.channel_calls_by_status
+            .get(&status)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -43,6 +63,10 @@ pub(crate) struct Counters {
     pub streams_refused: AtomicU64,
     pub streams_abandoned: AtomicU64,
     requests_in_flight: AtomicU64,
+    pub broadcasts: AtomicU64,
+    channel_calls_by_status: Box<[AtomicU64]>,
+    pub channels_created: AtomicU64,
+    pub channels_deleted: AtomicU64,
 }
 
 impl Default for Counters {
@@ -56,6 +80,10 @@ impl Default for Counters {
             streams_refused: AtomicU64::new(0),
             streams_abandoned: AtomicU64::new(0),
             requests_in_flight: AtomicU64::new(0),
+            broadcasts: AtomicU64::new(0),
+            channel_calls_by_status: (0..STATUSES).map(|_| AtomicU64::new(0)).collect(),
+            channels_created: AtomicU64::new(0),
+            channels_deleted: AtomicU64::new(0),
         }
     }
 }
@@ -64,6 +92,11 @@ impl Counters {
     pub fn answered(&self, status: u16) {
         let slot = usize::from(status).min(STATUSES - 1);
         self.by_status[slot].fetch_add(1, Relaxed);
+    }
+
+    pub fn channel_call(&self, status: u16) {
+        let slot = usize::from(status).min(STATUSES - 1);
+        self.channel_calls_by_status[slot].fetch_add(1, Relaxed);
     }
 
     pub fn bump(counter: &AtomicU64) {
@@ -84,16 +117,14 @@ impl Counters {
     }
 
     pub fn snapshot(&self) -> Stats {
-        let by_status: BTreeMap<u16, u64> = self
-            .by_status
-            .iter()
-            .enumerate()
-            .filter_map(|(status, n)| {
-                let n = n.load(Relaxed);
-                (n > 0).then_some((status as u16, n))
-            })
-            .collect();
+        let by_status = by_status_of(&self.by_status);
+        let channel_calls_by_status = by_status_of(&self.channel_calls_by_status);
         Stats {
+            broadcasts: self.broadcasts.load(Relaxed),
+            channel_calls: channel_calls_by_status.values().sum(),
+            channel_calls_by_status,
+            channels_created: self.channels_created.load(Relaxed),
+            channels_deleted: self.channels_deleted.load(Relaxed),
             requests: by_status.values().sum(),
             by_status,
             connections_accepted: self.connections_accepted.load(Relaxed),
@@ -105,6 +136,17 @@ impl Counters {
             requests_in_flight: self.requests_in_flight.load(Relaxed),
         }
     }
+}
+
+fn by_status_of(counters: &[AtomicU64]) -> BTreeMap<u16, u64> {
+    counters
+        .iter()
+        .enumerate()
+        .filter_map(|(status, n)| {
+            let n = n.load(Relaxed);
+            (n > 0).then_some((status as u16, n))
+        })
+        .collect()
 }
 
 pub(crate) struct OpenConnection<'a>(&'a Counters);

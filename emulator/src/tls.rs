@@ -209,10 +209,29 @@ pub(crate) fn server_tls(
     server_tls_with_alpn(listen, tls_dir, client_ca, Some(ALPN_H2))
 }
 
+/// [`server_tls`] for a server listening on several addresses (the APNs emulator's push
+/// and channels listeners): one certificate valid for each of their addresses.
+pub(crate) fn server_tls_on(
+    listens: &[SocketAddr],
+    tls_dir: Option<&Path>,
+    client_ca: Option<&[u8]>,
+) -> anyhow::Result<ServerTls> {
+    server_tls_for(listens, tls_dir, client_ca, Some(ALPN_H2))
+}
+
 /// [`server_tls`] with another ALPN list (wire format); `None`: no ALPN at all, as the
 /// binary protocol's gateway, whose clients offer none.
 pub(crate) fn server_tls_with_alpn(
     listen: SocketAddr,
+    tls_dir: Option<&Path>,
+    client_ca: Option<&[u8]>,
+    alpn: Option<&'static [u8]>,
+) -> anyhow::Result<ServerTls> {
+    server_tls_for(&[listen], tls_dir, client_ca, alpn)
+}
+
+fn server_tls_for(
+    listens: &[SocketAddr],
     tls_dir: Option<&Path>,
     client_ca: Option<&[u8]>,
     alpn: Option<&'static [u8]>,
@@ -235,8 +254,10 @@ pub(crate) fn server_tls_with_alpn(
         IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(Ipv6Addr::LOCALHOST),
     ];
-    if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
-        ips.push(listen.ip());
+    for listen in listens {
+        if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
+            ips.push(listen.ip());
+        }
     }
     let server = ca.issue_server(&["localhost"], &ips)?;
     let ca_pem = ca.cert_pem();

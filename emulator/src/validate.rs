@@ -241,7 +241,7 @@ pub(crate) fn request_apns_id(headers: &HeaderMap) -> Option<&HeaderValue> {
 }
 
 /// Digits only (no sign, no blanks), fitting a u64.
-fn ascii_number(value: &HeaderValue) -> Option<u64> {
+pub(crate) fn ascii_number(value: &HeaderValue) -> Option<u64> {
     let bytes = value.as_bytes();
     if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
         return None;

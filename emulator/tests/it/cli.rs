@@ -216,3 +216,67 @@ fn webpush_writes_its_subscriptions_and_says_where() {
         assert_eq!(line["keys"]["p256dh"].as_str().unwrap().len(), 87);
     }
 }
+
+#[test]
+fn channels_listen_prints_its_address_and_is_http2_only() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpushd-emulator"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--channels-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--channel-limit", "5", "--tls-dir"])
+        .arg(&tls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        printed.push(line);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        printed[0].starts_with("APNs emulator listening on https://127.0.0.1:"),
+        "{printed:?}"
+    );
+    assert!(
+        printed[1].starts_with("APNs channel management listening on https://127.0.0.1:"),
+        "{printed:?}"
+    );
+    assert_ne!(printed[0].rsplit(':').next(), printed[1].rsplit(':').next());
+    assert!(
+        printed[2].contains(&tls.join("ca.pem").display().to_string()),
+        "{printed:?}"
+    );
+
+    for (protocol, flag, value) in [
+        ("fcm", "--channels-listen", "127.0.0.1:0"),
+        ("webpush", "--channel-limit", "5"),
+        ("binary", "--channels-listen", "127.0.0.1:0"),
+    ] {
+        let (code, stderr) = run_to_exit(&[
+            "--protocol",
+            protocol,
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            value,
+        ]);
+        assert!(code.is_some_and(|c| c != 0), "{protocol}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} applies to --protocol http2 only")),
+            "{protocol}: {stderr}"
+        );
+    }
+}

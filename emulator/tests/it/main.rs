@@ -3,6 +3,7 @@
 //! `fcm`, Google's; for `webpush`, the RFCs') description of the protocol.
 
 mod binary;
+mod channels;
 mod cli;
 mod fcm;
 mod http2;
