@@ -99,6 +99,7 @@ impl Daemon {
         }
         let db = &self.config.database;
         let wake = Arc::new(Notify::new());
+        let channels_wake = Arc::new(Notify::new());
         let tracker = TaskTracker::new();
         let stop = cancel.child_token();
         let hard_stop = CancellationToken::new();
@@ -108,6 +109,7 @@ impl Daemon {
                 keepalive_interval: db.keepalive_interval,
                 connect_timeout: db.connect_timeout,
                 wake: wake.clone(),
+                channels_wake: channels_wake.clone(),
                 listening: self.listening.clone(),
                 metrics: self.metrics.clone(),
             }
@@ -150,6 +152,17 @@ impl Daemon {
                 hard_stop: hard_stop.clone(),
                 awake: awake.subscribe(),
                 signals,
+            }
+            .run(stop.clone()),
+        );
+        tracker.spawn(
+            crate::channels::keeper::Keeper {
+                url: db.url.clone(),
+                connect_timeout: db.connect_timeout,
+                settings: self.settings.subscribe(),
+                transport: self.transport.clone(),
+                wake: channels_wake,
+                metrics: self.metrics.clone(),
             }
             .run(stop.clone()),
         );

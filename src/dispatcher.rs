@@ -957,6 +957,7 @@ mod tests {
             topic: None,
             expires_at: None,
             attempts: 0,
+            broadcast: None,
         };
         let u = RowUpdate::expired(&n);
         let memory = Unrecorded::default();

@@ -44,6 +44,7 @@ pub mod apns;
 pub mod arrival_rate;
 pub mod awake;
 pub mod backoff;
+pub mod channels;
 pub mod commands;
 pub mod config;
 pub mod console;

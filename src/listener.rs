@@ -1,5 +1,5 @@
 //! The LISTEN connection: turns the insert trigger's notifications into dispatcher
-//! wake-ups, and keeps itself alive.
+//! wake-ups (and the channels table's into the channel keeper's), and keeps itself alive.
 //!
 //! NOTIFY is only a hint; the table is the truth. So after every (re)connect the listener
 //! issues LISTEN *first* and then wakes the dispatcher for a catch-up claim: a row
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::backoff::backoff;
 use crate::db;
 use crate::metrics::Metrics;
-use crate::outbox::CHANNEL;
+use crate::outbox::{channels, CHANNEL};
 use crate::secret::Secret;
 
 /// Reconnect waits: from a quarter second up to this.
@@ -30,8 +30,11 @@ pub struct Listener {
     pub url: Secret<String>,
     pub keepalive_interval: Duration,
     pub connect_timeout: Duration,
-    /// Notified on every notification and after every (re)connect.
+    /// Notified on every outbox notification and after every (re)connect.
     pub wake: Arc<Notify>,
+    /// Notified on every channels notification (`pgpushd.channels`: one inserted or asked
+    /// to close) and after every (re)connect.
+    pub channels_wake: Arc<Notify>,
     /// `true` while LISTEN is in place; the daemon reports readiness and health from it.
     pub listening: watch::Sender<bool>,
     pub metrics: Arc<Metrics>,
@@ -74,8 +77,8 @@ impl Listener {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
-                    Ok(AsyncMessage::Notification(_)) => {
-                        if tx.send(()).is_err() {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.channel() == channels::CHANNEL).is_err() {
                             break;
                         }
                     }
@@ -88,7 +91,8 @@ impl Listener {
         // Abort the driver whatever way this function ends.
         let _driver_guard = AbortOnDrop(driver.abort_handle());
 
-        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+        let listen = format!("LISTEN {CHANNEL}; LISTEN {}", channels::CHANNEL);
+        if let Err(e) = client.batch_execute(&listen).await {
             return anyhow::anyhow!("LISTEN failed: {}", db::describe(&e));
         }
         if *failures > 0 {
@@ -97,6 +101,7 @@ impl Listener {
         *failures = 0;
         self.listening.send_replace(true);
         self.wake.notify_one(); // the catch-up claim
+        self.channels_wake.notify_one();
 
         let mut keepalive = tokio::time::interval(self.keepalive_interval);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,7 +109,8 @@ impl Listener {
         loop {
             tokio::select! {
                 n = notifications.recv() => match n {
-                    Some(()) => {
+                    Some(true) => self.channels_wake.notify_one(),
+                    Some(false) => {
                         self.metrics.notifications.inc();
                         self.wake.notify_one();
                     }

@@ -58,11 +58,14 @@ enum Command {
     Status(StatusArgs),
     /// Send one push without the database and print the push service's answer.
     Send(SendArgs),
+    /// Live Activity broadcast channels: `list` shows APNs's beside pgpushd.channels.
+    #[command(subcommand)]
+    Channels(ChannelsCommand),
     /// Make a VAPID key for a Web Push app (or read one with --show) and print the
     /// application server key web pages subscribe with.
     WebpushKey(WebpushKeyArgs),
     /// Run a local push service: APNs (the default), FCM or Web Push (--protocol).
-    Emulator(pgpushd_emulator::cli::EmulatorArgs),
+    Emulator(Box<pgpushd_emulator::cli::EmulatorArgs>),
     /// Deliver N rows through a throwaway PostgreSQL and the emulator.
     Demo {
         /// How many notifications.
@@ -138,6 +141,18 @@ fn watch_interval(text: &str) -> Result<Duration, String> {
         return Err(format!("at least {}", humantime::format_duration(min)));
     }
     Ok(every)
+}
+
+#[derive(Subcommand)]
+enum ChannelsCommand {
+    /// List an app's channels at APNs beside pgpushd.channels, and where they differ.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The `[apps.NAME]` section (an APNs app, protocol "http2").
+        #[arg(long, default_value = "default")]
+        app: String,
+    },
 }
 
 #[derive(Args)]
@@ -272,13 +287,19 @@ async fn dispatch(command: Command) -> ExitCode {
                 .map(|answer| println!("{answer}")),
             Err(code) => return code,
         },
+        Command::Channels(ChannelsCommand::List { config, app }) => match load(&config.config) {
+            Ok(config) => pgpushd::commands::channels::list(&config, &app)
+                .await
+                .map(|text| print!("{text}")),
+            Err(code) => return code,
+        },
         Command::WebpushKey(a) => match (a.out, a.show) {
             (_, Some(path)) => pgpushd::commands::webpush_key::show(&path),
             (Some(path), None) => pgpushd::commands::webpush_key::make(&path),
             (None, None) => unreachable!("clap requires --out or --show"),
         }
         .map(|text| println!("{text}")),
-        Command::Emulator(args) => pgpushd_emulator::cli::run(args, shutdown_signal()).await,
+        Command::Emulator(args) => pgpushd_emulator::cli::run(*args, shutdown_signal()).await,
         Command::Demo { rows, provider } => match pgpushd::demo::run(
             rows,
             match provider {

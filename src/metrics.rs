@@ -59,6 +59,13 @@ pub struct AppLabels {
     pub app: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabels {
+    pub app: String,
+    /// `pending`, `active`, `closing` or `failed` (closed ones are not counted).
+    pub status: String,
+}
+
 /// Every metric the daemon keeps.
 pub struct Metrics {
     registry: Registry,
@@ -99,6 +106,8 @@ pub struct Metrics {
     /// Connections to the metrics listener closed at once because
     /// [`Limits::max_connections`] were being served.
     pub metrics_connections_refused: Counter,
+    /// Broadcast channels in `pgpushd.channels`, by app and status (see `channels`).
+    pub channels: Family<ChannelLabels, Gauge>,
     /// The configured apps: rows naming any other app are counted as `unknown`, so a
     /// producer's typo cannot grow the series without bound.
     known_apps: std::sync::RwLock<std::collections::HashSet<String>>,
@@ -142,6 +151,7 @@ impl Metrics {
             app_pauses: Family::default(),
             rows_set_aside: Family::default(),
             metrics_connections_refused: Counter::default(),
+            channels: Family::default(),
             known_apps: Default::default(),
             registry: Registry::default(),
         };
@@ -273,12 +283,41 @@ impl Metrics {
             "Connections to the metrics listener closed at once: too many were open",
             m.metrics_connections_refused.clone(),
         );
+        registry.register(
+            "channels",
+            "Live Activity broadcast channels in pgpushd.channels, by app and status \
+             (Apple allows 10,000 per app and environment)",
+            m.channels.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Sets the apps that get series of their own.
     pub fn set_apps<'a>(&self, apps: impl IntoIterator<Item = &'a String>) {
         *self.known_apps.write().unwrap() = apps.into_iter().cloned().collect();
+    }
+
+    /// Sets the channel gauges from the table's counts: every app of the config gets
+    /// each status, 0 when it has none; an app not in the config counts as `unknown`.
+    pub fn set_channels(&self, counts: &[(String, &str, i64)]) {
+        const STATUSES: [&str; 4] = ["pending", "active", "closing", "failed"];
+        let mut totals: std::collections::HashMap<(String, &str), i64> = Default::default();
+        for app in self.known_apps.read().unwrap().iter() {
+            for status in STATUSES {
+                totals.insert((app.clone(), status), 0);
+            }
+        }
+        for (app, status, n) in counts {
+            *totals.entry((self.app_label(app).app, status)).or_default() += n;
+        }
+        for ((app, status), n) in totals {
+            self.channels
+                .get_or_create(&ChannelLabels {
+                    app,
+                    status: status.to_owned(),
+                })
+                .set(n);
+        }
     }
 
     /// `app`, or `unknown` for an app not in the config.

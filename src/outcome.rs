@@ -171,6 +171,7 @@ mod tests {
             topic: None,
             expires_at: None,
             attempts,
+            broadcast: None,
         }
     }
 

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use crate::channels::{ChannelAnswer, ChannelOp};
 use crate::config::{AppConfig, Config, Provider};
 use crate::service::{AppClient, LoadError, OneAnswer, Registry, Timings};
 use crate::transport::{Delivery, Notification, Pause, Transport, Undelivered, Unregistered};
@@ -120,6 +121,14 @@ impl Transport for Providers {
     fn undelivered(&self) -> BoxFuture<'_, Vec<Undelivered>> {
         Box::pin(self.undelivered.next())
     }
+
+    fn manage_channel<'a>(
+        &'a self,
+        app: &'a str,
+        op: &'a ChannelOp,
+    ) -> BoxFuture<'a, ChannelAnswer> {
+        Box::pin(self.registry.manage_channel(app, op))
+    }
 }
 
 /// A channel whose receiving end is taken by one caller at a time.
@@ -155,6 +164,15 @@ pub async fn send_one(app: &AppConfig, n: &Notification) -> anyhow::Result<OneAn
     let (undelivered, _) = mpsc::unbounded_channel();
     let client = load(&config, &Options::default(), &undelivered)?;
     client.send_one(n).await
+}
+
+/// One request to `app`'s channel management API, without the daemon (`pgpushd channels`).
+pub async fn manage_channel(app: &AppConfig, op: &ChannelOp) -> anyhow::Result<ChannelAnswer> {
+    let mut config = app.clone();
+    config.connections = 1;
+    let (undelivered, _) = mpsc::unbounded_channel();
+    let client = load(&config, &Options::default(), &undelivered)?;
+    Ok(client.manage_channel(op).await)
 }
 
 /// Loads every app's credentials, as `pgpushd check-config` does; one line per problem,

@@ -19,6 +19,7 @@ use futures::future::BoxFuture;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::channels::{ChannelAnswer, ChannelError, ChannelOp, MessageStorage};
 use crate::config::AppConfig;
 
 /// One outbox row, as claimed, ready to be sent.
@@ -27,7 +28,7 @@ pub struct Notification {
     pub id: i64,
     pub app: String,
     /// APNs: hex, as the device reported it (not necessarily 64 digits); FCM: the
-    /// registration token, exactly.
+    /// registration token, exactly; Web Push: the subscription. Empty for a broadcast.
     pub device_token: String,
     /// The complete APNs payload, or FCM's message without its token, a JSON object, as
     /// its text: for a claimed row,
@@ -42,6 +43,26 @@ pub struct Notification {
     pub expires_at: Option<SystemTime>,
     /// Requests made for this row before this one.
     pub attempts: i32,
+    /// A broadcast row's channel (its `channel_id`, instead of a device token).
+    pub broadcast: Option<Broadcast>,
+}
+
+impl Notification {
+    /// Whom the row goes to: its device token, or its channel.
+    pub fn target(&self) -> &str {
+        match &self.broadcast {
+            Some(b) => &b.channel_id,
+            None => &self.device_token,
+        }
+    }
+}
+
+/// The channel a broadcast row is for: APNs's channel id, and its message storage when
+/// `pgpushd.channels` knows the channel (`None` for a channel made elsewhere).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Broadcast {
+    pub channel_id: String,
+    pub storage: Option<MessageStorage>,
 }
 
 /// What should become of a row after one attempt.
@@ -210,6 +231,22 @@ pub trait Transport: Send + Sync + 'static {
     /// are final (HTTP/2's are).
     fn undelivered(&self) -> BoxFuture<'_, Vec<Undelivered>> {
         Box::pin(futures::future::pending())
+    }
+
+    /// One request to `app`'s channel management API (APNs's broadcast channels). Never
+    /// fails: an app not loaded here, or one without channels, answers why.
+    fn manage_channel<'a>(
+        &'a self,
+        app: &'a str,
+        op: &'a ChannelOp,
+    ) -> BoxFuture<'a, ChannelAnswer> {
+        let _ = op;
+        Box::pin(async move {
+            Err(ChannelError::Deferred {
+                reason: format!("app {app:?} has no broadcast channels in this daemon"),
+                after: Duration::from_secs(60),
+            })
+        })
     }
 }
 

@@ -106,6 +106,7 @@ async fn exchange(
         topic: None,
         expires_at: None,
         attempts: 0,
+        broadcast: None,
     };
     let req = request::build(&n, app, uuid::Uuid::new_v4()).map_err(anyhow::Error::msg)?;
     let mut send = send.ready().await?;

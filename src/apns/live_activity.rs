@@ -116,6 +116,25 @@ fn not_start(aps: &Map<String, Value>, event: &str) -> Option<String> {
     None
 }
 
+/// Whether `payload` is a Live Activity push a broadcast channel can carry: one [`check`]
+/// passes, of an `update` or an `end`. A channel cannot start an activity (ActivityKit:
+/// "You can't use broadcast push notifications to start a Live Activity").
+pub fn check_broadcast(payload: &str) -> Result<(), String> {
+    check(payload)?;
+    let event: Option<String> = serde_json::from_str::<Value>(payload)
+        .ok()
+        .and_then(|v| v["aps"]["event"].as_str().map(str::to_owned));
+    if event.as_deref() == Some("start") {
+        return Err(
+            "BadPayload: a broadcast cannot start a Live Activity (aps.event \"start\"): \
+             send the start to each device's push-to-start token, with \
+             aps.input-push-channel naming the channel, and broadcast its updates and end"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// A non-negative whole number.
 fn is_seconds(value: Option<&Value>) -> bool {
     value.and_then(Value::as_u64).is_some()
@@ -266,5 +285,22 @@ mod tests {
             assert!(e.starts_with("BadPayload: a Live Activity push "), "{e}");
             assert!(e.contains(expected), "{payload}: {e}");
         }
+    }
+
+    #[test]
+    fn a_channel_carries_updates_and_ends_but_never_a_start() {
+        let update = json!({"aps": {"event": "update", "timestamp": 1, "content-state": {}}});
+        assert_eq!(check_broadcast(&update.to_string()), Ok(()));
+        let end = json!({"aps": {"event": "end", "timestamp": 2, "content-state": {}}});
+        assert_eq!(check_broadcast(&end.to_string()), Ok(()));
+        let e = check_broadcast(&start_payload().to_string()).unwrap_err();
+        assert!(
+            e.contains("a broadcast cannot start a Live Activity"),
+            "{e}"
+        );
+        assert!(e.contains("input-push-channel"), "{e}");
+        // What any Live Activity push needs is checked first.
+        let e = check_broadcast(r#"{"aps": {"event": "update"}}"#).unwrap_err();
+        assert!(e.contains("needs aps.timestamp"), "{e}");
     }
 }

@@ -13,6 +13,7 @@ use crate::service::{AppClient, LoadError, Timings};
 use crate::transport::Undelivered;
 
 pub mod binary;
+pub mod channels;
 pub mod http2;
 pub mod identity;
 pub mod live_activity;

@@ -35,6 +35,26 @@ pub enum Reason {
     PayloadEmpty,
     #[error("TopicDisallowed")]
     TopicDisallowed,
+    // 400, broadcast channels
+    #[error("FeatureNotEnabled")]
+    FeatureNotEnabled,
+    /// What the live service answers for [`Reason::FeatureNotEnabled`].
+    #[error("BroadcastFeatureNotEnabled")]
+    BroadcastFeatureNotEnabled,
+    #[error("MissingChannelId")]
+    MissingChannelId,
+    #[error("BadChannelId")]
+    BadChannelId,
+    #[error("ChannelNotRegistered")]
+    ChannelNotRegistered,
+    #[error("BadRequestParams")]
+    BadRequestParams,
+    #[error("BadRequestPayload")]
+    BadRequestPayload,
+    #[error("MissingPushType")]
+    MissingPushType,
+    #[error("CannotCreateChannelConfig")]
+    CannotCreateChannelConfig,
     // 403
     #[error("BadCertificate")]
     BadCertificate,
@@ -52,6 +72,8 @@ pub enum Reason {
     UnrelatedKeyIdInToken,
     #[error("BadEnvironmentKeyInToken")]
     BadEnvironmentKeyInToken,
+    #[error("TopicMismatch")]
+    TopicMismatch,
     // 404, 405
     #[error("BadPath")]
     BadPath,
@@ -83,7 +105,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const KNOWN: [Reason; 32] = [
+    pub const KNOWN: [Reason; 42] = [
         Reason::BadCollapseId,
         Reason::BadDeviceToken,
         Reason::BadExpirationDate,
@@ -98,6 +120,15 @@ impl Reason {
         Reason::MissingTopic,
         Reason::PayloadEmpty,
         Reason::TopicDisallowed,
+        Reason::FeatureNotEnabled,
+        Reason::BroadcastFeatureNotEnabled,
+        Reason::MissingChannelId,
+        Reason::BadChannelId,
+        Reason::ChannelNotRegistered,
+        Reason::BadRequestParams,
+        Reason::BadRequestPayload,
+        Reason::MissingPushType,
+        Reason::CannotCreateChannelConfig,
         Reason::BadCertificate,
         Reason::BadCertificateEnvironment,
         Reason::ExpiredProviderToken,
@@ -106,6 +137,7 @@ impl Reason {
         Reason::MissingProviderToken,
         Reason::UnrelatedKeyIdInToken,
         Reason::BadEnvironmentKeyInToken,
+        Reason::TopicMismatch,
         Reason::BadPath,
         Reason::MethodNotAllowed,
         Reason::ExpiredToken,
@@ -119,6 +151,9 @@ impl Reason {
     ];
 
     pub fn parse(s: &str) -> Reason {
+        if s == "Service Unavailable" {
+            return Reason::ServiceUnavailable; // so Apple's table spells it for channels
+        }
         Reason::KNOWN
             .into_iter()
             .find(|r| r.to_string() == s)
@@ -137,6 +172,7 @@ impl Reason {
                 | Reason::MissingProviderToken
                 | Reason::UnrelatedKeyIdInToken
                 | Reason::BadEnvironmentKeyInToken
+                | Reason::TopicMismatch
         )
     }
 
@@ -157,6 +193,22 @@ impl Reason {
             Reason::MissingTopic => "the apns-topic header is required and missing",
             Reason::PayloadEmpty => "the payload is empty",
             Reason::TopicDisallowed => "pushing to this topic is not allowed",
+            Reason::FeatureNotEnabled | Reason::BroadcastFeatureNotEnabled => {
+                "broadcast is not enabled for this bundle id (its Broadcast Capability, under \
+                 Push Notifications in the developer account)"
+            }
+            Reason::MissingChannelId => "the apns-channel-id header is missing",
+            Reason::BadChannelId => {
+                "the channel id is malformed or too long, or APNs never made it"
+            }
+            Reason::ChannelNotRegistered => "the channel does not exist (it was deleted)",
+            Reason::BadRequestParams => "the request has an attribute APNs does not know",
+            Reason::BadRequestPayload => "the request's JSON cannot be parsed",
+            Reason::MissingPushType => "the push type is missing",
+            Reason::CannotCreateChannelConfig => {
+                "the app has reached APNs's limit of channels (10,000 per environment): \
+                 delete channels it no longer uses"
+            }
             Reason::BadCertificate => "the certificate is invalid",
             Reason::BadCertificateEnvironment => "the certificate is for the wrong environment",
             Reason::ExpiredProviderToken => "the provider token is stale",
@@ -171,13 +223,16 @@ impl Reason {
             Reason::BadEnvironmentKeyInToken => {
                 "the key in the provider token is for the wrong environment"
             }
+            Reason::TopicMismatch => {
+                "the bundle ids of the token or certificate do not include the path's"
+            }
             Reason::BadPath => "the request path is invalid",
             Reason::MethodNotAllowed => "the request method is not POST",
             Reason::ExpiredToken => "the device token has expired",
             Reason::Unregistered => "the device token is inactive for the topic",
             Reason::PayloadTooLarge => "the payload is too large",
             Reason::TooManyProviderTokenUpdates => "the provider token is being updated too often",
-            Reason::TooManyRequests => "too many requests to the same device token",
+            Reason::TooManyRequests => "too many requests to the same device token or channel",
             Reason::InternalServerError => "internal server error",
             Reason::ServiceUnavailable => "the service is unavailable",
             Reason::Shutdown => "APNs is shutting down",

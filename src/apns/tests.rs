@@ -48,6 +48,7 @@ fn app_config(server: &TestEmulator, name: &str, auth: Auth) -> AppConfig {
         request_timeout: Duration::from_secs(10),
         auth,
         binary: Default::default(),
+        channels: None,
         proxy: Default::default(),
     }
 }
@@ -104,6 +105,7 @@ fn row(app: &str, token: &str) -> Notification {
         topic: None,
         expires_at: None,
         attempts: 0,
+        broadcast: None,
     }
 }
 
@@ -488,6 +490,7 @@ fn start_up_refuses_what_cannot_work() {
             team_id: "DEF123GHIJ".into(),
         }),
         binary: Default::default(),
+        channels: None,
         proxy: Default::default(),
     };
     let build = |apps: &[AppConfig]| {

@@ -1,5 +1,6 @@
 //! The bodies of the commands that are not the daemon: `main.rs` parses the command
 //! line, prints and picks the exit code; the work is here.
+//! - [`channels`]: `pgpushd channels list` (broadcast channels at APNs and in the table);
 //! - [`check_config`]: `pgpushd check-config`;
 //! - [`health`]: `pgpushd health`;
 //! - [`migrate`]: `pgpushd migrate`;
@@ -7,6 +8,7 @@
 //! - [`status`]: `pgpushd status` (`--json`, `--watch`);
 //! - [`webpush_key`]: `pgpushd webpush-key`.
 
+pub mod channels;
 pub mod check_config;
 pub mod health;
 pub mod migrate;

@@ -51,6 +51,7 @@ pub async fn run(config: &Config, push: Push) -> anyhow::Result<String> {
         topic: push.topic,
         expires_at: None,
         attempts: 0,
+        broadcast: None,
     };
     Ok(crate::providers::send_one(app, &n).await?.to_string())
 }

@@ -72,6 +72,11 @@ pub struct AppConfig {
     pub auth: Auth,
     /// What only the binary protocol has; the defaults (and unused) for HTTP/2 apps.
     pub binary: BinaryConfig,
+    /// APNs's channel management API (broadcast channels), for an HTTP/2 APNs app:
+    /// `Apple(env)` is api-manage-broadcast(.sandbox).push.apple.com; `None` when the
+    /// app has none (another provider or protocol, or an `endpoint` without
+    /// `channels_endpoint`).
+    pub channels: Option<Endpoint>,
     /// The proxy its connections (HTTP/2, gateway, feedback) go through: its `proxy` key,
     /// else `[network] proxy`, else `HTTPS_PROXY` and `NO_PROXY`.
     pub proxy: ProxyPolicy,
@@ -180,6 +185,10 @@ pub struct CertificateAuth {
 /// The binary protocol's feedback service listens here on Apple's hosts.
 pub const FEEDBACK_PORT: u16 = 2196;
 
+/// The port of a `channels_endpoint` that names none: the channel management API's in
+/// production (the sandbox's is 2195).
+pub const CHANNELS_PORT: u16 = 2196;
+
 // ---- the section, as serde reads it ----------------------------------------------------
 
 #[derive(Deserialize)]
@@ -203,6 +212,7 @@ pub(super) struct AppFile {
     #[serde(default, with = "duration::optional")]
     feedback_interval: Option<Duration>,
     feedback_endpoint: Option<String>,
+    channels_endpoint: Option<String>,
     proxy: Option<String>,
     fcm: Option<FcmFile>,
     webpush: Option<WebpushFile>,
@@ -338,6 +348,7 @@ impl Validator<'_> {
             },
             &endpoint,
         )?;
+        let channels = self.channels(&name, protocol, a.channels_endpoint, &endpoint)?;
         Ok(AppConfig {
             connections: self.connections(&name, a.connections)?,
             request_timeout: self.request_timeout(&name, a.request_timeout)?,
@@ -347,6 +358,7 @@ impl Validator<'_> {
             protocol,
             auth,
             binary,
+            channels,
             proxy,
             name,
         })
@@ -373,6 +385,7 @@ impl Validator<'_> {
             ("binary_settle", a.binary_settle.is_some()),
             ("feedback_interval", a.feedback_interval.is_some()),
             ("feedback_endpoint", a.feedback_endpoint.is_some()),
+            ("channels_endpoint", a.channels_endpoint.is_some()),
         ];
         match apns_only.iter().find(|(_, set)| *set) {
             Some((k, _)) => Err(self.invalid(
@@ -451,6 +464,7 @@ impl Validator<'_> {
                 ttl: self.bounded(&key("webpush.ttl"), webpush.ttl, 28 * DAY)?,
             }),
             binary: BinaryConfig::default(),
+            channels: None,
             proxy,
             name,
         })
@@ -512,6 +526,7 @@ impl Validator<'_> {
                 project_id: fcm.project_id,
             }),
             binary: BinaryConfig::default(),
+            channels: None,
             proxy,
             name,
         })
@@ -568,6 +583,32 @@ impl Validator<'_> {
                 passphrase_file: c.passphrase_file.map(|p| self.file_path(p)),
             }),
         })
+    }
+
+    /// Where an HTTP/2 APNs app's channel management API is: `channels_endpoint`, else
+    /// Apple's for its environment; none beside an `endpoint` of another host unless
+    /// `channels_endpoint` says where (an emulator serves it on a listener of its own).
+    fn channels(
+        &self,
+        name: &str,
+        protocol: Protocol,
+        channels_endpoint: Option<String>,
+        endpoint: &Endpoint,
+    ) -> Result<Option<Endpoint>, ConfigError> {
+        let key = format!("apps.{name}.channels_endpoint");
+        match (channels_endpoint, protocol, endpoint) {
+            (Some(_), Protocol::Binary, _) => Err(self.invalid(
+                key,
+                "only applies to protocol = \"http2\" (broadcast channels are the provider API's)",
+            )),
+            (Some(text), _, _) => {
+                let (host, port) = parse_endpoint_with_port(&text, CHANNELS_PORT)
+                    .map_err(|m| self.invalid(key, m))?;
+                Ok(Some(Endpoint::Custom { host, port }))
+            }
+            (None, Protocol::Http2, Endpoint::Apple(env)) => Ok(Some(Endpoint::Apple(*env))),
+            (None, _, _) => Ok(None),
+        }
     }
 
     /// The binary protocol's keys; an HTTP/2 app may not set them.

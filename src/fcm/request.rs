@@ -106,6 +106,7 @@ mod tests {
             topic: None,
             expires_at: None,
             attempts: 0,
+            broadcast: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! row, and a daemon that dies mid-batch leaves nothing behind: its locks go with its
 //! connection and the rows are due again.
 
+pub mod channels;
 pub mod migrate;
 pub mod prune;
 pub mod set_aside;
@@ -19,21 +20,26 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::{Client, GenericClient, Statement, ToStatement};
 use uuid::Uuid;
 
+use crate::channels::MessageStorage;
 use crate::db::Canceller;
 use crate::outcome::RowUpdate;
-use crate::transport::{Notification, Undelivered, Unregistered};
+use crate::transport::{Broadcast, Notification, Undelivered, Unregistered};
 
 /// The NOTIFY channel the insert trigger signals.
 pub const CHANNEL: &str = "pgpushd_outbox";
 
 pub const CLAIM: &str = "
-SELECT o.id, o.app, o.device_token, o.payload::text, o.push_type, o.priority, o.collapse_id,
-       o.topic, o.expires_at, o.attempts, o.expires_at <= now() AS expired,
+SELECT o.id, o.app, coalesce(o.device_token, ''), o.payload::text, o.push_type, o.priority,
+       o.collapse_id, o.topic, o.expires_at, o.attempts, o.expires_at <= now() AS expired,
        EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens u
                WHERE u.app = o.app
                  AND u.device_token = CASE WHEN o.device_token ~ '^[0-9A-Fa-f]+$'
                                            THEN lower(o.device_token)
-                                           ELSE o.device_token END) AS unregistered
+                                           ELSE o.device_token END) AS unregistered,
+       o.channel_id,
+       CASE WHEN o.channel_id IS NOT NULL
+            THEN (SELECT c.message_storage FROM pgpushd.channels c
+                   WHERE c.app = o.app AND c.channel_id = o.channel_id) END
   FROM pgpushd.outbox o
  WHERE o.status = 'pending' AND o.send_after <= now()
    AND o.id <> ALL ($2::bigint[]) AND o.app <> ALL ($3::text[])
@@ -343,6 +349,13 @@ fn claimed(r: &tokio_postgres::Row) -> Claimed {
             topic: r.get(7),
             expires_at: r.get(8),
             attempts: r.get(9),
+            broadcast: r.get::<_, Option<String>>(12).map(|channel_id| Broadcast {
+                channel_id,
+                // The CHECK allows nothing else.
+                storage: r
+                    .get::<_, Option<&str>>(13)
+                    .and_then(|s| s.parse::<MessageStorage>().ok()),
+            }),
         },
         expired: r.get::<_, Option<bool>>(10).unwrap_or(false),
         unregistered: r.get(11),
@@ -550,6 +563,9 @@ fn unregistered_keys(
             continue;
         };
         let n = &c.notification;
+        if n.broadcast.is_some() {
+            continue; // a channel is not a token: APNs's answer failed the row, and that is all
+        }
         keyed
             .entry((n.app.clone(), token_key(&n.device_token)))
             .or_insert(at);

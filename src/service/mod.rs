@@ -36,6 +36,7 @@ pub use one_answer::OneAnswer;
 pub use registry::Registry;
 pub use timings::Timings;
 
+use crate::channels::{ChannelAnswer, ChannelError, ChannelOp};
 use crate::transport::{Notification, Unregistered};
 
 /// One app's client for its push service: its credentials and connections. The
@@ -58,7 +59,24 @@ pub trait AppClient: Send + Sync {
     fn reporter(&self) -> Option<Reporter> {
         None
     }
+
+    /// Whether it sends broadcast rows (rows naming a channel: APNs's HTTP/2 provider
+    /// API). The registry fails them for the others.
+    fn broadcasts(&self) -> bool {
+        false
+    }
+
+    /// One request to the app's channel management API, for a client that
+    /// [`broadcasts`](AppClient::broadcasts).
+    fn manage_channel<'a>(&'a self, op: &'a ChannelOp) -> BoxFuture<'a, ChannelAnswer> {
+        let _ = op;
+        Box::pin(async { Err(ChannelError::Rejected(NO_CHANNELS.into())) })
+    }
 }
+
+/// Why a row or a channel of an app that is not an APNs HTTP/2 app fails.
+pub const NO_CHANNELS: &str = "FeatureNotEnabled: broadcast channels are APNs's, through its \
+                               HTTP/2 provider API; this app is not an APNs app of that protocol";
 
 /// A task reporting unregistered tokens on `sink` until `stop` is cancelled.
 pub type Reporter = Box<

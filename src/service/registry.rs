@@ -11,7 +11,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::debug;
 
+/// How long a channel of an app this daemon does not have waits (another daemon, with
+/// another config, may have it).
+const UNKNOWN_APP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 use super::{AppClient, AppGate, LoadError, Timings};
+use crate::channels::{ChannelAnswer, ChannelError, ChannelOp};
 use crate::config::{AppConfig, Fingerprint};
 use crate::transport::{short_token, Delivery, Notification, Pause, Unregistered};
 
@@ -110,13 +115,29 @@ impl Registry {
                 n.app, n.app
             ));
         };
+        if n.broadcast.is_some() && !loaded.client.broadcasts() {
+            return Delivery::rejected(super::NO_CHANNELS);
+        }
         let delivery = loaded
             .gate
-            .attempt(&n.device_token, loaded.client.exchange(n))
+            .attempt(n.target(), loaded.client.exchange(n))
             .await;
-        debug!(app = %n.app, id = n.id, token = short_token(&n.device_token),
+        debug!(app = %n.app, id = n.id, token = short_token(n.target()),
                outcome = ?delivery, "push attempt");
         delivery
+    }
+
+    /// One request to `app`'s channel management API.
+    pub async fn manage_channel(&self, app: &str, op: &ChannelOp) -> ChannelAnswer {
+        let Some(loaded) = self.get(app) else {
+            return Err(ChannelError::Deferred {
+                reason: format!(
+                    "unknown app {app:?}: no [apps.{app}] section in this daemon's config"
+                ),
+                after: UNKNOWN_APP_WAIT,
+            });
+        };
+        loaded.client.manage_channel(op).await
     }
 
     /// Per app: `Err` while it is paused or no connection can be had.

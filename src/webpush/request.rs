@@ -202,6 +202,7 @@ mod tests {
             topic: None,
             expires_at: None,
             attempts: 0,
+            broadcast: None,
         }
     }
 

@@ -42,13 +42,14 @@ const RULE_TESTS: &str = "prometheus/pgpushd-alerts.test.yml";
 /// Series Prometheus itself adds for every target.
 const PROMETHEUS_OWN: [&str; 1] = ["up"];
 /// The daemon's series with an `app` label, which the dashboard's `$app` selects.
-const PER_APP: [&str; 6] = [
+const PER_APP: [&str; 7] = [
     "pgpushd_rows_total",
     "pgpushd_push_request_duration_seconds_bucket",
     "pgpushd_push_request_duration_seconds_count",
     "pgpushd_push_request_duration_seconds_sum",
     "pgpushd_push_connections",
     "pgpushd_app_healthy",
+    "pgpushd_channels",
 ];
 /// Labels Prometheus adds to every series it scrapes.
 const TARGET_LABELS: [&str; 2] = ["job", "instance"];

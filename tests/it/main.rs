@@ -4,6 +4,7 @@
 //! spawned `pgpushd` binary.
 
 mod binary_protocol;
+mod channels;
 mod churn;
 mod commands;
 mod container;

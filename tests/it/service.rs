@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn spawn(config: &Path, env: &[(&str, &str)]) -> Spawned {
+pub(crate) fn spawn(config: &Path, env: &[(&str, &str)]) -> Spawned {
     let mut cmd = pgpushd_command();
     cmd.arg("run")
         .arg("--config")

@@ -69,6 +69,7 @@ impl Setup {
                 settle: SETTLE,
                 feedback: None,
             },
+            channels: None,
             proxy: Default::default(),
         }
     }
@@ -103,6 +104,7 @@ fn row(id: i64, token: &str) -> Notification {
         topic: None,
         expires_at: Some(UNIX_EPOCH + Duration::from_secs(1_900_000_000)),
         attempts: 0,
+        broadcast: None,
     }
 }
 

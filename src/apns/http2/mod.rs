@@ -2,21 +2,25 @@
 //! connection pool (`crate::http2`), and its [`AppGate`] for while APNs refuses those
 //! credentials or throttles the app (the app pauses and probes; its rows wait).
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
 use tracing::debug;
 use uuid::Uuid;
 
+use crate::apns::channels::ChannelsClient;
 use crate::apns::identity;
 use crate::apns::options::Options;
 use crate::apns::provider_token::JwtSigner;
+use crate::channels::{ChannelAnswer, ChannelOp};
 use crate::config::{AppConfig, Auth};
 use crate::http2::pool::Pool;
 use crate::service::{self, AppClient, Exchanged, LoadError, OneAnswer, Timings};
 use crate::tls;
 use crate::transport::{short_token, Delivery, Notification};
 
+pub mod broadcast;
 pub mod request;
 pub mod response;
 
@@ -26,7 +30,9 @@ use response::{Answer, Verdict};
 pub(crate) struct Http2App {
     pub(crate) config: AppConfig,
     pool: Pool,
-    signer: Option<JwtSigner>,
+    /// Shared with `channels`: one provider token for both hosts.
+    signer: Option<Arc<JwtSigner>>,
+    channels: ChannelsClient,
 }
 
 impl Http2App {
@@ -42,7 +48,7 @@ impl Http2App {
                 let signer = JwtSigner::load(t)
                     .map_err(|e| LoadError::new(app, e))?
                     .with_intervals(options.token_refresh_after, options.token_min_interval);
-                (Some(signer), None)
+                (Some(Arc::new(signer)), None)
             }
             Auth::Certificate(c) => {
                 let identity =
@@ -58,6 +64,7 @@ impl Http2App {
         Ok(Http2App {
             config: config.clone(),
             pool: timings.pool(app, config.connections, connect),
+            channels: ChannelsClient::new(config, timings, &tls, signer.clone()),
             signer,
         })
     }
@@ -206,6 +213,14 @@ impl AppClient for Http2App {
     }
 
     fn open_connections(&self) -> usize {
-        self.pool.open_connections()
+        self.pool.open_connections() + self.channels.open_connections()
+    }
+
+    fn broadcasts(&self) -> bool {
+        true
+    }
+
+    fn manage_channel<'a>(&'a self, op: &'a ChannelOp) -> BoxFuture<'a, ChannelAnswer> {
+        Box::pin(self.channels.call(op))
     }
 }

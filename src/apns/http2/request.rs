@@ -80,7 +80,11 @@ pub fn host_port(endpoint: &Endpoint) -> (&str, u16) {
 
 /// Builds the request for `n`, or says why the row must fail without one.
 /// `apns_id` is a parameter so the function stays pure; callers pass `Uuid::new_v4()`.
+/// A broadcast row (one naming a channel) is [`super::broadcast`]'s.
 pub fn build(n: &Notification, app: &AppConfig, apns_id: Uuid) -> Result<ApnsRequest, String> {
+    if let Some(b) = &n.broadcast {
+        return super::broadcast::build(n, b, app, apns_id);
+    }
     check_token(&n.device_token)?;
     let push_type: PushType = n.push_type.parse().map_err(|_| {
         let known: Vec<_> = PushType::ALL.iter().map(|p| p.as_str()).collect();
@@ -255,6 +259,7 @@ mod tests {
                 passphrase_file: None,
             }),
             binary: Default::default(),
+            channels: None,
             proxy: Default::default(),
         }
     }
@@ -271,6 +276,7 @@ mod tests {
             topic: None,
             expires_at: None,
             attempts: 0,
+            broadcast: None,
         }
     }
 

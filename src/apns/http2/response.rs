@@ -15,6 +15,9 @@ use uuid::Uuid;
 use crate::apns::reason::Reason;
 use crate::transport::{Delivery, MessageId};
 
+/// APNs's id for a broadcast it accepted.
+const APNS_UNIQUE_ID: &str = "apns-unique-id";
+
 /// What one answer means.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -33,7 +36,8 @@ pub enum Verdict {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
     pub status: u16,
-    /// The `apns-id` response header.
+    /// The `apns-id` response header; for a broadcast, `apns-unique-id` (APNs's id for
+    /// it, which Apple asks for in a support request).
     pub apns_id: Option<String>,
     pub body: bytes::Bytes,
 }
@@ -44,6 +48,7 @@ impl From<crate::http2::Answer> for Answer {
             status: a.status,
             apns_id: a
                 .header(super::request::APNS_ID.as_str())
+                .or_else(|| a.header(APNS_UNIQUE_ID))
                 .map(str::to_owned),
             body: a.body,
         }
