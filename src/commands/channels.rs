@@ -102,15 +102,15 @@ fn render(
     if !c.differs() {
         let _ = writeln!(
             out,
-            "APNs and the table agree on all {} channels.",
-            c.agreed
+            "APNs and the table agree on all {}.",
+            channels(c.agreed)
         );
         return out;
     }
     let _ = writeln!(
         out,
-        "APNs and the table agree on {} channels; they differ:",
-        c.agreed
+        "APNs and the table agree on {}; they differ:",
+        channels(c.agreed)
     );
     if !c.unknown.is_empty() {
         let _ = writeln!(
@@ -143,6 +143,14 @@ fn render(
         }
     }
     out
+}
+
+/// "1 channel", "2 channels".
+fn channels(n: usize) -> String {
+    match n {
+        1 => "1 channel".into(),
+        n => format!("{n} channels"),
+    }
 }
 
 /// 10000 as 10,000.

@@ -435,3 +435,126 @@ async fn a_daemon_killed_between_apns_answer_and_commit_leaves_no_second_channel
     signal(&again, nix::sys::signal::Signal::SIGTERM);
     wait_exit(&mut again, Duration::from_secs(20));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_make_each_channel_once() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let cfg = config(&db.url, &apns.app_toml);
+    let one = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let two = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let client = db.client().await;
+    apns.emulator.set_latency(Duration::from_millis(20));
+    client
+        .execute(
+            "INSERT INTO pgpushd.channels (message_storage)
+             SELECT CASE WHEN g % 2 = 0 THEN 'none' ELSE 'most-recent' END
+               FROM generate_series(1, 40) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_for("every channel active", Duration::from_secs(30), || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pgpushd.channels WHERE status = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 40).then_some(())
+    })
+    .await;
+    let at_apns = apns.emulator.channels(TOPIC);
+    assert_eq!(at_apns.len(), 40, "made once each");
+    let attempts: i64 = client
+        .query_one("SELECT sum(attempts) FROM pgpushd.channels", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 40);
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_list_shows_apns_beside_the_table_and_where_they_differ() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    // Rows as a daemon leaves them: two active, one closed long ago.
+    let agreed = apns.emulator.create_channel(TOPIC, 1);
+    let gone = apns.emulator.create_channel(TOPIC, 0);
+    let lingering = apns.emulator.create_channel(TOPIC, 0);
+    let unknown = apns.emulator.create_channel(TOPIC, 1);
+    for (channel, status) in [
+        (&agreed, "active"),
+        (&gone, "active"),
+        (&lingering, "closed"),
+    ] {
+        client
+            .execute(
+                "INSERT INTO pgpushd.channels (status, channel_id) VALUES ($1, $2)",
+                &[&status, channel],
+            )
+            .await
+            .unwrap();
+    }
+    // Deleted behind the table's back.
+    assert!(apns.emulator.delete_channel(TOPIC, &gone));
+    let path = write_config(apns.dir.path(), &db.url, "", &apns.app_toml);
+    let out = pgpushd_command()
+        .args(["channels", "list", "--config"])
+        .arg(&path)
+        .args(["--app", "default"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("APNs has 3 channels of the 10,000 Apple allows"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 active, 0 closing, 0 pending, 0 failed"),
+        "{text}"
+    );
+    assert!(text.contains("agree on 1 channel; they differ"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "no row names (made elsewhere, or their rows were lost):\n  {unknown}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "APNs does not list (deleted behind pgpushd's back?):\n  row 2  {gone}  active"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "closed in the table that APNs still lists:\n  row 3  {lingering}  closed"
+        )),
+        "{text}"
+    );
+
+    // An app without a channel management API says so.
+    let no_channels = apns.app_toml.replace(
+        &format!(
+            "channels_endpoint = \"{}\"\n",
+            apns.emulator.channels_endpoint().unwrap()
+        ),
+        "",
+    );
+    let path = write_config(apns.dir.path(), &db.url, "", &no_channels);
+    let out = pgpushd_command()
+        .args(["channels", "list", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(error.contains("channels_endpoint"), "{error}");
+}
