@@ -164,8 +164,16 @@ struct SendArgs {
     app: String,
     /// The device token: hex for APNs, the registration token for FCM, the
     /// subscription's JSON for Web Push.
+    #[arg(
+        long,
+        required_unless_present = "channel_id",
+        conflicts_with = "channel_id"
+    )]
+    token: Option<String>,
+    /// Instead of a token, a Live Activity broadcast channel's id (APNs, HTTP/2): the
+    /// push is a broadcast to every device subscribed to it.
     #[arg(long)]
-    token: String,
+    channel_id: Option<String>,
     /// The alert text (builds `{"aps":{"alert":TEXT}}`, for FCM
     /// `{"notification":{"body":TEXT}}`).
     #[arg(long, conflicts_with = "payload", required_unless_present = "payload")]
@@ -173,8 +181,9 @@ struct SendArgs {
     /// The complete payload, JSON (for FCM: the message without its token).
     #[arg(long)]
     payload: Option<String>,
-    #[arg(long, default_value = "alert")]
-    push_type: String,
+    /// Default: alert, or liveactivity for a broadcast.
+    #[arg(long)]
+    push_type: Option<String>,
     #[arg(long)]
     priority: Option<i16>,
     #[arg(long)]
@@ -187,10 +196,18 @@ impl From<SendArgs> for pgpushd::commands::send::Push {
     fn from(a: SendArgs) -> Self {
         pgpushd::commands::send::Push {
             app: a.app,
-            token: a.token,
+            push_type: a.push_type.unwrap_or_else(|| {
+                if a.channel_id.is_some() {
+                    "liveactivity"
+                } else {
+                    "alert"
+                }
+                .to_owned()
+            }),
+            token: a.token.unwrap_or_default(),
+            channel_id: a.channel_id,
             alert: a.alert,
             payload: a.payload,
-            push_type: a.push_type,
             priority: a.priority,
             topic: a.topic,
             collapse_id: a.collapse_id,

@@ -2,12 +2,15 @@
 //! the service's answer.
 
 use crate::config::{Config, Provider};
-use crate::transport::{payload_kind, Notification};
+use crate::transport::{payload_kind, Broadcast, Notification};
 
 /// What to send, as the command line gives it.
 pub struct Push {
     pub app: String,
+    /// Empty for a broadcast.
     pub token: String,
+    /// A broadcast channel's id, instead of a token.
+    pub channel_id: Option<String>,
     /// Text for a plain alert (APNs `aps.alert`, FCM `notification.body`, Web Push
     /// `body`)...
     pub alert: Option<String>,
@@ -44,6 +47,11 @@ pub async fn run(config: &Config, push: Push) -> anyhow::Result<String> {
         id: 0,
         app: push.app,
         device_token: push.token,
+        broadcast: push.channel_id.map(|channel_id| Broadcast {
+            channel_id,
+            // APNs judges: the channel may not be in pgpushd.channels at all.
+            storage: None,
+        }),
         payload,
         push_type: push.push_type,
         priority: push.priority,
@@ -51,7 +59,6 @@ pub async fn run(config: &Config, push: Push) -> anyhow::Result<String> {
         topic: push.topic,
         expires_at: None,
         attempts: 0,
-        broadcast: None,
     };
     Ok(crate::providers::send_one(app, &n).await?.to_string())
 }

@@ -250,6 +250,36 @@ async fn migrate_twice_then_send_one_push() {
     let records = apns.emulator.records();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].device_token, token(7));
+
+    // A broadcast: to a channel instead of a token, a Live Activity push by default.
+    let channel = apns.emulator.create_channel(TOPIC, 0);
+    let update = r#"{"aps": {"event": "update", "timestamp": 1767700000, "content-state": {}}}"#;
+    let (code, stdout, stderr) = output(pgpushd().arg("send").arg("--config").arg(&path).args([
+        "--channel-id",
+        &channel,
+        "--payload",
+        update,
+    ]));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("200") && stdout.contains("apns-unique-id"),
+        "{stdout}"
+    );
+    let records = apns.emulator.records();
+    assert_eq!(records[1].channel_id.as_deref(), Some(channel.as_str()));
+    let start = r#"{"aps": {"event": "start", "timestamp": 1, "content-state": {},
+                    "attributes-type": "A", "attributes": {}, "alert": "go"}}"#;
+    let (code, _, stderr) = output(pgpushd().arg("send").arg("--config").arg(&path).args([
+        "--channel-id",
+        &channel,
+        "--payload",
+        start,
+    ]));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("a broadcast cannot start a Live Activity"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

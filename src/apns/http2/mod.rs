@@ -192,7 +192,11 @@ impl Http2App {
             reason: answer.reason().map(|r| r.to_string()),
             // The one we sent, unless APNs chose another.
             id: Some((
-                "apns-id",
+                if n.broadcast.is_some() {
+                    "apns-unique-id"
+                } else {
+                    "apns-id"
+                },
                 apns_id.unwrap_or_else(|| request.apns_id.to_string()),
             )),
         })
