@@ -419,6 +419,7 @@ fn settings_of(config: &Config) -> Settings {
         max_batches_in_flight: config.database.max_batches_in_flight,
         max_batch_duration: config.database.max_batch_duration,
         retry: config.retry.clone(),
+        outcome_hold: config.database.outcome_hold,
     }
 }
 

@@ -32,7 +32,7 @@ use crate::backoff::backoff;
 use crate::config::RetryConfig;
 use crate::db;
 use crate::metrics::Metrics;
-use crate::outbox::{Bounds, Claimed, LeftOut, Look, OutboxConn};
+use crate::outbox::{Bounds, Claim, Claimed, LeftOut, Look, OutboxConn};
 use crate::outcome::{RowStatus, RowUpdate};
 use crate::secret::Secret;
 use crate::transport::{self, Delivery, Transport};
@@ -305,6 +305,9 @@ pub struct Settings {
     /// The longest a batch may hold its transaction; then it is abandoned.
     pub max_batch_duration: Duration,
     pub retry: RetryConfig,
+    /// How long a batch with answered rows waits for the next claim to carry its
+    /// outcomes (`[database] outcome_hold`); zero: it commits at once.
+    pub outcome_hold: Duration,
 }
 
 pub struct Dispatcher {
@@ -376,11 +379,18 @@ struct BatchContext {
     /// The rows this daemon's open batches hold: a look skips them.
     in_flight: InFlightRows,
     heartbeat: Arc<Heartbeat>,
+    /// The batch holding its outcomes for the next claim, if one is (see [`hold`]).
+    holder: Mutex<Option<tokio::sync::oneshot::Sender<Order>>>,
+    /// The reports of the links a holding batch recorded, each with the next claim.
+    links: mpsc::UnboundedSender<BatchReport>,
+    /// Cancelled when the dispatcher stops: no batch holds its outcomes any longer.
+    stopping: CancellationToken,
 }
 
 impl Dispatcher {
     /// Runs until `cancel`, then lets the batches in flight finish.
     pub async fn run(mut self, cancel: CancellationToken) {
+        let (links_tx, mut links_rx) = mpsc::unbounded_channel::<BatchReport>();
         let ctx = Arc::new(BatchContext {
             url: self.url.clone(),
             connect_timeout: self.connect_timeout,
@@ -391,6 +401,9 @@ impl Dispatcher {
             unrecorded: Unrecorded::default(),
             in_flight: InFlightRows::default(),
             heartbeat: self.heartbeat.clone(),
+            holder: Mutex::default(),
+            links: links_tx,
+            stopping: cancel.child_token(),
         });
         let mut settings = self.settings.borrow_and_update().clone();
         let mut idle: Vec<OutboxConn> = Vec::new();
@@ -425,6 +438,17 @@ impl Dispatcher {
                     Some(Start::Look) if !backlog => Start::Look,
                     _ => Start::Claim,
                 };
+                // A batch holding its outcomes takes a claim: they ride with it.
+                if start == Start::Claim {
+                    let holder = ctx.holder.lock().unwrap().take();
+                    let order = || Order {
+                        settings: settings.clone(),
+                        awake,
+                    };
+                    if holder.is_some_and(|h| h.send(order()).is_ok()) {
+                        continue;
+                    }
+                }
                 let batch = run_batch(
                     idle.pop(),
                     ctx.clone(),
@@ -458,6 +482,13 @@ impl Dispatcher {
                 }
                 _ = tokio::time::sleep_until(beat_at), if beat_at < wake_at => {}
                 Some(full) = claimed_rx.recv() => backlog = full,
+                Some(report) = links_rx.recv() => {
+                    last_found = report.claimed > 0;
+                    if let Some(due) = report.next_due {
+                        next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                    }
+                    self.record(report);
+                }
                 Some(end) = batches.join_next() => {
                     // A panicking batch (a bug) must not take the loop and the other
                     // batches with it: its rows are released, like any failed batch's.
@@ -508,6 +539,9 @@ impl Dispatcher {
             }
         }
         debug!(in_flight = batches.len(), "dispatcher draining");
+        // A batch holding its outcomes commits them now.
+        ctx.stopping.cancel();
+        drop(ctx.holder.lock().unwrap().take());
         while let Some(end) = batches.join_next().await {
             if let Ok(BatchEnd {
                 result: Ok(report), ..
@@ -515,6 +549,9 @@ impl Dispatcher {
             {
                 self.record(report);
             }
+        }
+        while let Ok(report) = links_rx.try_recv() {
+            self.record(report);
         }
     }
 
@@ -682,28 +719,152 @@ async fn batch(
             return Ok(nothing_due);
         }
     }
-    let sql = |what: &'static str| {
-        move |e: tokio_postgres::Error| anyhow::anyhow!("{what}: {}", db::describe(&e))
-    };
-    let _open = ctx.heartbeat.open_batch();
-    let bounds = Bounds {
-        statement: ctx.connect_timeout,
-        idle: settings.max_batch_duration + ctx.connect_timeout,
-        synchronous_commit: settings.synchronous_commit,
-    };
-    let deadline = Instant::now() + settings.max_batch_duration;
+    let (mut settings, mut awake) = (settings.clone(), awake);
+    let mut open = ctx.heartbeat.open_batch();
     let (paused_apps, _) = paused(ctx);
-    let left_out = LeftOut {
-        rows: &ctx.unrecorded.held(),
-        apps: &paused_apps,
-    };
-    let claim = conn
-        .claim(bounds, settings.batch_size, left_out)
+    let mut claim = conn
+        .claim(
+            bounds(ctx, &settings),
+            settings.batch_size,
+            LeftOut {
+                rows: &ctx.unrecorded.held(),
+                apps: &paused_apps,
+            },
+        )
         .await
         .map_err(sql("claiming rows"))?;
-    let (txn, claimed) = (claim.batch, claim.rows);
-    let _held = ctx.in_flight.hold(&claimed);
-    let careful = ctx.unrecorded.write_carefully(&claimed);
+    loop {
+        let Claim {
+            rows: claimed,
+            next_due,
+            batch: txn,
+        } = claim;
+        let link = send(ctx, &settings, awake, &claimed, next_due, claimed_tx).await;
+        let order = match link.abandoned == 0 && !link.careful && !link.updates.is_empty() {
+            true => hold(ctx, settings.outcome_hold).await,
+            false => None,
+        };
+        let Some(order) = order else {
+            // The server bounds each statement; this bounds a connection that went silent.
+            let commit = tokio::time::timeout(
+                2 * ctx.connect_timeout,
+                txn.commit(&link.updates, &claimed, link.careful),
+            );
+            let committed = match commit.await {
+                Ok(committed) => committed.map_err(|e| (db::describe(&e), Some(e))),
+                Err(_) => Err(("no answer to the commit".to_owned(), None)),
+            };
+            return recorded(ctx, &claimed, link, committed);
+        };
+        // The outcomes ride with the next claim, in one round trip.
+        let (paused_apps, _) = paused(ctx);
+        let held = ctx.unrecorded.held();
+        let next = tokio::time::timeout(
+            2 * ctx.connect_timeout,
+            txn.commit_and_claim(
+                &link.updates,
+                &claimed,
+                bounds(ctx, &order.settings),
+                order.settings.batch_size,
+                LeftOut {
+                    rows: &held,
+                    apps: &paused_apps,
+                },
+            ),
+        );
+        let (committed, next) = match next.await {
+            Ok(Ok((unwritten, next))) => (Ok(unwritten), Some(next)),
+            Ok(Err(e)) => (Err((db::describe(&e), Some(e))), None),
+            Err(_) => (Err(("no answer to the commit".to_owned(), None)), None),
+        };
+        // This link's outcomes first: a row they failed to record is remembered before
+        // the next claim's rows are looked at (the claim may have found it due again).
+        let report = recorded(ctx, &claimed, link, committed)?;
+        let _ = ctx.links.send(report);
+        claim = next
+            .expect("a recorded link has its next claim")
+            .map_err(sql("claiming rows"))?;
+        (settings, awake) = (order.settings, order.awake);
+        open = {
+            drop(open);
+            ctx.heartbeat.open_batch()
+        };
+    }
+}
+
+fn sql(what: &'static str) -> impl Fn(tokio_postgres::Error) -> anyhow::Error {
+    move |e| anyhow::anyhow!("{what}: {}", db::describe(&e))
+}
+
+/// A batch transaction's server-side bounds under `settings`.
+fn bounds(ctx: &BatchContext, settings: &Settings) -> Bounds {
+    Bounds {
+        statement: ctx.connect_timeout,
+        idle: settings.max_batch_duration + settings.outcome_hold + ctx.connect_timeout,
+        synchronous_commit: settings.synchronous_commit,
+    }
+}
+
+/// What the dispatcher asks of a batch that holds its outcomes: claim, under these
+/// settings (the outcomes ride with the claim).
+struct Order {
+    settings: Settings,
+    awake: bool,
+}
+
+/// Offers this batch's outcomes to the next claim for up to `hold` (see
+/// [`Settings::outcome_hold`]): the dispatcher's order when a claim comes meanwhile, else
+/// `None` (commit alone). One batch holds at a time; the drain, the hard stop and the
+/// dispatcher's end take the offer back.
+async fn hold(ctx: &BatchContext, hold: Duration) -> Option<Order> {
+    if hold.is_zero() || ctx.hard_stop.is_cancelled() {
+        return None;
+    }
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    {
+        let mut holder = ctx.holder.lock().unwrap();
+        if holder.is_some() || ctx.stopping.is_cancelled() {
+            return None;
+        }
+        *holder = Some(tx);
+    }
+    tokio::select! {
+        order = &mut rx => return order.ok(),
+        _ = tokio::time::sleep(hold) => {}
+        _ = ctx.hard_stop.cancelled() => {}
+        _ = ctx.stopping.cancelled() => {}
+    }
+    // Take the offer back, unless the dispatcher took it first: then its order is on the
+    // way (or the offer was dropped).
+    if ctx.holder.lock().unwrap().take().is_some() {
+        return None;
+    }
+    rx.await.ok()
+}
+
+/// One link of a batch: its rows sent, and what to write.
+struct Link {
+    updates: Vec<RowUpdate>,
+    /// The claimed row of each update, by index into the claim's rows.
+    rows: Vec<usize>,
+    careful: bool,
+    abandoned: usize,
+    /// After a short claim, the next scheduled row.
+    scheduled: Option<Instant>,
+}
+
+/// Sends every row of a claim at once and settles each; what to write.
+async fn send(
+    ctx: &BatchContext,
+    settings: &Settings,
+    awake: bool,
+    claimed: &[Claimed],
+    next_due: Option<Duration>,
+    claimed_tx: &mpsc::UnboundedSender<bool>,
+) -> Link {
+    let deadline = Instant::now() + settings.max_batch_duration;
+    let _held = ctx.in_flight.hold(claimed);
+    let careful = ctx.unrecorded.write_carefully(claimed);
     let full = claimed.len() == settings.batch_size;
     let _ = claimed_tx.send(full);
     ctx.signals.claimed(claimed.len());
@@ -714,7 +875,7 @@ async fn batch(
     let claimed_at = Instant::now();
     let scheduled = match full {
         true => None,
-        false => claim.next_due.map(|d| claimed_at + d),
+        false => next_due.map(|d| claimed_at + d),
     };
 
     // Per row, whether its request went out: if its answer never comes (the batch given
@@ -722,8 +883,9 @@ async fn batch(
     let went_out: Vec<Arc<AtomicBool>> = claimed.iter().map(|_| Arc::default()).collect();
     let mut sends: FuturesUnordered<_> = claimed
         .iter()
+        .enumerate()
         .zip(&went_out)
-        .map(|(c, out)| async move { (c, settle(c, ctx, &settings.retry, out).await) })
+        .map(|((i, c), out)| async move { (i, settle(c, ctx, &settings.retry, out).await) })
         .collect();
     let mut settled = Vec::with_capacity(claimed.len());
     loop {
@@ -751,31 +913,53 @@ async fn batch(
     }
     let abandoned = sends.len();
     drop(sends);
-    let (mut rows, mut updates): (Vec<&Claimed>, Vec<RowUpdate>) = settled.into_iter().unzip();
+    let (mut rows, mut updates): (Vec<usize>, Vec<RowUpdate>) = settled.into_iter().unzip();
     // Given up on (the drain's deadline, max_batch_duration): rows whose request went
     // out unanswered count the attempt.
-    for (c, u) in unanswered_attempts(&claimed, &went_out, &updates, settings) {
-        rows.push(c);
+    for (i, u) in unanswered_attempts(claimed, &went_out, &updates, settings) {
+        rows.push(i);
         updates.push(u);
     }
-    // The server bounds each statement; this bounds a connection that went silent.
-    let commit = tokio::time::timeout(
-        2 * ctx.connect_timeout,
-        txn.commit(&updates, &claimed, careful),
-    );
-    let Ok(committed) = commit.await else {
-        outcomes_not_recorded(ctx, &updates, "no answer to the commit");
-        anyhow::bail!(
-            "recording outcomes: no answer within {:?}",
-            2 * ctx.connect_timeout
-        );
-    };
+    Link {
+        updates,
+        rows,
+        careful,
+        abandoned,
+        scheduled,
+    }
+}
+
+/// What a link's commit came to: the rows whose outcome the database refused (with
+/// why), or why nothing was recorded (the database's error, none for no answer).
+type Committed = Result<Vec<(i64, String)>, (String, Option<tokio_postgres::Error>)>;
+
+/// After a link's commit: what was recorded, counted and reported; the answers whose
+/// recording failed are remembered (an `Err`, when nothing was recorded).
+fn recorded(
+    ctx: &BatchContext,
+    claimed: &[Claimed],
+    link: Link,
+    committed: Committed,
+) -> anyhow::Result<BatchReport> {
+    let Link {
+        mut updates,
+        mut rows,
+        abandoned,
+        scheduled,
+        ..
+    } = link;
     let unwritten = match committed {
         Ok(unwritten) => unwritten,
-        Err(e) => {
+        Err((why, e)) => {
             // Sent, and nothing recorded: remember the answers rather than resend.
-            outcomes_not_recorded(ctx, &updates, &db::describe(&e));
-            return Err(sql("recording outcomes")(e));
+            outcomes_not_recorded(ctx, &updates, &why);
+            return Err(match e {
+                Some(e) => sql("recording outcomes")(e),
+                None => anyhow::anyhow!(
+                    "recording outcomes: no answer within {:?}",
+                    2 * ctx.connect_timeout
+                ),
+            });
         }
     };
     let mut retry_unwritten = None;
@@ -797,9 +981,9 @@ async fn batch(
             .unzip();
     }
     ctx.unrecorded.recorded(updates.iter().map(|u| u.id));
-    for (c, u) in rows.iter().zip(&updates) {
+    for (&i, u) in rows.iter().zip(&updates) {
         ctx.metrics.row(
-            &c.notification.app,
+            &claimed[i].notification.app,
             u.status,
             u.attempted,
             u.last_error.as_deref(),
@@ -867,25 +1051,28 @@ fn outcomes_not_recorded(ctx: &BatchContext, updates: &[RowUpdate], error: &str)
 
 /// The rows of `claimed` not `answered` whose request went out: each counts an attempt
 /// with no answer, as a timed-out request does.
-fn unanswered_attempts<'c>(
-    claimed: &'c [Claimed],
+fn unanswered_attempts(
+    claimed: &[Claimed],
     went_out: &[Arc<AtomicBool>],
     answered: &[RowUpdate],
     settings: &Settings,
-) -> Vec<(&'c Claimed, RowUpdate)> {
+) -> Vec<(usize, RowUpdate)> {
     let answered: std::collections::HashSet<i64> = answered.iter().map(|u| u.id).collect();
     claimed
         .iter()
+        .enumerate()
         .zip(went_out)
-        .filter(|(c, out)| out.load(Ordering::Relaxed) && !answered.contains(&c.notification.id))
-        .map(|(c, _)| {
+        .filter(|((_, c), out)| {
+            out.load(Ordering::Relaxed) && !answered.contains(&c.notification.id)
+        })
+        .map(|((i, c), _)| {
             let reason = format!(
                 "no answer before the batch gave up (max_batch_duration {:?}, or the drain's \
                  deadline): the request went out, so it counts as an attempt",
                 settings.max_batch_duration
             );
             (
-                c,
+                i,
                 RowUpdate::after(&c.notification, Delivery::retry(reason), &settings.retry),
             )
         })

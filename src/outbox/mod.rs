@@ -295,35 +295,64 @@ impl OutboxConn {
             round_trips,
             in_transaction,
         } = self;
-        let statement_ms = millis(bounds.statement).max(1).to_string();
-        let idle_ms = millis(bounds.idle).max(1).to_string();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         *in_transaction = true;
-        // Sent in this order as each future is first polled; should the BEGIN or the
-        // settings fail, the claim's rows are thrown away with them, never sent unlocked.
-        let (_, _, rows, next) = futures::future::try_join4(
-            client.batch_execute("BEGIN"),
-            client.query(
-                &*settings,
-                &[&statement_ms, &idle_ms, &bounds.synchronous_commit],
-            ),
-            client.query(&*claim, &[&limit, &left_out.rows, &left_out.apps]),
-            client.query_one(&*next_due, &[]),
-        )
-        .await?;
-        let next_secs: Option<f64> = next.get(0);
-        Ok(Claim {
-            rows: rows.iter().map(claimed).collect(),
-            next_due: next_secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
-            batch: Batch {
-                client,
-                record,
-                unregister,
-                round_trips,
-                in_transaction,
-            },
-        })
+        let opened = open(client, settings, claim, next_due, bounds, limit, left_out).await?;
+        Ok(opened.claim(Batch {
+            client,
+            record,
+            unregister,
+            settings,
+            claim,
+            next_due,
+            round_trips,
+            in_transaction,
+        }))
     }
+}
+
+/// A claim's answer, before it is given its transaction.
+struct Opened {
+    rows: Vec<tokio_postgres::Row>,
+    next: tokio_postgres::Row,
+}
+
+impl Opened {
+    fn claim(self, batch: Batch<'_>) -> Claim<'_> {
+        let next_secs: Option<f64> = self.next.get(0);
+        Claim {
+            rows: self.rows.iter().map(claimed).collect(),
+            next_due: next_secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
+            batch,
+        }
+    }
+}
+
+/// Sends a claim's BEGIN, settings, claim and next-due lookup, in this order as each
+/// future is first polled (pipelined, behind whatever was sent before); should the BEGIN
+/// or the settings fail, the claim's rows are thrown away with them, never sent unlocked.
+async fn open(
+    client: &Client,
+    settings: &Statement,
+    claim: &Statement,
+    next_due: &Statement,
+    bounds: Bounds,
+    limit: usize,
+    left_out: LeftOut<'_>,
+) -> Result<Opened, tokio_postgres::Error> {
+    let statement_ms = millis(bounds.statement).max(1).to_string();
+    let idle_ms = millis(bounds.idle).max(1).to_string();
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let (_, _, rows, next) = futures::future::try_join4(
+        client.batch_execute("BEGIN"),
+        client.query(
+            settings,
+            &[&statement_ms, &idle_ms, &bounds.synchronous_commit],
+        ),
+        client.query(claim, &[&limit, &left_out.rows, &left_out.apps]),
+        client.query_one(next_due, &[]),
+    )
+    .await?;
+    Ok(Opened { rows, next })
 }
 
 /// What [`OutboxConn::claim`] found, and the open transaction that holds it.
@@ -383,6 +412,10 @@ pub struct Batch<'c> {
     client: &'c Client,
     record: &'c Statement,
     unregister: &'c Statement,
+    /// For the next claim, when the outcomes ride with it ([`Batch::commit_and_claim`]).
+    settings: &'c Statement,
+    claim: &'c Statement,
+    next_due: &'c Statement,
     round_trips: &'c mut u64,
     in_transaction: &'c mut bool,
 }
@@ -500,6 +533,65 @@ impl Batch<'_> {
         self.client.batch_execute("COMMIT").await?;
         *self.in_transaction = false;
         Ok(unwritten)
+    }
+}
+
+impl<'c> Batch<'c> {
+    /// Writes every outcome and commits, as [`Batch::commit`] does at once, and opens the
+    /// next claim behind it ([`OutboxConn::claim`]'s BEGIN, settings, claim and next-due
+    /// lookup), all in one round trip: the outcomes ride with the next claim.
+    ///
+    /// The first result is the outcomes', as [`Batch::commit`] returns them (should the
+    /// database refuse the UPDATE, the COMMIT rolls back and every row comes back
+    /// unwritten; the claim behind it runs all the same, in a transaction of its own, and
+    /// may find those rows due again). The second is the next claim's. An outer `Err`:
+    /// the connection failed, and whether the outcomes were recorded is unknown.
+    #[allow(clippy::type_complexity)]
+    pub async fn commit_and_claim(
+        self,
+        updates: &[RowUpdate],
+        claimed: &[Claimed],
+        bounds: Bounds,
+        limit: usize,
+        left_out: LeftOut<'_>,
+    ) -> Result<(Vec<(i64, String)>, Result<Claim<'c>, tokio_postgres::Error>), tokio_postgres::Error>
+    {
+        *self.round_trips += 1;
+        let unregistered = unregistered_keys(updates, claimed);
+        let client = self.client;
+        // Sent in this order, each future polled once before any answer is read: the
+        // outcomes' statements and COMMIT, then the next claim's. Every answer is waited
+        // for, so nothing sent is left unread.
+        let (committed, opened) = futures::future::join(
+            futures::future::try_join3(
+                write_updates(client, self.record, updates),
+                write_unregistered(client, self.unregister, &unregistered),
+                client.batch_execute("COMMIT"),
+            ),
+            open(
+                client,
+                self.settings,
+                self.claim,
+                self.next_due,
+                bounds,
+                limit,
+                left_out,
+            ),
+        )
+        .await;
+        // The next claim's transaction is open whatever came of it: a failed one is
+        // rolled back as this `Batch` drops (and by the connection before its next claim).
+        *self.in_transaction = true;
+        let unwritten = match committed {
+            Ok(_) => Vec::new(),
+            // The server refused a statement: the COMMIT behind it rolled back.
+            Err(e) if refused(&e) && !client.is_closed() => {
+                let why = crate::db::describe(&e);
+                updates.iter().map(|u| (u.id, why.clone())).collect()
+            }
+            Err(e) => return Err(e),
+        };
+        Ok((unwritten, opened.map(|o| o.claim(self))))
     }
 }
 

@@ -711,16 +711,19 @@ async fn a_look_that_gets_no_answer_is_cancelled_on_the_server() {
     lock.batch_execute("LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
+    // The first of them: each poll (every 200 ms) looks on a batch connection of its
+    // own while the others wait.
     let look = || async {
         client
-            .query_opt(
+            .query(
                 "SELECT pid FROM pg_stat_activity
                   WHERE application_name = 'pgpushd-batch' AND wait_event_type = 'Lock'
-                    AND query LIKE '%LIMIT 1'",
+                    AND query LIKE '%LIMIT 1' ORDER BY query_start LIMIT 1",
                 &[],
             )
             .await
             .unwrap()
+            .first()
             .map(|r| r.get::<_, i32>(0))
     };
     let pid = wait_for("a look waiting for the lock", Duration::from_secs(20), look).await;
@@ -1085,4 +1088,83 @@ async fn outbox_conn(url: &str) -> pgpushd::outbox::OutboxConn {
     pgpushd::outbox::OutboxConn::new(client, canceller, Duration::from_secs(10))
         .await
         .unwrap()
+}
+
+/// Issue 19: at a trickle, a row costs a claim and its outcome, two round trips; held
+/// for the next claim (`outcome_hold`), the outcome rides in that claim's round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_a_trickle_each_outcome_rides_with_the_next_claim() {
+    const ROWS: u64 = 20;
+    let mut trips = Vec::new();
+    for hold in [Duration::ZERO, Duration::from_millis(500)] {
+        let db = TestDb::new().await;
+        let client = db.client().await;
+        let transport = ScriptedTransport::new();
+        let mut cfg = config(&db.url, "");
+        cfg.database.outcome_hold = hold;
+        let daemon = Daemon::new(cfg, transport.clone());
+        let metrics = daemon.metrics().clone();
+        let progress = daemon.progress();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { daemon.run(cancel).await }
+        });
+        wait_for_listener(&client).await;
+        wait_for("the catch-up claim", Duration::from_secs(5), || async {
+            (progress.borrow().claims >= 1).then_some(())
+        })
+        .await;
+        let before = metrics.database_round_trips.get();
+        // One row at a time, each sent before the next comes.
+        for i in 1..=ROWS {
+            insert_rows(&client, i, 1).await;
+            wait_for("the row sent", Duration::from_secs(5), || async {
+                (transport.count() as u64 >= i).then_some(())
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        wait_for("every row recorded", Duration::from_secs(5), || async {
+            (progress.borrow().sent >= ROWS).then_some(())
+        })
+        .await;
+        assert_eq!(count(&client, "sent").await, ROWS as i64);
+        trips.push(metrics.database_round_trips.get() - before);
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+    }
+    // Without the hold: a claim and an outcome per row. With it: the first claim, one
+    // round trip per row after it, and the last outcome's. (Both see a claim or two that
+    // finds nothing, a notification's row taken by the claim before.)
+    assert!(trips[0] >= 2 * ROWS, "{trips:?}");
+    assert!(trips[0] - trips[1] >= ROWS - 2, "{trips:?}");
+}
+
+/// A batch holding its outcomes writes them at once when the daemon stops, and its
+/// rows are recorded, not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_outcomes_are_written_when_the_daemon_stops() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let transport = ScriptedTransport::new();
+    let mut cfg = config(&db.url, "");
+    cfg.database.outcome_hold = Duration::from_secs(1);
+    cfg.database.max_batch_duration = Duration::from_secs(120);
+    let daemon = start(cfg, transport.clone());
+    wait_for_listener(&client).await;
+    insert_rows(&client, 1, 3).await;
+    wait_for("the rows sent", Duration::from_secs(5), || async {
+        (transport.count() >= 3).then_some(())
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    daemon.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_millis(900),
+        "the stop waited for the hold: {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(count(&client, "sent").await, 3);
+    assert_eq!(transport.count(), 3, "nothing sent twice");
 }

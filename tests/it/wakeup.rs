@@ -29,6 +29,9 @@ fn wakeup_config(url: &str) -> Config {
     let mut cfg = config(url, "");
     cfg.database.awake_linger = LINGER;
     cfg.database.awake_min_rate = 0;
+    // Outcomes written at once: these tests read the awake state right after the rows
+    // are recorded, and LINGER is about as short as the shipped outcome_hold.
+    cfg.database.outcome_hold = Duration::ZERO;
     cfg
 }
 
