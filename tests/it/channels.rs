@@ -558,3 +558,48 @@ async fn channels_list_shows_apns_beside_the_table_and_where_they_differ() {
     let error = String::from_utf8_lossy(&out.stderr);
     assert!(error.contains("channels_endpoint"), "{error}");
 }
+
+/// Makes row `id` as a daemon that died with its create out leaves it: a lease run out,
+/// no channel id.
+async fn make_uncertain(client: &Client, id: i64) {
+    client
+        .execute(
+            "UPDATE pgpushd.channels SET lease = gen_random_uuid(),
+                    lease_until = now() - interval '1s'
+              WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+}
+
+/// The channel ids APNs has for [`TOPIC`], sorted.
+fn at_apns(apns: &ApnsSetup) -> Vec<String> {
+    let mut ids: Vec<String> = apns
+        .emulator
+        .channels(TOPIC)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// An uncertain row whose look at APNs fails (the list answered 500) is looked for again,
+/// never made afresh: the channel its lost create made is adopted once APNs lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncertain_row_whose_list_fails_stays_uncertain() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    let lost = apns.emulator.create_channel(TOPIC, 1);
+    let id = new_channel(&client, "most-recent").await;
+    make_uncertain(&client, id).await;
+    apns.emulator.script_once(TOPIC, 500, "InternalServerError");
+    let cfg = config(&db.url, &apns.app_toml);
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let (_, channel_id) = channel_when(&client, id, "active").await;
+    assert_eq!(channel_id.as_deref(), Some(lost.as_str()), "adopted");
+    assert_eq!(at_apns(&apns), vec![lost], "no second channel");
+    daemon.stop().await;
+}
