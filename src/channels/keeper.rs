@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use super::outcome::{self, ChannelUpdate, ClaimedChannel, Step, Write};
 use super::reconcile::compare;
-use super::{ChannelError, ChannelOp, ChannelReply};
+use super::{ChannelError, ChannelOp, ChannelReply, MessageStorage};
 use crate::backoff::backoff;
 use crate::db::{self, Canceller};
 use crate::dispatcher::Settings;
@@ -229,33 +229,41 @@ impl Keeper {
         };
         let table = db.run(sql::named(db.client, app)).await?;
         let mut candidates = compare(&listed, &table).unknown.into_iter();
+        // The channels read so far that no row adopted, with their storage: one read for
+        // a row of the other policy may be the next row's.
+        let mut read: Vec<(String, MessageStorage)> = Vec::new();
+        // A read failed, or the budget left channels unread: a row that found nothing
+        // cannot say its create made nothing.
+        let mut unsure = false;
         let mut writes = Vec::new();
         let mut reads = 0;
         for c in rows {
-            let mut found = None;
-            let mut exhausted = true;
-            for id in candidates.by_ref() {
+            let mut found = read
+                .iter()
+                .position(|(_, storage)| *storage == c.storage)
+                .map(|i| read.remove(i).0);
+            while found.is_none() {
                 if reads == FIND_READS {
-                    exhausted = false;
+                    unsure |= candidates.len() > 0;
                     break;
                 }
+                let Some(id) = candidates.next() else { break };
                 reads += 1;
                 match self
                     .transport
                     .manage_channel(app, &ChannelOp::Read(id.clone()))
                     .await
                 {
-                    Ok(ChannelReply::Read(storage)) if storage == c.storage => {
-                        found = Some(id);
-                        break;
-                    }
-                    Ok(_) | Err(ChannelError::NoSuchChannel(_)) => continue,
+                    Ok(ChannelReply::Read(storage)) if storage == c.storage => found = Some(id),
+                    Ok(ChannelReply::Read(storage)) => read.push((id, storage)),
+                    Ok(_) | Err(ChannelError::NoSuchChannel(_)) => {}
                     Err(e) => {
                         debug!(app, channel = %id, error = %e, "cannot read a channel while finding one");
-                        exhausted = false;
+                        unsure = true;
                     }
                 }
             }
+            let exhausted = !unsure;
             let write = match found {
                 Some(channel_id) => {
                     info!(app, id = c.id, channel = %channel_id,

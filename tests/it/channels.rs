@@ -603,3 +603,33 @@ async fn an_uncertain_row_whose_list_fails_stays_uncertain() {
     assert_eq!(at_apns(&apns), vec![lost], "no second channel");
     daemon.stop().await;
 }
+/// Two uncertain rows of different storage policies, and APNs's two unnamed channels in
+/// the order that makes the first row read the second row's channel before its own:
+/// each row adopts its own, and nothing is made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncertain_rows_each_find_their_own_channel_whatever_the_order() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    let mut made = [
+        (apns.emulator.create_channel(TOPIC, 0), "none"),
+        (apns.emulator.create_channel(TOPIC, 1), "most-recent"),
+    ];
+    // The find reads the unnamed channels in sorted order; the first row's is the second.
+    made.sort();
+    let first = new_channel(&client, made[1].1).await;
+    let second = new_channel(&client, made[0].1).await;
+    for id in [first, second] {
+        make_uncertain(&client, id).await;
+    }
+    let cfg = config(&db.url, &apns.app_toml);
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let (_, one) = channel_when(&client, first, "active").await;
+    let (_, two) = channel_when(&client, second, "active").await;
+    assert_eq!(one.as_deref(), Some(made[1].0.as_str()));
+    assert_eq!(two.as_deref(), Some(made[0].0.as_str()));
+    let mut expected = vec![made[0].0.clone(), made[1].0.clone()];
+    expected.sort();
+    assert_eq!(at_apns(&apns), expected, "no channel made again");
+    daemon.stop().await;
+}
