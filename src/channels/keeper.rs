@@ -199,12 +199,21 @@ impl Keeper {
                 .map(|c| (*c, Write::Update(outcome::deferred(c, reason, after))))
                 .collect::<Vec<_>>()
         };
-        if db.run(sql::other_lease_out(db.client, app, lease)).await? {
-            return Ok(wait_all(
-                "looking for a channel an earlier create may have made, once the app's \
-                 creates in flight have finished",
-                FIND_WAIT,
-            ));
+        let creates_out = || async {
+            Ok::<_, StatementError>(
+                if db.run(sql::other_lease_out(db.client, app, lease)).await? {
+                    Some(wait_all(
+                        "looking for a channel an earlier create may have made, once the app's \
+                     creates in flight have finished",
+                        FIND_WAIT,
+                    ))
+                } else {
+                    None
+                },
+            )
+        };
+        if let Some(waits) = creates_out().await? {
+            return Ok(waits);
         }
         let listed = match self.transport.manage_channel(app, &ChannelOp::List).await {
             Ok(ChannelReply::Listed(ids)) => ids,
@@ -227,6 +236,12 @@ impl Keeper {
                 ));
             }
         };
+        // Again, now that the list is in: a create claimed since the first look may be in
+        // it, its channel named by no row yet. One claimed later made nothing listed; one
+        // that has finished since is named in the table, read after this.
+        if let Some(waits) = creates_out().await? {
+            return Ok(waits);
+        }
         let table = db.run(sql::named(db.client, app)).await?;
         let mut candidates = compare(&listed, &table).unknown.into_iter();
         // The channels read so far that no row adopted, with their storage: one read for

@@ -633,3 +633,120 @@ async fn uncertain_rows_each_find_their_own_channel_whatever_the_order() {
     assert_eq!(at_apns(&apns), expected, "no channel made again");
     daemon.stop().await;
 }
+/// A transport that, as the keeper's list of an app's channels goes out, plays another
+/// keeper: it claims row `other` (a lease) and makes its channel at APNs.
+struct CreateDuringList {
+    inner: std::sync::Arc<dyn pgpushd::transport::Transport>,
+    db_url: String,
+    other: i64,
+    made: std::sync::Mutex<Option<String>>,
+}
+
+impl pgpushd::transport::Transport for CreateDuringList {
+    fn send<'a>(
+        &'a self,
+        n: &'a pgpushd::transport::Notification,
+    ) -> futures::future::BoxFuture<'a, pgpushd::transport::Delivery> {
+        self.inner.send(n)
+    }
+
+    fn manage_channel<'a>(
+        &'a self,
+        app: &'a str,
+        op: &'a pgpushd::channels::ChannelOp,
+    ) -> futures::future::BoxFuture<'a, pgpushd::channels::ChannelAnswer> {
+        use pgpushd::channels::{ChannelOp, ChannelReply, MessageStorage};
+        Box::pin(async move {
+            if *op == ChannelOp::List && self.made.lock().unwrap().is_none() {
+                let c = plain_client(&self.db_url).await;
+                c.execute(
+                    "UPDATE pgpushd.channels SET lease = gen_random_uuid(),
+                            lease_until = now() + interval '5 minutes'
+                      WHERE id = $1",
+                    &[&self.other],
+                )
+                .await
+                .unwrap();
+                let made = self
+                    .inner
+                    .manage_channel(app, &ChannelOp::Create(MessageStorage::MostRecent))
+                    .await;
+                let Ok(ChannelReply::Created { channel_id }) = made else {
+                    panic!("{made:?}")
+                };
+                *self.made.lock().unwrap() = Some(channel_id);
+            }
+            self.inner.manage_channel(app, op).await
+        })
+    }
+}
+
+/// Another keeper's create claimed between the "no other create is out" check and the
+/// list: its channel is in the list, and no row names it yet. The uncertain row must not
+/// take it (it waits for that create's outcome), and the other row keeps its channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncertain_row_never_takes_a_channel_another_create_is_making() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    // The uncertain row's lost create made nothing.
+    let uncertain = new_channel(&client, "most-recent").await;
+    make_uncertain(&client, uncertain).await;
+    let other: i64 = client
+        .query_one(
+            "INSERT INTO pgpushd.channels (message_storage, send_after)
+             VALUES ('most-recent', now() + interval '1 hour') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let cfg = config(&db.url, &apns.app_toml);
+    let racing = std::sync::Arc::new(CreateDuringList {
+        inner: ApnsSetup::transport(&cfg),
+        db_url: db.url.clone(),
+        other,
+        made: Default::default(),
+    });
+    let daemon = start(cfg, racing.clone());
+    let (channel, error) = wait_for(
+        "the uncertain row's find written",
+        Duration::from_secs(20),
+        || async {
+            let row = client
+                .query_one(
+                    "SELECT channel_id, last_error FROM pgpushd.channels WHERE id = $1",
+                    &[&uncertain],
+                )
+                .await
+                .unwrap();
+            let channel: Option<String> = row.get(0);
+            let error: Option<String> = row.get(1);
+            (channel.is_some() || error.is_some()).then_some((channel, error))
+        },
+    )
+    .await;
+    let made = racing.made.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        channel, None,
+        "took the channel another create made: {error:?}"
+    );
+    // The other keeper writes its outcome; the uncertain row then finds nothing and is
+    // made afresh.
+    client
+        .execute(
+            "UPDATE pgpushd.channels SET status = 'active', channel_id = $2, attempts = 1,
+                    lease = NULL, lease_until = NULL
+              WHERE id = $1",
+            &[&other, &made],
+        )
+        .await
+        .unwrap();
+    let (_, fresh) = channel_when(&client, uncertain, "active").await;
+    let fresh = fresh.unwrap();
+    assert_ne!(fresh, made);
+    let mut expected = vec![fresh, made];
+    expected.sort();
+    assert_eq!(at_apns(&apns), expected);
+    daemon.stop().await;
+}
