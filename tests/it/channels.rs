@@ -750,3 +750,25 @@ async fn an_uncertain_row_never_takes_a_channel_another_create_is_making() {
     assert_eq!(at_apns(&apns), expected);
     daemon.stop().await;
 }
+/// The connection drops while a create is out, after APNs made the channel: the create
+/// is not sent again on another connection (a second channel); the row is uncertain,
+/// and the channel APNs made is found and adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_connection_drops_is_not_sent_again() {
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    apns.emulator.set_latency(Duration::from_secs(2));
+    let id = new_channel(&client, "none").await;
+    wait_for(
+        "the channel made at APNs",
+        Duration::from_secs(20),
+        || async { (!apns.emulator.channels(TOPIC).is_empty()).then_some(()) },
+    )
+    .await;
+    apns.emulator.set_latency(Duration::ZERO);
+    apns.emulator.drop_connections();
+    let made = at_apns(&apns);
+    let (_, channel_id) = channel_when(&client, id, "active").await;
+    assert_eq!(at_apns(&apns), made, "made once");
+    assert_eq!(channel_id.as_ref(), made.first());
+    daemon.stop().await;
+}
