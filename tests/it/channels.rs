@@ -772,3 +772,35 @@ async fn a_create_whose_connection_drops_is_not_sent_again() {
     assert_eq!(channel_id.as_ref(), made.first());
     daemon.stop().await;
 }
+/// The gauge of an app's channels goes back to 0 when its last row goes, for an app not
+/// in the config (`unknown`) too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_gauge_of_an_unknown_app_falls_back_to_zero() {
+    let (_db, _apns, daemon, client) = setup(|_| {}).await;
+    let id: i64 = client
+        .query_one(
+            "INSERT INTO pgpushd.channels (app) VALUES ('elsewhere') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let gauge = |n: i64| format!("pgpushd_channels{{app=\"unknown\",status=\"pending\"}} {n}");
+    wait_for("the gauge at 1", Duration::from_secs(10), || async {
+        daemon.metrics.encode().contains(&gauge(1)).then_some(())
+    })
+    .await;
+    client
+        .execute("DELETE FROM pgpushd.channels WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    client
+        .execute("SELECT pg_notify('pgpushd_channels', '')", &[])
+        .await
+        .unwrap();
+    wait_for("the gauge at 0", Duration::from_secs(10), || async {
+        daemon.metrics.encode().contains(&gauge(0)).then_some(())
+    })
+    .await;
+    daemon.stop().await;
+}
