@@ -52,6 +52,9 @@ pub const LEASE: Duration = Duration::from_secs(5 * 60);
 const STEP_TIMEOUT: Duration = Duration::from_secs(2 * 60);
 /// The bound on each of the keeper's statements (cancelled at the server past it).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least a keeper waits after a round that claimed nothing: a row due then is held
+/// locked by another transaction (its claim skips it).
+const SKIPPED_WAIT: Duration = Duration::from_secs(1);
 /// How long an uncertain row waits while another create of its app is out.
 const FIND_WAIT: Duration = Duration::from_secs(5);
 /// The channels of APNs's list a find reads (one request each) looking for its own.
@@ -109,7 +112,12 @@ impl Keeper {
                 .collect();
             self.metrics.set_channels(&counts);
             let next = db.run(sql::next_due(db.client)).await?;
-            let wait = next.map_or(POLL, |due| due.min(POLL));
+            let mut wait = next.map_or(POLL, |due| due.min(POLL));
+            if claimed == 0 {
+                // Due rows this round's claim skipped are locked (the application's open
+                // transaction holds them): not claimed again at once, over and over.
+                wait = wait.max(SKIPPED_WAIT);
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = self.wake.notified() => {}

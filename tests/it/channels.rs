@@ -804,3 +804,47 @@ async fn the_channel_gauge_of_an_unknown_app_falls_back_to_zero() {
     .await;
     daemon.stop().await;
 }
+/// A due row the application holds locked (an open transaction): the keeper's claim
+/// skips it, and the keeper must wait, not claim again at once for as long as the lock
+/// is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keeper_does_not_spin_on_a_row_the_application_holds_locked() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    let id = new_channel(&client, "none").await;
+    let mut holder = db.client().await;
+    let txn = holder.transaction().await.unwrap();
+    txn.execute(
+        "SELECT 1 FROM pgpushd.channels WHERE id = $1 FOR UPDATE",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let cfg = config(&db.url, &apns.app_toml);
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let scans = || async {
+        client
+            .query_one(
+                "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0)
+                   FROM pg_stat_user_tables
+                  WHERE schemaname = 'pgpushd' AND relname = 'channels'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = scans().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = scans().await;
+    assert!(
+        after - before < 50,
+        "{} scans of pgpushd.channels in 3 s while the row is locked",
+        after - before
+    );
+    txn.rollback().await.unwrap();
+    channel_when(&client, id, "active").await;
+    daemon.stop().await;
+}
