@@ -111,6 +111,8 @@ pub struct Metrics {
     /// The configured apps: rows naming any other app are counted as `unknown`, so a
     /// producer's typo cannot grow the series without bound.
     known_apps: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// The `channels` series set last time: one the table no longer counts goes to 0.
+    channel_series: std::sync::Mutex<std::collections::HashSet<ChannelLabels>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -153,6 +155,7 @@ impl Metrics {
             metrics_connections_refused: Counter::default(),
             channels: Family::default(),
             known_apps: Default::default(),
+            channel_series: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -301,22 +304,37 @@ impl Metrics {
     /// each status, 0 when it has none; an app not in the config counts as `unknown`.
     pub fn set_channels(&self, counts: &[(String, &str, i64)]) {
         const STATUSES: [&str; 4] = ["pending", "active", "closing", "failed"];
-        let mut totals: std::collections::HashMap<(String, &str), i64> = Default::default();
+        let mut totals: std::collections::HashMap<ChannelLabels, i64> = Default::default();
+        // What was set last time, 0 unless counted again (an app gone from the config,
+        // or `unknown` once its rows are gone).
+        let mut series = self.channel_series.lock().unwrap();
+        for labels in series.iter() {
+            totals.insert(labels.clone(), 0);
+        }
         for app in self.known_apps.read().unwrap().iter() {
             for status in STATUSES {
-                totals.insert((app.clone(), status), 0);
+                totals.insert(
+                    ChannelLabels {
+                        app: app.clone(),
+                        status: status.to_owned(),
+                    },
+                    0,
+                );
             }
         }
         for (app, status, n) in counts {
-            *totals.entry((self.app_label(app).app, status)).or_default() += n;
+            let labels = ChannelLabels {
+                app: self.app_label(app).app,
+                status: (*status).to_owned(),
+            };
+            *totals.entry(labels).or_default() += n;
         }
-        for ((app, status), n) in totals {
-            self.channels
-                .get_or_create(&ChannelLabels {
-                    app,
-                    status: status.to_owned(),
-                })
-                .set(n);
+        series.clear();
+        for (labels, n) in totals {
+            self.channels.get_or_create(&labels).set(n);
+            if n != 0 {
+                series.insert(labels);
+            }
         }
     }
 
@@ -626,6 +644,26 @@ mod tests {
             "UNREGISTERED"
         );
         assert_eq!(reason_label("SOMETHING_NEW: who knows"), "other");
+    }
+
+    #[test]
+    fn a_channel_series_no_longer_counted_falls_to_zero() {
+        let m = Metrics::new();
+        m.set_apps(&["default".to_owned()]);
+        m.set_channels(&[
+            ("default".into(), "active", 2),
+            ("elsewhere".into(), "pending", 1),
+        ]);
+        let text = m.encode();
+        assert!(text.contains("pgpushd_channels{app=\"default\",status=\"active\"} 2"));
+        assert!(text.contains("pgpushd_channels{app=\"unknown\",status=\"pending\"} 1"));
+        m.set_channels(&[]);
+        let text = m.encode();
+        assert!(text.contains("pgpushd_channels{app=\"default\",status=\"active\"} 0"));
+        assert!(
+            text.contains("pgpushd_channels{app=\"unknown\",status=\"pending\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

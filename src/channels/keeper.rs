@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use super::outcome::{self, ChannelUpdate, ClaimedChannel, Step, Write};
 use super::reconcile::compare;
-use super::{ChannelError, ChannelOp, ChannelReply};
+use super::{ChannelError, ChannelOp, ChannelReply, MessageStorage};
 use crate::backoff::backoff;
 use crate::db::{self, Canceller};
 use crate::dispatcher::Settings;
@@ -52,6 +52,9 @@ pub const LEASE: Duration = Duration::from_secs(5 * 60);
 const STEP_TIMEOUT: Duration = Duration::from_secs(2 * 60);
 /// The bound on each of the keeper's statements (cancelled at the server past it).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least a keeper waits after a round that claimed nothing: a row due then is held
+/// locked by another transaction (its claim skips it).
+const SKIPPED_WAIT: Duration = Duration::from_secs(1);
 /// How long an uncertain row waits while another create of its app is out.
 const FIND_WAIT: Duration = Duration::from_secs(5);
 /// The channels of APNs's list a find reads (one request each) looking for its own.
@@ -109,7 +112,12 @@ impl Keeper {
                 .collect();
             self.metrics.set_channels(&counts);
             let next = db.run(sql::next_due(db.client)).await?;
-            let wait = next.map_or(POLL, |due| due.min(POLL));
+            let mut wait = next.map_or(POLL, |due| due.min(POLL));
+            if claimed == 0 {
+                // Due rows this round's claim skipped are locked (the application's open
+                // transaction holds them): not claimed again at once, over and over.
+                wait = wait.max(SKIPPED_WAIT);
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = self.wake.notified() => {}
@@ -199,12 +207,21 @@ impl Keeper {
                 .map(|c| (*c, Write::Update(outcome::deferred(c, reason, after))))
                 .collect::<Vec<_>>()
         };
-        if db.run(sql::other_lease_out(db.client, app, lease)).await? {
-            return Ok(wait_all(
-                "looking for a channel an earlier create may have made, once the app's \
-                 creates in flight have finished",
-                FIND_WAIT,
-            ));
+        let creates_out = || async {
+            Ok::<_, StatementError>(
+                if db.run(sql::other_lease_out(db.client, app, lease)).await? {
+                    Some(wait_all(
+                        "looking for a channel an earlier create may have made, once the app's \
+                     creates in flight have finished",
+                        FIND_WAIT,
+                    ))
+                } else {
+                    None
+                },
+            )
+        };
+        if let Some(waits) = creates_out().await? {
+            return Ok(waits);
         }
         let listed = match self.transport.manage_channel(app, &ChannelOp::List).await {
             Ok(ChannelReply::Listed(ids)) => ids,
@@ -227,35 +244,49 @@ impl Keeper {
                 ));
             }
         };
+        // Again, now that the list is in: a create claimed since the first look may be in
+        // it, its channel named by no row yet. One claimed later made nothing listed; one
+        // that has finished since is named in the table, read after this.
+        if let Some(waits) = creates_out().await? {
+            return Ok(waits);
+        }
         let table = db.run(sql::named(db.client, app)).await?;
         let mut candidates = compare(&listed, &table).unknown.into_iter();
+        // The channels read so far that no row adopted, with their storage: one read for
+        // a row of the other policy may be the next row's.
+        let mut read: Vec<(String, MessageStorage)> = Vec::new();
+        // A read failed, or the budget left channels unread: a row that found nothing
+        // cannot say its create made nothing.
+        let mut unsure = false;
         let mut writes = Vec::new();
         let mut reads = 0;
         for c in rows {
-            let mut found = None;
-            let mut exhausted = true;
-            for id in candidates.by_ref() {
+            let mut found = read
+                .iter()
+                .position(|(_, storage)| *storage == c.storage)
+                .map(|i| read.remove(i).0);
+            while found.is_none() {
                 if reads == FIND_READS {
-                    exhausted = false;
+                    unsure |= candidates.len() > 0;
                     break;
                 }
+                let Some(id) = candidates.next() else { break };
                 reads += 1;
                 match self
                     .transport
                     .manage_channel(app, &ChannelOp::Read(id.clone()))
                     .await
                 {
-                    Ok(ChannelReply::Read(storage)) if storage == c.storage => {
-                        found = Some(id);
-                        break;
-                    }
-                    Ok(_) | Err(ChannelError::NoSuchChannel(_)) => continue,
+                    Ok(ChannelReply::Read(storage)) if storage == c.storage => found = Some(id),
+                    Ok(ChannelReply::Read(storage)) => read.push((id, storage)),
+                    Ok(_) | Err(ChannelError::NoSuchChannel(_)) => {}
                     Err(e) => {
                         debug!(app, channel = %id, error = %e, "cannot read a channel while finding one");
-                        exhausted = false;
+                        unsure = true;
                     }
                 }
             }
+            let exhausted = !unsure;
             let write = match found {
                 Some(channel_id) => {
                     info!(app, id = c.id, channel = %channel_id,

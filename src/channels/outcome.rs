@@ -107,6 +107,9 @@ pub struct ChannelUpdate {
     pub retry_in: Option<Duration>,
     /// A request that may have done something was made: it counts against `max_attempts`.
     pub attempted: bool,
+    /// The row stays uncertain: its lost create's channel was not looked for to the end
+    /// (the look was deferred), so the next claim looks again before any create.
+    pub uncertain: bool,
 }
 
 impl ChannelUpdate {
@@ -123,6 +126,7 @@ impl ChannelUpdate {
             last_error: None,
             retry_in: None,
             attempted: true,
+            uncertain: false,
         }
     }
 }
@@ -241,12 +245,14 @@ pub fn not_found(c: &ClaimedChannel, retry: &RetryConfig) -> ChannelUpdate {
     }
 }
 
-/// Nothing done; the row's step is taken again after `after`, no attempt counted.
+/// Nothing done; the row's step is taken again after `after`, no attempt counted. An
+/// uncertain row stays uncertain: what its lost create made is still to be looked for.
 pub fn deferred(c: &ClaimedChannel, reason: &str, after: Duration) -> ChannelUpdate {
     ChannelUpdate {
         last_error: Some(reason.to_owned()),
         retry_in: Some(after.min(MAX_RETRY_AFTER)),
         attempted: false,
+        uncertain: c.uncertain,
         if_closing: Status::Closing,
         ..ChannelUpdate::new(c, c.status)
     }
@@ -441,5 +447,15 @@ mod tests {
         assert_eq!(not_found(&closing, &retry()).status, Status::Closed);
         let last = ClaimedChannel { attempts: 2, ..c };
         assert_eq!(not_found(&last, &retry()).status, Status::Failed);
+    }
+
+    #[test]
+    fn a_deferred_look_for_a_lost_create_leaves_the_row_uncertain() {
+        let c = claimed(Status::Pending, None, true);
+        let waiting = deferred(&c, "list refused", Duration::from_secs(1));
+        assert!(waiting.uncertain && !waiting.attempted);
+        assert!(!not_found(&c, &retry()).uncertain);
+        let plain = claimed(Status::Pending, None, false);
+        assert!(!deferred(&plain, "x", Duration::from_secs(1)).uncertain);
     }
 }

@@ -114,7 +114,29 @@ impl Pool {
         make: impl Fn() -> http::Request<()>,
         body: Bytes,
     ) -> Result<Answer, PoolError> {
-        let attempts = self.inner.opts.max_resends + 1;
+        self.send_tries(make, body, self.inner.opts.max_resends + 1)
+            .await
+    }
+
+    /// Sends one request that must not be made twice (APNs's channel create: each one
+    /// makes a channel): again on another connection only if it never left. Once it went
+    /// out, a connection lost or gone away before the answer is no proof the server did
+    /// not act on it, so the failure is returned, not sent again ([`PoolError::Unanswered`]
+    /// after one try).
+    pub async fn send_once(
+        &self,
+        make: impl Fn() -> http::Request<()>,
+        body: Bytes,
+    ) -> Result<Answer, PoolError> {
+        self.send_tries(make, body, 1).await
+    }
+
+    async fn send_tries(
+        &self,
+        make: impl Fn() -> http::Request<()>,
+        body: Bytes,
+        attempts: u32,
+    ) -> Result<Answer, PoolError> {
         let mut tries = 0;
         // Waiting for a connection and a stream, across tries that never left.
         let mut deadline = Instant::now() + self.inner.opts.stream_wait;
@@ -496,6 +518,25 @@ mod tests {
         }
         eventually(|| server.stats().streams_abandoned == 4).await;
         assert_eq!(server.stats().requests, 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_once_is_not_sent_again_after_its_connection_drops() {
+        let server = TestEmulator::open().await;
+        server.set_latency(Duration::from_secs(3600));
+        let pool = Pool::new("default", options(&server, 1));
+        let (result, ()) = tokio::join!(pool.send_once(request(&server, 0xaa), body()), async {
+            eventually(|| server.stats().requests_in_flight >= 1).await;
+            server.drop_connections();
+        });
+        match result {
+            Err(PoolError::Unanswered { attempts: 1, last }) => {
+                assert!(last.contains("connection lost"), "{last}")
+            }
+            other => panic!("{other:?}"),
+        }
+        eventually(|| server.stats().streams_abandoned == 1).await;
+        assert_eq!(server.stats().connections_accepted, 1, "no second try");
     }
 
     #[tokio::test]

@@ -53,7 +53,9 @@ UPDATE pgpushd.channels
        closed_at    = CASE WHEN (CASE WHEN status = 'closing' THEN $3 ELSE $2 END) = 'closed'
                            THEN clock_timestamp() ELSE closed_at END,
        lease        = NULL,
-       lease_until  = NULL
+       -- kept set on a row still uncertain (see `ChannelUpdate::uncertain`): the claim
+       -- reads a lease_until with no channel id as a create whose outcome is unknown
+       lease_until  = CASE WHEN $9 AND channel_id IS NULL THEN clock_timestamp() END
  WHERE id = $1 AND lease = $8
 RETURNING status";
 
@@ -142,6 +144,7 @@ pub async fn write(
                 &u.last_error,
                 &retry_ms,
                 &lease,
+                &u.uncertain,
             ],
         )
         .await?;

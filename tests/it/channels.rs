@@ -558,3 +558,293 @@ async fn channels_list_shows_apns_beside_the_table_and_where_they_differ() {
     let error = String::from_utf8_lossy(&out.stderr);
     assert!(error.contains("channels_endpoint"), "{error}");
 }
+
+/// Makes row `id` as a daemon that died with its create out leaves it: a lease run out,
+/// no channel id.
+async fn make_uncertain(client: &Client, id: i64) {
+    client
+        .execute(
+            "UPDATE pgpushd.channels SET lease = gen_random_uuid(),
+                    lease_until = now() - interval '1s'
+              WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+}
+
+/// The channel ids APNs has for [`TOPIC`], sorted.
+fn at_apns(apns: &ApnsSetup) -> Vec<String> {
+    let mut ids: Vec<String> = apns
+        .emulator
+        .channels(TOPIC)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// An uncertain row whose look at APNs fails (the list answered 500) is looked for again,
+/// never made afresh: the channel its lost create made is adopted once APNs lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncertain_row_whose_list_fails_stays_uncertain() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    let lost = apns.emulator.create_channel(TOPIC, 1);
+    let id = new_channel(&client, "most-recent").await;
+    make_uncertain(&client, id).await;
+    apns.emulator.script_once(TOPIC, 500, "InternalServerError");
+    let cfg = config(&db.url, &apns.app_toml);
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let (_, channel_id) = channel_when(&client, id, "active").await;
+    assert_eq!(channel_id.as_deref(), Some(lost.as_str()), "adopted");
+    assert_eq!(at_apns(&apns), vec![lost], "no second channel");
+    daemon.stop().await;
+}
+/// Two uncertain rows of different storage policies, and APNs's two unnamed channels in
+/// the order that makes the first row read the second row's channel before its own:
+/// each row adopts its own, and nothing is made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncertain_rows_each_find_their_own_channel_whatever_the_order() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    let mut made = [
+        (apns.emulator.create_channel(TOPIC, 0), "none"),
+        (apns.emulator.create_channel(TOPIC, 1), "most-recent"),
+    ];
+    // The find reads the unnamed channels in sorted order; the first row's is the second.
+    made.sort();
+    let first = new_channel(&client, made[1].1).await;
+    let second = new_channel(&client, made[0].1).await;
+    for id in [first, second] {
+        make_uncertain(&client, id).await;
+    }
+    let cfg = config(&db.url, &apns.app_toml);
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let (_, one) = channel_when(&client, first, "active").await;
+    let (_, two) = channel_when(&client, second, "active").await;
+    assert_eq!(one.as_deref(), Some(made[1].0.as_str()));
+    assert_eq!(two.as_deref(), Some(made[0].0.as_str()));
+    let mut expected = vec![made[0].0.clone(), made[1].0.clone()];
+    expected.sort();
+    assert_eq!(at_apns(&apns), expected, "no channel made again");
+    daemon.stop().await;
+}
+/// A transport that, as the keeper's list of an app's channels goes out, plays another
+/// keeper: it claims row `other` (a lease) and makes its channel at APNs.
+struct CreateDuringList {
+    inner: std::sync::Arc<dyn pgpushd::transport::Transport>,
+    db_url: String,
+    other: i64,
+    made: std::sync::Mutex<Option<String>>,
+}
+
+impl pgpushd::transport::Transport for CreateDuringList {
+    fn send<'a>(
+        &'a self,
+        n: &'a pgpushd::transport::Notification,
+    ) -> futures::future::BoxFuture<'a, pgpushd::transport::Delivery> {
+        self.inner.send(n)
+    }
+
+    fn manage_channel<'a>(
+        &'a self,
+        app: &'a str,
+        op: &'a pgpushd::channels::ChannelOp,
+    ) -> futures::future::BoxFuture<'a, pgpushd::channels::ChannelAnswer> {
+        use pgpushd::channels::{ChannelOp, ChannelReply, MessageStorage};
+        Box::pin(async move {
+            if *op == ChannelOp::List && self.made.lock().unwrap().is_none() {
+                let c = plain_client(&self.db_url).await;
+                c.execute(
+                    "UPDATE pgpushd.channels SET lease = gen_random_uuid(),
+                            lease_until = now() + interval '5 minutes'
+                      WHERE id = $1",
+                    &[&self.other],
+                )
+                .await
+                .unwrap();
+                let made = self
+                    .inner
+                    .manage_channel(app, &ChannelOp::Create(MessageStorage::MostRecent))
+                    .await;
+                let Ok(ChannelReply::Created { channel_id }) = made else {
+                    panic!("{made:?}")
+                };
+                *self.made.lock().unwrap() = Some(channel_id);
+            }
+            self.inner.manage_channel(app, op).await
+        })
+    }
+}
+
+/// Another keeper's create claimed between the "no other create is out" check and the
+/// list: its channel is in the list, and no row names it yet. The uncertain row must not
+/// take it (it waits for that create's outcome), and the other row keeps its channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncertain_row_never_takes_a_channel_another_create_is_making() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    // The uncertain row's lost create made nothing.
+    let uncertain = new_channel(&client, "most-recent").await;
+    make_uncertain(&client, uncertain).await;
+    let other: i64 = client
+        .query_one(
+            "INSERT INTO pgpushd.channels (message_storage, send_after)
+             VALUES ('most-recent', now() + interval '1 hour') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let cfg = config(&db.url, &apns.app_toml);
+    let racing = std::sync::Arc::new(CreateDuringList {
+        inner: ApnsSetup::transport(&cfg),
+        db_url: db.url.clone(),
+        other,
+        made: Default::default(),
+    });
+    let daemon = start(cfg, racing.clone());
+    let (channel, error) = wait_for(
+        "the uncertain row's find written",
+        Duration::from_secs(20),
+        || async {
+            let row = client
+                .query_one(
+                    "SELECT channel_id, last_error FROM pgpushd.channels WHERE id = $1",
+                    &[&uncertain],
+                )
+                .await
+                .unwrap();
+            let channel: Option<String> = row.get(0);
+            let error: Option<String> = row.get(1);
+            (channel.is_some() || error.is_some()).then_some((channel, error))
+        },
+    )
+    .await;
+    let made = racing.made.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        channel, None,
+        "took the channel another create made: {error:?}"
+    );
+    // The other keeper writes its outcome; the uncertain row then finds nothing and is
+    // made afresh.
+    client
+        .execute(
+            "UPDATE pgpushd.channels SET status = 'active', channel_id = $2, attempts = 1,
+                    lease = NULL, lease_until = NULL
+              WHERE id = $1",
+            &[&other, &made],
+        )
+        .await
+        .unwrap();
+    let (_, fresh) = channel_when(&client, uncertain, "active").await;
+    let fresh = fresh.unwrap();
+    assert_ne!(fresh, made);
+    let mut expected = vec![fresh, made];
+    expected.sort();
+    assert_eq!(at_apns(&apns), expected);
+    daemon.stop().await;
+}
+/// The connection drops while a create is out, after APNs made the channel: the create
+/// is not sent again on another connection (a second channel); the row is uncertain,
+/// and the channel APNs made is found and adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_connection_drops_is_not_sent_again() {
+    let (_db, apns, daemon, client) = setup(|_| {}).await;
+    apns.emulator.set_latency(Duration::from_secs(2));
+    let id = new_channel(&client, "none").await;
+    wait_for(
+        "the channel made at APNs",
+        Duration::from_secs(20),
+        || async { (!apns.emulator.channels(TOPIC).is_empty()).then_some(()) },
+    )
+    .await;
+    apns.emulator.set_latency(Duration::ZERO);
+    apns.emulator.drop_connections();
+    let made = at_apns(&apns);
+    let (_, channel_id) = channel_when(&client, id, "active").await;
+    assert_eq!(at_apns(&apns), made, "made once");
+    assert_eq!(channel_id.as_ref(), made.first());
+    daemon.stop().await;
+}
+/// The gauge of an app's channels goes back to 0 when its last row goes, for an app not
+/// in the config (`unknown`) too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_gauge_of_an_unknown_app_falls_back_to_zero() {
+    let (_db, _apns, daemon, client) = setup(|_| {}).await;
+    let id: i64 = client
+        .query_one(
+            "INSERT INTO pgpushd.channels (app) VALUES ('elsewhere') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let gauge = |n: i64| format!("pgpushd_channels{{app=\"unknown\",status=\"pending\"}} {n}");
+    wait_for("the gauge at 1", Duration::from_secs(10), || async {
+        daemon.metrics.encode().contains(&gauge(1)).then_some(())
+    })
+    .await;
+    client
+        .execute("DELETE FROM pgpushd.channels WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    client
+        .execute("SELECT pg_notify('pgpushd_channels', '')", &[])
+        .await
+        .unwrap();
+    wait_for("the gauge at 0", Duration::from_secs(10), || async {
+        daemon.metrics.encode().contains(&gauge(0)).then_some(())
+    })
+    .await;
+    daemon.stop().await;
+}
+/// A due row the application holds locked (an open transaction): the keeper's claim
+/// skips it, and the keeper must wait, not claim again at once for as long as the lock
+/// is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keeper_does_not_spin_on_a_row_the_application_holds_locked() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    let id = new_channel(&client, "none").await;
+    let mut holder = db.client().await;
+    let txn = holder.transaction().await.unwrap();
+    txn.execute(
+        "SELECT 1 FROM pgpushd.channels WHERE id = $1 FOR UPDATE",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let cfg = config(&db.url, &apns.app_toml);
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let scans = || async {
+        client
+            .query_one(
+                "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0)
+                   FROM pg_stat_user_tables
+                  WHERE schemaname = 'pgpushd' AND relname = 'channels'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = scans().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = scans().await;
+    assert!(
+        after - before < 50,
+        "{} scans of pgpushd.channels in 3 s while the row is locked",
+        after - before
+    );
+    txn.rollback().await.unwrap();
+    channel_when(&client, id, "active").await;
+    daemon.stop().await;
+}

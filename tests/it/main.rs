@@ -5,6 +5,7 @@
 
 mod binary_protocol;
 mod channels;
+mod channels_unkind;
 mod churn;
 mod commands;
 mod container;

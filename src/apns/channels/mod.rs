@@ -87,10 +87,14 @@ impl ChannelsClient {
         };
         let mut refreshed = false;
         loop {
-            let answer = match pool
-                .send(|| request.to_http(bearer.as_deref()), request.body.clone())
-                .await
-            {
+            let make = || request.to_http(bearer.as_deref());
+            // A create is not idempotent: one that went out and got no answer is not sent
+            // again on another connection (its row becomes uncertain, and is looked for).
+            let sent = match op {
+                ChannelOp::Create(_) => pool.send_once(make, request.body.clone()).await,
+                _ => pool.send(make, request.body.clone()).await,
+            };
+            let answer = match sent {
                 Ok(answer) => answer,
                 Err(e) => return Err(unanswered(e)),
             };
