@@ -163,6 +163,7 @@ impl Daemon {
                 transport: self.transport.clone(),
                 wake: channels_wake,
                 metrics: self.metrics.clone(),
+                policies: Default::default(),
             }
             .run(stop.clone()),
         );

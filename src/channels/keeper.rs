@@ -57,8 +57,31 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 const SKIPPED_WAIT: Duration = Duration::from_secs(1);
 /// How long an uncertain row waits while another create of its app is out.
 const FIND_WAIT: Duration = Duration::from_secs(5);
-/// The channels of APNs's list a find reads (one request each) looking for its own.
+/// The channels of APNs's list a find reads (one request each) looking for its own; the
+/// policies read are remembered, so a list longer than this is read on over rounds.
 const FIND_READS: usize = 50;
+/// At most this many channels' policies are remembered (Apple's limit, twice).
+const MAX_POLICIES: usize = 2 * super::MAX_CHANNELS;
+
+/// The storage policies of channels read while finding one, by app and channel id: a
+/// channel's policy never changes (Apple: it "can't be modified later").
+#[derive(Default)]
+pub struct Policies(std::sync::Mutex<std::collections::HashMap<(String, String), MessageStorage>>);
+
+impl Policies {
+    fn get(&self, app: &str, id: &str) -> Option<MessageStorage> {
+        let known = self.0.lock().unwrap();
+        known.get(&(app.to_owned(), id.to_owned())).copied()
+    }
+
+    fn insert(&self, app: &str, id: &str, storage: MessageStorage) {
+        let mut known = self.0.lock().unwrap();
+        if known.len() >= MAX_POLICIES {
+            known.clear();
+        }
+        known.insert((app.to_owned(), id.to_owned()), storage);
+    }
+}
 
 pub struct Keeper {
     pub url: Secret<String>,
@@ -68,6 +91,8 @@ pub struct Keeper {
     /// Notified by the listener: a channel inserted or asked to close, or a reconnect.
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    /// What finds have read (see [`Policies`]).
+    pub policies: Policies,
 }
 
 impl Keeper {
@@ -271,12 +296,21 @@ impl Keeper {
                     break;
                 }
                 let Some(id) = candidates.next() else { break };
-                reads += 1;
-                match self
-                    .transport
-                    .manage_channel(app, &ChannelOp::Read(id.clone()))
-                    .await
-                {
+                let answer = match self.policies.get(app, &id) {
+                    Some(storage) => Ok(ChannelReply::Read(storage)),
+                    None => {
+                        reads += 1;
+                        let answer = self
+                            .transport
+                            .manage_channel(app, &ChannelOp::Read(id.clone()))
+                            .await;
+                        if let Ok(ChannelReply::Read(storage)) = &answer {
+                            self.policies.insert(app, &id, *storage);
+                        }
+                        answer
+                    }
+                };
+                match answer {
                     Ok(ChannelReply::Read(storage)) if storage == c.storage => found = Some(id),
                     Ok(ChannelReply::Read(storage)) => read.push((id, storage)),
                     Ok(_) | Err(ChannelError::NoSuchChannel(_)) => {}

@@ -848,3 +848,45 @@ async fn the_keeper_does_not_spin_on_a_row_the_application_holds_locked() {
     channel_when(&client, id, "active").await;
     daemon.stop().await;
 }
+
+/// More unnamed channels at APNs than a find reads in one round (made outside pgpushd):
+/// what was read is remembered, the rest is read on over rounds, and an uncertain row
+/// whose create made nothing is made afresh in the end, not looked for for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_list_of_channels_made_elsewhere_is_read_on_over_rounds() {
+    let db = TestDb::new().await;
+    let apns = channels_emulator(|_| {}).await;
+    let client = db.client().await;
+    let elsewhere: Vec<String> = (0..70)
+        .map(|_| apns.emulator.create_channel(TOPIC, 0))
+        .collect();
+    let id = new_channel(&client, "most-recent").await;
+    make_uncertain(&client, id).await;
+    let cfg = config(&db.url, &apns.app_toml);
+    let daemon = start(cfg.clone(), ApnsSetup::transport(&cfg));
+    let (_, channel_id) = wait_for("the row made afresh", Duration::from_secs(30), || async {
+        let row = client
+            .query_one(
+                "SELECT status, channel_id FROM pgpushd.channels WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let status: String = row.get(0);
+        (status == "active").then(|| (status, row.get::<_, Option<String>>(1)))
+    })
+    .await;
+    let made = channel_id.unwrap();
+    assert!(
+        !elsewhere.contains(&made),
+        "none of the channels made elsewhere adopted"
+    );
+    assert_eq!(apns.emulator.channels(TOPIC).len(), 71);
+    // Each channel read once, over the rounds.
+    assert!(
+        apns.emulator.stats().channel_calls <= 70 + 2 * 3 + 1,
+        "{} channel calls",
+        apns.emulator.stats().channel_calls
+    );
+    daemon.stop().await;
+}
