@@ -381,6 +381,8 @@ struct BatchContext {
     heartbeat: Arc<Heartbeat>,
     /// The batch holding its outcomes for the next claim, if one is (see [`hold`]).
     holder: Mutex<Option<tokio::sync::oneshot::Sender<Order>>>,
+    /// Notified when a batch begins to hold.
+    held: Notify,
     /// The reports of the links a holding batch recorded, each with the next claim.
     links: mpsc::UnboundedSender<BatchReport>,
     /// Cancelled when the dispatcher stops: no batch holds its outcomes any longer.
@@ -402,6 +404,7 @@ impl Dispatcher {
             in_flight: InFlightRows::default(),
             heartbeat: self.heartbeat.clone(),
             holder: Mutex::default(),
+            held: Notify::new(),
             links: links_tx,
             stopping: cancel.child_token(),
         });
@@ -430,15 +433,13 @@ impl Dispatcher {
             self.heartbeat
                 .stuck_after(settings.max_batch_duration + 2 * self.connect_timeout);
             let db_ready = db_retry_at.is_none_or(|t| Instant::now() >= t);
-            while db_ready
-                && (want.is_some() || backlog)
-                && batches.len() < settings.max_batches_in_flight
-            {
-                let start = match want.take() {
+            while db_ready && (want.is_some() || backlog) {
+                let start = match want {
                     Some(Start::Look) if !backlog => Start::Look,
                     _ => Start::Claim,
                 };
-                // A batch holding its outcomes takes a claim: they ride with it.
+                // A batch holding its outcomes takes a claim (they ride with it), even
+                // when as many batches are in flight as may be: it is one of them.
                 if start == Start::Claim {
                     let holder = ctx.holder.lock().unwrap().take();
                     let order = || Order {
@@ -446,9 +447,14 @@ impl Dispatcher {
                         awake,
                     };
                     if holder.is_some_and(|h| h.send(order()).is_ok()) {
+                        want = None;
                         continue;
                     }
                 }
+                if batches.len() >= settings.max_batches_in_flight {
+                    break;
+                }
+                want = None;
                 let batch = run_batch(
                     idle.pop(),
                     ctx.clone(),
@@ -482,6 +488,8 @@ impl Dispatcher {
                 }
                 _ = tokio::time::sleep_until(beat_at), if beat_at < wake_at => {}
                 Some(full) = claimed_rx.recv() => backlog = full,
+                // A batch began to hold its outcomes: it may take a claim waiting for room.
+                _ = ctx.held.notified() => {}
                 Some(report) = links_rx.recv() => {
                     last_found = report.claimed > 0;
                     if let Some(due) = report.next_due {
@@ -828,6 +836,7 @@ async fn hold(ctx: &BatchContext, hold: Duration) -> Option<Order> {
         }
         *holder = Some(tx);
     }
+    ctx.held.notify_one();
     tokio::select! {
         order = &mut rx => return order.ok(),
         _ = tokio::time::sleep(hold) => {}
