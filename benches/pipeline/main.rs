@@ -11,7 +11,8 @@
 //! `--runs N`,
 //! `--only drain,drain20,latency,producer,db_cost,dead_app,backlog,fcm_drain,webpush_drain`,
 //! `--no-fsync`,
-//! `--awake-poll-interval D` (every daemon of the run looks that often while awake).
+//! `--awake-poll-interval D` (every daemon of the run looks that often while awake),
+//! `--outcome-hold D` (every daemon holds its outcomes for the next claim that long).
 
 mod db;
 mod db_cost;
@@ -53,6 +54,9 @@ pub struct Plan {
     /// `--awake-poll-interval D`: every daemon of the run looks that often while awake
     /// (the shipped default otherwise), to measure the dial's other settings.
     pub awake_poll_interval: Option<String>,
+    /// `--outcome-hold D`: every daemon of the run holds its outcomes for the next claim
+    /// that long (`0s`: commits at once), against the shipped default.
+    pub outcome_hold: Option<String>,
 }
 
 impl Plan {
@@ -99,6 +103,13 @@ impl Plan {
                         .context("--awake-poll-interval D (as in the config: 5ms)")
                 })
                 .transpose()?,
+            outcome_hold: value("--outcome-hold")?
+                .map(|v| {
+                    humantime::parse_duration(&v)
+                        .map(|_| v.clone())
+                        .context("--outcome-hold D (as in the config: 0s, 250ms)")
+                })
+                .transpose()?,
         })
     }
 
@@ -139,7 +150,10 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
     let postmaster = procs::postmaster_pid(cluster.port());
     let mut work = procs::Workdir::new()?;
     if let Some(every) = &plan.awake_poll_interval {
-        work.database_keys = format!("awake_poll_interval = \"{every}\"");
+        work.database_keys = format!("awake_poll_interval = \"{every}\"\n");
+    }
+    if let Some(hold) = &plan.outcome_hold {
+        work.database_keys += &format!("outcome_hold = \"{hold}\"\n");
     }
     let mut samples = Samples::default();
     let mut detail: Vec<serde_json::Value> = Vec::new();

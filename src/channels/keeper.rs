@@ -55,6 +55,11 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The least a keeper waits after a round that claimed nothing: a row due then is held
 /// locked by another transaction (its claim skips it).
 const SKIPPED_WAIT: Duration = Duration::from_secs(1);
+/// How long a create that got no answer keeps its lease before it is looked for at APNs:
+/// a server may act on a request after the client gave up on it, and the channel it
+/// makes then must be listed before the row is made again. Meanwhile the app's other
+/// finds wait too (the lease is out).
+const UNSURE_WAIT: Duration = Duration::from_secs(10);
 /// How long an uncertain row waits while another create of its app is out.
 const FIND_WAIT: Duration = Duration::from_secs(5);
 /// The channels of APNs's list a find reads (one request each) looking for its own; the
@@ -359,7 +364,8 @@ impl Keeper {
             Write::Unsure { id, reason } => {
                 warn!(app = %c.app, id, reason = %reason,
                       "a channel create got no answer; APNs's list will say whether it was made");
-                db.run(sql::unsure(db.client, *id, lease, reason)).await?;
+                db.run(sql::unsure(db.client, *id, lease, reason, UNSURE_WAIT))
+                    .await?;
                 return Ok(());
             }
             Write::Update(u) => u,

@@ -135,9 +135,9 @@ impl ChannelUpdate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     Update(ChannelUpdate),
-    /// A create went out and got no answer: APNs may have made the channel. The lease is
-    /// ended at once, and the next claim finds the row uncertain and looks for it
-    /// ([`Step::Find`]) before making another.
+    /// A create went out and got no answer: APNs may have made the channel. The lease
+    /// ends soon (the keeper's `UNSURE_WAIT`), and the claim after that finds the row
+    /// uncertain and looks for it ([`Step::Find`]) before making another.
     Unsure {
         id: i64,
         reason: String,

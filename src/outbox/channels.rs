@@ -59,10 +59,11 @@ UPDATE pgpushd.channels
  WHERE id = $1 AND lease = $8
 RETURNING status";
 
-/// A create that got no answer: its lease ends now, and the next claim finds the row
-/// uncertain.
+/// A create that got no answer: its lease ends after `$4` ms (time for a server that
+/// acts late to list what it made), and the claim after that finds the row uncertain.
 const UNSURE: &str = "
-UPDATE pgpushd.channels SET lease_until = now(), last_error = $3
+UPDATE pgpushd.channels
+   SET lease_until = now() + $4::bigint * interval '1 millisecond', last_error = $3
  WHERE id = $1 AND lease = $2";
 
 const CHANNEL_OF: &str = "SELECT channel_id FROM pgpushd.channels WHERE id = $1";
@@ -160,8 +161,12 @@ pub async fn unsure(
     id: i64,
     lease: Uuid,
     reason: &str,
+    wait: Duration,
 ) -> Result<(), tokio_postgres::Error> {
-    client.execute(UNSURE, &[&id, &lease, &reason]).await?;
+    let wait_ms = wait.as_millis() as i64;
+    client
+        .execute(UNSURE, &[&id, &lease, &reason, &wait_ms])
+        .await?;
     Ok(())
 }
 
