@@ -11,6 +11,8 @@
 //! - [`dispatcher`]: wake -> claim -> send -> record;
 //! - [`awake`]: awake or asleep: when the daemon looks for rows itself and writers skip
 //!   NOTIFY;
+//! - [`channels`]: Live Activity broadcast channels, made and deleted at APNs from
+//!   `pgpushd.channels` by the channel keeper;
 //! - [`outcome`]: what an APNs answer means for a row;
 //! - [`transport`]: the seam between the outbox and APNs (`Notification`, `Delivery`,
 //!   `Unregistered`);
