@@ -4,7 +4,7 @@
 //! each with an `apns-request-id` for APNs's logs and ours.
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use http::Method;
 use uuid::Uuid;
 
@@ -38,17 +38,7 @@ pub struct ChannelRequest {
 impl ChannelRequest {
     /// The `http::Request` for one attempt; `bearer` is the provider token under token auth.
     pub fn to_http(&self, bearer: Option<&str>) -> http::Request<()> {
-        let mut request = http::Request::new(());
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = http::Version::HTTP_2;
-        *request.headers_mut() = self.headers.clone();
-        if let Some(token) = bearer {
-            if let Ok(value) = HeaderValue::from_str(&format!("bearer {token}")) {
-                request.headers_mut().insert(AUTHORIZATION, value);
-            }
-        }
-        request
+        crate::apns::http2::request::to_http(self.method.clone(), &self.uri, &self.headers, bearer)
     }
 }
 

@@ -39,19 +39,30 @@ pub struct ApnsRequest {
 impl ApnsRequest {
     /// The `http::Request` for one attempt; `bearer` is the provider token under token auth.
     pub fn to_http(&self, bearer: Option<&str>) -> http::Request<()> {
-        let mut request = http::Request::new(());
-        *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = http::Version::HTTP_2;
-        *request.headers_mut() = self.headers.clone();
-        if let Some(token) = bearer {
-            // A JWT is base64url and dots: always a valid header value.
-            if let Ok(value) = HeaderValue::from_str(&format!("bearer {token}")) {
-                request.headers_mut().insert(AUTHORIZATION, value);
-            }
-        }
-        request
+        to_http(http::Method::POST, &self.uri, &self.headers, bearer)
     }
+}
+
+/// One attempt's HTTP/2 request to APNs (a push or a channel management call), with the
+/// provider token as `authorization` under token auth.
+pub fn to_http(
+    method: http::Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    bearer: Option<&str>,
+) -> http::Request<()> {
+    let mut request = http::Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri.clone();
+    *request.version_mut() = http::Version::HTTP_2;
+    *request.headers_mut() = headers.clone();
+    if let Some(token) = bearer {
+        // A JWT is base64url and dots: always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&format!("bearer {token}")) {
+            request.headers_mut().insert(AUTHORIZATION, value);
+        }
+    }
+    request
 }
 
 /// `host[:port]` of the provider API for `endpoint` (the port only when it is not 443).
