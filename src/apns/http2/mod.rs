@@ -27,6 +27,14 @@ pub mod response;
 use request::{host_port, ApnsRequest};
 use response::{Answer, Verdict};
 
+/// The request for row `n`: a push to its device, or a broadcast to its channel.
+fn build(n: &Notification, config: &AppConfig, id: Uuid) -> Result<ApnsRequest, String> {
+    match &n.broadcast {
+        Some(b) => broadcast::build(n, b, config, id),
+        None => request::build(n, config, id),
+    }
+}
+
 pub(crate) struct Http2App {
     pub(crate) config: AppConfig,
     pool: Pool,
@@ -73,7 +81,7 @@ impl Http2App {
     async fn exchange_row(&self, n: &Notification) -> Exchanged {
         let apns_id = Uuid::new_v4();
         debug!(app = %self.config.name, id = n.id, apns_id = %apns_id, "apns-id");
-        let request = match request::build(n, &self.config, apns_id) {
+        let request = match build(n, &self.config, apns_id) {
             Ok(r) => r,
             Err(reason) => {
                 debug!(app = %self.config.name, id = n.id, token = short_token(&n.device_token),
@@ -175,7 +183,7 @@ impl Http2App {
 
     /// One push, APNs's answer as it is: for `pgpushd send`.
     async fn send_raw(&self, n: &Notification) -> anyhow::Result<OneAnswer> {
-        let request = request::build(n, &self.config, Uuid::new_v4())
+        let request = build(n, &self.config, Uuid::new_v4())
             .map_err(|reason| anyhow::anyhow!("this push would be refused: {reason}"))?;
         let bearer = match &self.signer {
             Some(signer) => Some(signer.token()?),

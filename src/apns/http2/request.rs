@@ -91,11 +91,8 @@ pub fn host_port(endpoint: &Endpoint) -> (&str, u16) {
 
 /// Builds the request for `n`, or says why the row must fail without one.
 /// `apns_id` is a parameter so the function stays pure; callers pass `Uuid::new_v4()`.
-/// A broadcast row (one naming a channel) is [`super::broadcast`]'s.
+/// A push to a device; a broadcast row (one naming a channel) is [`super::broadcast`]'s.
 pub fn build(n: &Notification, app: &AppConfig, apns_id: Uuid) -> Result<ApnsRequest, String> {
-    if let Some(b) = &n.broadcast {
-        return super::broadcast::build(n, b, app, apns_id);
-    }
     check_token(&n.device_token)?;
     let push_type: PushType = n.push_type.parse().map_err(|_| {
         let known: Vec<_> = PushType::ALL.iter().map(|p| p.as_str()).collect();
