@@ -1123,7 +1123,8 @@ async fn at_a_trickle_each_outcome_rides_with_the_next_claim() {
                 (transport.count() as u64 >= i).then_some(())
             })
             .await;
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            // A trickle: the next row comes well within the hold.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         wait_for("every row recorded", Duration::from_secs(5), || async {
             (progress.borrow().sent >= ROWS).then_some(())
@@ -1135,10 +1136,11 @@ async fn at_a_trickle_each_outcome_rides_with_the_next_claim() {
         task.await.unwrap().unwrap();
     }
     // Without the hold: a claim and an outcome per row. With it: the first claim, one
-    // round trip per row after it, and the last outcome's. (Both see a claim or two that
-    // finds nothing, a notification's row taken by the claim before.)
+    // round trip per row after it, and the last outcome's: about ROWS fewer. (Both see a
+    // claim or two that finds nothing, a notification's row taken by the claim before;
+    // on a loaded machine a row may come before its predecessor's batch holds.)
     assert!(trips[0] >= 2 * ROWS, "{trips:?}");
-    assert!(trips[0] - trips[1] >= ROWS - 2, "{trips:?}");
+    assert!(trips[0] - trips[1] >= ROWS * 3 / 4, "{trips:?}");
 }
 
 /// A batch holding its outcomes writes them at once when the daemon stops, and its
