@@ -34,19 +34,20 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method};
 
 use super::reply::{self, Reply, APNS_CHANNEL_ID, APNS_UNIQUE_ID};
-use super::{check_bundle, is_bundle_segment, is_channel_id, Lookup, POLICY_NO_MESSAGE_STORED};
+use super::{
+    channel_id_header, check_caller, is_bundle_segment, reject, Lookup, POLICY_NO_MESSAGE_STORED,
+};
 use crate::answer::Answer;
 use crate::reason;
 use crate::record::Record;
 use crate::request::read_payload;
 use crate::stats::Counters;
 use crate::validate::{
-    self, AuthMode, Policy, Rejection, APNS_EXPIRATION, APNS_ID, APNS_PRIORITY, APNS_PUSH_TYPE,
+    self, Policy, Rejection, APNS_EXPIRATION, APNS_ID, APNS_PRIORITY, APNS_PUSH_TYPE,
 };
 use crate::Shared;
 
@@ -65,10 +66,6 @@ pub struct Publish {
     pub channel_id: String,
     pub priority: u8,
     pub expiration: u64,
-}
-
-const fn reject(status: u16, reason: &'static str) -> Rejection {
-    Rejection { status, reason }
 }
 
 /// Whether the push listener should treat this path as a broadcast (any other path is
@@ -94,25 +91,13 @@ pub fn check_head(
         return Err(reject(405, reason::METHOD_NOT_ALLOWED));
     }
     let headers = &head.headers;
-    if policy.auth == AuthMode::Token {
-        match headers.get(AUTHORIZATION) {
-            Some(value) => provider_token(value)?,
-            None => return Err(reject(403, reason::MISSING_PROVIDER_TOKEN)),
-        }
-    }
-    check_bundle(bundle, policy)?;
-    reply::check_request_id(headers)?;
+    check_caller(headers, bundle, policy, provider_token)?;
     if let Some(v) = headers.get(APNS_ID) {
         if !validate::is_canonical_uuid(v.as_bytes()) {
             return Err(reject(400, reason::BAD_MESSAGE_ID));
         }
     }
-    let channel_id = headers
-        .get(APNS_CHANNEL_ID)
-        .ok_or(reject(400, reason::MISSING_CHANNEL_ID))?;
-    if !is_channel_id(channel_id.as_bytes()) {
-        return Err(reject(400, reason::BAD_CHANNEL_ID));
-    }
+    let channel_id = channel_id_header(headers)?;
     match headers.get(APNS_PUSH_TYPE) {
         None => return Err(reject(400, reason::MISSING_PUSH_TYPE)),
         Some(v) if v.as_bytes().eq_ignore_ascii_case(PUSH_TYPE.as_bytes()) => {}
@@ -130,7 +115,7 @@ pub fn check_head(
         .ok_or(reject(400, reason::BAD_EXPIRATION_DATE))?;
     Ok(Publish {
         bundle: bundle.to_owned(),
-        channel_id: channel_id.to_str().expect("base64 is ASCII").to_owned(),
+        channel_id,
         priority,
         expiration,
     })
@@ -270,6 +255,7 @@ fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validate::AuthMode;
     use http::Request;
 
     const ID: &str = "AAECAwQFBgcICQoLDA0ODw==";

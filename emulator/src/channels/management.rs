@@ -34,17 +34,16 @@
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::{HeaderValue, Method};
 
 use super::reply::{self, Reply, APNS_CHANNEL_ID};
-use super::{check_bundle, is_bundle_segment, is_channel_id, Lookup};
+use super::{channel_id_header, check_caller, is_bundle_segment, reject, Lookup};
 use crate::answer::Answer;
 use crate::reason;
 use crate::request::read_payload;
 use crate::stats::Counters;
-use crate::validate::{AuthMode, Policy, Rejection};
+use crate::validate::{Policy, Rejection};
 use crate::Shared;
 
 /// Enough for any valid create body; a longer one is cut and then unparseable.
@@ -80,10 +79,6 @@ impl Call {
             Call::Create { .. } | Call::ReadAll { .. } => None,
         }
     }
-}
-
-const fn reject(status: u16, reason: &'static str) -> Rejection {
-    Rejection { status, reason }
 }
 
 /// Checks everything the head says. `provider_token` is called with the `authorization`
@@ -122,24 +117,9 @@ pub fn check_head(
         return Err(reject(405, reason::METHOD_NOT_ALLOWED));
     }
     let headers = &head.headers;
-    if policy.auth == AuthMode::Token {
-        match headers.get(AUTHORIZATION) {
-            Some(value) => provider_token(value)?,
-            None => return Err(reject(403, reason::MISSING_PROVIDER_TOKEN)),
-        }
-    }
-    check_bundle(bundle, policy)?;
-    reply::check_request_id(headers)?;
+    check_caller(headers, bundle, policy, provider_token)?;
     let bundle = bundle.to_owned();
-    let channel_id = || -> Result<String, Rejection> {
-        let id = headers
-            .get(APNS_CHANNEL_ID)
-            .ok_or(reject(400, reason::MISSING_CHANNEL_ID))?;
-        if !is_channel_id(id.as_bytes()) {
-            return Err(reject(400, reason::BAD_CHANNEL_ID));
-        }
-        Ok(id.to_str().expect("base64 is ASCII").to_owned())
-    };
+    let channel_id = || channel_id_header(headers);
     Ok(match resource {
         Resource::AllChannels => Call::ReadAll { bundle },
         Resource::Channels if *method == Method::POST => Call::Create { bundle },
@@ -300,6 +280,7 @@ fn fault(shared: &Shared, call: &Call) -> Option<Reply> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validate::AuthMode;
     use http::Request;
 
     const ID: &str = "AAECAwQFBgcICQoLDA0ODw==";

@@ -25,9 +25,12 @@ use std::sync::Mutex;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue};
+
 use crate::push_type::PushType;
 use crate::reason;
-use crate::validate::{Policy, Rejection};
+use crate::validate::{AuthMode, Policy, Rejection};
 
 /// "You can maintain up to 10,000 channels for your app in the development and
 /// production environment, respectively."
@@ -192,22 +195,50 @@ pub(crate) fn check_bundle(bundle: &str, policy: &Policy) -> Result<(), Rejectio
         .any(|suffix| bundle.ends_with(suffix))
         || bundle.contains(".push-type.");
     if suffixed {
-        return Err(Rejection {
-            status: 400,
-            reason: reason::TOPIC_DISALLOWED,
-        });
+        return Err(reject(400, reason::TOPIC_DISALLOWED));
     }
     if let Some(served) = &policy.bundle {
         if served != bundle {
-            return Err(Rejection {
-                status: 403,
-                reason: reason::TOPIC_MISMATCH,
-            });
+            return Err(reject(403, reason::TOPIC_MISMATCH));
         }
     }
     // Nothing more per auth mode: a provider token was checked before this, a client
     // certificate in the TLS handshake.
     Ok(())
+}
+
+pub(crate) const fn reject(status: u16, reason: &'static str) -> Rejection {
+    Rejection { status, reason }
+}
+
+/// What both listeners check of a request's caller, in this order, once its path and
+/// method are known: its provider token under token auth (`provider_token` is called with
+/// the `authorization` header), the path's bundle id, its `apns-request-id`.
+pub(crate) fn check_caller(
+    headers: &HeaderMap,
+    bundle: &str,
+    policy: &Policy,
+    provider_token: impl FnOnce(&HeaderValue) -> Result<(), Rejection>,
+) -> Result<(), Rejection> {
+    if policy.auth == AuthMode::Token {
+        match headers.get(AUTHORIZATION) {
+            Some(value) => provider_token(value)?,
+            None => return Err(reject(403, reason::MISSING_PROVIDER_TOKEN)),
+        }
+    }
+    check_bundle(bundle, policy)?;
+    reply::check_request_id(headers)
+}
+
+/// The request's `apns-channel-id`: missing, malformed, or the id.
+pub(crate) fn channel_id_header(headers: &HeaderMap) -> Result<String, Rejection> {
+    let id = headers
+        .get(reply::APNS_CHANNEL_ID)
+        .ok_or(reject(400, reason::MISSING_CHANNEL_ID))?;
+    if !is_channel_id(id.as_bytes()) {
+        return Err(reject(400, reason::BAD_CHANNEL_ID));
+    }
+    Ok(id.to_str().expect("base64 is ASCII").to_owned())
 }
 
 /// A bundle id as it may appear in a path segment: not empty, no `/`, no blanks.
