@@ -159,20 +159,20 @@ impl<T> Reports<T> {
 /// is (`pgpushd send`). Errors: the credentials, a row the service would refuse, no
 /// connection.
 pub async fn send_one(app: &AppConfig, n: &Notification) -> anyhow::Result<OneAnswer> {
-    let mut config = app.clone();
-    config.connections = 1;
-    let (undelivered, _) = mpsc::unbounded_channel();
-    let client = load(&config, &Options::default(), &undelivered)?;
-    client.send_one(n).await
+    one_off(app)?.send_one(n).await
 }
 
 /// One request to `app`'s channel management API, without the daemon (`pgpushd channels`).
 pub async fn manage_channel(app: &AppConfig, op: &ChannelOp) -> anyhow::Result<ChannelAnswer> {
+    Ok(one_off(app)?.manage_channel(op).await)
+}
+
+/// `app`'s client for one request from a command: one connection, nothing reported.
+fn one_off(app: &AppConfig) -> Result<Box<dyn AppClient>, LoadError> {
     let mut config = app.clone();
     config.connections = 1;
     let (undelivered, _) = mpsc::unbounded_channel();
-    let client = load(&config, &Options::default(), &undelivered)?;
-    Ok(client.manage_channel(op).await)
+    load(&config, &Options::default(), &undelivered)
 }
 
 /// Loads every app's credentials, as `pgpushd check-config` does; one line per problem,
