@@ -90,18 +90,27 @@ impl Daemon {
     /// and releases the rest untouched. Fails only when it cannot start (the database's
     /// schema is not the one this build needs, the metrics address is taken).
     pub async fn run(&self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let metrics_listener = match self.config.metrics.listen {
-            Some(addr) => Some(metrics::bind(addr).await?),
-            None => None,
-        };
+        let tracker = TaskTracker::new();
+        let stop = cancel.child_token();
+        // Served from the start: while the database is out of reach, /healthz says so
+        // (a probe that got no answer would wait out its own timeout).
+        if let Some(addr) = self.config.metrics.listen {
+            let listener = metrics::bind(addr).await?;
+            info!(listen = %listener.local_addr()?, "metrics at /metrics, health at /healthz");
+            tracker.spawn(metrics::serve(
+                listener,
+                self.metrics_sources(),
+                stop.clone(),
+            ));
+        }
         if !self.wait_for_schema(&cancel).await? {
+            tracker.close();
+            tracker.wait().await;
             return Ok(());
         }
         let db = &self.config.database;
         let wake = Arc::new(Notify::new());
         let channels_wake = Arc::new(Notify::new());
-        let tracker = TaskTracker::new();
-        let stop = cancel.child_token();
         let hard_stop = CancellationToken::new();
         tracker.spawn(
             Listener {
@@ -181,20 +190,6 @@ impl Daemon {
             db.clone(),
             stop.clone(),
         ));
-        if let Some(listener) = metrics_listener {
-            let sources = Arc::new(metrics::Sources {
-                metrics: self.metrics.clone(),
-                transport: self.transport.clone(),
-                database: self.database.subscribe(),
-                listening: self.listening.subscribe(),
-                stuck_batch: {
-                    let heartbeat = self.heartbeat.clone();
-                    Arc::new(move || heartbeat.stuck_batch())
-                },
-            });
-            info!(listen = %listener.local_addr()?, "metrics at /metrics, health at /healthz");
-            tracker.spawn(metrics::serve(listener, sources, stop.clone()));
-        }
         // Background work that ends with the process, not part of the drain.
         let background = cancel.child_token();
         tokio::spawn(self.monitor(background.clone()));
@@ -238,6 +233,18 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// What `/metrics` and `/healthz` read.
+    fn metrics_sources(&self) -> Arc<metrics::Sources> {
+        let heartbeat = self.heartbeat.clone();
+        Arc::new(metrics::Sources {
+            metrics: self.metrics.clone(),
+            transport: self.transport.clone(),
+            database: self.database.subscribe(),
+            listening: self.listening.subscribe(),
+            stuck_batch: Arc::new(move || heartbeat.stuck_batch()),
+        })
     }
 
     /// Completes once LISTEN is in place and a claim has completed after it (the
@@ -300,9 +307,13 @@ impl Daemon {
             match db::connect(&db.url, db.connect_timeout, "startup").await {
                 Ok(client) => {
                     migrate::ensure_current(&client).await?;
+                    let _ = self.database.send_replace(Ok(()));
                     return Ok(true);
                 }
                 Err(e) => {
+                    let _ = self
+                        .database
+                        .send_replace(Err(format!("unreachable at start-up: {e:#}")));
                     failures += 1;
                     let wait = backoff(
                         failures - 1,

@@ -149,9 +149,11 @@ async fn scrape_a_working_daemon() -> Exported {
         "the rows to be counted and served",
         Duration::from_secs(20),
         || async {
-            let (status, body) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
-                .await
-                .unwrap();
+            let (status, body) =
+                tokio::task::spawn_blocking(move || try_http_get(port, "/metrics"))
+                    .await
+                    .unwrap()
+                    .ok()?;
             (status == 200
                 && body.contains(r#"outcome="sent""#)
                 && body.contains(r#"outcome="failed",reason="BadDeviceToken""#)

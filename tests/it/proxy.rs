@@ -173,9 +173,8 @@ async fn refused_proxy_credentials_keep_rows_pending_until_a_reload_fixes_them()
         wait_for("/healthz to say why", DEADLINE, move || {
             let says = format!("{refusal}{says}");
             async move {
-                // Not listening yet: the daemon is starting.
-                std::net::TcpStream::connect(("127.0.0.1", metrics)).ok()?;
-                let (status, body) = http_get(metrics, "/healthz");
+                // No answer yet: the daemon is starting.
+                let (status, body) = try_http_get(metrics, "/healthz").ok()?;
                 (status == 503 && body.contains(&says)).then_some(body)
             }
         })

@@ -523,3 +523,30 @@ async fn a_stuck_batch_withholds_the_watchdog_until_it_ends() {
     signal(&daemon, nix::sys::signal::Signal::SIGTERM);
     assert!(wait_exit(&mut daemon, Duration::from_secs(25)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_while_the_database_is_out_of_reach_at_start_up() {
+    let apns = ApnsSetup::new(|_| {}).await;
+    let port = free_port();
+    // Nothing listens on the database's port.
+    let path = write_config(
+        apns.dir.path(),
+        &format!("postgres://postgres@127.0.0.1:{}/pgpushd", free_port()),
+        "connect_timeout = \"1s\"",
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}",
+            apns.app_toml
+        ),
+    );
+    let mut daemon = spawn(&path, &[]);
+    // An answer, not a probe left waiting: 503 with the reason.
+    let body = wait_for("/healthz to answer", Duration::from_secs(20), || async {
+        let (status, body) = try_http_get(port, "/healthz").ok()?;
+        assert_eq!(status, 503, "{body}");
+        body.contains("unreachable at start-up").then_some(body)
+    })
+    .await;
+    assert!(body.contains("Connection refused"), "{body}");
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_exit(&mut daemon, Duration::from_secs(10)).success());
+}

@@ -404,22 +404,31 @@ pub fn free_port() -> u16 {
 
 /// A plain HTTP/1.1 GET; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    try_http_get(port, path).unwrap_or_else(|e| panic!("GET {path} on port {port}: {e}"))
+}
+
+/// [`http_get`] for a poll: `Err` when nothing (or nothing whole) answered in 5 s.
+pub fn try_http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .map_err(|e| e.to_string())?;
     let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text[9..12].parse().unwrap();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 /// The proxy variables a spawned pgpushd must not inherit from whoever runs the tests:
