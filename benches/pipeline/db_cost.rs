@@ -50,6 +50,10 @@ pub struct DbCost {
     pub notifications_per_row: f64,
     /// The daemon's statements by calls in the last delivered round, most called first.
     pub top_statements: Vec<(String, i64)>,
+    /// Where the database's CPU went, by process (the writer's backend, each of the
+    /// daemon's connections by `application_name`, the WAL writer, ...), in µs per row:
+    /// the delivered rounds' minus the bare rounds', largest first.
+    pub extra_us_per_row_by_process: Vec<(String, f64)>,
 }
 
 struct RoundResult {
@@ -61,6 +65,8 @@ struct RoundResult {
     statements: i64,
     top: Vec<(String, i64)>,
     metrics: HashMap<&'static str, f64>,
+    /// The database's CPU by process, in nanoseconds.
+    by_process: HashMap<String, f64>,
 }
 
 const SERIES: [&str; 4] = [
@@ -170,7 +176,87 @@ pub async fn db_cost(
         looks_per_row: per_row(SERIES[2]),
         notifications_per_row: per_row(SERIES[3]),
         top_statements: delivered.last().map(|r| r.top.clone()).unwrap_or_default(),
+        extra_us_per_row_by_process: by_process(&bare, &delivered),
     })
+}
+
+/// Each process's CPU per row, the delivered rounds' minus the bare rounds', in µs.
+fn by_process(bare: &[RoundResult], delivered: &[RoundResult]) -> Vec<(String, f64)> {
+    let per_row = |rounds: &[RoundResult]| {
+        let rows = rounds.iter().map(|r| r.rows).sum::<u64>().max(1) as f64;
+        let mut sum: HashMap<String, f64> = HashMap::new();
+        for r in rounds {
+            for (who, ns) in &r.by_process {
+                *sum.entry(who.clone()).or_default() += ns / 1e3 / rows;
+            }
+        }
+        sum
+    };
+    let (bare, delivered) = (per_row(bare), per_row(delivered));
+    let mut extra: Vec<(String, f64)> = bare
+        .keys()
+        .chain(delivered.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|who| {
+            let us =
+                delivered.get(who).copied().unwrap_or(0.0) - bare.get(who).copied().unwrap_or(0.0);
+            (who.clone(), us)
+        })
+        .collect();
+    extra.sort_by(|a, b| b.1.total_cmp(&a.1));
+    extra
+}
+
+/// Whose a PostgreSQL process is, for the split of the database's CPU.
+fn process_name(backend_type: &str, application: &str, user: &str) -> String {
+    match backend_type {
+        "client backend" if user == WRITER => "the writer".to_owned(),
+        "client backend" if application.starts_with("pgpushd-") => application.to_owned(),
+        "client backend" => "the bench's own connection".to_owned(),
+        "autovacuum worker" | "autovacuum launcher" => "autovacuum".to_owned(),
+        "walwriter" | "checkpointer" | "background writer" => backend_type.to_owned(),
+        _ => "other background processes".to_owned(),
+    }
+}
+
+/// The CPU each process used between two readings, by [`process_name`]; the processes
+/// that exited meanwhile together, as "exited".
+async fn cpu_by_process(
+    client: &tokio_postgres::Client,
+    postmaster: i32,
+    before: &procs::PostgresCpu,
+    after: &procs::PostgresCpu,
+) -> anyhow::Result<HashMap<String, f64>> {
+    let names: HashMap<i32, String> = client
+        .query(
+            "SELECT pid, backend_type, coalesce(application_name, ''), coalesce(usename::text, '')
+               FROM pg_stat_activity",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), process_name(r.get(1), r.get(2), r.get(3))))
+        .collect();
+    let mut split: HashMap<String, f64> = HashMap::new();
+    for (pid, ns) in &after.by_pid {
+        let who = match names.get(pid) {
+            Some(name) => name.clone(),
+            None if *pid == postmaster => "postmaster".to_owned(),
+            None => "other background processes".to_owned(),
+        };
+        *split.entry(who).or_default() +=
+            ns.saturating_sub(*before.by_pid.get(pid).unwrap_or(&0)) as f64;
+    }
+    let gone: u64 = before
+        .by_pid
+        .iter()
+        .filter(|(pid, _)| !after.by_pid.contains_key(pid))
+        .map(|(_, ns)| ns)
+        .sum();
+    let exited = after.reaped_ns.saturating_sub(before.reaped_ns) as f64 - gone as f64;
+    *split.entry("exited".to_owned()).or_default() += exited;
+    Ok(split)
 }
 
 async fn one_round(
@@ -208,6 +294,7 @@ async fn one_round(
     let metrics_before = scraped(metrics)?;
     let postmaster = env.postmaster.context("the postmaster's pid")?;
     let ticks_before = procs::postgres_ticks(postmaster);
+    let cpu_before = procs::postgres_cpu(postmaster);
 
     let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
     let period = Duration::from_nanos(1_000_000_000 / rate);
@@ -230,6 +317,8 @@ async fn one_round(
         wait_asleep(metrics).await?;
     }
     let ticks = procs::postgres_ticks(postmaster) - ticks_before;
+    let cpu_after = procs::postgres_cpu(postmaster);
+    let by_process = cpu_by_process(&writer, postmaster, &cpu_before, &cpu_after).await?;
     let metrics_after = scraped(metrics)?;
     let statements = writer
         .query(
@@ -263,6 +352,7 @@ async fn one_round(
             .iter()
             .map(|s| (*s, metrics_after[s] - metrics_before[s]))
             .collect(),
+        by_process,
     })
 }
 

@@ -334,6 +334,9 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 samples.add(&key("claims_per_row"), c.claims_per_row);
                 samples.add(&key("looks_per_row"), c.looks_per_row);
                 samples.add(&key("notifications_per_row"), c.notifications_per_row);
+                for (who, us) in &c.extra_us_per_row_by_process {
+                    eprintln!("      {who:<28} {us:>7.0} us extra per row");
+                }
                 this.insert(name, serde_json::to_value(&c)?);
             }
         }

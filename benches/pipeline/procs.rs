@@ -445,6 +445,42 @@ pub fn postgres_ticks(postmaster: i32) -> u64 {
     total
 }
 
+/// The CPU time of each PostgreSQL process, in nanoseconds: the postmaster's and its live
+/// children's by pid (the scheduler's own count, /proc/PID/schedstat, not clock ticks),
+/// and the children it has reaped (cutime + cstime, converted from ticks).
+#[derive(Debug, Clone, Default)]
+pub struct PostgresCpu {
+    pub by_pid: std::collections::HashMap<i32, u64>,
+    pub reaped_ns: u64,
+}
+
+pub fn postgres_cpu(postmaster: i32) -> PostgresCpu {
+    let mut cpu = PostgresCpu::default();
+    let Some(f) = stat_fields(postmaster) else {
+        return cpu;
+    };
+    cpu.reaped_ns = ((f[13] + f[14]) as f64 / clock_ticks() * 1e9) as u64;
+    let mut pids = vec![postmaster];
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                if ppid(pid) == Some(postmaster) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    for pid in pids {
+        let ns = fs::read_to_string(format!("/proc/{pid}/schedstat"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse().ok());
+        if let Some(ns) = ns {
+            cpu.by_pid.insert(pid, ns);
+        }
+    }
+    cpu
+}
+
 /// The machine's CPUs, from /proc/stat: all of them, whatever this process is pinned to
 /// (`available_parallelism` counts only the CPUs it may run on).
 pub fn machine_cpus() -> usize {
