@@ -227,15 +227,7 @@ fn pgpushd_on(cpus: Option<&str>) -> Command {
 pub fn pin(pid: i32, cpus: &str, with_children: bool) -> anyhow::Result<()> {
     let mut pids = vec![pid];
     if with_children {
-        if let Ok(dir) = fs::read_dir("/proc") {
-            for entry in dir.flatten() {
-                if let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() {
-                    if ppid(child) == Some(pid) {
-                        pids.push(child);
-                    }
-                }
-            }
-        }
+        pids.extend(children(pid));
     }
     for p in pids {
         // A child may exit meanwhile: only the parent must succeed.
@@ -432,17 +424,17 @@ pub fn postgres_ticks(postmaster: i32) -> u64 {
     let Some(f) = stat_fields(postmaster) else {
         return 0;
     };
-    let mut total = f[11] + f[12] + f[13] + f[14];
-    if let Ok(dir) = fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                if ppid(pid) == Some(postmaster) {
-                    total += cpu_ticks(pid);
-                }
-            }
-        }
-    }
-    total
+    f[11] + f[12] + f[13] + f[14] + children(postmaster).map(cpu_ticks).sum::<u64>()
+}
+
+/// The processes whose parent is `pid`, now.
+fn children(pid: i32) -> impl Iterator<Item = i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(move |child| ppid(*child) == Some(pid))
 }
 
 /// The CPU time of each PostgreSQL process, in nanoseconds: the postmaster's and its live
@@ -460,17 +452,7 @@ pub fn postgres_cpu(postmaster: i32) -> PostgresCpu {
         return cpu;
     };
     cpu.reaped_ns = ((f[13] + f[14]) as f64 / clock_ticks() * 1e9) as u64;
-    let mut pids = vec![postmaster];
-    if let Ok(dir) = fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                if ppid(pid) == Some(postmaster) {
-                    pids.push(pid);
-                }
-            }
-        }
-    }
-    for pid in pids {
+    for pid in std::iter::once(postmaster).chain(children(postmaster)) {
         let ns = fs::read_to_string(format!("/proc/{pid}/schedstat"))
             .ok()
             .and_then(|t| t.split_whitespace().next()?.parse().ok());
