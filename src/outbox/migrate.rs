@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (7, "webpush", include_str!("../../sql/007_webpush.sql")),
     (8, "channels", include_str!("../../sql/008_channels.sql")),
+    (
+        9,
+        "row_checks",
+        include_str!("../../sql/009_row_checks.sql"),
+    ),
 ];
 
 /// How long any statement of `migrate` waits for a lock before it gives up, and so the

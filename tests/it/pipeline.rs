@@ -421,6 +421,56 @@ async fn check_constraints_refuse_bad_rows_inside_the_producers_transaction() {
         )
         .await
         .unwrap();
+    // The error is PostgreSQL's own for a CHECK, with a DETAIL saying what is wrong.
+    let err = client
+        .batch_execute(
+            "INSERT INTO pgpushd.outbox (device_token, payload, push_type)
+             VALUES ('aabb', '{}', 'shout')",
+        )
+        .await
+        .unwrap_err();
+    let db_err = err.as_db_error().expect("a database error");
+    assert_eq!(
+        db_err.code(),
+        &tokio_postgres::error::SqlState::CHECK_VIOLATION
+    );
+    assert_eq!(
+        db_err.message(),
+        r#"new row for relation "outbox" violates check constraint "outbox_push_type_must_be_known""#
+    );
+    assert!(
+        db_err
+            .detail()
+            .unwrap_or("")
+            .contains("push_type 'shout' is none of"),
+        "{db_err:?}"
+    );
+    assert_eq!(
+        (db_err.schema(), db_err.table()),
+        (Some("pgpushd"), Some("outbox"))
+    );
+    // The application's columns are checked while a row is pending: a settled row's
+    // outcome is written without them, and a row set pending again is held to them.
+    let id: i64 = client
+        .query_one(
+            "INSERT INTO pgpushd.outbox (device_token, payload, status)
+             VALUES ('abc', '[1]', 'failed') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let err = client
+        .execute(
+            "UPDATE pgpushd.outbox SET status = 'pending' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().and_then(|e| e.constraint()),
+        Some("outbox_device_token_is_apns_fcm_or_webpush")
+    );
 }
 
 #[tokio::test]
