@@ -28,24 +28,39 @@ use crate::transport::{Broadcast, Notification, Undelivered, Unregistered};
 /// The NOTIFY channel the insert trigger signals.
 pub const CHANNEL: &str = "pgpushd_outbox";
 
+/// The claim: up to `$1` due rows, locked, oldest `send_after` first, leaving out the
+/// rows in `$2` and the apps in `$3`; each row with when the next pending row falls due
+/// after `now()` (the claim's snapshot time: rows due by then were claimable by this
+/// claim, or are held by another batch or daemon; rows due later, even a moment later,
+/// while the batch is being sent, are what to wake up for), in seconds, NULL when none
+/// is. When no row is claimed, one row of NULLs but that. One statement, not a claim
+/// and a lookup (issue 19: a statement fewer per claim). The database's clock measures
+/// the wait, so a skewed host clock cannot make the daemon wake early and spin; `now()`
+/// (stable, unlike clock_timestamp()) keeps the lookup an index range scan.
 pub const CLAIM: &str = "
-SELECT o.id, o.app, coalesce(o.device_token, ''), o.payload::text, o.push_type, o.priority,
-       o.collapse_id, o.topic, o.expires_at, o.attempts, o.expires_at <= now() AS expired,
-       EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens u
-               WHERE u.app = o.app
-                 AND u.device_token = CASE WHEN o.device_token ~ '^[0-9A-Fa-f]+$'
-                                           THEN lower(o.device_token)
-                                           ELSE o.device_token END) AS unregistered,
-       o.channel_id,
-       CASE WHEN o.channel_id IS NOT NULL
-            THEN (SELECT c.message_storage FROM pgpushd.channels c
-                   WHERE c.app = o.app AND c.channel_id = o.channel_id) END
-  FROM pgpushd.outbox o
- WHERE o.status = 'pending' AND o.send_after <= now()
-   AND o.id <> ALL ($2::bigint[]) AND o.app <> ALL ($3::text[])
- ORDER BY o.send_after, o.id
- LIMIT $1
-   FOR UPDATE OF o SKIP LOCKED";
+SELECT c.*, n.next_due
+  FROM (SELECT extract(epoch FROM min(send_after) - now())::float8 AS next_due
+          FROM pgpushd.outbox
+         WHERE status = 'pending' AND send_after > now() AND send_after < 'infinity') AS n
+  LEFT JOIN LATERAL (
+       SELECT o.id, o.app, coalesce(o.device_token, ''), o.payload::text, o.push_type, o.priority,
+              o.collapse_id, o.topic, o.expires_at, o.attempts, o.expires_at <= now() AS expired,
+              EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens u
+                      WHERE u.app = o.app
+                        AND u.device_token = CASE WHEN o.device_token ~ '^[0-9A-Fa-f]+$'
+                                                  THEN lower(o.device_token)
+                                                  ELSE o.device_token END) AS unregistered,
+              o.channel_id,
+              CASE WHEN o.channel_id IS NOT NULL
+                   THEN (SELECT ch.message_storage FROM pgpushd.channels ch
+                          WHERE ch.app = o.app AND ch.channel_id = o.channel_id) END
+         FROM pgpushd.outbox o
+        WHERE o.status = 'pending' AND o.send_after <= now()
+          AND o.id <> ALL ($2::bigint[]) AND o.app <> ALL ($3::text[])
+        ORDER BY o.send_after, o.id
+        LIMIT $1
+          FOR UPDATE OF o SKIP LOCKED
+       ) AS c ON true";
 
 // A legacy row (written before schema version 3's CHECK) may hold an infinite
 // send_after; the CHECK applies to every UPDATE's new row version, so the row must never
@@ -76,17 +91,6 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
     ON CONFLICT (app, device_token) DO UPDATE
    SET unregistered_at = greatest(pgpushd.unregistered_tokens.unregistered_at,
                                   excluded.unregistered_at)";
-
-// Run inside the claim's transaction, where now() is the claim's snapshot time: rows due
-// by then were claimable by that claim (or are held by another batch or daemon); rows due
-// later — even a moment later, while the batch is being sent — are what to wake up for.
-// The database's clock measures the wait, so a skewed host clock cannot make the daemon
-// wake early and spin; `now()` (stable, unlike clock_timestamp()) keeps it an index range
-// scan.
-pub const NEXT_DUE: &str = "
-SELECT extract(epoch FROM min(send_after) - now())::float8
-  FROM pgpushd.outbox
- WHERE status = 'pending' AND send_after > now() AND send_after < 'infinity'";
 
 /// A look, before a poll's claim: when the first pending row not in `$1` (the rows this
 /// daemon's batches hold, and rows held back) falls due, after `now()`, leaving out the
@@ -149,7 +153,6 @@ pub struct OutboxConn {
     claim: Statement,
     record: Statement,
     unregister: Statement,
-    next_due: Statement,
     look: Statement,
     /// Round trips to the server since [`OutboxConn::take_round_trips`] (for the metric).
     round_trips: u64,
@@ -211,7 +214,6 @@ impl OutboxConn {
             claim: client.prepare(CLAIM).await?,
             record: client.prepare(RECORD).await?,
             unregister: client.prepare(UNREGISTER).await?,
-            next_due: client.prepare(NEXT_DUE).await?,
             look: client.prepare(LOOK).await?,
             round_trips: 0,
             client,
@@ -271,8 +273,8 @@ impl OutboxConn {
     /// up to `limit` due rows in it, oldest `send_after` first, skipping rows other
     /// batches or daemons hold and what is `left_out`.
     ///
-    /// The BEGIN, the transaction's settings ([`BATCH_SETTINGS`]: planning and bounds), the
-    /// claim and the look for the next due row go in one round trip (pipelined): a daemon
+    /// The BEGIN, the transaction's settings ([`BATCH_SETTINGS`]: planning and bounds) and
+    /// the claim, which also finds the next due row, go in one round trip (pipelined): a daemon
     /// that is awake claims hundreds of times a second, and each round trip costs the
     /// database a wake-up.
     pub async fn claim(
@@ -289,52 +291,57 @@ impl OutboxConn {
             claim,
             record,
             unregister,
-            next_due,
             look: _,
             canceller: _,
             round_trips,
             in_transaction,
         } = self;
         *in_transaction = true;
-        let opened = open(client, settings, claim, next_due, bounds, limit, left_out).await?;
+        let opened = open(client, settings, claim, bounds, limit, left_out).await?;
         Ok(opened.claim(Batch {
             client,
             record,
             unregister,
             settings,
             claim,
-            next_due,
             round_trips,
             in_transaction,
         }))
     }
 }
 
-/// A claim's answer, before it is given its transaction.
+/// A claim's answer ([`CLAIM`]'s rows), before it is given its transaction.
 struct Opened {
     rows: Vec<tokio_postgres::Row>,
-    next: tokio_postgres::Row,
 }
+
+/// [`CLAIM`]'s column of the next due row's wait.
+const NEXT_DUE_COLUMN: usize = 14;
 
 impl Opened {
     fn claim(self, batch: Batch<'_>) -> Claim<'_> {
-        let next_secs: Option<f64> = self.next.get(0);
+        // Every row carries it; with no row claimed, the one row of NULLs does.
+        let next_secs: Option<f64> = self.rows.first().and_then(|r| r.get(NEXT_DUE_COLUMN));
         Claim {
-            rows: self.rows.iter().map(claimed).collect(),
+            rows: self
+                .rows
+                .iter()
+                .filter(|r| r.get::<_, Option<i64>>(0).is_some())
+                .map(claimed)
+                .collect(),
             next_due: next_secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
             batch,
         }
     }
 }
 
-/// Sends a claim's BEGIN, settings, claim and next-due lookup, in this order as each
-/// future is first polled (pipelined, behind whatever was sent before); should the BEGIN
-/// or the settings fail, the claim's rows are thrown away with them, never sent unlocked.
+/// Sends a claim's BEGIN, settings and claim, in this order as each future is first
+/// polled (pipelined, behind whatever was sent before); should the BEGIN or the settings
+/// fail, the claim's rows are thrown away with them, never sent unlocked.
 async fn open(
     client: &Client,
     settings: &Statement,
     claim: &Statement,
-    next_due: &Statement,
     bounds: Bounds,
     limit: usize,
     left_out: LeftOut<'_>,
@@ -342,17 +349,16 @@ async fn open(
     let statement_ms = millis(bounds.statement).max(1).to_string();
     let idle_ms = millis(bounds.idle).max(1).to_string();
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let (_, _, rows, next) = futures::future::try_join4(
+    let (_, _, rows) = futures::future::try_join3(
         client.batch_execute("BEGIN"),
         client.query(
             settings,
             &[&statement_ms, &idle_ms, &bounds.synchronous_commit],
         ),
         client.query(claim, &[&limit, &left_out.rows, &left_out.apps]),
-        client.query_one(next_due, &[]),
     )
     .await?;
-    Ok(Opened { rows, next })
+    Ok(Opened { rows })
 }
 
 /// What [`OutboxConn::claim`] found, and the open transaction that holds it.
@@ -415,7 +421,6 @@ pub struct Batch<'c> {
     /// For the next claim, when the outcomes ride with it ([`Batch::commit_and_claim`]).
     settings: &'c Statement,
     claim: &'c Statement,
-    next_due: &'c Statement,
     round_trips: &'c mut u64,
     in_transaction: &'c mut bool,
 }
@@ -538,8 +543,8 @@ impl Batch<'_> {
 
 impl<'c> Batch<'c> {
     /// Writes every outcome and commits, as [`Batch::commit`] does at once, and opens the
-    /// next claim behind it ([`OutboxConn::claim`]'s BEGIN, settings, claim and next-due
-    /// lookup), all in one round trip: the outcomes ride with the next claim.
+    /// next claim behind it ([`OutboxConn::claim`]'s BEGIN, settings and claim), all in
+    /// one round trip: the outcomes ride with the next claim.
     ///
     /// The first result is the outcomes', as [`Batch::commit`] returns them (should the
     /// database refuse the UPDATE, the COMMIT rolls back and every row comes back
@@ -568,15 +573,7 @@ impl<'c> Batch<'c> {
                 write_unregistered(client, self.unregister, &unregistered),
                 client.batch_execute("COMMIT"),
             ),
-            open(
-                client,
-                self.settings,
-                self.claim,
-                self.next_due,
-                bounds,
-                limit,
-                left_out,
-            ),
+            open(client, self.settings, self.claim, bounds, limit, left_out),
         )
         .await;
         // The next claim's transaction is open whatever came of it: a failed one is
