@@ -72,6 +72,17 @@ impl Plan {
                 None => Ok(None),
             }
         };
+        // A duration flag, kept as written (it goes into the daemons' config) once it
+        // parses as the config would.
+        let duration = |flag: &str, example: &str| -> anyhow::Result<Option<String>> {
+            value(flag)?
+                .map(|v| {
+                    humantime::parse_duration(&v)
+                        .map(|_| v.clone())
+                        .with_context(|| format!("{flag} D (as in the config: {example})"))
+                })
+                .transpose()
+        };
         let quick = args.iter().any(|a| a == "--quick");
         let rows = match value("--rows")? {
             Some(v) => v.replace('_', "").parse().context("--rows N")?,
@@ -96,20 +107,8 @@ impl Plan {
             db_cost_cycles: 2,
             only: value("--only")?.map(|v| v.split(',').map(str::to_owned).collect()),
             fsync: !args.iter().any(|a| a == "--no-fsync"),
-            awake_poll_interval: value("--awake-poll-interval")?
-                .map(|v| {
-                    humantime::parse_duration(&v)
-                        .map(|_| v.clone())
-                        .context("--awake-poll-interval D (as in the config: 5ms)")
-                })
-                .transpose()?,
-            outcome_hold: value("--outcome-hold")?
-                .map(|v| {
-                    humantime::parse_duration(&v)
-                        .map(|_| v.clone())
-                        .context("--outcome-hold D (as in the config: 0s, 250ms)")
-                })
-                .transpose()?,
+            awake_poll_interval: duration("--awake-poll-interval", "5ms")?,
+            outcome_hold: duration("--outcome-hold", "0s, 250ms")?,
         })
     }
 
