@@ -591,19 +591,40 @@ enum Start {
     Claim,
 }
 
-/// The rows this daemon's open batches hold, by id.
+/// The rows this daemon's open batches hold, by id, from their claim until their
+/// outcomes are recorded (or remembered, see [`Unrecorded`]).
 #[derive(Default)]
-struct InFlightRows(Mutex<std::collections::HashSet<i64>>);
+struct InFlightRows {
+    rows: Mutex<std::collections::HashSet<i64>>,
+    /// Notified when a batch lets go of its rows.
+    released: Notify,
+}
 
 impl InFlightRows {
-    fn hold<'r>(&'r self, claimed: &[Claimed]) -> HeldRows<'r> {
+    /// Holds `claimed` for this batch. A row another batch of this daemon still holds
+    /// is one whose outcome that batch's commit failed to write and that it has not yet
+    /// remembered (the database released the row at its COMMIT, before the answer came
+    /// back): this waits until that batch lets go, so that the answer is remembered
+    /// before this batch settles the row, and the row is not sent again.
+    async fn hold<'r>(&'r self, claimed: &[Claimed]) -> HeldRows<'r> {
         let ids: Vec<i64> = claimed.iter().map(|c| c.notification.id).collect();
-        self.0.lock().unwrap().extend(ids.iter().copied());
-        HeldRows { rows: self, ids }
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut rows = self.rows.lock().unwrap();
+                if !ids.iter().any(|id| rows.contains(id)) {
+                    rows.extend(ids.iter().copied());
+                    return HeldRows { rows: self, ids };
+                }
+            }
+            released.await;
+        }
     }
 
     fn ids(&self) -> Vec<i64> {
-        self.0.lock().unwrap().iter().copied().collect()
+        self.rows.lock().unwrap().iter().copied().collect()
     }
 }
 
@@ -615,10 +636,12 @@ struct HeldRows<'r> {
 
 impl Drop for HeldRows<'_> {
     fn drop(&mut self) {
-        let mut rows = self.rows.0.lock().unwrap();
+        let mut rows = self.rows.rows.lock().unwrap();
         for id in &self.ids {
             rows.remove(id);
         }
+        drop(rows);
+        self.rows.released.notify_waiters();
     }
 }
 
@@ -747,6 +770,9 @@ async fn batch(
             next_due,
             batch: txn,
         } = claim;
+        // Held until this link's outcomes are recorded (dropped at the end of each turn,
+        // before the next claim's rows are held: they may be some of these).
+        let _held = ctx.in_flight.hold(&claimed).await;
         let link = send(ctx, &settings, awake, &claimed, next_due, claimed_tx).await;
         let order = match link.abandoned == 0 && !link.careful && !link.updates.is_empty() {
             true => hold(ctx, settings.outcome_hold).await,
@@ -872,7 +898,6 @@ async fn send(
     claimed_tx: &mpsc::UnboundedSender<bool>,
 ) -> Link {
     let deadline = Instant::now() + settings.max_batch_duration;
-    let _held = ctx.in_flight.hold(claimed);
     let careful = ctx.unrecorded.write_carefully(claimed);
     let full = claimed.len() == settings.batch_size;
     let _ = claimed_tx.send(full);
@@ -1140,10 +1165,9 @@ mod tests {
     use super::*;
     use crate::transport::Notification;
 
-    #[tokio::test(start_paused = true)]
-    async fn unrecorded_outcomes_are_held_after_repeated_failures_then_forgotten() {
-        let n = Notification {
-            id: 7,
+    fn notification(id: i64) -> Notification {
+        Notification {
+            id,
             app: "default".into(),
             device_token: "ab".into(),
             payload: "{}".into(),
@@ -1154,8 +1178,23 @@ mod tests {
             expires_at: None,
             attempts: 0,
             broadcast: None,
-        };
-        let u = RowUpdate::expired(&n);
+        }
+    }
+
+    fn claimed(ids: &[i64]) -> Vec<Claimed> {
+        ids.iter()
+            .map(|&id| Claimed {
+                notification: notification(id),
+                expired: false,
+                unregistered: false,
+                unreadable: None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unrecorded_outcomes_are_held_after_repeated_failures_then_forgotten() {
+        let u = RowUpdate::expired(&notification(7));
         let memory = Unrecorded::default();
         for _ in 1..MAX_OUTCOME_WRITE_FAILURES {
             assert!(memory.failed([&u].into_iter()).is_empty());
@@ -1176,6 +1215,30 @@ mod tests {
         memory.failed([&u].into_iter());
         memory.recorded([7].into_iter());
         assert_eq!(memory.answer(7), None);
+    }
+
+    /// A row another batch still holds (its COMMIT released the row on the server, and
+    /// the failed outcome is not remembered yet) is settled only once that batch lets go.
+    #[tokio::test]
+    async fn a_row_still_held_by_another_batch_waits_for_it() {
+        let rows = InFlightRows::default();
+        let first = rows.hold(&claimed(&[1, 2])).await;
+        let other = rows.hold(&claimed(&[3])).await;
+        let later = claimed(&[2, 4]);
+        let mut overlapping = std::pin::pin!(rows.hold(&later));
+        assert!(
+            futures::poll!(overlapping.as_mut()).is_pending(),
+            "row 2 is still held"
+        );
+        drop(other);
+        assert!(futures::poll!(overlapping.as_mut()).is_pending());
+        drop(first);
+        let held = overlapping.await;
+        let mut ids = rows.ids();
+        ids.sort_unstable();
+        assert_eq!(ids, [2, 4]);
+        drop(held);
+        assert!(rows.ids().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
