@@ -147,6 +147,9 @@ pub enum PauseCause {
     Credentials,
     /// The service throttles the app (quota, overload).
     Throttled,
+    /// No connection to the service can be had (refused, timed out, a proxy that refuses
+    /// the tunnel, a failed TLS handshake).
+    Unreachable,
 }
 
 /// An app paused (see `app_gate`), as the transport reports it: the daemon parks the

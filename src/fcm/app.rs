@@ -20,7 +20,7 @@ use crate::http2::pool::Pool;
 use crate::http2::Answer;
 use crate::secret::Secret;
 use crate::service::app_gate::MIN_DEFER;
-use crate::service::{self, AppClient, Exchanged, LoadError, OneAnswer, Timings};
+use crate::service::{AppClient, Exchanged, LoadError, OneAnswer, Timings};
 use crate::tls;
 use crate::transport::{short_token, Delivery, MessageId, Notification};
 
@@ -138,7 +138,7 @@ impl FcmApp {
         loop {
             let answer = match self.send(request, &bearer).await {
                 Ok(answer) => answer,
-                Err(delivery) => return Exchanged::Row(delivery),
+                Err(no_answer) => return no_answer,
             };
             let row = |delivery| Exchanged::Row(delivery);
             match verdict(&answer) {
@@ -184,17 +184,17 @@ impl FcmApp {
         }
     }
 
-    /// One request through the pool; `Err` is the delivery when there was no answer.
+    /// One request through the pool; `Err` is what it came to when there was no answer.
     async fn send(
         &self,
         request: &FcmRequest,
         bearer: &Secret<String>,
-    ) -> Result<Answer, Delivery> {
+    ) -> Result<Answer, Exchanged> {
         let make = || request.to_http(bearer.expose());
         self.pool
             .send(make, request.body.clone())
             .await
-            .map_err(|e| service::unanswered("FCM", e))
+            .map_err(|e| Exchanged::unanswered("FCM", e))
     }
 
     /// One push, FCM's answer as it is: for `pgpushd send`.

@@ -1,9 +1,11 @@
 //! An app's standing with its push service: open, or paused while the service refuses
 //! the app's credentials (APNs's 403s, FCM's PERMISSION_DENIED, a token endpoint that
-//! refuses the service account) or throttles the app as a whole (FCM's 503, the same
-//! quota answer for one device after another, APNs's TooManyProviderTokenUpdates).
+//! refuses the service account), throttles the app as a whole (FCM's 503, the same
+//! quota answer for one device after another, APNs's TooManyProviderTokenUpdates), or
+//! cannot be reached at all (no connection to it can be had: refused, timed out, a proxy
+//! that refuses the tunnel).
 //!
-//! Either is the app's problem, not the row's: every row would get the same answer, and
+//! Each is the app's problem, not the row's: every row would get the same answer, and
 //! burning the backlog's attempts on it would fail rows that only had to wait. So the
 //! app pauses — for the service's `Retry-After` when it gave one, else a capped
 //! exponential backoff — and answers every notification with `Deferred` (no request, no
@@ -112,6 +114,7 @@ impl AppGate {
             Some((PauseCause::Throttled, reason)) => {
                 Err(format!("{} throttles this app: {reason}", self.service))
             }
+            Some((PauseCause::Unreachable, reason)) => Err(reason.clone()),
             None => Ok(()),
         }
     }
@@ -194,6 +197,7 @@ impl AppGate {
                 after,
                 scope: Scope::Target,
             } => self.throttled_target(token, reason, after),
+            Exchanged::Unreachable { reason, after } => self.unreachable(reason, after),
         };
         if matches!(
             delivery,
@@ -229,6 +233,12 @@ impl AppGate {
     /// `after` (the service's `Retry-After`) or its backoff.
     pub fn throttled(&self, reason: String, after: Option<Duration>) -> Delivery {
         self.pause_for(PauseCause::Throttled, reason, after)
+    }
+
+    /// No connection to the service could be had: the row is deferred, the app pauses
+    /// until its pool tries to connect again (`after`).
+    pub fn unreachable(&self, reason: String, after: Duration) -> Delivery {
+        self.pause_for(PauseCause::Unreachable, reason, Some(after))
     }
 
     /// The service throttled one device token: the row is retried (counting the
@@ -273,6 +283,8 @@ impl AppGate {
                                            "the service accepts this app's credentials again"),
                 PauseCause::Throttled => info!(app = %self.app, service = self.service,
                                           "the service no longer throttles this app"),
+                PauseCause::Unreachable => info!(app = %self.app, service = self.service,
+                                            "the service is reachable again"),
             }
         }
         *s = Standing {
@@ -310,6 +322,10 @@ impl AppGate {
             (PauseCause::Throttled, true) => {
                 warn!(app = %self.app, service = self.service, reason = %reason, retry_in = ?wait,
                       "the service throttles this app; its rows wait without using attempts")
+            }
+            (PauseCause::Unreachable, true) => {
+                warn!(app = %self.app, service = self.service, reason = %reason, retry_in = ?wait,
+                      "the service cannot be reached; this app's rows wait without using attempts")
             }
             (_, false) => info!(app = %self.app, service = self.service, reason = %reason,
                                 retry_in = ?wait, "the app is still paused"),
@@ -407,6 +423,42 @@ mod tests {
         g.accepted(Some(probe_guard(probe)));
         assert!(g.health().is_ok());
         assert!(g.proven());
+        assert!(matches!(g.gate(), Gate::Open));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_service_pauses_the_app_until_its_pool_tries_again() {
+        let g = gate();
+        let attempt = |after| {
+            g.attempt("t", async move {
+                Exchanged::Unreachable {
+                    reason: "FCM is unreachable: connection refused".into(),
+                    after,
+                }
+            })
+        };
+        // Deferred for the pool's wait and the probe's time, not the gate's backoff.
+        let d = attempt(Duration::from_secs(2)).await;
+        assert_eq!(deferred_for(d), Duration::from_secs(2 + 5));
+        let pause = g.pause().expect("paused");
+        assert_eq!(pause.cause, PauseCause::Unreachable);
+        assert_eq!(
+            g.health(),
+            Err("FCM is unreachable: connection refused".into())
+        );
+        // Rows go nowhere meanwhile; the probe then finds the service still down.
+        assert!(matches!(g.gate(), Gate::Closed(_)));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let d = attempt(Duration::ZERO).await;
+        assert_eq!(deferred_for(d), MIN_DEFER + Duration::from_secs(5));
+        assert!(g.pause().unwrap().number > pause.number, "a new pause");
+        // Its probe gets through: open again.
+        tokio::time::advance(MIN_DEFER).await;
+        let sent = g
+            .attempt("t", async { Exchanged::Row(Delivery::Sent { id: None }) })
+            .await;
+        assert!(matches!(sent, Delivery::Sent { .. }), "{sent:?}");
+        assert!(g.health().is_ok());
         assert!(matches!(g.gate(), Gate::Open));
     }
 

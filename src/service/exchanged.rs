@@ -28,6 +28,9 @@ pub enum Exchanged {
         after: Option<Duration>,
         scope: Scope,
     },
+    /// No connection to the service could be had: the app's, never the row's trouble.
+    /// `after`: when its pool tries to connect again.
+    Unreachable { reason: String, after: Duration },
 }
 
 /// Whom a throttling answer is about.
@@ -46,6 +49,22 @@ impl Exchanged {
         Exchanged::Refused {
             reason: reason.into(),
             row_reason: None,
+        }
+    }
+
+    /// What a request to the app's one `service` ("APNs", "FCM") that got no answer
+    /// from its pool comes to: the service unreachable when no connection could be had
+    /// (the app pauses), else [`unanswered`]'s delivery for the row.
+    pub fn unanswered(service: &str, error: PoolError) -> Exchanged {
+        match error {
+            PoolError::Unavailable {
+                reason,
+                retry_after,
+            } => Exchanged::Unreachable {
+                reason: format!("{service} is unreachable: {reason}"),
+                after: retry_after,
+            },
+            e => Exchanged::Row(unanswered(service, e)),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One app's trouble never holds up another (issue 20, items 6 and 7): a dead app's
-//! backlog is set aside for each pause, written once per pause, while a healthy app on
-//! the same daemon goes on; a 403 about one row's own topic fails that row, not the app.
+//! backlog (its credentials refused, or its service unreachable) is set aside for each
+//! pause, written once per pause, while a healthy app on the same daemon goes on; a 403
+//! about one row's own topic fails that row, not the app.
 
 use pgpushd::providers::Providers;
 use std::sync::Arc;
@@ -45,6 +46,60 @@ async fn two_apps() -> Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_app_goes_on() {
     let (_db, apns, _transport, daemon, client) = two_apps().await;
+    let pauses = dead_backlog_waits_aside(daemon, &client, "InvalidProviderToken").await;
+    // The dead app asked APNs no more than its first batches (4 of 100 in flight before
+    // the first answer) and one probe per pause.
+    let refused = apns
+        .emulator
+        .records()
+        .iter()
+        .filter(|r| r.status == 403)
+        .count() as u64;
+    assert!(refused <= 400 + pauses + 1, "{refused} requests refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_apps_backlog_waits_aside_written_once_per_pause_while_another_app_goes_on()
+{
+    // `[apps.dead]` points at a port where nothing listens: no connection can be had, so
+    // the app pauses as one whose credentials are refused does, rather than deferring
+    // its rows one by one at each reconnection.
+    let db = TestDb::new().await;
+    let apns = ApnsSetup::new(|_| {}).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dead = apns
+        .app_toml
+        .replace("[apps.default", "[apps.dead")
+        .replace(
+            &apns.emulator.endpoint(),
+            &format!("https://127.0.0.1:{port}"),
+        );
+    let cfg = config(&db.url, &format!("{}{dead}", apns.app_toml));
+    let (_transport, daemon, client) = start_with_timings(
+        &db,
+        cfg,
+        pgpushd::service::Timings {
+            reconnect_base: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(1),
+            stream_wait: Duration::from_secs(1),
+            ..pausing_quickly()
+        },
+    )
+    .await;
+    dead_backlog_waits_aside(daemon, &client, "APNs is unreachable").await;
+}
+
+/// `[apps.dead]` has a backlog of 5,000 rows and `[apps.default]`'s rows arrive all
+/// along for 12 s: the healthy app's are all sent, the dead app's wait (pending, no
+/// attempt counted, `why` in `last_error`), parked but for the probe, each written at most
+/// once per pause. Stops the daemon; returns the dead app's pauses.
+async fn dead_backlog_waits_aside(
+    daemon: Running,
+    client: &tokio_postgres::Client,
+    why: &str,
+) -> u64 {
     // Every write of a dead row, counted by a trigger of the test's.
     client
         .batch_execute(
@@ -64,11 +119,11 @@ async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_ap
     let started = Instant::now();
     let mut healthy = 0;
     while started.elapsed() < Duration::from_secs(12) {
-        insert_rows(&client, healthy + 1, 5).await;
+        insert_rows(client, healthy + 1, 5).await;
         healthy += 5;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_for_status(&client, "sent", healthy as i64, Duration::from_secs(20)).await;
+    wait_for_status(client, "sent", healthy as i64, Duration::from_secs(20)).await;
     let metrics = daemon.metrics.clone();
     daemon.stop().await;
     let pauses = pauses_of(&metrics, "dead");
@@ -76,9 +131,10 @@ async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_ap
     let r = client
         .query_one(
             "SELECT count(*) FILTER (WHERE status = 'pending'), max(attempts),
-                    count(*) FILTER (WHERE send_after <= now())
+                    count(*) FILTER (WHERE send_after <= now()),
+                    count(*) FILTER (WHERE strpos(last_error, $1) > 0)
                FROM pgpushd.outbox WHERE app = 'dead'",
-            &[],
+            &[&why],
         )
         .await
         .unwrap();
@@ -88,6 +144,7 @@ async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_ap
         r.get::<_, i64>(2) <= 1,
         "parked, but for the probe (or a row the gate deferred to its end)"
     );
+    assert!(r.get::<_, i64>(3) > 0, "no row says {why:?}");
     let parked: i64 = client
         .query_one(
             "SELECT count(*) FROM pgpushd.outbox
@@ -118,15 +175,7 @@ async fn a_dead_apps_backlog_waits_aside_written_once_per_pause_while_another_ap
         most <= pauses as i64 + 1,
         "a dead row written {most} times in {pauses} pauses"
     );
-    // The dead app asked APNs no more than its first batches (4 of 100 in flight before
-    // the first answer) and one probe per pause.
-    let refused = apns
-        .emulator
-        .records()
-        .iter()
-        .filter(|r| r.status == 403)
-        .count() as u64;
-    assert!(refused <= 400 + pauses + 1, "{refused} requests refused");
+    pauses
 }
 
 /// The pauses of `app` whose backlog the daemon set aside.
@@ -189,15 +238,30 @@ async fn start_pausing_quickly(
     db: &TestDb,
     cfg: pgpushd::config::Config,
 ) -> (Arc<dyn Transport>, Running, tokio_postgres::Client) {
+    start_with_timings(db, cfg, pausing_quickly()).await
+}
+
+/// Pauses of 1 to 2 s.
+fn pausing_quickly() -> pgpushd::service::Timings {
+    pgpushd::service::Timings {
+        pause_backoff_base: Duration::from_secs(1),
+        pause_backoff_max: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+/// A daemon for `cfg` whose apps' clients have these `timings`; its transport, and a
+/// client.
+async fn start_with_timings(
+    db: &TestDb,
+    cfg: pgpushd::config::Config,
+    timings: pgpushd::service::Timings,
+) -> (Arc<dyn Transport>, Running, tokio_postgres::Client) {
     let transport: Arc<dyn Transport> = Arc::new(
         Providers::with_options(
             &cfg.apps,
             pgpushd::providers::Options {
-                timings: pgpushd::service::Timings {
-                    pause_backoff_base: Duration::from_secs(1),
-                    pause_backoff_max: Duration::from_secs(2),
-                    ..Default::default()
-                },
+                timings,
                 ..Default::default()
             },
         )

@@ -16,7 +16,7 @@ use crate::apns::provider_token::JwtSigner;
 use crate::channels::{ChannelAnswer, ChannelOp};
 use crate::config::{AppConfig, Auth};
 use crate::http2::pool::Pool;
-use crate::service::{self, AppClient, Exchanged, LoadError, OneAnswer, Timings};
+use crate::service::{AppClient, Exchanged, LoadError, OneAnswer, Timings};
 use crate::tls;
 use crate::transport::{short_token, Delivery, Notification};
 
@@ -116,7 +116,7 @@ impl Http2App {
         loop {
             let answer = match self.send(request, bearer.as_deref()).await {
                 Ok(answer) => answer,
-                Err(delivery) => return Exchanged::Row(delivery),
+                Err(no_answer) => return no_answer,
             };
             match response::verdict(&answer, SystemTime::now()) {
                 Verdict::Row(delivery) => return Exchanged::Row(delivery),
@@ -171,14 +171,14 @@ impl Http2App {
         }
     }
 
-    /// One request through the pool; `Err` is the delivery when there was no answer.
-    async fn send(&self, request: &ApnsRequest, bearer: Option<&str>) -> Result<Answer, Delivery> {
+    /// One request through the pool; `Err` is what it came to when there was no answer.
+    async fn send(&self, request: &ApnsRequest, bearer: Option<&str>) -> Result<Answer, Exchanged> {
         let make = || request.to_http(bearer);
         self.pool
             .send(make, request.body.clone())
             .await
             .map(Answer::from)
-            .map_err(|e| service::unanswered("APNs", e))
+            .map_err(|e| Exchanged::unanswered("APNs", e))
     }
 
     /// One push, APNs's answer as it is: for `pgpushd send`.
