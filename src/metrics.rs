@@ -449,7 +449,11 @@ impl Sources {
             problems.push(format!("database: {e}"));
         }
         if !*self.listening.borrow() {
-            problems.push("database: the LISTEN connection is down".to_owned());
+            // Never lost (the listener counts each loss): not in place yet.
+            problems.push(match self.metrics.listener_reconnects.get() {
+                0 => "database: starting: LISTEN is not in place yet".to_owned(),
+                _ => "database: the LISTEN connection is down".to_owned(),
+            });
         }
         if let Some(open) = (self.stuck_batch)() {
             problems.push(format!(
@@ -763,6 +767,30 @@ mod tests {
             problems.len() == 1 && problems[0].contains("400s"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn healthz_tells_a_listener_starting_from_one_lost() {
+        let (_database, database) = watch::channel(Ok(()));
+        let (listening, listening_rx) = watch::channel(false);
+        let sources = Sources {
+            metrics: Arc::new(Metrics::new()),
+            transport: Arc::new(NoApps),
+            database,
+            listening: listening_rx,
+            stuck_batch: Arc::new(|| None),
+        };
+        let problems = || sources.health().unwrap_err();
+        assert_eq!(
+            problems(),
+            ["database: starting: LISTEN is not in place yet"]
+        );
+        listening.send_replace(true);
+        assert!(sources.health().is_ok());
+        // The listener counts the loss as it reports it.
+        sources.metrics.listener_reconnects.inc();
+        listening.send_replace(false);
+        assert_eq!(problems(), ["database: the LISTEN connection is down"]);
     }
 
     struct NoApps;
