@@ -751,17 +751,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_stuck_batch_makes_the_daemon_unhealthy() {
-        let (_database, database) = watch::channel(Ok(()));
-        let (_listening, listening) = watch::channel(true);
-        let sources = Sources {
+    /// Sources with no apps, the database up, `listening` and `stuck_batch`.
+    fn sources(listening: watch::Receiver<bool>, stuck_batch: StuckBatch) -> Sources {
+        Sources {
             metrics: Arc::new(Metrics::new()),
             transport: Arc::new(NoApps),
-            database,
+            database: watch::channel(Ok(())).1,
             listening,
-            stuck_batch: Arc::new(|| Some(Duration::from_secs(400))),
-        };
+            stuck_batch,
+        }
+    }
+
+    #[test]
+    fn a_stuck_batch_makes_the_daemon_unhealthy() {
+        let (_listening, listening) = watch::channel(true);
+        let sources = sources(listening, Arc::new(|| Some(Duration::from_secs(400))));
         let problems = sources.health().unwrap_err();
         assert!(
             problems.len() == 1 && problems[0].contains("400s"),
@@ -771,15 +775,8 @@ mod tests {
 
     #[test]
     fn healthz_tells_a_listener_starting_from_one_lost() {
-        let (_database, database) = watch::channel(Ok(()));
         let (listening, listening_rx) = watch::channel(false);
-        let sources = Sources {
-            metrics: Arc::new(Metrics::new()),
-            transport: Arc::new(NoApps),
-            database,
-            listening: listening_rx,
-            stuck_batch: Arc::new(|| None),
-        };
+        let sources = sources(listening_rx, Arc::new(|| None));
         let problems = || sources.health().unwrap_err();
         assert_eq!(
             problems(),
