@@ -6,90 +6,27 @@
 //! a delete reset is asked again and closes the row. The daemon is the real binary, and
 //! its log must show no panic.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
+use std::process::Stdio;
 use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use crate::python_server::{python_h2, server_certificate, PythonServer};
 use crate::service::{signal, wait_exit, write_config};
 use crate::support::*;
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/channels_unkind.py"
-);
-
-/// Whether python3 can import h2; a skip (a failure under CI=true) when not.
-fn python_h2() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import h2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip_without("python3 with Python's h2 package (pip install h2)");
-    }
-    ok
-}
-
-/// The Python server; killed when dropped.
-struct Unkind {
-    child: Child,
-    stdin: ChildStdin,
-    port: u16,
-    /// Every line it printed after "PORT".
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Unkind {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The Python server (`channels_unkind.py`), its lines read as it says them.
+struct Unkind(PythonServer);
 
 impl Unkind {
     fn start(dir: &std::path::Path) -> Unkind {
-        let mut child = Command::new("python3")
-            .arg(FIXTURE)
-            .arg("--cert")
-            .arg(dir.join("server.pem"))
-            .arg("--key")
-            .arg(dir.join("server.key"))
-            .args(["--bundle", TOPIC, "--late", "3.5"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("PORT ")
-            .unwrap_or_else(|| panic!("the server said {line:?}"))
-            .parse()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        std::thread::spawn({
-            let lines = lines.clone();
-            move || {
-                for line in out.lines() {
-                    let Ok(line) = line else { return };
-                    lines.lock().unwrap().push(line);
-                }
-            }
-        });
-        Unkind {
-            child,
-            stdin,
-            port,
-            lines,
-        }
+        Unkind(PythonServer::start(
+            "channels_unkind.py",
+            dir,
+            "server",
+            &["--bundle", TOPIC, "--late", "3.5"],
+        ))
     }
 
     /// Arms one `kind` of fault for the server's next `op`.
@@ -103,24 +40,9 @@ impl Unkind {
         .await;
     }
 
-    fn said(&self, what: impl Fn(&str) -> bool) -> bool {
-        self.lines.lock().unwrap().iter().any(|l| what(l))
-    }
-
-    fn count(&self, prefix: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.starts_with(prefix))
-            .count()
-    }
-
     /// The channels it made, in order.
     fn created(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
+        self.lines()
             .iter()
             .filter_map(|l| l.strip_prefix("CREATED "))
             .map(|rest| rest.split(' ').next().unwrap().to_owned())
@@ -128,17 +50,17 @@ impl Unkind {
     }
 }
 
-/// A CA and a certificate for localhost, written to `dir`; the CA's path.
-fn certificates(dir: &std::path::Path) -> std::path::PathBuf {
-    let ca = pgpushd_emulator::tls::CertificateAuthority::generate("channels test CA").unwrap();
-    let issued = ca
-        .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    std::fs::write(dir.join("server.pem"), &issued.cert_pem).unwrap();
-    std::fs::write(dir.join("server.key"), &issued.key_pem).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-    ca_file
+impl std::ops::Deref for Unkind {
+    type Target = PythonServer;
+    fn deref(&self) -> &PythonServer {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Unkind {
+    fn deref_mut(&mut self) -> &mut PythonServer {
+        &mut self.0
+    }
 }
 
 /// The server, a database, and the daemon binary (its log in `dir`) whose app's channel
@@ -157,7 +79,7 @@ async fn setup() -> Option<Setup> {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ca_file = certificates(dir.path());
+    let ca_file = server_certificate(dir.path(), "channels test CA");
     let server = Unkind::start(dir.path());
     let key_file = dir.path().join("AuthKey.p8");
     std::fs::write(

@@ -4,85 +4,19 @@
 //! streams. Every row must settle within three times the fault-free time, measured in the
 //! same test against the same server with its faults off.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::python_server::{python_h2, server_certificate, PythonServer};
 use crate::support::*;
 
 const ROWS: u64 = 2000;
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/churn_apns.py");
-
-fn python_h2() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import h2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip_without("Python's h2 package (`python3 -c \"import h2\"` failed; pip install h2)");
-    }
-    ok
-}
-
-/// The Python server, killed when dropped (its stdin closing stops it too).
-struct ChurnServer {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for ChurnServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A CA and a certificate for localhost, written to `dir`; the CA's path.
-fn certificates(dir: &std::path::Path) -> std::path::PathBuf {
-    let ca = pgpushd_emulator::tls::CertificateAuthority::generate("churn test CA").unwrap();
-    let issued = ca
-        .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    std::fs::write(dir.join("server.pem"), &issued.cert_pem).unwrap();
-    std::fs::write(dir.join("server.key"), &issued.key_pem).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-    ca_file
-}
-
-fn start_server(dir: &std::path::Path, args: &[&str]) -> ChurnServer {
-    let mut child = Command::new("python3")
-        .arg(FIXTURE)
-        .arg("--cert")
-        .arg(dir.join("server.pem"))
-        .arg("--key")
-        .arg(dir.join("server.key"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .strip_prefix("PORT ")
-        .unwrap_or_else(|| panic!("the churn server said {line:?}"))
-        .parse()
-        .unwrap();
-    ChurnServer { child, port }
-}
 
 /// Runs `ROWS` rows through a daemon against a server started with `args`; how long
 /// until every row settled, and the rows sent.
 async fn settle_all(args: &[&str], deadline: Duration) -> (Duration, i64) {
     let dir = tempfile::tempdir().unwrap();
-    let ca_file = certificates(dir.path());
-    let server = start_server(dir.path(), args);
+    let ca_file = server_certificate(dir.path(), "churn test CA");
+    let server = PythonServer::start("churn_apns.py", dir.path(), "server", args);
     let key_file = dir.path().join("AuthKey.p8");
     std::fs::write(
         &key_file,

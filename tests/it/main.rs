@@ -19,6 +19,7 @@ mod paused;
 mod pipeline;
 mod postgres_tls;
 mod proxy;
+mod python_server;
 mod retention;
 mod service;
 mod soak;

@@ -7,85 +7,37 @@
 //! never `sent` without a 201, and other push services' rows unaffected. The emulator
 //! plays the well-behaved push service beside them.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgpushd::providers::Providers;
 use pgpushd::transport::Transport;
 
+use crate::python_server::{localhost_certificate, python_h2, PythonServer};
 use crate::support::*;
 use crate::webpush::WebpushSetup;
-
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/webpush_unkind.py"
-);
 const PAYLOAD: &str = r#"{"body": "hi"}"#;
 
-fn python_h2() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import h2, ssl, asyncio"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip_without("python3 with Python's h2 package (pip install h2)");
-    }
-    ok
-}
+/// The Python server (`webpush_unkind.py`) in one `--mode`, its event lines read as
+/// they come.
+struct Unkind(PythonServer);
 
-/// The Python server; killed when dropped. Its event lines are collected as they come.
-struct Unkind {
-    child: Child,
-    port: u16,
-    events: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Unkind {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Unkind {
+    type Target = PythonServer;
+    fn deref(&self) -> &PythonServer {
+        &self.0
     }
 }
 
 impl Unkind {
     fn start(dir: &std::path::Path, mode: &str, args: &[&str]) -> Unkind {
-        let mut child = Command::new("python3")
-            .arg(FIXTURE)
-            .arg("--cert")
-            .arg(dir.join("unkind.pem"))
-            .arg("--key")
-            .arg(dir.join("unkind.key"))
-            .args(["--mode", mode])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        let port = first
-            .strip_prefix("PORT ")
-            .unwrap_or_else(|| panic!("the server said {first:?}"))
-            .parse()
-            .unwrap();
-        let events = Arc::new(Mutex::new(Vec::new()));
-        std::thread::spawn({
-            let events = events.clone();
-            move || {
-                for line in lines.map_while(Result::ok) {
-                    events.lock().unwrap().push(line);
-                }
-            }
-        });
-        Unkind {
-            child,
-            port,
-            events,
-        }
+        let args: Vec<&str> = ["--mode", mode].iter().chain(args).copied().collect();
+        Unkind(PythonServer::start(
+            "webpush_unkind.py",
+            dir,
+            "unkind",
+            &args,
+        ))
     }
 
     /// A browser's subscription whose endpoint is on this server.
@@ -96,20 +48,9 @@ impl Unkind {
     /// Requests read whole for `/push/{name}`.
     fn requests(&self, name: &str) -> usize {
         let wanted = format!("/push/{name}");
-        self.events
-            .lock()
-            .unwrap()
+        self.lines()
             .iter()
             .filter(|e| e.starts_with("REQ ") && e.split(' ').nth(2) == Some(&wanted))
-            .count()
-    }
-
-    fn count(&self, prefix: &str) -> usize {
-        self.events
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|e| e.starts_with(prefix))
             .count()
     }
 }
@@ -141,13 +82,8 @@ fn subscription_json(endpoint: &str) -> String {
 /// directory).
 async fn setup() -> WebpushSetup {
     let web = WebpushSetup::new(|_| {}).await;
-    let ca = pgpushd_emulator::tls::CertificateAuthority::generate("unkind test CA").unwrap();
-    let issued = ca
-        .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
     let dir = web.dir.path();
-    std::fs::write(dir.join("unkind.pem"), &issued.cert_pem).unwrap();
-    std::fs::write(dir.join("unkind.key"), &issued.key_pem).unwrap();
+    let ca = localhost_certificate(dir, "unkind", "unkind test CA");
     let mut both = web.emulator.ca_pem().to_vec();
     both.extend_from_slice(ca.cert_pem().as_ref());
     std::fs::write(dir.join("webpush-ca.pem"), both).unwrap();
@@ -300,7 +236,7 @@ async fn http1_does_not_resend_a_request_read_on_a_fresh_connection() {
         r.attempts as usize,
         "requests the push service read whole, for {} attempts: {:?}",
         r.attempts,
-        server.events.lock().unwrap()
+        *server.lines()
     );
 }
 
