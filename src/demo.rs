@@ -368,6 +368,7 @@ ca_file = "{ca}"
 [apps.web.webpush]
 key_file = "{key}"
 subject = "mailto:demo@example.com"
+push_services = ["localhost", "127.0.0.1"]
 "#,
         ca = ca_file.display(),
         key = key_file.display(),

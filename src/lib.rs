@@ -57,6 +57,7 @@ pub mod devdb;
 pub mod dispatcher;
 pub mod es256;
 pub mod fcm;
+pub mod host_list;
 pub mod http1;
 pub mod http2;
 pub mod listener;

@@ -162,6 +162,7 @@ ca_file = "{ca}"
 [apps.web.webpush]
 key_file = "{key}"
 subject = "mailto:bench@example.com"
+push_services = ["127.0.0.1"]
 "#,
         keys = work.database_keys,
         ca = tls_dir(work).join("ca.pem").display(),

@@ -13,6 +13,7 @@ use super::duration;
 use super::network::NetworkConfig;
 use super::validate::{Validator, DAY, MINUTE};
 use super::{ConfigError, EnvVars};
+use crate::host_list::HostList;
 use crate::proxy::ProxyPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -132,7 +133,19 @@ pub struct WebpushAuth {
     /// How long a push service keeps a row's message for an offline browser when the row
     /// has no `expires_at` (the `TTL` header).
     pub ttl: Duration,
+    /// The push services a subscription may name (its endpoint's host and port); a row
+    /// for any other fails unsent. The browsers' by default.
+    pub push_services: HostList,
 }
+
+/// The browsers' push services (Chrome's and the others' on Google's, Firefox's,
+/// Safari's, Edge's): `push_services` when the config does not say.
+pub const BROWSER_PUSH_SERVICES: [&str; 4] = [
+    "fcm.googleapis.com",
+    "push.services.mozilla.com",
+    "web.push.apple.com",
+    "notify.windows.com",
+];
 
 /// `[apps.NAME.fcm]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +238,7 @@ struct WebpushFile {
     subject: String,
     #[serde(default = "defaults::webpush_ttl", with = "duration")]
     ttl: Duration,
+    push_services: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -402,6 +416,23 @@ impl Validator<'_> {
         }
     }
 
+    /// `push_services` as written (the browsers' when absent): at least one, each a host.
+    fn push_services(
+        &self,
+        key: &str,
+        written: Option<Vec<String>>,
+    ) -> Result<HostList, ConfigError> {
+        let entries = written.unwrap_or_else(|| BROWSER_PUSH_SERVICES.map(str::to_owned).to_vec());
+        if entries.is_empty() {
+            return Err(self.invalid(
+                key,
+                "is empty: list the push services subscriptions may name, or \"*\" for any \
+                 (leave it out for the browsers' own)",
+            ));
+        }
+        HostList::from_entries(&entries).map_err(|m| self.invalid(key, m))
+    }
+
     /// A Web Push app: `[apps.NAME.webpush]`, the shared keys, none of APNs's or FCM's,
     /// and no `endpoint`: each row's subscription names its push service.
     fn webpush_app(
@@ -462,6 +493,8 @@ impl Validator<'_> {
                 key_file: self.file_path(webpush.key_file),
                 subject: subject.to_owned(),
                 ttl: self.bounded(&key("webpush.ttl"), webpush.ttl, 28 * DAY)?,
+                push_services: self
+                    .push_services(&key("webpush.push_services"), webpush.push_services)?,
             }),
             binary: BinaryConfig::default(),
             channels: None,
@@ -719,8 +752,40 @@ mod tests {
         assert_eq!(w.subject, "mailto:ops@example.com");
         assert_eq!(w.ttl, Duration::from_secs(28 * 24 * 3600));
         assert!(w.key_file.ends_with("vapid.pem"));
+        // The browsers' push services, and the names under them, by default.
+        for (host, allowed) in [
+            ("fcm.googleapis.com", true),
+            ("updates.push.services.mozilla.com", true),
+            ("web.push.apple.com", true),
+            ("wns2-by3p.notify.windows.com", true),
+            ("push.example", false),
+            ("169.254.169.254", false),
+            ("localhost", false),
+        ] {
+            assert_eq!(w.push_services.matches(host, 443), allowed, "{host}");
+        }
+        let own = parse(&format!(
+            "{MINIMAL}{web}{section}subject = \"mailto:a@b\"\n\
+             push_services = [\"push.example:8443\", \"10.0.0.0/8\"]\n"
+        ))
+        .unwrap();
+        let Auth::Webpush(w) = &own.apps["web"].auth else {
+            panic!()
+        };
+        assert!(w.push_services.matches("push.example", 8443));
+        assert!(w.push_services.matches("10.1.2.3", 443));
+        assert!(!w.push_services.matches("push.example", 443));
+        assert!(!w.push_services.matches("fcm.googleapis.com", 443));
 
         let refused = [
+            (
+                format!("{web}{section}subject = \"mailto:a@b\"\npush_services = []\n"),
+                "apps.web.webpush.push_services: is empty",
+            ),
+            (
+                format!("{web}{section}subject = \"mailto:a@b\"\npush_services = [\"push.example\", \"https://x/\"]\n"),
+                "apps.web.webpush.push_services: \"https://x/\" is not a host",
+            ),
             (
                 format!("{web}{section}subject = \"ops@example.com\"\n"),
                 "apps.web.webpush.subject: \"ops@example.com\": push services require",

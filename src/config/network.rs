@@ -6,7 +6,8 @@ use serde::Deserialize;
 
 use super::validate::Validator;
 use super::{ConfigError, EnvVars};
-use crate::proxy::{NoProxy, Proxy, ProxyPolicy};
+use crate::host_list::HostList;
+use crate::proxy::{Proxy, ProxyPolicy};
 
 /// What `proxy = "..."` says for a direct connection.
 pub const PROXY_NONE: &str = "none";
@@ -94,7 +95,7 @@ impl Validator<'_> {
                     })?;
                     ProxyPolicy::Environment {
                         proxy,
-                        no_proxy: NoProxy::parse(env.no_proxy.as_deref().unwrap_or("")),
+                        no_proxy: HostList::parse(env.no_proxy.as_deref().unwrap_or("")),
                     }
                 }
             },

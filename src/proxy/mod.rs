@@ -3,7 +3,7 @@
 //!
 //! - `url`: [`Proxy`], parsed from `http://[user:pass@]host:port`; its credentials are a
 //!   [`Secret`](crate::secret::Secret) and never shown;
-//! - `no_proxy`: [`NoProxy`], the `NO_PROXY` list and its matching;
+//! - `NO_PROXY`: a [`HostList`](crate::host_list::HostList);
 //! - `tunnel`: the CONNECT handshake and its [`TunnelError`]s;
 //! - here: [`ProxyPolicy`] (an app's choice, resolved by the config from its keys and
 //!   the environment) and [`connect`], the TCP stream every APNs connection (HTTP/2,
@@ -12,7 +12,6 @@
 //! Through a tunnel, TLS is still end to end with Apple: the certificate is verified
 //! against Apple's host name, as without a proxy, and the proxy sees only ciphertext.
 
-mod no_proxy;
 mod tunnel;
 mod url;
 
@@ -20,7 +19,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-pub use no_proxy::NoProxy;
+use crate::host_list::HostList;
 pub use tunnel::{authority, handshake, TunnelError, MAX_HEAD};
 pub use url::Proxy;
 
@@ -33,7 +32,7 @@ pub enum ProxyPolicy {
     /// The config names the proxy (`[apps.NAME]` or `[network]`): every connection.
     Configured(Proxy),
     /// `HTTPS_PROXY` names it; hosts `NO_PROXY` lists are reached directly.
-    Environment { proxy: Proxy, no_proxy: NoProxy },
+    Environment { proxy: Proxy, no_proxy: HostList },
 }
 
 impl ProxyPolicy {
@@ -123,7 +122,7 @@ mod tests {
         assert_eq!(configured.for_target("localhost", 2197), Some(&proxy));
         let env = ProxyPolicy::Environment {
             proxy: proxy.clone(),
-            no_proxy: NoProxy::parse("localhost,.internal"),
+            no_proxy: HostList::parse("localhost,.internal"),
         };
         assert_eq!(env.for_target("api.push.apple.com", 443), Some(&proxy));
         assert_eq!(env.for_target("localhost", 2197), None);

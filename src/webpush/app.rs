@@ -17,6 +17,7 @@ use super::subscription::Subscription;
 use super::vapid::{Vapid, VapidKey, VapidSigner};
 use super::{encrypt, request};
 use crate::config::{AppConfig, Auth};
+use crate::host_list::HostList;
 use crate::http2::pool::PoolError;
 use crate::service::app_gate::MIN_DEFER;
 use crate::service::{AppClient, Exchanged, LoadError, OneAnswer, Scope, Timings};
@@ -27,6 +28,8 @@ pub(crate) struct WebpushApp {
     config: AppConfig,
     /// A row's `TTL` when it has no `expires_at`.
     ttl: Duration,
+    /// The push services its subscriptions may name.
+    push_services: HostList,
     signer: VapidSigner,
     origins: Origins,
 }
@@ -55,6 +58,7 @@ impl WebpushApp {
         Ok(WebpushApp {
             config: config.clone(),
             ttl: auth.ttl,
+            push_services: auth.push_services.clone(),
             signer: VapidSigner::new(vapid),
             origins: Origins::new(config, timings, tls),
         })
@@ -69,6 +73,14 @@ impl WebpushApp {
         let rejected = |reason: String| Exchanged::Row(Delivery::Rejected { reason });
         let now = SystemTime::now();
         let sub = Subscription::parse(&n.device_token).map_err(rejected)?;
+        if !self.push_services.matches(sub.host(), sub.port()) {
+            return Err(rejected(format!(
+                "the subscription's push service {} is not one of [apps.{}.webpush] \
+                 push_services",
+                sub.origin(),
+                self.config.name
+            )));
+        }
         let request = request::build(n, &sub, self.ttl, now).map_err(rejected)?;
         let body = encrypt::encrypt(n.payload.as_bytes(), &sub).map_err(rejected)?;
         let authorization = self

@@ -12,7 +12,8 @@ use std::time::UNIX_EPOCH;
 use pgpushd::apns::binary::frame::{decode_feedback, ErrorPacket, ERROR_PACKET_LEN};
 use pgpushd::apns::http2::response::{verdict, Answer};
 use pgpushd::config::Config;
-use pgpushd::proxy::{handshake, NoProxy, Proxy, TunnelError};
+use pgpushd::host_list::HostList;
+use pgpushd::proxy::{handshake, Proxy, TunnelError};
 use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 
@@ -126,8 +127,8 @@ proptest! {
         if let Ok(p) = Proxy::parse(&format!("http://{after}")) {
             prop_assert!(p.port != 0);
         }
-        let _ = NoProxy::parse(&before).matches(&host, port);
-        let _ = NoProxy::parse(&format!("{before},{after}")).matches(&after, port);
+        let _ = HostList::parse(&before).matches(&host, port);
+        let _ = HostList::parse(&format!("{before},{after}")).matches(&after, port);
     }
 
     #[test]

@@ -49,6 +49,7 @@ request_timeout = "5s"
 [apps.web.webpush]
 key_file = "{key}"
 subject = "mailto:ops@example.com"
+push_services = ["localhost", "127.0.0.1"]
 "#,
             ca = ca.display(),
             key = key_file.display(),
@@ -212,6 +213,55 @@ async fn a_browser_row_arrives_decrypted_byte_for_byte_and_keeps_its_location() 
     // One VAPID token for the origin, not one per request.
     let first = records[0].vapid_key.clone();
     assert!(records.iter().all(|r| r.vapid_key == first));
+}
+
+/// A subscription naming a push service not in `push_services` (here the address cloud
+/// hosts answer metadata on) fails before any request, saying why; the app's rows for
+/// its allowed push services go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_to_a_push_service_not_listed_fails_unsent() {
+    let db = TestDb::new().await;
+    let web = WebpushSetup::new(|_| {}).await;
+    let cfg = config(&db.url, &web.app_toml);
+    let daemon = start(cfg.clone(), quick_providers(&cfg));
+    let client = db.client().await;
+
+    let listed = web.subscribe();
+    let port = web.emulator.addr().port();
+    let forged = listed.to_json().replace(
+        &web.emulator.endpoint(),
+        &format!("https://169.254.169.254:{port}"),
+    );
+    assert_ne!(forged, listed.to_json());
+    let forged_id: i64 = client
+        .query_one(
+            "INSERT INTO pgpushd.outbox (app, device_token, payload)
+             VALUES ('web', $1, '{}') RETURNING id",
+            &[&forged],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let listed_id = insert(&client, &listed, r#"{"body": "hi"}"#).await;
+    let r = settled(&client, forged_id).await;
+    assert_eq!(r.status, "failed", "{r:?}");
+    assert_eq!(
+        r.last_error.as_deref(),
+        Some(
+            format!(
+                "the subscription's push service https://169.254.169.254:{port} is not one \
+                 of [apps.web.webpush] push_services"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(settled(&client, listed_id).await.status, "sent");
+    daemon.stop().await;
+    assert_eq!(
+        web.emulator.records().len(),
+        1,
+        "only the listed one was asked"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

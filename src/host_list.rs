@@ -1,7 +1,8 @@
-//! [`NoProxy`]: the hosts `NO_PROXY` / `no_proxy` says to reach directly, matched as
-//! curl matches them.
+//! [`HostList`]: a list of hosts, matched as curl matches `NO_PROXY`: the hosts the
+//! environment's `NO_PROXY` / `no_proxy` says to reach directly, and the push services a
+//! Web Push app may send to (`[apps.NAME.webpush] push_services`).
 //!
-//! A comma- (or space-) separated list; each entry, case-insensitive:
+//! Each entry, case-insensitive (`NO_PROXY` separates them with commas or spaces):
 //! - `*` alone: every host;
 //! - `example.com`, `.example.com` or `*.example.com`: that domain and every name under
 //!   it (`api.example.com`, but not `badexample.com`);
@@ -9,14 +10,15 @@
 //! - `10.0.0.0/8`, `fd00::/8`: an address in that range;
 //! - any of these with `:port` (`[::1]:2197` for IPv6): only connections to that port.
 //!
-//! An entry that fits none of these never matches. Names are never resolved: an entry
-//! `127.0.0.1` does not cover `localhost`.
+//! In `NO_PROXY`, an entry that fits none of these never matches, as curl has it; a
+//! config's list refuses it ([`HostList::from_entries`]). Names are never resolved: an
+//! entry `127.0.0.1` does not cover `localhost`.
 
 use std::net::IpAddr;
 
-/// The parsed `NO_PROXY` list.
+/// A parsed list of hosts.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct NoProxy {
+pub struct HostList {
     entries: Vec<Entry>,
 }
 
@@ -40,9 +42,9 @@ enum Pattern {
     Nothing,
 }
 
-impl NoProxy {
-    pub fn parse(text: &str) -> NoProxy {
-        NoProxy {
+impl HostList {
+    pub fn parse(text: &str) -> HostList {
+        HostList {
             entries: text
                 .split([',', ' ', '\t', '\n'])
                 .map(str::trim)
@@ -52,7 +54,27 @@ impl NoProxy {
         }
     }
 
-    /// Whether a connection to `host:port` goes direct. `host` as an endpoint names it:
+    /// A config's list: every entry must be one of the forms above.
+    pub fn from_entries(entries: &[String]) -> Result<HostList, String> {
+        let entries = entries
+            .iter()
+            .map(|text| match Entry::parse(text.trim()) {
+                Entry {
+                    pattern: Pattern::Nothing,
+                    ..
+                } => Err(format!(
+                    "{text:?} is not a host: a name (which covers the names under it), \
+                     an IP address, a range like 10.0.0.0/8, any of these with :port, or \
+                     \"*\" for every host"
+                )),
+                entry => Ok(entry),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(HostList { entries })
+    }
+
+    /// Whether `host:port` is on the list (for `NO_PROXY`: whether a connection to it goes
+    /// direct). `host` as an endpoint names it:
     /// a name, or an IP address (an IPv6 one with or without brackets).
     pub fn matches(&self, host: &str, port: u16) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -163,7 +185,7 @@ mod tests {
     use super::*;
 
     fn direct(list: &str, host: &str, port: u16) -> bool {
-        NoProxy::parse(list).matches(host, port)
+        HostList::parse(list).matches(host, port)
     }
 
     #[test]
