@@ -692,11 +692,13 @@ async fn connect(ctx: &BatchContext) -> anyhow::Result<OutboxConn> {
 /// leave out, and when the first of those probes is due.
 fn paused(ctx: &BatchContext) -> (Vec<String>, Option<Instant>) {
     let now = Instant::now();
+    // A whole app's: one Web Push service's pause is only its own rows', which the
+    // claims cannot tell apart (they are parked instead).
     let pauses: Vec<_> = ctx
         .transport
         .paused()
         .into_iter()
-        .filter(|p| p.until > now)
+        .filter(|p| p.until > now && p.origin.is_none())
         .collect();
     let first = pauses.iter().map(|p| p.until).min();
     (pauses.into_iter().map(|p| p.app).collect(), first)

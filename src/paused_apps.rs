@@ -1,7 +1,8 @@
 //! The task that keeps a paused app's backlog out of the other apps' way (see
-//! `app_gate`: the service refuses the app's credentials or throttles it). It reads the
-//! apps' pauses ([`Transport::paused`]) a few times a second and, through
-//! [`outbox::set_aside`]:
+//! `app_gate`: the service refuses the app's credentials, throttles it or cannot be
+//! reached), and a paused Web Push service's rows out of its app's others' way. It reads
+//! the pauses ([`Transport::paused`]: an app's, or one push service's of an app) a few
+//! times a second and, for each, through [`outbox::set_aside`]:
 //!
 //! - at each new pause, makes one row due when the pause ends (the probe) and parks the
 //!   app's other waiting rows [`PARK`] ahead (rows parked less than half of that ago
@@ -52,7 +53,14 @@ pub struct PausedApps {
     pub metrics: Arc<Metrics>,
 }
 
-/// What the task did for one paused app.
+/// What is paused: an app, or one push service (`https://host[:port]`) of an app.
+type Paused = (String, Option<String>);
+
+fn paused_key(pause: &Pause) -> Paused {
+    (pause.app.clone(), pause.origin.clone())
+}
+
+/// What the task did for one paused app (or push service).
 struct Parked {
     /// The pause it handled last.
     pause: u64,
@@ -64,7 +72,7 @@ struct Parked {
 
 impl PausedApps {
     pub async fn run(self, cancel: CancellationToken) {
-        let mut parked: HashMap<String, Parked> = HashMap::new();
+        let mut parked: HashMap<Paused, Parked> = HashMap::new();
         let mut client: Option<Client> = None;
         loop {
             tokio::select! {
@@ -73,7 +81,8 @@ impl PausedApps {
             }
             let paused = self.transport.paused();
             for pause in &paused {
-                let done = parked.get(&pause.app);
+                let key = paused_key(pause);
+                let done = parked.get(&key);
                 let step = match done {
                     // No probe out a probe's time after the last was due (never before
                     // the pause's end): another.
@@ -85,30 +94,30 @@ impl PausedApps {
                     }
                     _ => Step::NewPause,
                 };
-                let entry = parked.entry(pause.app.clone()).or_insert_with(|| Parked {
+                let entry = parked.entry(key).or_insert_with(|| Parked {
                     pause: 0,
                     at: Vec::new(),
                     probe_due: Instant::now(),
                 });
                 if let Err(e) = self.pass(&mut client, pause, step, entry).await {
                     client = None;
-                    warn!(app = %pause.app, error = format!("{e:#}"),
+                    warn!(app = %pause.app, origin = pause.origin, error = format!("{e:#}"),
                           "cannot set a paused app's backlog aside; trying again");
                 }
             }
-            let reopened: Vec<String> = parked
+            let reopened: Vec<Paused> = parked
                 .keys()
-                .filter(|app| !paused.iter().any(|p| &p.app == *app))
+                .filter(|key| !paused.iter().any(|p| paused_key(p) == **key))
                 .cloned()
                 .collect();
-            for app in reopened {
-                match self.release(&mut client, &app, &parked[&app].at).await {
+            for key in reopened {
+                match self.release(&mut client, &key, &parked[&key].at).await {
                     Ok(()) => {
-                        parked.remove(&app);
+                        parked.remove(&key);
                     }
                     Err(e) => {
                         client = None;
-                        warn!(app = %app, error = format!("{e:#}"),
+                        warn!(app = %key.0, origin = key.1, error = format!("{e:#}"),
                               "cannot bring a paused app's backlog back; trying again");
                     }
                 }
@@ -148,6 +157,7 @@ impl PausedApps {
             let probe = set_aside::probe(
                 c,
                 &pause.app,
+                pause.origin.as_deref(),
                 probe_at,
                 &entry.at,
                 &pause.reason,
@@ -161,6 +171,7 @@ impl PausedApps {
                 moved = set_aside::park(
                     c,
                     &pause.app,
+                    pause.origin.as_deref(),
                     threshold,
                     park_at,
                     probe,
@@ -188,7 +199,7 @@ impl PausedApps {
             .rows_set_aside
             .get_or_create(&app)
             .inc_by(moved);
-        info!(app = %pause.app, cause = ?pause.cause, parked = moved, probe = ?probe,
+        info!(app = %pause.app, origin = pause.origin, cause = ?pause.cause, parked = moved, probe = ?probe,
               probe_in = ?pause.until.saturating_duration_since(Instant::now()),
               again = step == Step::ProbeAgain,
               "a paused app: its backlog parked, one row due for the probe");
@@ -196,23 +207,23 @@ impl PausedApps {
         Ok(())
     }
 
-    /// The app is no longer paused: its parked rows are due now.
+    /// The app (or push service) is no longer paused: its parked rows are due now.
     async fn release(
         &self,
         client: &mut Option<Client>,
-        app: &str,
+        (app, origin): &Paused,
         at: &[SystemTime],
     ) -> anyhow::Result<()> {
         if at.is_empty() {
             return Ok(());
         }
         let c = self.connection(client).await?;
-        let released =
-            tokio::time::timeout(PASS_BOUND, set_aside::release(c, app, at, STATEMENT_BOUND))
-                .await
-                .map_err(|_| anyhow::anyhow!("no answer within {PASS_BOUND:?}"))?
-                .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))?;
-        info!(app = %app, released, "the app delivers again: its parked backlog is due");
+        let release = set_aside::release(c, app, origin.as_deref(), at, STATEMENT_BOUND);
+        let released = tokio::time::timeout(PASS_BOUND, release)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {PASS_BOUND:?}"))?
+            .map_err(|e| anyhow::anyhow!("{}", db::describe(&e)))?;
+        info!(app = %app, origin, released, "the app delivers again: its parked backlog is due");
         self.wake.notify_one();
         Ok(())
     }

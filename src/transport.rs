@@ -152,11 +152,15 @@ pub enum PauseCause {
     Unreachable,
 }
 
-/// An app paused (see `app_gate`), as the transport reports it: the daemon parks the
-/// app's backlog meanwhile (`paused_apps`) and leaves it out of the claims.
+/// An app paused (see `app_gate`), or one push service of a Web Push app, as the
+/// transport reports it: the daemon parks the backlog meanwhile (`paused_apps`); a whole
+/// app's it also leaves out of the claims.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pause {
     pub app: String,
+    /// The Web Push service (`https://host[:port]`, a subscription's origin) paused, when
+    /// the pause is that push service's alone, not the app's.
+    pub origin: Option<String>,
     /// Which pause: unique in the process (a reloaded app's new gate counts on).
     pub number: u64,
     /// When the probe may go out (past, once the app waits for its probe).
@@ -202,9 +206,9 @@ pub trait Transport: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// The apps paused now, while their service refuses their credentials or throttles
-    /// them (see `app_gate`): the daemon sets each one's backlog aside until the pause
-    /// ends.
+    /// The apps paused now, while their service refuses their credentials, throttles
+    /// them or cannot be reached (see `app_gate`), and the Web Push services paused for
+    /// an app: the daemon sets each one's backlog aside until the pause ends.
     fn paused(&self) -> Vec<Pause> {
         Vec::new()
     }

@@ -1,7 +1,10 @@
 //! Setting a paused app's backlog aside (see `app_gate`, `paused_apps`): while its
-//! service refuses the app's credentials or throttles it, the app's pending rows are
-//! parked, out of the claims' way, and one row is made due when the pause ends, as the
-//! probe; once the probe is accepted, the parked rows come back.
+//! service refuses the app's credentials, throttles it or cannot be reached, the app's
+//! pending rows are parked, out of the claims' way, and one row is made due when the
+//! pause ends, as the probe; once the probe is accepted, the parked rows come back. A
+//! Web Push service paused on its own has its rows of the app set aside the same way:
+//! each statement takes an origin (`$origin`, `https://host[:port]`), and then moves only
+//! the rows whose subscription names that push service (`row_origin!`).
 //!
 //! - **Park** ([`park`]): the app's rows due before `$threshold` (half the parking time
 //!   ahead) move to `$park_at` (the parking time ahead), so the claims walking the due
@@ -24,14 +27,31 @@ use tokio_postgres::Client;
 /// Rows moved per statement (and transaction).
 pub const CHUNK: i64 = 5000;
 
+/// A Web Push row's push service as `Subscription::origin` writes it (`https://`, the
+/// host in lower case, the port unless 443), read from the text of `o.device_token`
+/// (JSON never parsed, so no row can make the statement fail; other rows give NULL). An
+/// endpoint written otherwise (escaped slashes, a name in Unicode) gives another string:
+/// its row is then not set aside, and its push service's gate defers it alone.
+macro_rules! row_origin {
+    () => {
+        r#"regexp_replace(lower(substring(o.device_token
+                                  FROM '"endpoint"\s*:\s*"(https://[^/"?#\\]*)')),
+                          ':443$', '')"#
+    };
+}
+
 /// `now + $1 ms`, by the database's clock.
 const AHEAD: &str = "SELECT clock_timestamp() + $1::bigint * interval '1 millisecond'";
 
-const PROBE: &str = "
+const PROBE: &str = concat!(
+    "
 UPDATE pgpushd.outbox
    SET send_after = $2, last_error = $3
  WHERE id = (SELECT o.id FROM pgpushd.outbox AS o
               WHERE o.status = 'pending' AND o.app = $1
+                AND ($5::text IS NULL OR ",
+    row_origin!(),
+    " = $5)
                 AND (o.send_after <= $2 OR o.send_after = ANY ($4::timestamptz[]))
                 AND (o.expires_at IS NULL OR o.expires_at > $2)
                 AND NOT EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens AS u
@@ -43,16 +63,21 @@ UPDATE pgpushd.outbox
               ORDER BY o.send_after, o.id
               LIMIT 1
                 FOR UPDATE OF o SKIP LOCKED)
-RETURNING id";
+RETURNING id"
+);
 
 /// One chunk of the parking, after the key `($3, $4)` of the previous chunk's last row
 /// (so no chunk walks past what the others moved). Returns the chunk's last key and its
 /// size.
-const PARK: &str = "
+const PARK: &str = concat!(
+    "
 WITH picked AS (
-    SELECT id, send_after FROM pgpushd.outbox
+    SELECT id, send_after FROM pgpushd.outbox AS o
      WHERE status = 'pending' AND send_after < $2 AND (send_after, id) > ($3, $4)
        AND app = $1 AND id <> $5 AND (expires_at IS NULL OR expires_at > now())
+       AND ($9::text IS NULL OR ",
+    row_origin!(),
+    " = $9)
      ORDER BY send_after, id
      LIMIT $6
        FOR UPDATE SKIP LOCKED),
@@ -60,17 +85,23 @@ moved AS (
     UPDATE pgpushd.outbox AS o
        SET send_after = $7, last_error = $8
       FROM picked WHERE o.id = picked.id)
-SELECT send_after, id, count(*) OVER () FROM picked ORDER BY send_after DESC, id DESC LIMIT 1";
+SELECT send_after, id, count(*) OVER () FROM picked ORDER BY send_after DESC, id DESC LIMIT 1"
+);
 
 /// One chunk of the release: rows parked at one of `$2` come due now.
-const RELEASE: &str = "
-UPDATE pgpushd.outbox AS o
+const RELEASE: &str = concat!(
+    "
+UPDATE pgpushd.outbox AS parked
    SET send_after = clock_timestamp()
-  FROM (SELECT id FROM pgpushd.outbox
+  FROM (SELECT id FROM pgpushd.outbox AS o
          WHERE status = 'pending' AND send_after = ANY ($2::timestamptz[]) AND app = $1
+           AND ($4::text IS NULL OR ",
+    row_origin!(),
+    " = $4)
          LIMIT $3
            FOR UPDATE SKIP LOCKED) AS s
- WHERE o.id = s.id";
+ WHERE parked.id = s.id"
+);
 
 /// The database's clock, `ahead` from now.
 pub async fn time_ahead(
@@ -80,11 +111,12 @@ pub async fn time_ahead(
     Ok(client.query_one(AHEAD, &[&millis(ahead)]).await?.get(0))
 }
 
-/// Makes `app`'s first row that can be sent, due by `probe_at` or parked at one of
-/// `parked`, due at `probe_at`; its id, if there was one.
+/// Makes `app`'s (`origin`'s, if one) first row that can be sent, due by `probe_at` or
+/// parked at one of `parked`, due at `probe_at`; its id, if there was one.
 pub async fn probe(
     client: &mut Client,
     app: &str,
+    origin: Option<&str>,
     probe_at: SystemTime,
     parked: &[SystemTime],
     reason: &str,
@@ -92,17 +124,20 @@ pub async fn probe(
 ) -> Result<Option<i64>, tokio_postgres::Error> {
     let txn = bounded(client, bound).await?;
     let id = txn
-        .query_opt(PROBE, &[&app, &probe_at, &reason, &parked])
+        .query_opt(PROBE, &[&app, &probe_at, &reason, &parked, &origin])
         .await?
         .map(|r| r.get(0));
     txn.commit().await?;
     Ok(id)
 }
 
-/// Parks `app`'s rows due before `threshold` at `park_at` (all but `probe`); how many.
+/// Parks `app`'s (`origin`'s, if one) rows due before `threshold` at `park_at` (all but
+/// `probe`); how many.
+#[allow(clippy::too_many_arguments)]
 pub async fn park(
     client: &mut Client,
     app: &str,
+    origin: Option<&str>,
     threshold: SystemTime,
     park_at: SystemTime,
     probe: Option<i64>,
@@ -129,6 +164,7 @@ pub async fn park(
                     &CHUNK,
                     &park_at,
                     &reason,
+                    &origin,
                 ],
             )
             .await?;
@@ -145,17 +181,20 @@ pub async fn park(
     }
 }
 
-/// Makes `app`'s rows parked at one of `parked` due now; how many.
+/// Makes `app`'s (`origin`'s, if one) rows parked at one of `parked` due now; how many.
 pub async fn release(
     client: &mut Client,
     app: &str,
+    origin: Option<&str>,
     parked: &[SystemTime],
     bound: Duration,
 ) -> Result<u64, tokio_postgres::Error> {
     let mut moved = 0;
     loop {
         let txn = bounded(client, bound).await?;
-        let n = txn.execute(RELEASE, &[&app, &parked, &CHUNK]).await?;
+        let n = txn
+            .execute(RELEASE, &[&app, &parked, &CHUNK, &origin])
+            .await?;
         txn.commit().await?;
         moved += n;
         if n < CHUNK as u64 {

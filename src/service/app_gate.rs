@@ -125,6 +125,7 @@ impl AppGate {
         let (cause, reason) = s.paused.clone()?;
         Some(Pause {
             app: self.app.clone(),
+            origin: None,
             number: s.pause_number,
             until: s.until?,
             probe_wait: self.probe_wait,

@@ -60,6 +60,12 @@ pub trait AppClient: Send + Sync {
         None
     }
 
+    /// The app's push services paused on their own (Web Push's origins), as the app's
+    /// [`Pause`](crate::transport::Pause)s with their `origin`.
+    fn paused_origins(&self) -> Vec<crate::transport::Pause> {
+        Vec::new()
+    }
+
     /// Whether it sends broadcast rows (rows naming a channel: APNs's HTTP/2 provider
     /// API). The registry fails them for the others.
     fn broadcasts(&self) -> bool {

@@ -151,7 +151,9 @@ impl Registry {
 
     pub fn paused(&self) -> Vec<Pause> {
         let apps = self.apps.read().unwrap();
-        apps.values().filter_map(|l| l.gate.pause()).collect()
+        apps.values()
+            .flat_map(|l| l.gate.pause().into_iter().chain(l.client.paused_origins()))
+            .collect()
     }
 
     /// Starts the reporter of every app that has one and whose reporter is not running.

@@ -158,6 +158,10 @@ impl AppClient for WebpushApp {
     fn open_connections(&self) -> usize {
         self.origins.open_connections()
     }
+
+    fn paused_origins(&self) -> Vec<crate::transport::Pause> {
+        self.origins.paused()
+    }
 }
 
 /// The connection's answer as the pure rules read it.

@@ -32,6 +32,7 @@ use crate::http1::{self, Http1Pool, Negotiated};
 use crate::http2::pool::{Pool, PoolError};
 use crate::http2::Answer;
 use crate::service::{AppGate, Timings};
+use crate::transport::Pause;
 
 /// Push services an app keeps connections to at once.
 pub const MAX_ORIGINS: usize = 64;
@@ -169,6 +170,21 @@ impl Origins {
                 Link::Http1(pool) => pool.open_connections(),
             })
             .sum()
+    }
+
+    /// The push services paused now, each as a pause of the app with its `origin`.
+    pub(crate) fn paused(&self) -> Vec<Pause> {
+        let map = self.map.lock().unwrap();
+        map.values()
+            .filter_map(|e| {
+                let pause = e.origin.gate.pause()?;
+                Some(Pause {
+                    app: self.config.name.clone(),
+                    origin: Some(e.origin.name.clone()),
+                    ..pause
+                })
+            })
+            .collect()
     }
 
     /// `origin`'s link: the one it has, or a new one from a first connection (one at a

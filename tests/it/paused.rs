@@ -364,3 +364,86 @@ async fn a_key_revoked_while_rows_carry_their_own_topic_pauses_the_app_after_a_f
         "{attempts} attempts burned (at most {limit})"
     );
 }
+
+/// One Web Push service's rows are found by their subscription's endpoint as
+/// `Subscription::origin` writes it, whatever the JSON's spacing or the host's case, and
+/// no other row: another port, another host, a name that merely starts the same, another
+/// app, an APNs token, text that is not JSON.
+#[tokio::test]
+async fn a_push_services_rows_are_told_apart_by_their_endpoints_origin() {
+    use pgpushd::outbox::set_aside;
+    use pgpushd::webpush::subscription::Subscription;
+
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let keys = r#""keys":{"p256dh":"BHMblAN5R2-4wR_VtJZvahct1MMOntaS2h8IzO43766prhmtTCqsDo-fooBzdNLgF73GgLVDuX3H2FwFUR0ULhQ","auth":"-bVsP9Rp3nIexGSbs6rbuQ"}"#;
+    let sub = |endpoint: &str| format!(r#"{{"endpoint":"{endpoint}",{keys}}}"#);
+    let origin = "https://push.example";
+    let its = [
+        sub("https://push.example/a"),
+        sub("https://Push.Example/b"),
+        sub("https://push.example:443/c"),
+        format!(r#"{{ "endpoint" : "https://push.example/d?x=1", {keys} }}"#),
+    ];
+    let others = [
+        sub("https://push.example:8443/e"),
+        sub("https://push.example.evil.net/f"),
+        sub("https://other.example/g"),
+    ];
+    for token in &its {
+        let parsed = Subscription::parse(token).unwrap();
+        assert_eq!(parsed.origin(), origin, "{token}");
+    }
+    let insert = |app: &'static str, tokens: Vec<String>| {
+        let client = &client;
+        async move {
+            client
+                .execute(
+                    "INSERT INTO pgpushd.outbox (app, device_token, payload)
+                     SELECT $1, t, '{}' FROM unnest($2::text[]) AS t",
+                    &[&app, &tokens],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    insert("web", its.to_vec()).await;
+    insert("web", others.to_vec()).await;
+    insert("other", vec![its[0].clone()]).await;
+    insert("web", vec!["ab".repeat(32)]).await;
+
+    let threshold = set_aside::time_ahead(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let park_at = set_aside::time_ahead(&client, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let bound = Duration::from_secs(10);
+    let moved = set_aside::park(
+        &mut client,
+        "web",
+        Some(origin),
+        threshold,
+        park_at,
+        None,
+        "paused",
+        bound,
+    )
+    .await
+    .unwrap();
+    let parked: Vec<String> = client
+        .query(
+            "SELECT device_token FROM pgpushd.outbox WHERE send_after = $1 ORDER BY id",
+            &[&park_at],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(parked, its, "moved {moved}");
+    let released = set_aside::release(&mut client, "web", Some(origin), &[park_at], bound)
+        .await
+        .unwrap();
+    assert_eq!(released, its.len() as u64);
+}

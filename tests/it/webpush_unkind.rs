@@ -7,6 +7,7 @@
 //! never `sent` without a 201, and other push services' rows unaffected. The emulator
 //! plays the well-behaved push service beside them.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -564,5 +565,150 @@ async fn one_push_service_refusing_does_not_pause_the_others(args: &[&str], rows
         "a row for a well-behaved push service still {r:?} after {:?}: the app was paused \
          for another push service's answers ({paused:?})",
         started.elapsed()
+    );
+}
+
+/// A push service refusing the app's VAPID token for every row is paused on its own, and
+/// its backlog is set aside as a paused app's is (README, "A paused app"): parked, one
+/// row at a time probing it, while the app's rows for other push services, due now or
+/// later, are neither held up nor moved. Once it accepts again, its rows are due at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_push_services_backlog_is_set_aside_and_comes_back_once_it_accepts() {
+    if !python_h2() {
+        return;
+    }
+    let web = setup().await;
+    let mut refusing = Unkind::start(web.dir.path(), "status", &["--status", "401"]);
+    let db = TestDb::new().await;
+    let cfg = config(&db.url, &web.app_toml);
+    let providers = providers(&cfg, Duration::from_secs(1));
+    let daemon = start(cfg.clone(), providers.clone());
+    let client = db.client().await;
+    // Every write of the refusing service's rows, counted by a trigger of the test's.
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE refused_writes (id bigint NOT NULL);
+             CREATE FUNCTION count_refused_write() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO refused_writes VALUES (NEW.id); RETURN NEW; END $$;
+             CREATE TRIGGER count_refused_writes AFTER UPDATE ON pgpushd.outbox
+                FOR EACH ROW WHEN (strpos(NEW.device_token, 'localhost:{}/') > 0)
+                EXECUTE FUNCTION count_refused_write();",
+            refusing.port
+        ))
+        .await
+        .unwrap();
+
+    // The emulator proves the app's key first.
+    let first = insert(&client, &[web.subscribe().to_json()]).await[0];
+    assert_eq!(
+        finished(&client, first, Duration::from_secs(10))
+            .await
+            .status,
+        "sent"
+    );
+    // The emulator's rows due in two minutes: another push service's, never moved.
+    let later: Vec<i64> = client
+        .query(
+            "INSERT INTO pgpushd.outbox (app, device_token, payload, send_after)
+             SELECT 'web', t, '{}', now() + interval '2 minutes' FROM unnest($1::text[]) AS t
+             RETURNING id",
+            &[&(0..20)
+                .map(|_| web.subscribe().to_json())
+                .collect::<Vec<_>>()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    const ROWS: i64 = 200;
+    let tokens: Vec<String> = (0..ROWS)
+        .map(|i| refusing.subscription(&format!("r{i}")))
+        .collect();
+    let ids = insert(&client, &tokens).await;
+    let parked = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pgpushd.outbox
+                  WHERE id = ANY ($1) AND status = 'pending' AND attempts = 0
+                    AND send_after > now() + interval '30 minutes'",
+                &[&ids],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // All but the probe's, and a few a batch held at a pause's parking (the next pause
+    // parks those).
+    wait_for(
+        "the refusing service's rows parked",
+        Duration::from_secs(20),
+        || async { (parked().await >= ROWS - 5).then_some(()) },
+    )
+    .await;
+    // Meanwhile the other push service's rows go on: due now, sent; due later, unmoved.
+    let now = insert(&client, &[web.subscribe().to_json()]).await[0];
+    assert_eq!(
+        finished(&client, now, Duration::from_secs(5)).await.status,
+        "sent"
+    );
+    let moved: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgpushd.outbox
+              WHERE id = ANY ($1) AND (status <> 'pending' OR send_after > now() + interval '3 minutes')",
+            &[&later],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(moved, 0, "the other push service's later rows were moved");
+
+    // It accepts again: its probe is accepted, and its backlog comes back.
+    writeln!(refusing.0.stdin, "status 201").unwrap();
+    refusing.0.stdin.flush().unwrap();
+    let sent = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pgpushd.outbox WHERE id = ANY ($1) AND status = 'sent'",
+                &[&ids],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    wait_for(
+        "the refusing service's rows sent once it accepts",
+        Duration::from_secs(20),
+        || async { (sent().await == ROWS).then_some(()) },
+    )
+    .await;
+    let metrics = daemon.metrics.clone();
+    daemon.stop().await;
+    let pauses = metrics
+        .app_pauses
+        .get_or_create(&pgpushd::metrics::AppLabels { app: "web".into() })
+        .get() as i64;
+    let (most, over): (i64, i64) = {
+        let r = client
+            .query_one(
+                "SELECT coalesce(max(n), 0), count(*) FILTER (WHERE n > 4)
+                   FROM (SELECT count(*) AS n FROM refused_writes GROUP BY id) w",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    eprintln!(
+        "{pauses} pauses; a refused row written at most {most} times, {over} rows more than 4"
+    );
+    assert!(pauses >= 1, "no pause set aside");
+    // A row: deferred by the gate (its first batch), parked, released, sent. At most
+    // twice more per pause: a probe row is made due and deferred; a row a batch held at a
+    // pause's parking is deferred to that pause's end, and parked at the next.
+    assert!(
+        most <= 2 * pauses + 4,
+        "a row written {most} times in {pauses} pauses"
     );
 }
