@@ -766,12 +766,22 @@ async fn a_look_that_gets_no_answer_is_cancelled_on_the_server() {
     let mut cfg = config(&db.url, "");
     cfg.database.poll_interval = Duration::from_millis(200);
     let daemon = Daemon::new(cfg, transport.clone());
+    let mut progress = daemon.progress();
     let cancel = CancellationToken::new();
     let task = tokio::spawn({
         let cancel = cancel.clone();
         async move { daemon.run(cancel).await }
     });
     wait_for_listener(&client).await;
+    // A claim done: a batch connection has its statements prepared (preparing one would
+    // wait for the lock below instead of a look).
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        progress.wait_for(|p| p.claims >= 1),
+    )
+    .await
+    .expect("the catch-up claim")
+    .unwrap();
     let mut locker = db.client().await;
     let lock = locker.transaction().await.unwrap();
     lock.batch_execute("LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
