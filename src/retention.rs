@@ -35,9 +35,12 @@ pub struct Pruned {
     pub expired: u64,
     /// Settled rows without `settled_at` (from before schema version 2) given one.
     pub stamped: u64,
+    /// Ended broadcast channels deleted from `pgpushd.channels`.
+    pub channels: u64,
 }
 
 impl Pruned {
+    /// Outbox rows deleted.
     pub fn deleted(&self) -> u64 {
         self.sent + self.failed + self.expired
     }
@@ -58,8 +61,8 @@ pub async fn run(
         if current != announced {
             match current.is_enabled() {
                 true => info!(sent = ?current.sent, failed = ?current.failed,
-                              expired = ?current.expired, interval = ?current.interval,
-                              "retention enabled"),
+                              expired = ?current.expired, channels = ?current.channels,
+                              interval = ?current.interval, "retention enabled"),
                 false => info!("retention disabled"),
             }
             announced = current.clone();
@@ -174,6 +177,21 @@ pub async fn prune_once(
             }
         }
     }
+    if let Some(age) = config.channels {
+        loop {
+            let n = bounded(
+                "deleting ended channels",
+                canceller,
+                timeout,
+                prune::delete_channels(client, age, batch),
+            )
+            .await?;
+            pruned.channels += n;
+            if n < batch as u64 {
+                break;
+            }
+        }
+    }
     Ok(pruned)
 }
 
@@ -191,12 +209,13 @@ async fn bounded(
 }
 
 fn report(p: &Pruned) {
-    if p.deleted() > 0 || p.stamped > 0 {
+    if p.deleted() > 0 || p.stamped > 0 || p.channels > 0 {
         info!(
             sent = p.sent,
             failed = p.failed,
             expired = p.expired,
             stamped = p.stamped,
+            channels = p.channels,
             "retention: deleted old rows"
         );
     } else {

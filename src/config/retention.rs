@@ -1,4 +1,5 @@
-//! `[retention]`: how long settled rows stay in the outbox before they are deleted.
+//! `[retention]`: how long settled rows stay in the outbox before they are deleted, and
+//! ended broadcast channels in `pgpushd.channels`.
 
 use std::time::Duration;
 
@@ -17,6 +18,9 @@ pub struct RetentionConfig {
     pub sent: Option<Duration>,
     pub failed: Option<Duration>,
     pub expired: Option<Duration>,
+    /// How long a broadcast channel stays in `pgpushd.channels` once it has ended: closed
+    /// (deleted at APNs) since, or failed without ever being created (from its creation).
+    pub channels: Option<Duration>,
     /// How often a pass runs; each pass deletes everything due, batch by batch.
     pub interval: Duration,
     /// Rows per DELETE: each batch is its own short transaction.
@@ -26,7 +30,10 @@ pub struct RetentionConfig {
 impl RetentionConfig {
     /// Whether any age is set, i.e. whether there is anything to delete.
     pub fn is_enabled(&self) -> bool {
-        self.sent.is_some() || self.failed.is_some() || self.expired.is_some()
+        self.sent.is_some()
+            || self.failed.is_some()
+            || self.expired.is_some()
+            || self.channels.is_some()
     }
 }
 
@@ -36,6 +43,7 @@ impl Default for RetentionConfig {
             sent: None,
             failed: None,
             expired: None,
+            channels: None,
             interval: Duration::from_secs(60),
             batch_size: 1000,
         }
@@ -54,6 +62,8 @@ pub(super) struct RetentionFile {
     failed: Option<Duration>,
     #[serde(default, with = "duration::optional")]
     expired: Option<Duration>,
+    #[serde(default, with = "duration::optional")]
+    channels: Option<Duration>,
     #[serde(default, with = "duration::optional")]
     interval: Option<Duration>,
     batch_size: Option<i64>,
@@ -78,6 +88,7 @@ impl Validator<'_> {
             sent: age("sent", r.sent)?,
             failed: age("failed", r.failed)?,
             expired: age("expired", r.expired)?,
+            channels: age("channels", r.channels)?,
             interval: match r.interval {
                 Some(i) => self.bounded("retention.interval", i, DAY)?,
                 None => default.interval,
@@ -104,6 +115,10 @@ mod tests {
         assert_eq!(c.retention.batch_size, 1000);
         let c = parse(&format!("{MINIMAL}[retention]\ninterval = \"5m\"\n")).unwrap();
         assert!(!c.retention.is_enabled());
+        // Ended channels alone are something to delete.
+        let c = parse(&format!("{MINIMAL}[retention]\nchannels = \"90d\"\n")).unwrap();
+        assert!(c.retention.is_enabled());
+        assert_eq!(c.retention.channels, Some(Duration::from_secs(90 * 86_400)));
     }
 
     #[test]
@@ -115,6 +130,7 @@ mod tests {
         .unwrap();
         let r = &c.retention;
         assert!(r.is_enabled());
+        assert_eq!(r.channels, None);
         assert_eq!(r.sent, Some(Duration::from_secs(7 * 86_400)));
         assert_eq!(r.failed, None);
         assert_eq!(r.expired, Some(Duration::from_secs(5400)));

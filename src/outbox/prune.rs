@@ -62,6 +62,29 @@ pub async fn delete_settled(
     client.execute(&sql, &[&age_ms, &to_i64(limit)]).await
 }
 
+/// Deletes up to `limit` broadcast channels that ended more than `age` ago (by the
+/// database's clock): closed (deleted at APNs) since `closed_at`, or failed without a
+/// channel id (never created) since `created_at`. A failed row with a channel id may
+/// still have its channel at APNs, so it stays for `pgpushd channels list` to show.
+/// Returns how many.
+pub async fn delete_channels(
+    client: &impl GenericClient,
+    age: Duration,
+    limit: usize,
+) -> Result<u64, tokio_postgres::Error> {
+    const SQL: &str = "
+DELETE FROM pgpushd.channels
+ WHERE id IN (SELECT id FROM pgpushd.channels
+               WHERE (status = 'closed'
+                      AND closed_at < now() - $1::bigint * interval '1 millisecond')
+                  OR (status = 'failed' AND channel_id IS NULL
+                      AND created_at < now() - $1::bigint * interval '1 millisecond')
+               LIMIT $2
+                 FOR UPDATE SKIP LOCKED)";
+    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    client.execute(SQL, &[&age_ms, &to_i64(limit)]).await
+}
+
 fn to_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -53,6 +53,7 @@ fn retention(sent: Option<&str>, failed: Option<&str>, expired: Option<&str>) ->
         sent: age(sent),
         failed: age(failed),
         expired: age(expired),
+        channels: None,
         interval: Duration::from_millis(100),
         batch_size: 2,
     }
@@ -102,7 +103,8 @@ async fn a_pass_deletes_old_settled_rows_of_configured_statuses_only() {
             sent: 6,
             failed: 3,
             expired: 0,
-            stamped: 2
+            stamped: 2,
+            channels: 0,
         }
     );
     assert_eq!(ids(&c).await, kept);
@@ -128,6 +130,75 @@ async fn a_pass_deletes_old_settled_rows_of_configured_statuses_only() {
         .unwrap();
     assert_eq!(pruned.expired, 1);
     assert_eq!(ids(&c).await.len(), kept.len() - 1);
+}
+
+/// `[retention] channels`: closed channels go by `closed_at`, failed ones never created
+/// by `created_at`; active, pending and closing ones stay whatever their age, and so does
+/// a failed one with a channel id (APNs may still have it).
+#[tokio::test]
+async fn a_pass_deletes_channels_ended_long_ago_only() {
+    let db = TestDb::new().await;
+    let (c, canceller) = pgpushd::db::connect_cancellable(
+        &pgpushd::secret::Secret::new(db.url.clone()),
+        Duration::from_secs(10),
+        "test",
+    )
+    .await
+    .unwrap();
+    let channel = |status: &'static str,
+                   id: Option<&'static str>,
+                   created: &'static str,
+                   closed: Option<&'static str>| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "INSERT INTO pgpushd.channels (status, channel_id, created_at, closed_at)
+                 VALUES ($1, $2, now() - $3::text::interval, now() - $4::text::interval)
+                 RETURNING id",
+                &[&status, &id, &created, &closed],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    let doomed = BTreeSet::from([
+        channel("closed", Some("ch1"), "90 days", Some("40 days")).await,
+        channel("closed", Some("ch2"), "90 days", Some("31 days")).await,
+        channel("failed", None, "35 days", None).await,
+    ]);
+    let kept = BTreeSet::from([
+        channel("closed", Some("ch3"), "90 days", Some("29 days")).await,
+        channel("failed", None, "2 days", None).await,
+        channel("failed", Some("ch4"), "90 days", None).await,
+        channel("active", Some("ch5"), "400 days", None).await,
+        channel("pending", None, "400 days", None).await,
+        channel("closing", Some("ch6"), "400 days", None).await,
+    ]);
+    let config = RetentionConfig {
+        channels: Some(Duration::from_secs(30 * 86_400)),
+        ..retention(None, None, None)
+    };
+    assert!(config.is_enabled());
+    let pruned = prune_once(&c, &canceller, &config, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            channels: 3,
+            ..Pruned::default()
+        }
+    );
+    let left: BTreeSet<i64> = c
+        .query("SELECT id FROM pgpushd.channels", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, kept);
+    assert!(doomed.is_disjoint(&left));
 }
 
 #[tokio::test]
