@@ -605,21 +605,28 @@ impl InFlightRows {
     /// is one whose outcome that batch's commit failed to write and that it has not yet
     /// remembered (the database released the row at its COMMIT, before the answer came
     /// back): this waits until that batch lets go, so that the answer is remembered
-    /// before this batch settles the row, and the row is not sent again.
-    async fn hold<'r>(&'r self, claimed: &[Claimed]) -> HeldRows<'r> {
-        let ids: Vec<i64> = claimed.iter().map(|c| c.notification.id).collect();
+    /// before this batch settles the row, and the row is not sent again. It waits until
+    /// `until` at most: a row still held then is left out of `claimed` (this batch's
+    /// commit releases it untouched).
+    async fn hold<'r>(&'r self, claimed: &mut Vec<Claimed>, until: Instant) -> HeldRows<'r> {
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
             {
                 let mut rows = self.rows.lock().unwrap();
-                if !ids.iter().any(|id| rows.contains(id)) {
+                let held_elsewhere = |c: &Claimed| rows.contains(&c.notification.id);
+                if !claimed.iter().any(held_elsewhere) || Instant::now() >= until {
+                    claimed.retain(|c| !rows.contains(&c.notification.id));
+                    let ids: Vec<i64> = claimed.iter().map(|c| c.notification.id).collect();
                     rows.extend(ids.iter().copied());
                     return HeldRows { rows: self, ids };
                 }
             }
-            released.await;
+            tokio::select! {
+                _ = released => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
         }
     }
 
@@ -768,14 +775,33 @@ async fn batch(
         .map_err(sql("claiming rows"))?;
     loop {
         let Claim {
-            rows: claimed,
+            rows: mut claimed,
             next_due,
             batch: txn,
         } = claim;
+        let deadline = Instant::now() + settings.max_batch_duration;
         // Held until this link's outcomes are recorded (dropped at the end of each turn,
-        // before the next claim's rows are held: they may be some of these).
-        let _held = ctx.in_flight.hold(&claimed).await;
-        let link = send(ctx, &settings, awake, &claimed, next_due, claimed_tx).await;
+        // before the next claim's rows are held: they may be some of these). Another
+        // batch's commit is bounded by twice connect_timeout: waiting longer for its rows
+        // would only hold this transaction open.
+        let claim_size = claimed.len();
+        let wait_until = deadline.min(Instant::now() + 2 * ctx.connect_timeout);
+        let _held = ctx.in_flight.hold(&mut claimed, wait_until).await;
+        let left_out = claim_size - claimed.len();
+        let link = send(
+            ctx,
+            &settings,
+            awake,
+            Sent {
+                claimed: &claimed,
+                claim_size,
+                left_out,
+                deadline,
+            },
+            next_due,
+            claimed_tx,
+        )
+        .await;
         let order = match link.abandoned == 0 && !link.careful && !link.updates.is_empty() {
             true => hold(ctx, settings.outcome_hold).await,
             false => None,
@@ -890,18 +916,32 @@ struct Link {
     scheduled: Option<Instant>,
 }
 
+/// A claim's rows to send: `claimed`, out of the `claim_size` the claim took (the
+/// `left_out` others still held by another batch, released untouched), by `deadline`.
+struct Sent<'a> {
+    claimed: &'a [Claimed],
+    claim_size: usize,
+    left_out: usize,
+    deadline: Instant,
+}
+
 /// Sends every row of a claim at once and settles each; what to write.
 async fn send(
     ctx: &BatchContext,
     settings: &Settings,
     awake: bool,
-    claimed: &[Claimed],
+    rows: Sent<'_>,
     next_due: Option<Duration>,
     claimed_tx: &mpsc::UnboundedSender<bool>,
 ) -> Link {
-    let deadline = Instant::now() + settings.max_batch_duration;
+    let Sent {
+        claimed,
+        claim_size,
+        left_out,
+        deadline,
+    } = rows;
     let careful = ctx.unrecorded.write_carefully(claimed);
-    let full = claimed.len() == settings.batch_size;
+    let full = claim_size == settings.batch_size;
     let _ = claimed_tx.send(full);
     ctx.signals.claimed(claimed.len());
     if awake {
@@ -947,7 +987,11 @@ async fn send(
             }
         }
     }
-    let abandoned = sends.len();
+    // Rows left out (another batch still held them) are released with the unanswered.
+    let abandoned = sends.len() + left_out;
+    if left_out > 0 {
+        warn!(left_out, "rows another batch still held after its commit's time were released untouched");
+    }
     drop(sends);
     let (mut rows, mut updates): (Vec<usize>, Vec<RowUpdate>) = settled.into_iter().unzip();
     // Given up on (the drain's deadline, max_batch_duration): rows whose request went
@@ -1224,23 +1268,47 @@ mod tests {
     #[tokio::test]
     async fn a_row_still_held_by_another_batch_waits_for_it() {
         let rows = InFlightRows::default();
-        let first = rows.hold(&claimed(&[1, 2])).await;
-        let other = rows.hold(&claimed(&[3])).await;
-        let later = claimed(&[2, 4]);
-        let mut overlapping = std::pin::pin!(rows.hold(&later));
-        assert!(
-            futures::poll!(overlapping.as_mut()).is_pending(),
-            "row 2 is still held"
-        );
-        drop(other);
-        assert!(futures::poll!(overlapping.as_mut()).is_pending());
-        drop(first);
-        let held = overlapping.await;
+        let never = Instant::now() + Duration::from_secs(3600);
+        let first = rows.hold(&mut claimed(&[1, 2]), never).await;
+        let other = rows.hold(&mut claimed(&[3]), never).await;
+        let mut later = claimed(&[2, 4]);
+        let held = {
+            let mut overlapping = std::pin::pin!(rows.hold(&mut later, never));
+            assert!(
+                futures::poll!(overlapping.as_mut()).is_pending(),
+                "row 2 is still held"
+            );
+            drop(other);
+            assert!(futures::poll!(overlapping.as_mut()).is_pending());
+            drop(first);
+            overlapping.await
+        };
         let mut ids = rows.ids();
         ids.sort_unstable();
         assert_eq!(ids, [2, 4]);
         drop(held);
         assert!(rows.ids().is_empty());
+        assert_eq!(later.len(), 2, "none left out");
+    }
+
+    /// A row still held at the wait's end is left out of the batch, the others held.
+    #[tokio::test(start_paused = true)]
+    async fn a_row_held_past_the_wait_is_left_out() {
+        let rows = InFlightRows::default();
+        let _first = rows
+            .hold(&mut claimed(&[1]), Instant::now() + Duration::from_secs(1))
+            .await;
+        let mut later = claimed(&[1, 2]);
+        let waited = Instant::now();
+        let _held = rows
+            .hold(&mut later, Instant::now() + Duration::from_secs(4))
+            .await;
+        assert_eq!(waited.elapsed(), Duration::from_secs(4));
+        let ids: Vec<i64> = later.iter().map(|c| c.notification.id).collect();
+        assert_eq!(ids, [2]);
+        let mut held = rows.ids();
+        held.sort_unstable();
+        assert_eq!(held, [1, 2]);
     }
 
     #[tokio::test(start_paused = true)]
