@@ -990,7 +990,10 @@ async fn send(
     // Rows left out (another batch still held them) are released with the unanswered.
     let abandoned = sends.len() + left_out;
     if left_out > 0 {
-        warn!(left_out, "rows another batch still held after its commit's time were released untouched");
+        warn!(
+            left_out,
+            "rows another batch still held after its commit's time were released untouched"
+        );
     }
     drop(sends);
     let (mut rows, mut updates): (Vec<usize>, Vec<RowUpdate>) = settled.into_iter().unzip();

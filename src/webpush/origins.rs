@@ -108,9 +108,10 @@ impl Origins {
             return entry.origin.clone();
         }
         if map.len() >= MAX_ORIGINS {
+            // The least recently used, sparing paused ones (see `sweep`) unless all are.
             let oldest = map
                 .iter()
-                .min_by_key(|(_, e)| e.used)
+                .min_by_key(|(_, e)| (e.origin.gate.pause().is_some(), e.used))
                 .map(|(k, _)| k.clone());
             map.remove(&oldest.unwrap_or_default());
         }
@@ -284,15 +285,86 @@ impl Origin {
 }
 
 /// Closes the origins no row has needed for [`ORIGIN_IDLE`], every minute, while the app
-/// lives.
+/// lives. A paused one stays: its rows are parked meanwhile, and forgetting it would
+/// end its pause (the daemon would bring them back, due at once).
 async fn sweep(map: Weak<Mutex<HashMap<String, Entry>>>) {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
         let Some(map) = map.upgrade() else { return };
         let now = Instant::now();
         // Dropping a link closes its connections once the requests on them finish.
-        map.lock()
-            .unwrap()
-            .retain(|_, e| now.duration_since(e.used) < ORIGIN_IDLE);
+        map.lock().unwrap().retain(|_, e| {
+            now.duration_since(e.used) < ORIGIN_IDLE || e.origin.gate.pause().is_some()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn origins() -> Origins {
+        let text = "[database]\nurl = \"postgres://x@localhost/x\"\n[apps.web]\n\
+                    provider = \"webpush\"\n[apps.web.webpush]\nkey_file = \"v.pem\"\n\
+                    subject = \"mailto:a@b\"\n";
+        let config = Config::from_file_str(Path::new("t.toml"), text, None).unwrap();
+        let tls = || native_tls::TlsConnector::new().unwrap();
+        let tls = Tls {
+            either: tls(),
+            h2: tls(),
+            http1: tls(),
+        };
+        Origins::new(&config.apps["web"], &Timings::default(), tls)
+    }
+
+    fn subscription(host: &str) -> Subscription {
+        Subscription::parse(&format!(
+            r#"{{"endpoint":"https://{host}/x","keys":{{"p256dh":"BHMblAN5R2-4wR_VtJZvahct1MMOntaS2h8IzO43766prhmtTCqsDo-fooBzdNLgF73GgLVDuX3H2FwFUR0ULhQ","auth":"-bVsP9Rp3nIexGSbs6rbuQ"}}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn paused(origins: &Origins) -> Vec<String> {
+        origins
+            .paused()
+            .into_iter()
+            .filter_map(|p| p.origin)
+            .collect()
+    }
+
+    /// Forgetting a paused push service would end its pause, and bring its parked rows
+    /// back at once: neither the idle sweep nor the room for a new one drops it.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_push_service_is_neither_swept_nor_evicted() {
+        let origins = origins();
+        origins
+            .get(&subscription("paused.example"))
+            .gate
+            .refused("no".into());
+        for i in 0..MAX_ORIGINS {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            origins.get(&subscription(&format!("o{i}.example")));
+        }
+        assert_eq!(paused(&origins), ["https://paused.example"]);
+        assert_eq!(origins.map.lock().unwrap().len(), MAX_ORIGINS);
+        assert!(
+            !origins
+                .map
+                .lock()
+                .unwrap()
+                .contains_key("https://o0.example"),
+            "the least recently used unpaused one made room"
+        );
+
+        tokio::time::sleep(ORIGIN_IDLE + 2 * SWEEP_EVERY).await;
+        assert_eq!(paused(&origins), ["https://paused.example"]);
+        assert_eq!(
+            origins.map.lock().unwrap().len(),
+            1,
+            "the idle others swept"
+        );
     }
 }
