@@ -14,7 +14,8 @@
 //! - Each origin's [`AppGate`]: its refusals of the app's VAPID token and its
 //!   throttling pause that origin alone.
 //! - At most [`MAX_ORIGINS`] are kept: one unused for [`ORIGIN_IDLE`] is closed (a sweep
-//!   every minute), and the least recently used when a new one needs room.
+//!   every minute), and the least recently used when a new one needs room; a paused one
+//!   is kept (its rows are parked: forgetting it would end the pause).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Once, Weak};
