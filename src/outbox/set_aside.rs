@@ -29,13 +29,15 @@ pub const CHUNK: i64 = 5000;
 
 /// A Web Push row's push service as `Subscription::origin` writes it (`https://`, the
 /// host in lower case, the port unless 443), read from the text of `o.device_token`
-/// (JSON never parsed, so no row can make the statement fail; other rows give NULL). An
-/// endpoint written otherwise (escaped slashes, a name in Unicode) gives another string:
-/// its row is then not set aside, and its push service's gate defers it alone.
+/// (JSON never parsed, so no row can make the statement fail; other rows give NULL). The
+/// origin must end where the JSON's does (at `/`, `?`, `#` or the closing quote): an
+/// endpoint written otherwise (escaped slashes or characters, an upper-case scheme, a
+/// name in Unicode) gives NULL or another string, and its row is then not set aside: its
+/// push service's gate defers it alone.
 macro_rules! row_origin {
     () => {
         r#"regexp_replace(lower(substring(o.device_token
-                                  FROM '"endpoint"\s*:\s*"(https://[^/"?#\\]*)')),
+                                  FROM '"endpoint"\s*:\s*"(https://[^/"?#\\]*)[/?#"]')),
                           ':443$', '')"#
     };
 }

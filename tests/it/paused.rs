@@ -387,6 +387,8 @@ async fn a_push_services_rows_are_told_apart_by_their_endpoints_origin() {
     ];
     let others = [
         sub("https://push.example:8443/e"),
+        // An escaped character: the origin is https://push.example:8443 once unescaped.
+        sub(r"https://push.example\u003a8443/h"),
         sub("https://push.example.evil.net/f"),
         sub("https://other.example/g"),
     ];
