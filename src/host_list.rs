@@ -62,11 +62,16 @@ impl HostList {
                 Entry {
                     pattern: Pattern::Nothing,
                     ..
-                } => Err(format!(
-                    "{text:?} is not a host: a name (which covers the names under it), \
-                     an IP address, a range like 10.0.0.0/8, any of these with :port, or \
-                     \"*\" for every host"
-                )),
+                } => Err(not_a_host(text)),
+                Entry {
+                    pattern: Pattern::Domain(d),
+                    ..
+                } if !d
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')) =>
+                {
+                    Err(not_a_host(text))
+                }
                 entry => Ok(entry),
             })
             .collect::<Result<_, _>>()?;
@@ -166,6 +171,13 @@ fn split_port(text: &str) -> (&str, Option<&str>) {
     }
 }
 
+fn not_a_host(text: &str) -> String {
+    format!(
+        "{text:?} is not a host: a name (which covers the names under it), an IP address, \
+         a range like 10.0.0.0/8, any of these with :port, or \"*\" for every host"
+    )
+}
+
 fn in_range(a: IpAddr, network: IpAddr, prefix: u8) -> bool {
     match (a, network) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
@@ -225,6 +237,35 @@ mod tests {
         assert!(!direct("apple.com:notaport", "apple.com", 443));
         assert!(!direct("*:443", "apple.com", 2195));
         assert!(direct("*:443", "apple.com", 443));
+    }
+
+    #[test]
+    fn a_configs_list_refuses_what_is_not_a_host() {
+        let list = |entries: &[&str]| {
+            HostList::from_entries(&entries.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        };
+        let ok = list(&[
+            "push.example:8443",
+            "*.notify.windows.com",
+            "10.0.0.0/8",
+            "[::1]",
+            "*",
+        ])
+        .unwrap();
+        assert!(ok.matches("push.example", 8443));
+        assert!(ok.matches("wns2.notify.windows.com", 443));
+        for bad in [
+            "",
+            "https://x/",
+            "a b",
+            "u@h",
+            "a,b",
+            "x:notaport",
+            "10.0.0.0/40",
+        ] {
+            let e = list(&["fcm.googleapis.com", bad]).unwrap_err();
+            assert!(e.starts_with(&format!("{bad:?} is not a host")), "{e}");
+        }
     }
 
     #[test]

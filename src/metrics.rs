@@ -407,6 +407,11 @@ fn http_status_label(last_error: &str) -> Option<String> {
     STATUSES.contains(&status).then(|| format!("HTTP_{status}"))
 }
 
+/// `/healthz` while the listener has never had its LISTEN in place: starting, or unable
+/// to (the log says why: a pooler that forbids LISTEN, no connection slot, ...).
+const STARTING_LISTENER: &str =
+    "database: LISTEN is not in place yet (starting; if this lasts, the log says why)";
+
 /// What `/healthz` and the read-on-scrape metrics read besides [`Metrics`]: the live
 /// state of the transport, the database and the listener.
 pub struct Sources {
@@ -451,7 +456,7 @@ impl Sources {
         if !*self.listening.borrow() {
             // Never lost (the listener counts each loss): not in place yet.
             problems.push(match self.metrics.listener_reconnects.get() {
-                0 => "database: starting: LISTEN is not in place yet".to_owned(),
+                0 => STARTING_LISTENER.to_owned(),
                 _ => "database: the LISTEN connection is down".to_owned(),
             });
         }
@@ -778,10 +783,7 @@ mod tests {
         let (listening, listening_rx) = watch::channel(false);
         let sources = sources(listening_rx, Arc::new(|| None));
         let problems = || sources.health().unwrap_err();
-        assert_eq!(
-            problems(),
-            ["database: starting: LISTEN is not in place yet"]
-        );
+        assert_eq!(problems(), [STARTING_LISTENER]);
         listening.send_replace(true);
         assert!(sources.health().is_ok());
         // The listener counts the loss as it reports it.

@@ -138,10 +138,12 @@ pub struct WebpushAuth {
     pub push_services: HostList,
 }
 
-/// The browsers' push services (Chrome's and the others' on Google's, Firefox's,
-/// Safari's, Edge's): `push_services` when the config does not say.
-pub const BROWSER_PUSH_SERVICES: [&str; 4] = [
+/// The browsers' push services (Chrome's and the others' on Google's, with the endpoints
+/// of Chrome's first years; Firefox's, Safari's, Edge's): `push_services` when the
+/// config does not say.
+pub const BROWSER_PUSH_SERVICES: [&str; 5] = [
     "fcm.googleapis.com",
+    "android.googleapis.com",
     "push.services.mozilla.com",
     "web.push.apple.com",
     "notify.windows.com",
@@ -755,6 +757,7 @@ mod tests {
         // The browsers' push services, and the names under them, by default.
         for (host, allowed) in [
             ("fcm.googleapis.com", true),
+            ("android.googleapis.com", true),
             ("updates.push.services.mozilla.com", true),
             ("web.push.apple.com", true),
             ("wns2-by3p.notify.windows.com", true),

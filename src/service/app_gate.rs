@@ -304,9 +304,14 @@ impl AppGate {
                 after: (until - now + self.probe_wait).max(MIN_DEFER),
             };
         }
-        let wait = match after {
-            Some(after) => after.clamp(MIN_DEFER, MAX_RETRY_AFTER),
-            None => backoff(s.failures, self.backoff_base, self.backoff_max),
+        let wait = match (cause, after) {
+            // Until the pool's next connection attempt, but pauses in a row grow (from a
+            // second): a pool that never has a connection up says "try again now".
+            (PauseCause::Unreachable, Some(after)) => after
+                .max(backoff(s.failures, MIN_DEFER, self.backoff_max))
+                .min(MAX_RETRY_AFTER),
+            (_, Some(after)) => after.clamp(MIN_DEFER, MAX_RETRY_AFTER),
+            (_, None) => backoff(s.failures, self.backoff_base, self.backoff_max),
         };
         s.failures = s.failures.saturating_add(1);
         s.until = Some(now + wait);
@@ -314,7 +319,13 @@ impl AppGate {
         s.proven = false;
         s.throttled.clear();
         s.row_refusals = 0;
-        let new = s.paused.as_ref().map(|(c, r)| (*c, r.as_str())) != Some((cause, &reason));
+        // A connection error's words change each time (how long it lived...): another
+        // reason for the same cause is news only for refusals and throttling.
+        let new = match &s.paused {
+            Some((PauseCause::Unreachable, _)) => cause != PauseCause::Unreachable,
+            Some((c, r)) => (*c, r.as_str()) != (cause, reason.as_str()),
+            None => true,
+        };
         match (cause, new) {
             (PauseCause::Credentials, true) => {
                 error!(app = %self.app, service = self.service, reason = %reason, retry_in = ?wait,
@@ -450,11 +461,16 @@ mod tests {
         // Rows go nowhere meanwhile; the probe then finds the service still down.
         assert!(matches!(g.gate(), Gate::Closed(_)));
         tokio::time::advance(Duration::from_secs(2)).await;
-        let d = attempt(Duration::ZERO).await;
-        assert_eq!(deferred_for(d), MIN_DEFER + Duration::from_secs(5));
+        // "Now" again: pauses in a row grow all the same (the second 1 to 2 s, jittered).
+        let d = deferred_for(attempt(Duration::ZERO).await);
+        let probe = Duration::from_secs(5);
+        assert!(
+            d >= MIN_DEFER + probe && d <= 2 * MIN_DEFER + probe,
+            "{d:?}"
+        );
         assert!(g.pause().unwrap().number > pause.number, "a new pause");
         // Its probe gets through: open again.
-        tokio::time::advance(MIN_DEFER).await;
+        tokio::time::advance(2 * MIN_DEFER).await;
         let sent = g
             .attempt("t", async { Exchanged::Row(Delivery::Sent { id: None }) })
             .await;

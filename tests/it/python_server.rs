@@ -63,12 +63,12 @@ impl PythonServer {
             .unwrap();
         let stdin = child.stdin.take().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = out.next().unwrap().unwrap();
-        let port = first
-            .strip_prefix("PORT ")
-            .unwrap_or_else(|| panic!("{script} said {first:?}"))
-            .parse()
-            .unwrap();
+        let first = out.next().and_then(Result::ok).unwrap_or_default();
+        let Some(port) = first.strip_prefix("PORT ").and_then(|p| p.parse().ok()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{script} said {first:?} instead of its port");
+        };
         let lines = Arc::new(Mutex::new(Vec::new()));
         std::thread::spawn({
             let lines = lines.clone();
