@@ -37,6 +37,17 @@ async fn row(
         .get(0)
 }
 
+/// A connection to `db` as retention's task has one, with its canceller.
+async fn connect(db: &TestDb, role: &str) -> (Client, pgpushd::db::Canceller) {
+    pgpushd::db::connect_cancellable(
+        &pgpushd::secret::Secret::new(db.url.clone()),
+        Duration::from_secs(10),
+        role,
+    )
+    .await
+    .unwrap()
+}
+
 async fn ids(client: &Client) -> BTreeSet<i64> {
     client
         .query("SELECT id FROM pgpushd.outbox", &[])
@@ -62,13 +73,7 @@ fn retention(sent: Option<&str>, failed: Option<&str>, expired: Option<&str>) ->
 #[tokio::test]
 async fn a_pass_deletes_old_settled_rows_of_configured_statuses_only() {
     let db = TestDb::new().await;
-    let (c, canceller) = pgpushd::db::connect_cancellable(
-        &pgpushd::secret::Secret::new(db.url.clone()),
-        Duration::from_secs(10),
-        "test",
-    )
-    .await
-    .unwrap();
+    let (c, canceller) = connect(&db, "test").await;
     let mut doomed = BTreeSet::new();
     let mut kept = BTreeSet::new();
     // sent = 7d: five old ones (three batches of two), two younger ones.
@@ -138,13 +143,7 @@ async fn a_pass_deletes_old_settled_rows_of_configured_statuses_only() {
 #[tokio::test]
 async fn a_pass_deletes_channels_ended_long_ago_only() {
     let db = TestDb::new().await;
-    let (c, canceller) = pgpushd::db::connect_cancellable(
-        &pgpushd::secret::Secret::new(db.url.clone()),
-        Duration::from_secs(10),
-        "test",
-    )
-    .await
-    .unwrap();
+    let (c, canceller) = connect(&db, "test").await;
     let channel = |status: &'static str,
                    id: Option<&'static str>,
                    created: &'static str,
@@ -359,13 +358,7 @@ async fn a_statement_that_gets_no_answer_is_cancelled_on_the_server() {
     lock.batch_execute("LOCK TABLE pgpushd.outbox IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let (c, canceller) = pgpushd::db::connect_cancellable(
-        &pgpushd::secret::Secret::new(db.url.clone()),
-        Duration::from_secs(10),
-        "retention-test",
-    )
-    .await
-    .unwrap();
+    let (c, canceller) = connect(&db, "retention-test").await;
     let config = retention(Some("7d"), None, None);
     let pass = tokio::spawn(async move {
         let result = prune_once(&c, &canceller, &config, Duration::from_secs(2)).await;

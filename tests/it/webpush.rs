@@ -82,6 +82,20 @@ async fn insert(client: &tokio_postgres::Client, sub: &Subscription, payload: &s
     insert_with(client, sub, payload, "NULL", "NULL", "NULL").await
 }
 
+/// Inserts one row for `device_token` as it is (no browser need have made it), with the
+/// payload `{}`; returns its id.
+async fn insert_token(client: &tokio_postgres::Client, device_token: &str) -> i64 {
+    client
+        .query_one(
+            "INSERT INTO pgpushd.outbox (app, device_token, payload)
+             VALUES ('web', $1, '{}') RETURNING id",
+            &[&device_token],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn insert_with(
     client: &tokio_postgres::Client,
     sub: &Subscription,
@@ -233,15 +247,7 @@ async fn a_subscription_to_a_push_service_not_listed_fails_unsent() {
         &format!("https://169.254.169.254:{port}"),
     );
     assert_ne!(forged, listed.to_json());
-    let forged_id: i64 = client
-        .query_one(
-            "INSERT INTO pgpushd.outbox (app, device_token, payload)
-             VALUES ('web', $1, '{}') RETURNING id",
-            &[&forged],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let forged_id = insert_token(&client, &forged).await;
     let listed_id = insert(&client, &listed, r#"{"body": "hi"}"#).await;
     let r = settled(&client, forged_id).await;
     assert_eq!(r.status, "failed", "{r:?}");
@@ -292,15 +298,7 @@ async fn every_answer_ends_in_the_row_state_the_readme_names() {
     // 404: a subscription the service does not know.
     let other = web.subscribe();
     let unknown = other.to_json().replace(&other.id, "00ff00ff00ff");
-    let id: i64 = client
-        .query_one(
-            "INSERT INTO pgpushd.outbox (app, device_token, payload)
-             VALUES ('web', $1, '{}') RETURNING id",
-            &[&unknown],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let id = insert_token(&client, &unknown).await;
     let r = settled(&client, id).await;
     assert_eq!(r.status, "failed");
     assert!(r.last_error.unwrap().starts_with("HTTP 404"));
@@ -359,15 +357,7 @@ async fn every_answer_ends_in_the_row_state_the_readme_names() {
     // request, with the reason.
     let requests = web.emulator.records().len();
     let bad = r#"{"endpoint":"https://push.example/x","keys":{"p256dh":"AAAA","auth":"AAAA"}}"#;
-    let id: i64 = client
-        .query_one(
-            "INSERT INTO pgpushd.outbox (app, device_token, payload)
-             VALUES ('web', $1, '{}') RETURNING id",
-            &[&bad],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let id = insert_token(&client, bad).await;
     let r = settled(&client, id).await;
     assert_eq!(r.status, "failed", "{r:?}");
     assert!(r.last_error.unwrap().contains("p256dh"));

@@ -627,17 +627,27 @@ async fn a_paused_push_services_backlog_is_set_aside_and_comes_back_once_it_acce
         .map(|i| refusing.subscription(&format!("r{i}")))
         .collect();
     let ids = insert(&client, &tokens).await;
-    let parked = || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pgpushd.outbox
-                  WHERE id = ANY ($1) AND status = 'pending' AND attempts = 0
-                    AND send_after > now() + interval '30 minutes'",
-                &[&ids],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
+    // How many of `ids` are as `condition` says.
+    let count_of = |ids: Vec<i64>, condition: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM pgpushd.outbox WHERE id = ANY ($1) AND ({condition})"
+                    ),
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let parked = || {
+        count_of(
+            ids.clone(),
+            "status = 'pending' AND attempts = 0 AND send_after > now() + interval '30 minutes'",
+        )
     };
     // All but the probe's, and a few a batch held at a pause's parking (the next pause
     // parks those).
@@ -653,30 +663,17 @@ async fn a_paused_push_services_backlog_is_set_aside_and_comes_back_once_it_acce
         finished(&client, now, Duration::from_secs(5)).await.status,
         "sent"
     );
-    let moved: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pgpushd.outbox
-              WHERE id = ANY ($1) AND (status <> 'pending' OR send_after > now() + interval '3 minutes')",
-            &[&later],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let moved = count_of(
+        later,
+        "status <> 'pending' OR send_after > now() + interval '3 minutes'",
+    )
+    .await;
     assert_eq!(moved, 0, "the other push service's later rows were moved");
 
     // It accepts again: its probe is accepted, and its backlog comes back.
     writeln!(refusing.0.stdin, "status 201").unwrap();
     refusing.0.stdin.flush().unwrap();
-    let sent = || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pgpushd.outbox WHERE id = ANY ($1) AND status = 'sent'",
-                &[&ids],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let sent = || count_of(ids.clone(), "status = 'sent'");
     wait_for(
         "the refusing service's rows sent once it accepts",
         Duration::from_secs(20),
