@@ -134,6 +134,9 @@ impl Heartbeat {
 /// After this many failed writes of a row's outcome (the first after its one send, the
 /// others from memory), the row is held (not claimed) for [`HOLD_UNRECORDED`].
 pub const MAX_OUTCOME_WRITE_FAILURES: u32 = 3;
+/// How long a batch waits for a row another batch of this daemon still holds (one the
+/// server released at that batch's COMMIT, whose answer it has yet to read).
+const HELD_ROW_WAIT: Duration = Duration::from_secs(1);
 /// How long a row whose outcome keeps failing to be recorded is left unclaimed.
 pub const HOLD_UNRECORDED: Duration = Duration::from_secs(600);
 /// At most this many unrecorded outcomes are remembered; past it, rows are resent.
@@ -781,11 +784,12 @@ async fn batch(
         } = claim;
         let deadline = Instant::now() + settings.max_batch_duration;
         // Held until this link's outcomes are recorded (dropped at the end of each turn,
-        // before the next claim's rows are held: they may be some of these). Another
-        // batch's commit is bounded by twice connect_timeout: waiting longer for its rows
-        // would only hold this transaction open.
+        // before the next claim's rows are held: they may be some of these). The other
+        // batch has committed by then and only has its answer to read: a row it holds
+        // longer than HELD_ROW_WAIT is released untouched rather than hold this
+        // transaction open.
         let claim_size = claimed.len();
-        let wait_until = deadline.min(Instant::now() + 2 * ctx.connect_timeout);
+        let wait_until = deadline.min(Instant::now() + HELD_ROW_WAIT);
         let _held = ctx.in_flight.hold(&mut claimed, wait_until).await;
         let left_out = claim_size - claimed.len();
         let link = send(
