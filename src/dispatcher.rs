@@ -791,7 +791,6 @@ async fn batch(
         let claim_size = claimed.len();
         let wait_until = deadline.min(Instant::now() + HELD_ROW_WAIT);
         let _held = ctx.in_flight.hold(&mut claimed, wait_until).await;
-        let left_out = claim_size - claimed.len();
         let link = send(
             ctx,
             &settings,
@@ -799,7 +798,6 @@ async fn batch(
             Sent {
                 claimed: &claimed,
                 claim_size,
-                left_out,
                 deadline,
             },
             next_due,
@@ -920,12 +918,11 @@ struct Link {
     scheduled: Option<Instant>,
 }
 
-/// A claim's rows to send: `claimed`, out of the `claim_size` the claim took (the
-/// `left_out` others still held by another batch, released untouched), by `deadline`.
+/// A claim's rows to send: `claimed`, out of the `claim_size` the claim took (the others
+/// were still held by another batch, and are released untouched), by `deadline`.
 struct Sent<'a> {
     claimed: &'a [Claimed],
     claim_size: usize,
-    left_out: usize,
     deadline: Instant,
 }
 
@@ -941,9 +938,9 @@ async fn send(
     let Sent {
         claimed,
         claim_size,
-        left_out,
         deadline,
     } = rows;
+    let left_out = claim_size - claimed.len();
     let careful = ctx.unrecorded.write_carefully(claimed);
     let full = claim_size == settings.batch_size;
     let _ = claimed_tx.send(full);

@@ -54,25 +54,18 @@ impl HostList {
         }
     }
 
-    /// A config's list: every entry must be one of the forms above.
+    /// A config's list: every entry must be one of the forms above, a name of letters,
+    /// digits, `.`, `-` and `_` only.
     pub fn from_entries(entries: &[String]) -> Result<HostList, String> {
         let entries = entries
             .iter()
-            .map(|text| match Entry::parse(text.trim()) {
-                Entry {
-                    pattern: Pattern::Nothing,
-                    ..
-                } => Err(not_a_host(text)),
-                Entry {
-                    pattern: Pattern::Domain(d),
-                    ..
-                } if !d
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')) =>
-                {
-                    Err(not_a_host(text))
-                }
-                entry => Ok(entry),
+            .map(|text| {
+                let entry = Entry::parse(text.trim());
+                entry
+                    .pattern
+                    .is_host()
+                    .then_some(entry)
+                    .ok_or_else(|| not_a_host(text))
             })
             .collect::<Result<_, _>>()?;
         Ok(HostList { entries })
@@ -128,6 +121,17 @@ impl Entry {
 }
 
 impl Pattern {
+    /// Whether a config may list it: it can match, and a name is one DNS could hold.
+    fn is_host(&self) -> bool {
+        match self {
+            Pattern::Nothing => false,
+            Pattern::Domain(d) => d
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')),
+            _ => true,
+        }
+    }
+
     fn parse(host: &str) -> Pattern {
         if host == "*" {
             return Pattern::Everything;

@@ -19,7 +19,7 @@
 //! app's failing pass does not hold up the others'. Rows it parked come back by
 //! themselves at their parking time, should the daemon stop before releasing them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -105,9 +105,10 @@ impl PausedApps {
                           "cannot set a paused app's backlog aside; trying again");
                 }
             }
+            let still: HashSet<Paused> = paused.iter().map(paused_key).collect();
             let reopened: Vec<Paused> = parked
                 .keys()
-                .filter(|key| !paused.iter().any(|p| paused_key(p) == **key))
+                .filter(|key| !still.contains(*key))
                 .cloned()
                 .collect();
             for key in reopened {

@@ -138,61 +138,56 @@ pub async fn prune_once(
     timeout: Duration,
 ) -> anyhow::Result<Pruned> {
     let batch = config.batch_size;
-    let mut pruned = Pruned::default();
-    // First give legacy rows a settled_at, or they would never be due.
-    loop {
-        let n = bounded(
-            "stamping settled_at",
-            canceller,
-            timeout,
-            prune::stamp_unsettled(client, batch),
-        )
-        .await?;
-        pruned.stamped += n;
-        if n < batch as u64 {
-            break;
-        }
-    }
+    let mut pruned = Pruned {
+        // First give legacy rows a settled_at, or they would never be due.
+        stamped: in_batches("stamping settled_at", canceller, timeout, batch, || {
+            prune::stamp_unsettled(client, batch)
+        })
+        .await?,
+        ..Pruned::default()
+    };
     for (status, age) in [
         (RowStatus::Sent, config.sent),
         (RowStatus::Failed, config.failed),
         (RowStatus::Expired, config.expired),
     ] {
         let Some(age) = age else { continue };
-        loop {
-            let n = bounded(
-                "deleting settled rows",
-                canceller,
-                timeout,
-                prune::delete_settled(client, status, age, batch),
-            )
-            .await?;
-            match status {
-                RowStatus::Sent => pruned.sent += n,
-                RowStatus::Failed => pruned.failed += n,
-                _ => pruned.expired += n,
-            }
-            if n < batch as u64 {
-                break;
-            }
+        let n = in_batches("deleting settled rows", canceller, timeout, batch, || {
+            prune::delete_settled(client, status, age, batch)
+        })
+        .await?;
+        match status {
+            RowStatus::Sent => pruned.sent = n,
+            RowStatus::Failed => pruned.failed = n,
+            _ => pruned.expired = n,
         }
     }
     if let Some(age) = config.channels {
-        loop {
-            let n = bounded(
-                "deleting ended channels",
-                canceller,
-                timeout,
-                prune::delete_channels(client, age, batch),
-            )
-            .await?;
-            pruned.channels += n;
-            if n < batch as u64 {
-                break;
-            }
-        }
+        pruned.channels = in_batches("deleting ended channels", canceller, timeout, batch, || {
+            prune::delete_channels(client, age, batch)
+        })
+        .await?;
     }
     Ok(pruned)
+}
+
+/// Runs `statement` (each one bounded as [`bounded`] does) again until one comes back
+/// short of `batch` rows; how many rows in all.
+async fn in_batches<F: std::future::Future<Output = Result<u64, tokio_postgres::Error>>>(
+    what: &str,
+    canceller: &db::Canceller,
+    timeout: Duration,
+    batch: usize,
+    statement: impl Fn() -> F,
+) -> anyhow::Result<u64> {
+    let mut rows = 0;
+    loop {
+        let n = bounded(what, canceller, timeout, statement()).await?;
+        rows += n;
+        if n < batch as u64 {
+            return Ok(rows);
+        }
+    }
 }
 
 async fn bounded(

@@ -4,7 +4,7 @@
 //! pause ends, as the probe; once the probe is accepted, the parked rows come back. A
 //! Web Push service paused on its own has its rows of the app set aside the same way:
 //! each statement takes an origin (`$origin`, `https://host[:port]`), and then moves only
-//! the rows whose subscription names that push service (`row_origin!`).
+//! the rows whose subscription names that push service (`of_origin!`).
 //!
 //! - **Park** ([`park`]): the app's rows due before `$threshold` (half the parking time
 //!   ahead) move to `$park_at` (the parking time ahead), so the claims walking the due
@@ -33,12 +33,21 @@ pub const CHUNK: i64 = 5000;
 /// origin must end where the JSON's does (at `/`, `?`, `#` or the closing quote): an
 /// endpoint written otherwise (escaped slashes or characters, an upper-case scheme, a
 /// name in Unicode) gives NULL or another string, and its row is then not set aside: its
-/// push service's gate defers it alone.
-macro_rules! row_origin {
-    () => {
-        r#"regexp_replace(lower(substring(o.device_token
+/// push service's gate defers it alone. `of_origin!("$5")`: the row is the origin's in
+/// parameter `$5`, or any row of the app when `$5` is NULL.
+macro_rules! of_origin {
+    ($param:literal) => {
+        concat!(
+            "(",
+            $param,
+            "::text IS NULL OR ",
+            r#"regexp_replace(lower(substring(o.device_token
                                   FROM '"endpoint"\s*:\s*"(https://[^/"?#\\]*)[/?#"]')),
-                          ':443$', '')"#
+                          ':443$', '')"#,
+            " = ",
+            $param,
+            ")"
+        )
     };
 }
 
@@ -51,9 +60,9 @@ UPDATE pgpushd.outbox
    SET send_after = $2, last_error = $3
  WHERE id = (SELECT o.id FROM pgpushd.outbox AS o
               WHERE o.status = 'pending' AND o.app = $1
-                AND ($5::text IS NULL OR ",
-    row_origin!(),
-    " = $5)
+                AND ",
+    of_origin!("$5"),
+    "
                 AND (o.send_after <= $2 OR o.send_after = ANY ($4::timestamptz[]))
                 AND (o.expires_at IS NULL OR o.expires_at > $2)
                 AND NOT EXISTS (SELECT 1 FROM pgpushd.unregistered_tokens AS u
@@ -77,9 +86,9 @@ WITH picked AS (
     SELECT id, send_after FROM pgpushd.outbox AS o
      WHERE status = 'pending' AND send_after < $2 AND (send_after, id) > ($3, $4)
        AND app = $1 AND id <> $5 AND (expires_at IS NULL OR expires_at > now())
-       AND ($9::text IS NULL OR ",
-    row_origin!(),
-    " = $9)
+       AND ",
+    of_origin!("$9"),
+    "
      ORDER BY send_after, id
      LIMIT $6
        FOR UPDATE SKIP LOCKED),
@@ -97,9 +106,9 @@ UPDATE pgpushd.outbox AS parked
    SET send_after = clock_timestamp()
   FROM (SELECT id FROM pgpushd.outbox AS o
          WHERE status = 'pending' AND send_after = ANY ($2::timestamptz[]) AND app = $1
-           AND ($4::text IS NULL OR ",
-    row_origin!(),
-    " = $4)
+           AND ",
+    of_origin!("$4"),
+    "
          LIMIT $3
            FOR UPDATE SKIP LOCKED) AS s
  WHERE parked.id = s.id"

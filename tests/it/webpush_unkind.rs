@@ -91,6 +91,17 @@ async fn setup() -> WebpushSetup {
     web
 }
 
+/// A row to the emulator (the well-behaved push service) is sent: the app's key works.
+async fn the_key_is_accepted(client: &tokio_postgres::Client, web: &WebpushSetup) {
+    let first = insert(client, &[web.subscribe().to_json()]).await[0];
+    assert_eq!(
+        finished(client, first, Duration::from_secs(10))
+            .await
+            .status,
+        "sent"
+    );
+}
+
 /// Short timings, as `webpush.rs`'s tests use, connecting within a second; `pause`, the
 /// app's pause backoff (the gate's), as long as a test needs it to be seen.
 fn providers(cfg: &pgpushd::config::Config, pause: Duration) -> Arc<Providers> {
@@ -526,13 +537,7 @@ async fn one_push_service_refusing_does_not_pause_the_others(args: &[&str], rows
     let client = db.client().await;
 
     // The emulator proves the app's key first.
-    let first = insert(&client, &[web.subscribe().to_json()]).await[0];
-    assert_eq!(
-        finished(&client, first, Duration::from_secs(10))
-            .await
-            .status,
-        "sent"
-    );
+    the_key_is_accepted(&client, &web).await;
 
     let tokens: Vec<String> = (0..rows)
         .map(|i| refusing.subscription(&format!("r{i}")))
@@ -599,13 +604,7 @@ async fn a_paused_push_services_backlog_is_set_aside_and_comes_back_once_it_acce
         .unwrap();
 
     // The emulator proves the app's key first.
-    let first = insert(&client, &[web.subscribe().to_json()]).await[0];
-    assert_eq!(
-        finished(&client, first, Duration::from_secs(10))
-            .await
-            .status,
-        "sent"
-    );
+    the_key_is_accepted(&client, &web).await;
     // The emulator's rows due in two minutes: another push service's, never moved.
     let later: Vec<i64> = client
         .query(
